@@ -1,0 +1,154 @@
+/**
+ * The BlockDevice contract and its one checked boundary.
+ *
+ * Every device (file, memory, origin view, snapshot view, test wrappers) extends
+ * BaseBlockDevice. The public methods validate range, capability and lifecycle exactly once and
+ * then call the protected `_` hooks, so implementations and inner layers can assume well-formed
+ * requests (the random-access-storage / nbdkit backend.c habit).
+ *
+ * Byte addressing: offsets and lengths are bytes and need not be sector aligned; views that
+ * care about chunks split requests themselves.
+ */
+import { closed, notSupported, outOfRange, readOnly } from '../errors.js'
+
+export interface DeviceCapabilities {
+  /** Accepts writes. */
+  readonly writable: boolean
+  /** flush() makes earlier acknowledged writes durable (false: flush is a no-op, e.g. memory). */
+  readonly flush: boolean
+  /** write(..., { fua: true }) is durable when it resolves. */
+  readonly fua: boolean
+  /** discard() is supported; after it the range reads as zeros. */
+  readonly discard: boolean
+  /** resize() is supported (grow-on-demand COW files). */
+  readonly resize: boolean
+}
+
+export interface WriteOptions {
+  /** Force unit access: the data is durable when the promise resolves. */
+  readonly fua?: boolean
+}
+
+export interface BlockDevice {
+  readonly sizeBytes: number
+  /** Logical block size; 512 for everything blocksnap makes. */
+  readonly blockSizeBytes: number
+  readonly capabilities: DeviceCapabilities
+  readonly closed: boolean
+  /** Fills `target` with the bytes at [offset, offset + target.length). */
+  readInto(target: Uint8Array, offset: number): Promise<void>
+  read(offset: number, length: number): Promise<Uint8Array>
+  write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void>
+  flush(): Promise<void>
+  discard(offset: number, length: number): Promise<void>
+  resize(sizeBytes: number): Promise<void>
+  close(): Promise<void>
+}
+
+export abstract class BaseBlockDevice implements BlockDevice {
+  abstract readonly capabilities: DeviceCapabilities
+  readonly blockSizeBytes: number = 512
+  protected _sizeBytes: number
+  private _closed = false
+  private _closing: Promise<void> | null = null
+  protected readonly name: string
+
+  protected constructor(sizeBytes: number, name: string) {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw outOfRange(`${name}: size ${sizeBytes} is not a safe integer`)
+    this._sizeBytes = sizeBytes
+    this.name = name
+  }
+
+  get sizeBytes(): number {
+    return this._sizeBytes
+  }
+
+  get closed(): boolean {
+    return this._closed
+  }
+
+  protected checkOpen(): void {
+    if (this._closed) throw closed(this.name)
+  }
+
+  protected checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw outOfRange(`${this.name}: bad range offset=${offset} length=${length}`, { offset, length })
+    }
+    if (offset + length > this._sizeBytes) {
+      throw outOfRange(`${this.name}: range ${offset}+${length} is beyond the end (${this._sizeBytes} bytes)`, {
+        offset,
+        length,
+      })
+    }
+  }
+
+  async readInto(target: Uint8Array, offset: number): Promise<void> {
+    this.checkOpen()
+    this.checkRange(offset, target.length)
+    if (target.length === 0) return
+    await this._readInto(target, offset)
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.checkOpen()
+    this.checkRange(offset, length)
+    const target = new Uint8Array(length)
+    if (length > 0) await this._readInto(target, offset)
+    return target
+  }
+
+  async write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void> {
+    this.checkOpen()
+    if (!this.capabilities.writable) throw readOnly(this.name)
+    this.checkRange(offset, data.length)
+    if (data.length === 0) {
+      if (options?.fua) await this._flush()
+      return
+    }
+    await this._write(data, offset, options?.fua === true)
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen()
+    await this._flush()
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkOpen()
+    if (!this.capabilities.writable) throw readOnly(this.name)
+    if (!this.capabilities.discard) throw notSupported(`${this.name}: discard is not supported`)
+    this.checkRange(offset, length)
+    if (length === 0) return
+    await this._discard(offset, length)
+  }
+
+  async resize(sizeBytes: number): Promise<void> {
+    this.checkOpen()
+    if (!this.capabilities.resize) throw notSupported(`${this.name}: resize is not supported`)
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) throw outOfRange(`${this.name}: bad size ${sizeBytes}`)
+    await this._resize(sizeBytes)
+    this._sizeBytes = sizeBytes
+  }
+
+  /** Idempotent; operations after close reject with SNAP_CLOSED. */
+  close(): Promise<void> {
+    if (this._closing) return this._closing
+    this._closed = true
+    this._closing = this._close()
+    return this._closing
+  }
+
+  protected abstract _readInto(target: Uint8Array, offset: number): Promise<void>
+  protected abstract _write(data: Uint8Array, offset: number, fua: boolean): Promise<void>
+  protected abstract _flush(): Promise<void>
+  protected _discard(_offset: number, _length: number): Promise<void> {
+    return Promise.reject(notSupported(`${this.name}: discard is not supported`))
+  }
+  protected _resize(_sizeBytes: number): Promise<void> {
+    return Promise.reject(notSupported(`${this.name}: resize is not supported`))
+  }
+  protected _close(): Promise<void> {
+    return Promise.resolve()
+  }
+}
