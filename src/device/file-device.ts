@@ -1,0 +1,152 @@
+/**
+ * A regular file (or disk image) as a BlockDevice, using positional I/O on one FileHandle.
+ *
+ * Node cannot punch holes portably, so discard writes zeros, except that a discard reaching the
+ * end of the file truncates and re-extends it, which leaves the tail sparse on every filesystem.
+ */
+import { open as openFile, unlink, type FileHandle } from 'node:fs/promises'
+import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
+import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
+
+export interface FileDeviceOptions {
+  readonly readOnly?: boolean
+  /** Create the file exclusively with this size (sparse); fails with SNAP_EXISTS if it exists. */
+  readonly create?: number
+  /** Allow resize() (grow-on-demand COW files). */
+  readonly resizable?: boolean
+}
+
+const ZERO_PIECE_BYTES = 1024 * 1024
+
+export class FileDevice extends BaseBlockDevice {
+  readonly capabilities: DeviceCapabilities
+  readonly path: string
+  private readonly handle: FileHandle
+
+  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities) {
+    super(sizeBytes, `file ${path}`)
+    this.handle = handle
+    this.path = path
+    this.capabilities = capabilities
+  }
+
+  static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
+    const readOnly = options.readOnly === true
+    const create = options.create
+    if (create !== undefined) {
+      if (!Number.isSafeInteger(create) || create < 0) throw outOfRange(`file ${path}: bad size ${create}`)
+      if (readOnly) throw badArgument(`file ${path}: cannot create a read-only file`)
+    }
+    let handle: FileHandle
+    try {
+      handle = await openFile(path, create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+')
+    } catch (err) {
+      throw openError(err, path)
+    }
+    try {
+      let sizeBytes: number
+      if (create !== undefined) {
+        await handle.truncate(create)
+        sizeBytes = create
+      } else {
+        sizeBytes = (await handle.stat()).size
+      }
+      const capabilities: DeviceCapabilities = {
+        writable: !readOnly,
+        flush: true,
+        fua: true,
+        discard: true,
+        // A read-only handle cannot be truncated, so resize needs write access too.
+        resize: options.resizable === true && !readOnly,
+      }
+      return new FileDevice(handle, path, sizeBytes, capabilities)
+    } catch (err) {
+      await handle.close().catch(() => {})
+      // Do not leave a half-made file behind after an exclusive create we own.
+      if (create !== undefined) await unlink(path).catch(() => {})
+      throw asSnapError(err, `file ${path}: open`, { path })
+    }
+  }
+
+  protected override async _readInto(target: Uint8Array, offset: number): Promise<void> {
+    let done = 0
+    try {
+      while (done < target.length) {
+        const { bytesRead } = await this.handle.read(target, done, target.length - done, offset + done)
+        if (bytesRead === 0) break
+        done += bytesRead
+      }
+    } catch (err) {
+      throw asSnapError(err, `${this.name}: read`, { path: this.path, offset, length: target.length })
+    }
+    // Past EOF (file shrunk behind our back, or a sparse tail) the device reads as zeros.
+    if (done < target.length) target.fill(0, done)
+  }
+
+  protected override async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    try {
+      await this.writeAll(data, offset)
+      if (fua) await this.handle.datasync()
+    } catch (err) {
+      throw asSnapError(err, `${this.name}: write`, { path: this.path, offset, length: data.length })
+    }
+  }
+
+  protected override async _flush(): Promise<void> {
+    try {
+      await this.handle.datasync()
+    } catch (err) {
+      throw asSnapError(err, `${this.name}: flush`, { path: this.path })
+    }
+  }
+
+  protected override async _discard(offset: number, length: number): Promise<void> {
+    try {
+      if (offset + length >= this._sizeBytes) {
+        await this.handle.truncate(offset)
+        await this.handle.truncate(this._sizeBytes)
+        return
+      }
+      const zeros = new Uint8Array(Math.min(ZERO_PIECE_BYTES, length))
+      for (let done = 0; done < length; done += zeros.length) {
+        const n = Math.min(zeros.length, length - done)
+        await this.writeAll(n === zeros.length ? zeros : zeros.subarray(0, n), offset + done)
+      }
+    } catch (err) {
+      throw asSnapError(err, `${this.name}: discard`, { path: this.path, offset, length })
+    }
+  }
+
+  protected override async _resize(sizeBytes: number): Promise<void> {
+    try {
+      await this.handle.truncate(sizeBytes)
+    } catch (err) {
+      throw asSnapError(err, `${this.name}: resize to ${sizeBytes}`, { path: this.path })
+    }
+  }
+
+  protected override async _close(): Promise<void> {
+    try {
+      await this.handle.close()
+    } catch (err) {
+      throw asSnapError(err, `${this.name}: close`, { path: this.path })
+    }
+  }
+
+  private async writeAll(data: Uint8Array, offset: number): Promise<void> {
+    let done = 0
+    while (done < data.length) {
+      const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done)
+      // A zero-byte write would loop forever; the kernel only does this on a broken device.
+      if (bytesWritten === 0) throw ioError(`${this.name}: write made no progress`, undefined, { offset: offset + done })
+      done += bytesWritten
+    }
+  }
+}
+
+function openError(err: unknown, path: string): SnapError {
+  const errno = (err as NodeJS.ErrnoException | undefined)?.code
+  if (errno === 'ENOENT') return new SnapError('SNAP_NOT_FOUND', `file ${path} does not exist`, { cause: err, details: { path } })
+  if (errno === 'EEXIST') return new SnapError('SNAP_EXISTS', `file ${path} already exists`, { cause: err, details: { path } })
+  return asSnapError(err, `file ${path}: open`, { path })
+}
