@@ -1,0 +1,80 @@
+/**
+ * Metadata areas: each is one chunk holding E entries of 16 bytes,
+ *
+ *   offset 0 u64 LE old_chunk   origin chunk (in this snapshot's chunk size)
+ *   offset 8 u64 LE new_chunk   COW chunk holding the saved data
+ *
+ * The table ends at the first entry whose new_chunk is 0 (chunk 0 is the header, so no real
+ * exception points there). u64 values are decoded exactly and rejected above 2^53.
+ */
+import { corrupt } from '../errors.js'
+import { ENTRY_BYTES } from './layout.js'
+
+export interface ExceptionEntry {
+  readonly oldChunk: number
+  readonly newChunk: number
+}
+
+const TWO_32 = 2 ** 32
+
+function readU64(view: DataView, at: number, what: string): number {
+  const lo = view.getUint32(at, true)
+  const hi = view.getUint32(at + 4, true)
+  if (hi >= 0x200000) throw corrupt(`${what} at byte ${at} does not fit in 53 bits`, { offset: at })
+  return hi * TWO_32 + lo
+}
+
+function writeU64(view: DataView, at: number, value: number): void {
+  view.setUint32(at, value % TWO_32, true)
+  view.setUint32(at + 4, Math.floor(value / TWO_32), true)
+}
+
+export function writeEntry(area: Uint8Array, index: number, oldChunk: number, newChunk: number): void {
+  const view = new DataView(area.buffer, area.byteOffset, area.byteLength)
+  writeU64(view, index * ENTRY_BYTES, oldChunk)
+  writeU64(view, index * ENTRY_BYTES + 8, newChunk)
+}
+
+export function clearEntries(area: Uint8Array, fromIndex: number, toIndex: number): void {
+  area.fill(0, fromIndex * ENTRY_BYTES, toIndex * ENTRY_BYTES)
+}
+
+export function readEntry(area: Uint8Array, index: number): ExceptionEntry {
+  const view = new DataView(area.buffer, area.byteOffset, area.byteLength)
+  return {
+    oldChunk: readU64(view, index * ENTRY_BYTES, 'old_chunk'),
+    newChunk: readU64(view, index * ENTRY_BYTES + 8, 'new_chunk'),
+  }
+}
+
+export interface DecodedArea {
+  /** Entries before the terminator, in table order. */
+  readonly entries: ExceptionEntry[]
+  /** True when all E entries are in use: the next area must be read. */
+  readonly full: boolean
+}
+
+export function decodeArea(area: Uint8Array): DecodedArea {
+  const capacity = area.length / ENTRY_BYTES
+  const view = new DataView(area.buffer, area.byteOffset, area.byteLength)
+  const entries: ExceptionEntry[] = []
+  for (let i = 0; i < capacity; i++) {
+    const newChunk = readU64(view, i * ENTRY_BYTES + 8, 'new_chunk')
+    if (newChunk === 0) return { entries, full: false }
+    entries.push({ oldChunk: readU64(view, i * ENTRY_BYTES, 'old_chunk'), newChunk })
+  }
+  return { entries, full: true }
+}
+
+/** Scans an area without allocating entry objects; returns the number of entries in use. */
+export function scanArea(area: Uint8Array, visit: (oldChunk: number, newChunk: number) => void): number {
+  const capacity = area.length / ENTRY_BYTES
+  const view = new DataView(area.buffer, area.byteOffset, area.byteLength)
+  for (let i = 0; i < capacity; i++) {
+    const at = i * ENTRY_BYTES
+    const newChunk = readU64(view, at + 8, 'new_chunk')
+    if (newChunk === 0) return i
+    visit(readU64(view, at, 'old_chunk'), newChunk)
+  }
+  return capacity
+}

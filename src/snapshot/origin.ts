@@ -1,0 +1,225 @@
+/**
+ * Origin: the writable view of an origin device with any number of snapshots (the kernel's
+ * `snapshot-origin` target plus its origin registry).
+ *
+ * Design notes
+ * - Before a write reaches the origin device, every active, valid, non-merging snapshot that has
+ *   not saved the chunk gets a copy of the old data, each in its own chunk size. The check runs
+ *   per piece of the smallest chunk size of all snapshots (recomputed on every write, so adding
+ *   a snapshot with a smaller chunk needs no reconfiguration) and is repeated after every wait
+ *   until a pass finds nothing left to do. Then the whole write goes to the device at once.
+ * - Snapshots are kept sorted by chunk size, largest first, as in the kernel.
+ * - Live snapshot creation and removal hold new origin mutations and drain the ones in flight
+ *   (the kernel's "suspend the origin"), so a new snapshot is an exact point in time: every write
+ *   completed before it is in, no write that starts after it is.
+ * - While a merge runs, an interceptor installed by merge/ takes over reads, writes, flushes
+ *   and discards; it calls back into writeThroughCow() for chunks already merged.
+ */
+import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
+import { SnapError } from '../errors.js'
+import { type Deferred, deferred } from '../util/deferred.js'
+import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
+import type { PendingException } from './pending-exception.js'
+import type { OriginBacking, Snapshot } from './snapshot.js'
+import { settleAll } from './snapshot.js'
+
+/** Takes over the origin's I/O while a merge runs. */
+export interface OriginInterceptor {
+  readInto(target: Uint8Array, offset: number): Promise<void>
+  write(data: Uint8Array, offset: number, fua: boolean): Promise<void>
+  flush(): Promise<void>
+  discard(offset: number, length: number): Promise<void>
+}
+
+export interface OriginOptions {
+  readonly name?: string
+  readonly events?: ExceptionEvents
+}
+
+/** Largest power of two below 2^32 sectors, in bytes: the kernel's "no snapshots" boundary. */
+const NO_SNAPSHOT_BOUNDARY = 2 ** 31 * 512
+
+export class Origin extends BaseBlockDevice implements OriginBacking {
+  readonly capabilities: DeviceCapabilities
+  readonly device: BlockDevice
+  readonly events: ExceptionEvents
+  private list: Snapshot[] = []
+  private mutations = 0 // origin writes/discards/merge steps in flight
+  private drainWaiters: Array<() => void> = []
+  private gate: Deferred<void> | null = null // set while origin mutations are held
+  interceptor: OriginInterceptor | null = null
+
+  constructor(device: BlockDevice, options: OriginOptions = {}) {
+    super(device.sizeBytes, options.name ?? 'origin')
+    this.device = device
+    this.events = options.events ?? defaultExceptionEvents
+    const caps = device.capabilities
+    this.capabilities = { writable: caps.writable, flush: true, fua: caps.fua, discard: caps.discard, resize: false }
+  }
+
+  get snapshots(): readonly Snapshot[] {
+    return this.list
+  }
+
+  /** Smallest chunk size of all snapshots (writes are protected in pieces of this size). */
+  minChunkBytes(): number {
+    let min = NO_SNAPSHOT_BOUNDARY
+    for (const s of this.list) if (s.chunkBytes < min) min = s.chunkBytes
+    return min
+  }
+
+  statusText(): string {
+    return ''
+  }
+
+  // ---- snapshot life cycle ---------------------------------------------------------------
+
+  /**
+   * Loads `snapshot`'s metadata and makes it active, with origin writes held and drained, so
+   * the snapshot's point in time is exact. On failure nothing is registered.
+   */
+  async addSnapshot(snapshot: Snapshot): Promise<void> {
+    this.checkOpen()
+    if (this.list.includes(snapshot)) throw new SnapError('SNAP_EXISTS', `${snapshot.snapshotName} is already attached`)
+    await this.hold(async () => {
+      await snapshot.load(this)
+      // Stable insert after every snapshot with a chunk size >= this one.
+      let at = 0
+      while (at < this.list.length && (this.list[at] as Snapshot).chunkBytes >= snapshot.chunkBytes) at++
+      this.list.splice(at, 0, snapshot)
+      snapshot.active = true
+    })
+  }
+
+  /** Detaches `snapshot` (after its copies in flight finish) and closes it. */
+  async removeSnapshot(snapshot: Snapshot): Promise<void> {
+    await this.hold(async () => {
+      const at = this.list.indexOf(snapshot)
+      if (at === -1) throw new SnapError('SNAP_NOT_FOUND', `${snapshot.snapshotName} is not attached`)
+      this.list.splice(at, 1)
+      snapshot.active = false
+      await snapshot.drainPending()
+    })
+    await snapshot.close()
+  }
+
+  /**
+   * Runs `fn` with origin mutations held: new ones wait, those in flight are drained first.
+   * `fn` must not itself mutate the origin through this object.
+   */
+  async hold<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate.promise
+    const gate = deferred<void>()
+    this.gate = gate
+    try {
+      while (this.mutations > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve))
+      return await fn()
+    } finally {
+      this.gate = null
+      gate.resolve()
+    }
+  }
+
+  /** Counts `fn` as an origin mutation, so hold() drains it. */
+  async runMutation<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate.promise
+    this.mutations++
+    try {
+      return await fn()
+    } finally {
+      if (--this.mutations === 0 && this.drainWaiters.length > 0) {
+        const waiters = this.drainWaiters
+        this.drainWaiters = []
+        for (const wake of waiters) wake()
+      }
+    }
+  }
+
+  // ---- copy-on-write triggering ------------------------------------------------------------
+
+  /**
+   * One pass of the kernel's origin_write without a bio over [offset, offset+length): creates
+   * and starts pending exceptions where needed. Returns what to wait for (empty: all saved).
+   */
+  triggerExceptions(offset: number, length: number): { waits: Array<Promise<boolean>>; invalidations: Array<Promise<void>> } {
+    const waits: Array<Promise<boolean>> = []
+    const invalidations: Array<Promise<void>> = []
+    if (this.list.length === 0) return { waits, invalidations }
+    const step = this.minChunkBytes()
+    const end = offset + length
+    for (let pos = Math.floor(offset / step) * step; pos < end; pos += step) {
+      for (const s of this.list) {
+        const pe: PendingException | null = s.protectOriginChunk(pos, invalidations)
+        if (pe) waits.push(pe.done)
+      }
+    }
+    return { waits, invalidations }
+  }
+
+  /** Returns once every snapshot holds the old data of [offset, offset+length). */
+  async protect(offset: number, length: number): Promise<void> {
+    for (;;) {
+      const { waits, invalidations } = this.triggerExceptions(offset, length)
+      if (invalidations.length > 0) await Promise.all(invalidations)
+      if (waits.length === 0) return
+      await Promise.all(waits)
+    }
+  }
+
+  private async throttle(): Promise<void> {
+    for (const s of this.list) await s.whenBelowThreshold()
+  }
+
+  /** The plain origin write path: copy-on-write into every snapshot, then write the device. */
+  async writeThroughCow(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    await this.protect(offset, data.length)
+    await this.device.write(data, offset, { fua })
+  }
+
+  async discardThroughCow(offset: number, length: number): Promise<void> {
+    await this.protect(offset, length)
+    await this.device.discard(offset, length)
+  }
+
+  // ---- BlockDevice hooks -------------------------------------------------------------------
+
+  protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
+    const interceptor = this.interceptor
+    if (interceptor) return interceptor.readInto(target, offset)
+    await this.device.readInto(target, offset)
+  }
+
+  protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    await this.throttle()
+    await this.runMutation(() => {
+      const interceptor = this.interceptor
+      if (interceptor) return interceptor.write(data, offset, fua)
+      return this.writeThroughCow(data, offset, fua)
+    })
+  }
+
+  protected async _flush(): Promise<void> {
+    const interceptor = this.interceptor
+    if (interceptor) return interceptor.flush()
+    await this.device.flush()
+  }
+
+  protected override async _discard(offset: number, length: number): Promise<void> {
+    await this.throttle()
+    await this.runMutation(() => {
+      const interceptor = this.interceptor
+      if (interceptor) return interceptor.discard(offset, length)
+      return this.discardThroughCow(offset, length)
+    })
+  }
+
+  protected override async _close(): Promise<void> {
+    await this.hold(async () => {
+      const snapshots = this.list
+      this.list = []
+      await settleAll(snapshots.map((s) => s.close()))
+    })
+    await this.device.flush().catch(() => {})
+    await this.device.close()
+  }
+}

@@ -1,0 +1,443 @@
+/**
+ * Snapshot: the point-in-time view of an origin (the kernel's `snapshot` target), and the
+ * per-snapshot machinery the origin uses to copy chunks into it.
+ *
+ * Design notes
+ * - A chunk is in one of three states: no exception (reads fall through to the origin), pending
+ *   (a copy is in flight; reads still fall through, tracked), complete (reads and writes go to
+ *   the COW). The complete exception is inserted before the pending one is removed, so anyone
+ *   looking always sees one of the two.
+ * - Reads that fall through to the origin are tracked per chunk; completing a pending exception
+ *   waits for them after the insert and before the origin write it protects is released, so a
+ *   slow read can never return data written after the snapshot.
+ * - Every prepared exception is handed to the store's commit exactly once, failed or not, so the
+ *   store's allocation-order commit never stalls.
+ * - Invalidation is permanent; the header write (persistent stores) is awaited before the
+ *   origin write that caused it proceeds.
+ * - JavaScript is single threaded: the only hazard is an await between a lookup and the action
+ *   that depends on it. Lookups and pending-table inserts happen without an await in between.
+ */
+import { EventEmitter } from 'node:events'
+import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
+import { SnapError, isSnapError } from '../errors.js'
+import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
+import { SECTOR_BYTES } from '../units.js'
+import { ChunkTracker } from './chunk-tracker.js'
+import { ExceptionTable } from './exception-table.js'
+import type { ExceptionEvents } from './exception-events.js'
+import { PendingException } from './pending-exception.js'
+
+/** Copies in flight above which new writes wait (kernel snapshot_cow_threshold). */
+export const COW_THRESHOLD = 2048
+
+export type SnapshotState = 'active' | 'invalid' | 'overflow' | 'merging' | 'merge-failed'
+
+export interface SnapshotOptions {
+  readonly name: string
+  readonly store: ExceptionStore
+  /** PO: a full COW on a snapshot write overflows instead of invalidating. */
+  readonly overflow?: boolean
+  readonly discardZeroesCow?: boolean
+  readonly discardPassdownOrigin?: boolean
+  /** Emit 'threshold' once when allocated bytes reach this many. */
+  readonly usageThresholdBytes?: number
+}
+
+/** What a snapshot needs from its origin; implemented by Origin. */
+export interface OriginBacking {
+  readonly device: BlockDevice
+  readonly events: ExceptionEvents
+  readonly sizeBytes: number
+}
+
+export class Snapshot extends BaseBlockDevice {
+  readonly capabilities: DeviceCapabilities
+  readonly store: ExceptionStore
+  readonly overflowMode: boolean
+  readonly discardZeroesCow: boolean
+  readonly discardPassdownOrigin: boolean
+  readonly table = new ExceptionTable()
+  readonly pending = new Map<number, PendingException>()
+  /** Origin reads of this snapshot in flight, per chunk (kernel: tracked chunks). */
+  readonly trackedReads = new ChunkTracker()
+  readonly emitter = new EventEmitter()
+  readonly snapshotName: string
+
+  private _valid = true
+  private _overflowed = false
+  /** Origin writes copy into this snapshot only once it is active. */
+  active = false
+  /** Set by the merge: the snapshot's own view refuses I/O and origin writes ignore it. */
+  merging = false
+  mergeFailed = false
+  private invalidation: Promise<void> | null = null
+  private inProgress = 0
+  private throttleWaiters: Array<() => void> = []
+  private readonly usageThresholdBytes: number | undefined
+  private thresholdFired = false
+  private backing: OriginBacking | null = null
+
+  constructor(options: SnapshotOptions) {
+    super(0, `snapshot ${options.name}`)
+    this.snapshotName = options.name
+    this.store = options.store
+    this.overflowMode = options.overflow === true
+    this.discardZeroesCow = options.discardZeroesCow === true
+    this.discardPassdownOrigin = options.discardPassdownOrigin === true
+    if (this.discardPassdownOrigin && !this.discardZeroesCow) {
+      throw new SnapError('SNAP_BAD_ARGUMENT', 'discard_passdown_origin feature depends on discard_zeroes_cow')
+    }
+    this.usageThresholdBytes = options.usageThresholdBytes
+    this.capabilities = { writable: true, flush: true, fua: true, discard: this.discardZeroesCow, resize: false }
+  }
+
+  get chunkBytes(): number {
+    return this.store.chunkBytes
+  }
+
+  get valid(): boolean {
+    return this._valid
+  }
+
+  get overflowed(): boolean {
+    return this._overflowed
+  }
+
+  get state(): SnapshotState {
+    if (!this._valid) return 'invalid'
+    if (this.mergeFailed) return 'merge-failed'
+    if (this.merging) return 'merging'
+    if (this._overflowed) return 'overflow'
+    return 'active'
+  }
+
+  get copiesInFlight(): number {
+    return this.inProgress
+  }
+
+  usage(): StoreUsage {
+    return this.store.usage()
+  }
+
+  /** The kernel's info status word(s) for this snapshot, e.g. "16/204800 16" or "Invalid". */
+  statusText(): string {
+    if (!this._valid) return 'Invalid'
+    if (this.mergeFailed) return 'Merge failed'
+    if (this._overflowed) return 'Overflow'
+    const u = this.store.usage()
+    return `${u.allocatedSectors}/${u.totalSectors} ${u.metadataSectors}`
+  }
+
+  /**
+   * Loads the store's metadata into the table and binds the snapshot to its origin. Called by
+   * Origin while origin writes are held.
+   */
+  async load(backing: OriginBacking): Promise<void> {
+    this.backing = backing
+    this._sizeBytes = backing.sizeBytes
+    const { valid } = await this.store.readMetadata((oldChunk, newChunk) => {
+      if (this.table.lookup(oldChunk) !== -1) {
+        throw new SnapError('SNAP_CORRUPT_METADATA', `duplicate exception for origin chunk ${oldChunk}`, {
+          details: { chunk: oldChunk },
+        })
+      }
+      this.table.insert(oldChunk, newChunk)
+    })
+    if (!valid) this._valid = false
+  }
+
+  private get origin(): OriginBacking {
+    if (!this.backing) throw new SnapError('SNAP_BAD_ARGUMENT', `${this.name} is not attached to an origin`)
+    return this.backing
+  }
+
+  // ---- used by the origin (and merge) to protect chunks -----------------------------------
+
+  /**
+   * Makes sure the chunk holding origin byte `offset` is saved or being saved. Returns the
+   * pending exception to wait for, or null when nothing is (or can be) needed. `invalidations`
+   * collects the promises of invalidations caused by a full COW.
+   */
+  protectOriginChunk(offset: number, invalidations: Array<Promise<void>>): PendingException | null {
+    if (!this.active || !this._valid || this.merging) return null
+    if (offset >= this._sizeBytes) return null
+    const chunk = Math.floor(offset / this.chunkBytes)
+    let pe = this.pending.get(chunk)
+    if (!pe) {
+      if (this.table.lookup(chunk) !== -1) return null
+      try {
+        pe = this.newPending(chunk)
+      } catch (err) {
+        if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
+        invalidations.push(this.invalidate('Unable to allocate exception.'))
+        return null
+      }
+    }
+    if (!pe.started) this.startCopy(pe)
+    return pe
+  }
+
+  private newPending(chunk: number): PendingException {
+    const prepared = this.store.prepareException(chunk)
+    const pe = new PendingException(chunk, prepared)
+    this.pending.set(chunk, pe)
+    return pe
+  }
+
+  private startCopy(pe: PendingException): void {
+    pe.started = true
+    this.inProgress++
+    void this.copyChunk(pe)
+  }
+
+  private async copyChunk(pe: PendingException): Promise<void> {
+    const chunkBytes = this.chunkBytes
+    const start = pe.chunk * chunkBytes
+    // The last origin chunk may be partial; the rest of the COW chunk is left as it is.
+    const length = Math.min(chunkBytes, this.origin.sizeBytes - start)
+    let ok = true
+    try {
+      await this.store.whenSpaceReady(pe.prepared)
+      const data = await this.origin.device.read(start, length)
+      await this.store.cow.write(data, pe.newChunk * chunkBytes)
+    } catch {
+      ok = false
+    }
+    await this.finishPending(pe, ok)
+  }
+
+  /** Commit, publish and release a pending exception (kernel: pending_complete). */
+  private async finishPending(pe: PendingException, copyOk: boolean): Promise<void> {
+    this.inProgress--
+    this.wakeThrottled()
+    const committed = await this.store.commitException(pe.prepared, copyOk)
+    let success = false
+    if (!copyOk || !committed) {
+      await this.invalidate('Error reading/writing.')
+    } else if (this._valid) {
+      this.table.insert(pe.chunk, pe.newChunk)
+      await this.trackedReads.drain(pe.chunk)
+      success = true
+    }
+    this.pending.delete(pe.chunk)
+    this.origin.events.completed()
+    pe.settle(success)
+    if (success) this.checkThreshold()
+  }
+
+  /** Permanently invalidates the snapshot; resolves once that is durable. */
+  invalidate(reason: string): Promise<void> {
+    if (this.invalidation) return this.invalidation
+    this._valid = false
+    this.invalidation = this.store.dropSnapshot()
+    this.emitter.emit('invalidated', reason)
+    return this.invalidation
+  }
+
+  /** Marks the snapshot invalid in memory only (handover source: its header stays valid). */
+  markInvalidInMemory(): void {
+    this._valid = false
+  }
+
+  private checkThreshold(): void {
+    if (this.thresholdFired || this.usageThresholdBytes === undefined) return
+    const allocatedBytes = this.store.usage().allocatedSectors * SECTOR_BYTES
+    if (allocatedBytes >= this.usageThresholdBytes) {
+      this.thresholdFired = true
+      this.emitter.emit('threshold', { allocatedBytes, thresholdBytes: this.usageThresholdBytes })
+    }
+  }
+
+  /** Resolves when fewer than COW_THRESHOLD copies are in flight. */
+  async whenBelowThreshold(): Promise<void> {
+    while (this.inProgress > COW_THRESHOLD) {
+      await new Promise<void>((resolve) => this.throttleWaiters.push(resolve))
+    }
+  }
+
+  private wakeThrottled(): void {
+    if (this.inProgress > COW_THRESHOLD || this.throttleWaiters.length === 0) return
+    const waiters = this.throttleWaiters
+    this.throttleWaiters = []
+    for (const wake of waiters) wake()
+  }
+
+  /** Waits until no pending exception of this snapshot is in flight (kernel destructor). */
+  async drainPending(): Promise<void> {
+    while (this.pending.size > 0) {
+      await Promise.all([...this.pending.values()].map((pe) => pe.done))
+    }
+  }
+
+  // ---- the snapshot's own view (BlockDevice hooks) ----------------------------------------
+
+  private checkUsable(write: boolean): void {
+    if (!this._valid) throw new SnapError('SNAP_INVALID', `${this.name} is invalid`)
+    if (this.merging) throw new SnapError('SNAP_INVALID', `${this.name} is being merged into its origin`)
+    if (write && this._overflowed) throw new SnapError('SNAP_OVERFLOW', `${this.name} has overflowed`)
+  }
+
+  protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
+    this.checkUsable(false)
+    const chunkBytes = this.chunkBytes
+    const end = offset + target.length
+    const jobs: Array<Promise<void>> = []
+    let pos = offset
+    // Walk chunk by chunk, coalescing neighbours that go to the same place in one device read.
+    while (pos < end) {
+      const chunk = Math.floor(pos / chunkBytes)
+      const newChunk = this.table.lookup(chunk)
+      let runEnd = Math.min(end, (chunk + 1) * chunkBytes)
+      if (newChunk !== -1) {
+        let next = chunk + 1
+        while (runEnd < end && this.table.lookup(next) === newChunk + (next - chunk)) {
+          runEnd = Math.min(end, (next + 1) * chunkBytes)
+          next++
+        }
+        const cowOffset = newChunk * chunkBytes + (pos - chunk * chunkBytes)
+        jobs.push(this.store.cow.readInto(target.subarray(pos - offset, runEnd - offset), cowOffset))
+      } else {
+        let next = chunk + 1
+        while (runEnd < end && this.table.lookup(next) === -1) {
+          runEnd = Math.min(end, (next + 1) * chunkBytes)
+          next++
+        }
+        jobs.push(this.readOriginTracked(target.subarray(pos - offset, runEnd - offset), pos, chunk, next))
+      }
+      pos = runEnd
+    }
+    await settleAll(jobs)
+  }
+
+  private async readOriginTracked(target: Uint8Array, offset: number, firstChunk: number, endChunk: number): Promise<void> {
+    for (let c = firstChunk; c < endChunk; c++) this.trackedReads.add(c)
+    try {
+      await this.origin.device.readInto(target, offset)
+    } finally {
+      for (let c = firstChunk; c < endChunk; c++) this.trackedReads.remove(c)
+    }
+  }
+
+  protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    this.checkUsable(true)
+    await this.whenBelowThreshold()
+    this.checkUsable(true)
+    const chunkBytes = this.chunkBytes
+    const jobs: Array<Promise<void>> = []
+    let pos = offset
+    const end = offset + data.length
+    while (pos < end) {
+      const chunk = Math.floor(pos / chunkBytes)
+      const pieceEnd = Math.min(end, (chunk + 1) * chunkBytes)
+      jobs.push(this.writePiece(data.subarray(pos - offset, pieceEnd - offset), pos, chunk, fua))
+      pos = pieceEnd
+    }
+    await settleAll(jobs)
+  }
+
+  private async writePiece(data: Uint8Array, offset: number, chunk: number, fua: boolean): Promise<void> {
+    const chunkBytes = this.chunkBytes
+    const inChunk = offset - chunk * chunkBytes
+    let newChunk = this.table.lookup(chunk)
+    if (newChunk === -1) {
+      let pe = this.pending.get(chunk)
+      if (!pe) {
+        try {
+          pe = this.newPending(chunk)
+        } catch (err) {
+          if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
+          if (this.overflowMode) {
+            if (this._valid) this._overflowed = true
+            throw new SnapError('SNAP_OVERFLOW', `${this.name} overflowed: unable to allocate exception`)
+          }
+          await this.invalidate('Unable to allocate exception.')
+          throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW device is full`)
+        }
+        if (data.length === chunkBytes) {
+          // Whole-chunk write to a fresh exception: the write itself is the copy, no origin read.
+          pe.started = true
+          this.inProgress++
+          let ok = true
+          try {
+            await this.store.whenSpaceReady(pe.prepared)
+            await this.store.cow.write(data, pe.newChunk * chunkBytes)
+          } catch {
+            ok = false
+          }
+          await this.finishPending(pe, ok)
+          if (!(await pe.done)) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW write failed`)
+          return
+        }
+      }
+      if (!pe.started) this.startCopy(pe)
+      if (!(await pe.done)) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: copy failed`)
+      this.checkUsable(true)
+      newChunk = this.table.lookup(chunk)
+      if (newChunk === -1) throw new SnapError('SNAP_INVALID', `${this.name}: chunk ${chunk} lost its exception`)
+    }
+    await this.store.cow.write(data, newChunk * chunkBytes + inChunk, { fua })
+  }
+
+  protected async _flush(): Promise<void> {
+    // Flushes succeed even on an invalid snapshot, as in the kernel.
+    await this.store.cow.flush()
+  }
+
+  protected override async _discard(offset: number, length: number): Promise<void> {
+    this.checkUsable(true)
+    const chunkBytes = this.chunkBytes
+    const end = offset + length
+    const jobs: Array<Promise<void>> = []
+    let pos = offset
+    while (pos < end) {
+      const chunk = Math.floor(pos / chunkBytes)
+      const pieceEnd = Math.min(end, (chunk + 1) * chunkBytes)
+      jobs.push(this.discardPiece(pos, pieceEnd - pos, chunk))
+      pos = pieceEnd
+    }
+    await settleAll(jobs)
+  }
+
+  private async discardPiece(offset: number, length: number, chunk: number): Promise<void> {
+    const chunkBytes = this.chunkBytes
+    const jobs: Array<Promise<void>> = []
+    if (this.discardPassdownOrigin && this.origin.device.capabilities.discard) {
+      // Deliberately frees origin space without saving it anywhere (kernel semantics).
+      jobs.push(
+        (async () => {
+          this.trackedReads.add(chunk)
+          try {
+            await this.origin.device.discard(offset, length)
+          } finally {
+            this.trackedReads.remove(chunk)
+          }
+        })(),
+      )
+    }
+    const newChunk = this.table.lookup(chunk)
+    if (newChunk !== -1) {
+      const cowOffset = newChunk * chunkBytes + (offset - chunk * chunkBytes)
+      if (length === chunkBytes) {
+        jobs.push(this.store.cow.write(new Uint8Array(chunkBytes), cowOffset))
+      } else if (this.store.cow.capabilities.discard) {
+        jobs.push(this.store.cow.discard(cowOffset, length))
+      } else {
+        jobs.push(this.store.cow.write(new Uint8Array(length), cowOffset))
+      }
+    }
+    // No exception: nothing saved, nothing to do, and no exception is created.
+    await settleAll(jobs)
+  }
+
+  protected override async _close(): Promise<void> {
+    await this.drainPending()
+    await this.store.close()
+  }
+}
+
+/** Waits for every job, then rethrows the first failure (no unobserved rejections). */
+export async function settleAll(jobs: Array<Promise<void>>): Promise<void> {
+  if (jobs.length === 1) return jobs[0]
+  const results = await Promise.allSettled(jobs)
+  for (const r of results) if (r.status === 'rejected') throw r.reason
+}

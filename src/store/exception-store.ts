@@ -1,0 +1,65 @@
+/**
+ * The exception-store seam, shaped after the kernel's dm_exception_store_type: the snapshot
+ * layer allocates COW chunks (prepare), hands finished copies back (commit), and during a merge
+ * walks the table backwards (prepareMerge/commitMerge). Implementations: PersistentStore (the
+ * kernel's on-disk format, P/PO) and TransientStore (N, memory only).
+ *
+ * Ordering contract: commitException may be called in any order, but exceptions are recorded
+ * and their promises settle in allocation order (the kernel's "avoid snapshot space leak on
+ * crash" rule), so the durable table is always a prefix of the allocation order.
+ */
+import type { BlockDevice } from '../device/block-device.js'
+
+export interface StoreUsage {
+  readonly allocatedSectors: number
+  readonly totalSectors: number
+  readonly metadataSectors: number
+}
+
+export interface PreparedException {
+  readonly oldChunk: number
+  readonly newChunk: number
+  /** Allocation order within this store. */
+  readonly sequence: number
+}
+
+export interface MergeRun {
+  /** Number of consecutive entries in the run (>= 1). */
+  readonly count: number
+  /** Highest origin chunk of the run; the run covers lastOld-count+1 .. lastOld. */
+  readonly lastOld: number
+  /** Highest COW chunk of the run. */
+  readonly lastNew: number
+}
+
+export interface ExceptionStore {
+  readonly kind: 'persistent' | 'transient'
+  readonly chunkBytes: number
+  readonly cow: BlockDevice
+  readonly supportsMerge: boolean
+  /** False once invalidated or after a metadata/copy failure. */
+  readonly valid: boolean
+  /**
+   * Loads the table, calling `visit` for every committed exception in table order. Resolves
+   * `{ valid: false }` for a COW whose header says it was invalidated.
+   */
+  readMetadata(visit: (oldChunk: number, newChunk: number) => void): Promise<{ valid: boolean }>
+  /** Allocates a COW chunk for `oldChunk`. Throws SNAP_NO_SPACE when the COW is full. */
+  prepareException(oldChunk: number): PreparedException
+  /** Resolves once any growth of the COW needed for `e`'s chunk has happened. */
+  whenSpaceReady(e: PreparedException): Promise<void>
+  /**
+   * Records `e` (ok = its data copy succeeded). Resolves true when the exception is durable
+   * (persistent) or recorded (transient); false when the store is or became invalid.
+   */
+  commitException(e: PreparedException, ok: boolean): Promise<boolean>
+  /** The next run to merge, from the end of the table; null when the table is empty. */
+  prepareMerge(): Promise<MergeRun | null>
+  /** Removes the last `count` entries durably. */
+  commitMerge(count: number): Promise<void>
+  /** Invalidates the store permanently (persistent: header valid=0, flushed). */
+  dropSnapshot(): Promise<void>
+  usage(): StoreUsage
+  /** Flushes what is committed and releases the COW device. */
+  close(): Promise<void>
+}

@@ -1,0 +1,319 @@
+/**
+ * PersistentStore: the kernel's persistent exception store (table types P and PO), reading and
+ * writing the exact on-disk format of format/.
+ *
+ * Design notes
+ * - Allocation hands out data chunks from 2 upwards, skipping metadata areas; `nextFree` is one
+ *   past the highest chunk ever referenced, so holes are never reused (as in the kernel).
+ * - Commits arrive in allocation order (InOrderCommitter). Entries are appended to the in-memory
+ *   image of the current area; the area is written (flush, then write with FUA) when no
+ *   allocated exception is still outstanding, or when the area fills. That is the kernel's
+ *   batching rule and gives group commit: one metadata write and two flushes for a whole batch.
+ * - While an area write is in flight, later commits keep appending to the in-memory area; a
+ *   single writer loop serialises the device writes, so every write carries a consistent copy.
+ * - When an area fills, the next area is zeroed before the full area is written, so after a
+ *   crash the reader always finds a terminator.
+ * - New COW: area 0 is zeroed first, then the header is written, then flushed (the kernel writes
+ *   the header first; the reverse order cannot leave a valid header over a garbage area).
+ * - Invalidation rewrites the header with valid = 0 and flushes it: a crash must not bring an
+ *   invalidated snapshot back as valid after the origin moved on.
+ * - Growable COWs (grow-on-demand files) never fail allocation for space; they extend the device
+ *   in steps before the data chunk or the next area is written.
+ */
+import type { BlockDevice } from '../device/block-device.js'
+import { SnapError, asSnapError, corrupt, noSpace } from '../errors.js'
+import { clearEntries, scanArea, writeEntry } from '../format/area.js'
+import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
+import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
+import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
+import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
+import { InOrderCommitter } from './in-order-committer.js'
+
+export interface PersistentStoreOptions {
+  /** Chunk size for a new COW; 0 or absent: take it from the header, or 16 KiB (kernel default). */
+  readonly chunkBytes?: number
+  /** Grow the COW device on demand instead of failing allocation when it is full. */
+  readonly growable?: boolean
+}
+
+const KERNEL_DEFAULT_CHUNK_BYTES = 32 * SECTOR_BYTES
+
+interface AreaJob {
+  readonly area: number
+  readonly image: Uint8Array
+  readonly sealed: boolean
+  readonly waiters: Array<(ok: boolean) => void>
+}
+
+export class PersistentStore implements ExceptionStore {
+  readonly kind = 'persistent'
+  readonly supportsMerge = true
+  readonly cow: BlockDevice
+  private readonly growable: boolean
+  private layout: Layout
+  private chunkSizeSupplied: boolean
+
+  private _valid = true
+  private loaded = false
+  private nextFree = FIRST_DATA_CHUNK
+  private currentArea = 0
+  private currentCommitted = 0 // entries already placed in `area`
+  private area: Uint8Array
+  private pendingCount = 0 // prepared but not yet handed to commit
+  private waiters: Array<(ok: boolean) => void> = [] // committed entries not yet written
+  private readonly jobs: AreaJob[] = []
+  private writing = false
+  private growth: Promise<void> = Promise.resolve()
+  private growthTargetBytes = 0
+  private readonly committer: InOrderCommitter
+
+  constructor(cow: BlockDevice, options: PersistentStoreOptions = {}) {
+    this.cow = cow
+    this.growable = options.growable === true
+    this.chunkSizeSupplied = options.chunkBytes !== undefined && options.chunkBytes !== 0
+    const chunkBytes = this.chunkSizeSupplied
+      ? (options.chunkBytes as number)
+      : Math.max(KERNEL_DEFAULT_CHUNK_BYTES, cow.blockSizeBytes)
+    checkChunkSizeBytes(chunkBytes)
+    this.layout = layoutFor(chunkBytes)
+    this.area = new Uint8Array(chunkBytes)
+    this.committer = new InOrderCommitter((e, ok) => this.record(e, ok))
+  }
+
+  get chunkBytes(): number {
+    return this.layout.chunkBytes
+  }
+
+  get valid(): boolean {
+    return this._valid
+  }
+
+  async readMetadata(visit: (oldChunk: number, newChunk: number) => void): Promise<{ valid: boolean }> {
+    if (this.loaded) throw new SnapError('SNAP_BAD_ARGUMENT', 'metadata already read')
+    this.loaded = true
+    if (this.cow.sizeBytes < 512) throw corrupt('COW device is too small to hold a header')
+    const decoded = decodeHeader(await this.readCow(0, 512))
+    if (decoded.kind === 'new') {
+      await this.initialise()
+      return { valid: true }
+    }
+    const headerChunkBytes = decoded.chunkSizeSectors * SECTOR_BYTES
+    if (headerChunkBytes !== this.layout.chunkBytes) {
+      // The header wins over the caller's chunk size, as in the kernel.
+      checkChunkSizeBytes(headerChunkBytes)
+      this.layout = layoutFor(headerChunkBytes)
+      this.area = new Uint8Array(headerChunkBytes)
+    }
+    checkVersion(decoded)
+    if (!decoded.valid) {
+      this._valid = false
+      return { valid: false }
+    }
+    await this.readExceptions(visit)
+    return { valid: true }
+  }
+
+  private async initialise(): Promise<void> {
+    const { chunkBytes } = this.layout
+    if (this.cow.sizeBytes < 2 * chunkBytes) {
+      if (!this.growable) throw noSpace(`COW device (${this.cow.sizeBytes} bytes) cannot hold a header and one metadata area`)
+      await this.cow.resize(2 * chunkBytes)
+    }
+    await this.writeCow(new Uint8Array(chunkBytes), chunkBytes)
+    await this.cow.flush()
+    await this.writeCow(encodeHeader({ valid: true, version: FORMAT_VERSION, chunkSizeSectors: chunkBytes / SECTOR_BYTES }, chunkBytes), 0)
+    await this.cow.flush()
+  }
+
+  private async readExceptions(visit: (oldChunk: number, newChunk: number) => void): Promise<void> {
+    const { chunkBytes, exceptionsPerArea } = this.layout
+    const cowChunks = Math.floor(this.cow.sizeBytes / chunkBytes)
+    let nextFree = FIRST_DATA_CHUNK
+    for (let k = 0; ; k++) {
+      const at = areaChunk(this.layout, k)
+      if (at >= cowChunks) {
+        throw corrupt(`metadata area ${k} (chunk ${at}) is beyond the end of the COW device`, { chunk: at })
+      }
+      const image = await this.readCow(at * chunkBytes, chunkBytes)
+      const used = scanArea(image, (oldChunk, newChunk) => {
+        if (newChunk >= cowChunks || isMetadataChunk(this.layout, newChunk)) {
+          throw corrupt(`exception ${oldChunk} -> ${newChunk} points outside the COW data chunks`, { chunk: newChunk })
+        }
+        if (newChunk >= nextFree) nextFree = newChunk + 1
+        visit(oldChunk, newChunk)
+      })
+      if (used < exceptionsPerArea) {
+        // Entries after the terminator are ignored by the kernel; drop them from our image so a
+        // later area write cannot resurrect them.
+        clearEntries(image, used, exceptionsPerArea)
+        this.area = image
+        this.currentArea = k
+        this.currentCommitted = used
+        break
+      }
+    }
+    if (nextFree % this.layout.stride === 1) nextFree++
+    this.nextFree = nextFree
+  }
+
+  prepareException(oldChunk: number): PreparedException {
+    const { chunkBytes } = this.layout
+    const newChunk = this.nextFree
+    const neededBytes = (newChunk + 1) * chunkBytes
+    if (neededBytes > this.cow.sizeBytes) {
+      if (!this.growable) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
+      // The next metadata area may have to be zeroed when this chunk's area fills: cover it too.
+      this.grow(Math.max(neededBytes, (areaChunk(this.layout, this.currentArea + 1) + 1) * chunkBytes))
+    }
+    this.nextFree = nextDataChunk(this.layout, newChunk)
+    this.pendingCount++
+    return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
+  }
+
+  private grow(minBytes: number): void {
+    if (minBytes <= this.growthTargetBytes) return
+    const { chunkBytes } = this.layout
+    const step = Math.max(1024 * 1024, Math.floor(this.cow.sizeBytes / 8))
+    const target = Math.ceil((minBytes + step) / chunkBytes) * chunkBytes
+    this.growthTargetBytes = target
+    const previous = this.growth
+    this.growth = previous.then(async () => {
+      if (this.cow.sizeBytes < target) await this.cow.resize(target)
+    })
+  }
+
+  whenSpaceReady(_e: PreparedException): Promise<void> {
+    return this.growth
+  }
+
+  commitException(e: PreparedException, ok: boolean): Promise<boolean> {
+    return this.committer.commit(e, ok)
+  }
+
+  /** Called in allocation order. */
+  private record(e: PreparedException, ok: boolean): Promise<boolean> {
+    if (!ok) this._valid = false
+    writeEntry(this.area, this.currentCommitted, e.oldChunk, e.newChunk)
+    this.currentCommitted++
+    this.pendingCount--
+    const done = new Promise<boolean>((resolve) => this.waiters.push(resolve))
+    if (this.currentCommitted === this.layout.exceptionsPerArea) {
+      this.jobs.push({ area: this.currentArea, image: this.area, sealed: true, waiters: this.waiters })
+      this.waiters = []
+      this.currentArea++
+      this.currentCommitted = 0
+      this.area = new Uint8Array(this.layout.chunkBytes)
+    }
+    this.kick()
+    return done
+  }
+
+  private kick(): void {
+    if (this.writing) return
+    if (this.jobs.length === 0) {
+      if (this.waiters.length === 0 || this.pendingCount > 0) return
+      this.jobs.push({ area: this.currentArea, image: this.area.slice(), sealed: false, waiters: this.waiters })
+      this.waiters = []
+    }
+    this.writing = true
+    const job = this.jobs.shift() as AreaJob
+    void this.writeJob(job).then((ok) => {
+      this.writing = false
+      for (const w of job.waiters) w(ok)
+      this.kick()
+    })
+  }
+
+  private async writeJob(job: AreaJob): Promise<boolean> {
+    const { chunkBytes } = this.layout
+    try {
+      if (!this._valid) return false
+      await this.growth
+      if (job.sealed) await this.writeCow(new Uint8Array(chunkBytes), areaChunk(this.layout, job.area + 1) * chunkBytes)
+      // Flush first: the copied data must be durable before the entries that point at it.
+      await this.cow.flush()
+      await this.writeCow(job.image, areaChunk(this.layout, job.area) * chunkBytes, true)
+      return this._valid
+    } catch {
+      this._valid = false
+      return false
+    }
+  }
+
+  async prepareMerge(): Promise<MergeRun | null> {
+    const { exceptionsPerArea, chunkBytes } = this.layout
+    if (this.currentCommitted === 0) {
+      if (this.currentArea === 0) return null
+      this.currentArea--
+      this.area = await this.readCow(areaChunk(this.layout, this.currentArea) * chunkBytes, chunkBytes)
+      this.currentCommitted = exceptionsPerArea // areas before the last are always full
+    }
+    const view = new DataView(this.area.buffer, this.area.byteOffset, this.area.byteLength)
+    const entry = (i: number): [number, number] => [
+      view.getUint32(i * 16 + 4, true) * 2 ** 32 + view.getUint32(i * 16, true),
+      view.getUint32(i * 16 + 12, true) * 2 ** 32 + view.getUint32(i * 16 + 8, true),
+    ]
+    const [lastOld, lastNew] = entry(this.currentCommitted - 1)
+    let count = 1
+    while (count < this.currentCommitted) {
+      const [o, n] = entry(this.currentCommitted - 1 - count)
+      if (o !== lastOld - count || n !== lastNew - count) break
+      count++
+    }
+    return { count, lastOld, lastNew }
+  }
+
+  async commitMerge(count: number): Promise<void> {
+    const { chunkBytes } = this.layout
+    if (count < 1 || count > this.currentCommitted) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${count} entries`)
+    const image = this.area.slice()
+    clearEntries(image, this.currentCommitted - count, this.currentCommitted)
+    await this.cow.flush()
+    await this.writeCow(image, areaChunk(this.layout, this.currentArea) * chunkBytes, true)
+    this.area = image
+    this.currentCommitted -= count
+    // Only status uses this after a merge step (the kernel's approximation).
+    this.nextFree = areaChunk(this.layout, this.currentArea) + this.currentCommitted + 1
+  }
+
+  async dropSnapshot(): Promise<void> {
+    this._valid = false
+    const { chunkBytes } = this.layout
+    try {
+      await this.writeCow(encodeHeader({ valid: false, version: FORMAT_VERSION, chunkSizeSectors: chunkBytes / SECTOR_BYTES }, chunkBytes), 0)
+      await this.cow.flush()
+    } catch {
+      // Nothing else can be done: the in-memory state is already invalid.
+    }
+  }
+
+  usage(): StoreUsage {
+    const chunkSectors = this.layout.chunkBytes / SECTOR_BYTES
+    return {
+      allocatedSectors: this.nextFree * chunkSectors,
+      totalSectors: Math.floor(this.cow.sizeBytes / SECTOR_BYTES),
+      metadataSectors: (this.currentArea + 2) * chunkSectors,
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.cow.closed) return
+    try {
+      await this.cow.flush()
+    } finally {
+      await this.cow.close()
+    }
+  }
+
+  private async readCow(offset: number, length: number): Promise<Uint8Array> {
+    try {
+      return await this.cow.read(offset, length)
+    } catch (err) {
+      throw asSnapError(err, 'reading COW metadata', { offset, length })
+    }
+  }
+
+  private async writeCow(data: Uint8Array, offset: number, fua = false): Promise<void> {
+    await this.cow.write(data, offset, { fua })
+  }
+}

@@ -1,0 +1,95 @@
+/**
+ * TransientStore: the kernel's N store. Data chunks go to the COW device from chunk 0 upwards;
+ * the table lives only in memory, so nothing survives a restart and merging is not possible.
+ */
+import type { BlockDevice } from '../device/block-device.js'
+import { SnapError, noSpace } from '../errors.js'
+import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
+import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
+import { InOrderCommitter } from './in-order-committer.js'
+
+export interface TransientStoreOptions {
+  readonly chunkBytes: number
+  readonly growable?: boolean
+}
+
+export class TransientStore implements ExceptionStore {
+  readonly kind = 'transient'
+  readonly supportsMerge = false
+  readonly cow: BlockDevice
+  readonly chunkBytes: number
+  private readonly growable: boolean
+  private _valid = true
+  private nextFreeBytes = 0
+  private growth: Promise<void> = Promise.resolve()
+  private growthTargetBytes = 0
+  private readonly committer = new InOrderCommitter((_e, ok) => {
+    if (!ok) this._valid = false
+    return Promise.resolve(this._valid)
+  })
+
+  constructor(cow: BlockDevice, options: TransientStoreOptions) {
+    if (!options.chunkBytes) throw new SnapError('SNAP_BAD_CHUNK_SIZE', 'chunk size not set')
+    checkChunkSizeBytes(options.chunkBytes)
+    this.cow = cow
+    this.chunkBytes = options.chunkBytes
+    this.growable = options.growable === true
+  }
+
+  get valid(): boolean {
+    return this._valid
+  }
+
+  async readMetadata(): Promise<{ valid: boolean }> {
+    return { valid: true }
+  }
+
+  prepareException(oldChunk: number): PreparedException {
+    const needed = this.nextFreeBytes + this.chunkBytes
+    if (needed > this.cow.sizeBytes) {
+      if (!this.growable) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
+      if (needed > this.growthTargetBytes) {
+        const target = needed + Math.max(1024 * 1024, Math.floor(this.cow.sizeBytes / 8))
+        this.growthTargetBytes = target
+        this.growth = this.growth.then(async () => {
+          if (this.cow.sizeBytes < target) await this.cow.resize(target)
+        })
+      }
+    }
+    const newChunk = this.nextFreeBytes / this.chunkBytes
+    this.nextFreeBytes = needed
+    return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
+  }
+
+  whenSpaceReady(): Promise<void> {
+    return this.growth
+  }
+
+  commitException(e: PreparedException, ok: boolean): Promise<boolean> {
+    return this.committer.commit(e, ok)
+  }
+
+  prepareMerge(): Promise<MergeRun | null> {
+    return Promise.reject(new SnapError('SNAP_MERGE_REFUSED', 'snapshot exception store does not support snapshot-merge'))
+  }
+
+  commitMerge(): Promise<void> {
+    return Promise.reject(new SnapError('SNAP_MERGE_REFUSED', 'snapshot exception store does not support snapshot-merge'))
+  }
+
+  async dropSnapshot(): Promise<void> {
+    this._valid = false
+  }
+
+  usage(): StoreUsage {
+    return {
+      allocatedSectors: this.nextFreeBytes / SECTOR_BYTES,
+      totalSectors: Math.floor(this.cow.sizeBytes / SECTOR_BYTES),
+      metadataSectors: 0,
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.cow.close()
+  }
+}
