@@ -1,0 +1,92 @@
+/**
+ * A FIFO of received byte chunks, for parsers that must cope with frames arriving in arbitrary
+ * pieces (TCP and TLS give no framing guarantees).
+ *
+ * Design notes: chunks are kept as received and only concatenated when a caller asks for a
+ * span that crosses chunk boundaries, so a header that arrives whole is parsed straight out of
+ * the socket's buffer. `skip` discards without copying, which is how refused WRITE payloads are
+ * drained without ever allocating them.
+ */
+export class ByteQueue {
+  private chunks: Buffer[] = []
+  /** Read position inside chunks[0]. */
+  private head = 0
+  private total = 0
+
+  get length(): number {
+    return this.total
+  }
+
+  push(chunk: Uint8Array): void {
+    if (chunk.length === 0) return
+    const buf = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length)
+    this.chunks.push(buf)
+    this.total += buf.length
+  }
+
+  /**
+   * Removes and returns exactly `n` bytes, or null if fewer are buffered. The result may be a
+   * view into a received chunk: callers that keep it must not expect it to be private memory
+   * beyond the request's lifetime (chunks are never reused by us, so views stay valid).
+   */
+  take(n: number): Buffer | null {
+    if (n > this.total) return null
+    if (n === 0) return Buffer.alloc(0)
+    const first = this.chunks[0]!
+    if (first.length - this.head >= n) {
+      const out = first.subarray(this.head, this.head + n)
+      this.advance(n)
+      return out
+    }
+    const out = Buffer.allocUnsafe(n)
+    let filled = 0
+    while (filled < n) {
+      const chunk = this.chunks[0]!
+      const count = Math.min(n - filled, chunk.length - this.head)
+      chunk.copy(out, filled, this.head, this.head + count)
+      filled += count
+      this.advance(count)
+    }
+    return out
+  }
+
+  /** Discards up to `n` bytes; returns how many were discarded. */
+  skip(n: number): number {
+    let skipped = 0
+    while (skipped < n && this.total > 0) {
+      const chunk = this.chunks[0]!
+      const count = Math.min(n - skipped, chunk.length - this.head)
+      skipped += count
+      this.advance(count)
+    }
+    return skipped
+  }
+
+  /** Drops everything (used when a connection is torn down). */
+  clear(): void {
+    this.chunks = []
+    this.head = 0
+    this.total = 0
+  }
+
+  private advance(n: number): void {
+    this.head += n
+    this.total -= n
+    if (this.head === this.chunks[0]!.length) {
+      this.chunks.shift()
+      this.head = 0
+    }
+  }
+}
+
+/** Reads a u64 as a number. Values above 2^53 lose precision but stay above 2^53, which is all a range check needs. */
+export function readU64(buf: Uint8Array, at: number): number {
+  const view = Buffer.isBuffer(buf) ? buf : Buffer.from(buf.buffer, buf.byteOffset, buf.length)
+  return view.readUInt32BE(at) * 0x1_0000_0000 + view.readUInt32BE(at + 4)
+}
+
+/** Writes a safe-integer u64 as two u32 halves. */
+export function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32BE(Math.floor(value / 0x1_0000_0000), at)
+  buf.writeUInt32BE(value % 0x1_0000_0000, at + 4)
+}

@@ -1,0 +1,90 @@
+/**
+ * Transmission-phase request parser (compact 28-byte headers), incremental over split buffers.
+ *
+ * Design notes:
+ * - The cookie is kept as two u32 halves: it is opaque, only echoed, and bigint would allocate on
+ *   every request.
+ * - Offsets are read as hi * 2^32 + lo. Above 2^53 they lose precision but stay above 2^53, and
+ *   no device is that large, so range checks remain exact without bigint.
+ * - WRITE payloads up to `maxPayloadBytes` are returned whole. Larger ones are drained as they
+ *   arrive, never buffered, and reported as `dropped` so the connection can answer an error and
+ *   stay in sync with the stream (what nbdkit, qemu-nbd and nbd-server all do).
+ * - The parser never validates semantics (flags, ranges): that is the connection's job, which
+ *   keeps this layer a pure framing codec.
+ */
+import { ByteQueue, readU64 } from './byte-queue.js'
+import { Command, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from './constants.js'
+
+export interface RequestHeader {
+  readonly flags: number
+  readonly type: number
+  readonly cookieHi: number
+  readonly cookieLo: number
+  readonly offset: number
+  readonly length: number
+}
+
+export type RequestEvent =
+  | { readonly kind: 'request'; readonly header: RequestHeader; readonly payload: Buffer | null }
+  /** A WRITE whose payload exceeded the limit; the payload has been read and discarded. */
+  | { readonly kind: 'dropped'; readonly header: RequestHeader }
+  | { readonly kind: 'bad-magic'; readonly magic: number }
+
+export function parseRequestHeader(raw: Uint8Array): RequestHeader | { readonly badMagic: number } {
+  const buf = Buffer.isBuffer(raw) ? raw : Buffer.from(raw.buffer, raw.byteOffset, raw.length)
+  const magic = buf.readUInt32BE(0)
+  if (magic !== REQUEST_MAGIC) return { badMagic: magic }
+  return {
+    flags: buf.readUInt16BE(4),
+    type: buf.readUInt16BE(6),
+    cookieHi: buf.readUInt32BE(8),
+    cookieLo: buf.readUInt32BE(12),
+    offset: readU64(buf, 16),
+    length: buf.readUInt32BE(24),
+  }
+}
+
+export class RequestParser {
+  private readonly queue: ByteQueue
+  private readonly maxPayloadBytes: number
+  /** A WRITE header whose payload is still arriving. */
+  private pending: RequestHeader | null = null
+  private skipRemaining = 0
+
+  constructor(maxPayloadBytes: number, queue: ByteQueue = new ByteQueue()) {
+    this.maxPayloadBytes = maxPayloadBytes
+    this.queue = queue
+  }
+
+  push(chunk: Uint8Array): void {
+    this.queue.push(chunk)
+  }
+
+  /** Bytes buffered but not yet consumed (a bound on memory held per connection). */
+  get bufferedBytes(): number {
+    return this.queue.length
+  }
+
+  next(): RequestEvent | null {
+    if (this.pending === null) {
+      const raw = this.queue.take(REQUEST_HEADER_BYTES)
+      if (raw === null) return null
+      const header = parseRequestHeader(raw)
+      if ('badMagic' in header) return { kind: 'bad-magic', magic: header.badMagic }
+      if (header.type !== Command.WRITE) return { kind: 'request', header, payload: null }
+      this.pending = header
+      this.skipRemaining = header.length > this.maxPayloadBytes ? header.length : 0
+    }
+    const header = this.pending
+    if (this.skipRemaining > 0) {
+      this.skipRemaining -= this.queue.skip(this.skipRemaining)
+      if (this.skipRemaining > 0) return null
+      this.pending = null
+      return { kind: 'dropped', header }
+    }
+    const payload = this.queue.take(header.length)
+    if (payload === null) return null
+    this.pending = null
+    return { kind: 'request', header, payload }
+  }
+}

@@ -1,0 +1,159 @@
+/**
+ * NbdServer: accepts TCP or Unix-socket clients and runs one NbdConnection per socket.
+ *
+ * Design notes:
+ * - The server owns no exports: an ExportProvider is asked at every handshake, so the CLI can
+ *   add and remove exports while clients come and go.
+ * - close() is graceful: stop accepting, let in-flight requests finish and be answered, end
+ *   every socket, then flush each device that was served, so acknowledged writes are durable
+ *   when close() resolves. Connections that do not go away within `closeTimeoutMs` are
+ *   destroyed.
+ * - Each connection is isolated: its failures close only its own socket.
+ */
+import net from 'node:net'
+import { badArgument } from '../errors.js'
+import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from './connection.js'
+import { describeError } from './errno.js'
+import type { ExportProvider, NbdExport } from './export.js'
+import { silentLogger, type NbdLogger } from './logger.js'
+import { createTlsContext, type NbdTlsOptions, type TlsContext } from './tls.js'
+
+export interface NbdServerOptions {
+  readonly exports: ExportProvider
+  readonly tls?: NbdTlsOptions
+  /** Simultaneous clients; more are refused by closing their socket. Default unlimited. */
+  readonly maxConnections?: number
+  readonly logger?: NbdLogger
+  /** Per-connection back-pressure limits. */
+  readonly limits?: Partial<ConnectionLimits>
+  /** How long close() waits for clients before destroying their sockets. Default 10 s. */
+  readonly closeTimeoutMs?: number
+}
+
+export type NbdListenOptions = { readonly host?: string; readonly port: number } | { readonly path: string }
+
+export type NbdAddress =
+  | { readonly kind: 'tcp'; readonly host: string; readonly port: number }
+  | { readonly kind: 'unix'; readonly path: string }
+
+export class NbdServer {
+  private readonly exports: ExportProvider
+  private readonly tls: TlsContext | null
+  private readonly maxConnections: number
+  private readonly log: NbdLogger
+  private readonly limits: ConnectionLimits
+  private readonly closeTimeoutMs: number
+  private readonly servers: net.Server[] = []
+  private readonly connections = new Set<NbdConnection>()
+  /** Exports a client entered transmission with, flushed on close. */
+  private readonly served = new Set<NbdExport>()
+  private nextId = 1
+  private closing: Promise<void> | null = null
+
+  constructor(options: NbdServerOptions) {
+    this.exports = options.exports
+    this.tls = createTlsContext(options.tls)
+    this.maxConnections = options.maxConnections ?? Number.POSITIVE_INFINITY
+    this.log = options.logger ?? silentLogger
+    this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...options.limits }
+    this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
+  }
+
+  /** Number of clients currently connected. */
+  get connectionCount(): number {
+    return this.connections.size
+  }
+
+  /**
+   * Starts listening; may be called more than once (e.g. TCP and a Unix socket). Port 0 picks
+   * an ephemeral port, reported in the result.
+   */
+  async listen(options: NbdListenOptions): Promise<NbdAddress> {
+    if (this.closing) throw badArgument('server is closed')
+    const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: false }, (socket) =>
+      this.accept(socket),
+    )
+    server.on('error', (err) => this.log.error(`nbd server: ${describeError(err)}`))
+    await new Promise<void>((resolve, reject) => {
+      const onError = (err: Error) => reject(err)
+      server.once('error', onError)
+      const done = () => {
+        server.off('error', onError)
+        resolve()
+      }
+      if ('path' in options) server.listen(options.path, done)
+      else server.listen(options.port, options.host ?? '127.0.0.1', done)
+    })
+    this.servers.push(server)
+    const address = server.address()
+    const bound: NbdAddress =
+      typeof address === 'string' || address === null
+        ? { kind: 'unix', path: 'path' in options ? options.path : String(address) }
+        : { kind: 'tcp', host: address.address, port: address.port }
+    this.log.info(`nbd server listening on ${bound.kind === 'unix' ? bound.path : `${bound.host}:${bound.port}`}`)
+    return bound
+  }
+
+  private accept(socket: net.Socket): void {
+    socket.setNoDelay(true)
+    if (this.closing) {
+      socket.destroy()
+      return
+    }
+    if (this.connections.size >= this.maxConnections) {
+      this.log.warn(`nbd server: refusing ${socket.remoteAddress ?? 'unix'} client: ${this.maxConnections} connections already`)
+      socket.destroy()
+      return
+    }
+    const connection = new NbdConnection(socket, {
+      id: this.nextId++,
+      exports: this.exports,
+      tls: this.tls,
+      logger: this.log,
+      limits: this.limits,
+      onExportServed: (exp) => this.served.add(exp),
+    })
+    this.connections.add(connection)
+    void connection.closed.then(() => this.connections.delete(connection))
+    connection.start()
+  }
+
+  /** Idempotent. Resolves when every listener and client is closed and served exports are flushed. */
+  close(): Promise<void> {
+    if (!this.closing) this.closing = this.doClose()
+    return this.closing
+  }
+
+  private async doClose(): Promise<void> {
+    const listenersClosed = Promise.all(
+      this.servers.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))),
+    )
+    for (const connection of this.connections) connection.shutdown()
+    const all = Promise.all([...this.connections].map((c) => c.closed))
+    let timer: NodeJS.Timeout | undefined
+    const timedOut = await Promise.race([
+      all.then(() => false),
+      new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(true), this.closeTimeoutMs)
+      }),
+    ])
+    clearTimeout(timer)
+    if (timedOut) {
+      this.log.warn(`nbd server: ${this.connections.size} client(s) did not close in ${this.closeTimeoutMs} ms; dropping them`)
+      for (const connection of this.connections) connection.destroy()
+      await all
+    }
+    await listenersClosed
+    // Devices may be shared by several exports; flush each once.
+    const devices = new Set([...this.served].map((exp) => exp.device))
+    for (const device of devices) {
+      if (device.closed) continue
+      try {
+        await device.flush()
+      } catch (err) {
+        this.log.error(`nbd server: flush on close failed: ${describeError(err)}`)
+      }
+    }
+    this.log.info('nbd server closed')
+  }
+}
