@@ -166,8 +166,16 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     }
   }
 
-  private async throttle(): Promise<void> {
-    for (const s of this.list) await s.whenBelowThreshold()
+  /**
+   * Null when no snapshot has more than COW_THRESHOLD copies in flight. Checked synchronously
+   * right before the copies are started, so a burst of writes cannot all slip past it.
+   */
+  private throttleWait(): Promise<void> | null {
+    for (const s of this.list) {
+      const wait = s.belowThresholdWait()
+      if (wait) return wait
+    }
+    return null
   }
 
   /** The plain origin write path: copy-on-write into every snapshot, then write the device. */
@@ -190,7 +198,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
-    await this.throttle()
+    for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
       const interceptor = this.interceptor
       if (interceptor) return interceptor.write(data, offset, fua)
@@ -205,7 +213,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   protected override async _discard(offset: number, length: number): Promise<void> {
-    await this.throttle()
+    for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
       const interceptor = this.interceptor
       if (interceptor) return interceptor.discard(offset, length)

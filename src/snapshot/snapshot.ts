@@ -248,11 +248,10 @@ export class Snapshot extends BaseBlockDevice {
     }
   }
 
-  /** Resolves when fewer than COW_THRESHOLD copies are in flight. */
-  async whenBelowThreshold(): Promise<void> {
-    while (this.inProgress > COW_THRESHOLD) {
-      await new Promise<void>((resolve) => this.throttleWaiters.push(resolve))
-    }
+  /** Null when at most COW_THRESHOLD copies are in flight, else a promise for a wake-up. */
+  belowThresholdWait(): Promise<void> | null {
+    if (this.inProgress <= COW_THRESHOLD) return null
+    return new Promise<void>((resolve) => this.throttleWaiters.push(resolve))
   }
 
   private wakeThrottled(): void {
@@ -320,7 +319,7 @@ export class Snapshot extends BaseBlockDevice {
 
   protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
     this.checkUsable(true)
-    await this.whenBelowThreshold()
+    for (let wait = this.belowThresholdWait(); wait; wait = this.belowThresholdWait()) await wait
     this.checkUsable(true)
     const chunkBytes = this.chunkBytes
     const jobs: Array<Promise<void>> = []
