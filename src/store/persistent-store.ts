@@ -91,7 +91,12 @@ export class PersistentStore implements ExceptionStore {
   async readMetadata(visit: (oldChunk: number, newChunk: number) => void): Promise<{ valid: boolean }> {
     if (this.loaded) throw new SnapError('SNAP_BAD_ARGUMENT', 'metadata already read')
     this.loaded = true
-    if (this.cow.sizeBytes < 512) throw corrupt('COW device is too small to hold a header')
+    if (this.cow.sizeBytes < 512) {
+      // An empty grow-on-demand file is a brand-new COW; anything else this small is not a COW.
+      if (!this.growable) throw corrupt('COW device is too small to hold a header')
+      await this.initialise()
+      return { valid: true }
+    }
     const decoded = decodeHeader(await this.readCow(0, 512))
     if (decoded.kind === 'new') {
       await this.initialise()
