@@ -82,6 +82,9 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     this.checkOpen()
     if (this.list.includes(snapshot)) throw new SnapError('SNAP_EXISTS', `${snapshot.snapshotName} is already attached`)
     await this.hold(async () => {
+      // A new snapshot reads unsaved chunks from the origin device, which during a merge is not
+      // what the origin presents (LVM refuses this too).
+      if (this.interceptor) throw new SnapError('SNAP_BUSY', 'cannot add a snapshot while a merge is in progress')
       await snapshot.load(this)
       // Stable insert after every snapshot with a chunk size >= this one.
       let at = 0

@@ -1,0 +1,186 @@
+/**
+ * MergeView: the origin's I/O while a snapshot is being merged into it (the kernel's
+ * `snapshot_merge_map`, reference §8.2). Installed as `origin.interceptor`.
+ *
+ * Mapping, per chunk c of the merging snapshot:
+ * - read, c not merged yet (the merging snapshot still has an exception for it, including c in
+ *   the current step) → the snapshot's COW; never blocked.
+ * - read, c merged or never changed → the origin device.
+ * - write, c not merged yet and outside the current step → the COW, tracked in `trackedWrites`;
+ *   the step that later merges c waits for those writes first (§8.4 step 6).
+ * - write, c inside the current step → held; once the step has committed it goes DIRECTLY to
+ *   the origin device (the other snapshots saved the chunk during the step's relocation).
+ *   If the step fails, the held write rejects with SNAP_MERGE_FAILED.
+ * - write, c merged or never changed → origin.writeThroughCow (copy-on-write into the other
+ *   snapshots, then the origin device).
+ * - flush → origin device and COW.
+ * - discard → handled as a write of zeros on the same paths. The kernel completes discards on
+ *   the merge device as a no-op (or refuses them); silently keeping the data would break the
+ *   BlockDevice contract ("after discard the range reads as zeros"), and passing a discard down
+ *   to the origin device would skip the COW into the other snapshots. Zeros keep every path
+ *   above correct at the price of writing instead of freeing space.
+ * - an invalid merging snapshot: everything behaves as a plain origin (§8.2 `to_origin`).
+ *
+ * Routing decisions for all pieces of one request are made synchronously before the first
+ * await, so publishing a step window (synchronous too) cleanly splits writes into "tracked
+ * before the window" (waited for) and "held" — the kernel's exclusive section.
+ */
+import { SnapError } from '../errors.js'
+import { ChunkTracker } from '../snapshot/chunk-tracker.js'
+import type { Origin, OriginInterceptor } from '../snapshot/origin.js'
+import { type Snapshot, settleAll } from '../snapshot/snapshot.js'
+import { type Deferred, deferred } from '../util/deferred.js'
+
+/** Largest zero buffer a discard allocates at once. */
+const DISCARD_PIECE_BYTES = 1024 * 1024
+
+export interface MergeWindow {
+  /** First origin chunk (merging snapshot's chunk size) of the step. */
+  readonly firstChunk: number
+  readonly count: number
+}
+
+export class MergeView implements OriginInterceptor {
+  readonly origin: Origin
+  readonly snapshot: Snapshot
+  /** Writes remapped to the COW, per chunk, while in flight. */
+  readonly trackedWrites = new ChunkTracker()
+  /** The merge currently driving this view (a restarted merge replaces it). */
+  owner: unknown = null
+  private _window: MergeWindow | null = null
+  private held: Array<Deferred<void>> = []
+
+  constructor(origin: Origin, snapshot: Snapshot) {
+    this.origin = origin
+    this.snapshot = snapshot
+  }
+
+  get window(): MergeWindow | null {
+    return this._window
+  }
+
+  /** Writes waiting for the current step. */
+  get heldCount(): number {
+    return this.held.length
+  }
+
+  /** Starts holding writes to [firstChunk, firstChunk+count). Synchronous on purpose. */
+  publishWindow(firstChunk: number, count: number): void {
+    this._window = { firstChunk, count }
+  }
+
+  /** Ends the step: held writes proceed to the origin device, or fail with `error`. */
+  releaseWindow(error?: Error): void {
+    this._window = null
+    const held = this.held
+    this.held = []
+    for (const d of held) {
+      if (error) d.reject(error)
+      else d.resolve()
+    }
+  }
+
+  private inWindow(chunk: number): boolean {
+    const w = this._window
+    return w !== null && chunk >= w.firstChunk && chunk < w.firstChunk + w.count
+  }
+
+  /** COW chunk of origin chunk `chunk` while it is unmerged, else -1. */
+  private unmerged(chunk: number): number {
+    if (!this.snapshot.valid) return -1
+    return this.snapshot.table.lookup(chunk)
+  }
+
+  async readInto(target: Uint8Array, offset: number): Promise<void> {
+    const cb = this.snapshot.chunkBytes
+    const cow = this.snapshot.store.cow
+    const device = this.origin.device
+    const end = offset + target.length
+    const jobs: Array<Promise<void>> = []
+    let pos = offset
+    while (pos < end) {
+      const chunk = Math.floor(pos / cb)
+      const newChunk = this.unmerged(chunk)
+      let runEnd = Math.min(end, (chunk + 1) * cb)
+      let next = chunk + 1
+      if (newChunk !== -1) {
+        while (runEnd < end && this.unmerged(next) === newChunk + (next - chunk)) {
+          runEnd = Math.min(end, (next + 1) * cb)
+          next++
+        }
+        jobs.push(cow.readInto(target.subarray(pos - offset, runEnd - offset), newChunk * cb + (pos - chunk * cb)))
+      } else {
+        while (runEnd < end && this.unmerged(next) === -1) {
+          runEnd = Math.min(end, (next + 1) * cb)
+          next++
+        }
+        jobs.push(device.readInto(target.subarray(pos - offset, runEnd - offset), pos))
+      }
+      pos = runEnd
+    }
+    await settleAll(jobs)
+  }
+
+  async write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    const cb = this.snapshot.chunkBytes
+    const cow = this.snapshot.store.cow
+    const device = this.origin.device
+    const end = offset + data.length
+    const jobs: Array<Promise<void>> = []
+    let pos = offset
+    // Pieces never span a chunk of the merging snapshot; consecutive pieces for the plain origin
+    // path are coalesced (writeThroughCow splits its COW triggering at the minimum chunk size).
+    while (pos < end) {
+      const chunk = Math.floor(pos / cb)
+      const pieceEnd = Math.min(end, (chunk + 1) * cb)
+      const newChunk = this.unmerged(chunk)
+      if (newChunk === -1) {
+        let runEnd = pieceEnd
+        let next = chunk + 1
+        while (runEnd < end && this.unmerged(next) === -1) {
+          runEnd = Math.min(end, (next + 1) * cb)
+          next++
+        }
+        jobs.push(this.origin.writeThroughCow(data.subarray(pos - offset, runEnd - offset), pos, fua))
+        pos = runEnd
+        continue
+      }
+      const piece = data.subarray(pos - offset, pieceEnd - offset)
+      const at = pos
+      if (this.inWindow(chunk)) {
+        const d = deferred<void>()
+        this.held.push(d)
+        jobs.push(d.promise.then(() => device.write(piece, at, { fua })))
+      } else {
+        this.trackedWrites.add(chunk)
+        jobs.push(
+          (async () => {
+            try {
+              await cow.write(piece, newChunk * cb + (at - chunk * cb), { fua })
+            } finally {
+              this.trackedWrites.remove(chunk)
+            }
+          })(),
+        )
+      }
+      pos = pieceEnd
+    }
+    await settleAll(jobs)
+  }
+
+  async flush(): Promise<void> {
+    await settleAll([this.origin.device.flush(), this.snapshot.store.cow.flush()])
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    const end = offset + length
+    for (let pos = offset; pos < end; pos += DISCARD_PIECE_BYTES) {
+      await this.write(new Uint8Array(Math.min(DISCARD_PIECE_BYTES, end - pos)), pos, false)
+    }
+  }
+}
+
+/** The error held writes of a failed step get. */
+export function mergeFailedError(message: string, cause?: unknown): SnapError {
+  return new SnapError('SNAP_MERGE_FAILED', message, cause === undefined ? undefined : { cause })
+}

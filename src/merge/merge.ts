@@ -1,0 +1,445 @@
+/**
+ * Live snapshot merge (the kernel's `snapshot-merge` target, reference §8): rolls an origin
+ * back to one of its snapshots while the origin stays in use and every other snapshot of the
+ * origin keeps its content.
+ *
+ * Design notes
+ * - startMerge hands the snapshot over with origin mutations held and drained (the kernel's
+ *   suspend of the origin), sets `snapshot.merging` (its own view then refuses I/O and origin
+ *   writes ignore it) and installs a MergeView as the origin's interceptor (§8.2).
+ * - The loop (§8.4) merges one run of consecutive table entries per step, newest first:
+ *   prepareMerge → relocation in the other snapshots (§8.5) → publish the window → wait for
+ *   tracked COW writes to it → copy COW → origin → flush origin → commitMerge (durable) →
+ *   remove the chunks from the in-memory table highest first → release the held writes.
+ *   Each step runs as an origin mutation, so live snapshot creation (which drains mutations)
+ *   never sees a half-done step.
+ * - Relocation samples the global pending-exception done counter before every scan, triggers
+ *   exceptions over the whole extent (each snapshot in its own chunk size) and, if anything is
+ *   still pending, sleeps until the counter changes and rescans. It never waits on the
+ *   individual pending exceptions: any completion anywhere wakes it and the rescan decides.
+ * - Crash safety comes from the order above: the other snapshots' exceptions are durable before
+ *   the origin is overwritten, the origin is flushed before the table shrinks, held writes reach
+ *   the origin only after the commit. After a crash, reopening and calling startMerge resumes
+ *   at the new end of the table; a step copied but not committed is simply copied again.
+ * - Pause/stop take effect at step boundaries. A stopped or failed merge leaves the view
+ *   installed (the origin must keep presenting the merged view); startMerge on the same
+ *   snapshot resumes it. As in the kernel, `mergeFailed` stays set after a restart (status keeps
+ *   saying `Merge failed`).
+ * - Rate limiting sleeps before a step until doneBytes/elapsed is back at the limit, measured
+ *   from the last (re)start, resume or setRate.
+ * - At the end (table empty) the interceptor is removed (all I/O goes straight to the origin)
+ *   and the snapshot is detached from the origin and closed.
+ */
+import { EventEmitter } from 'node:events'
+import { SnapError, isSnapError } from '../errors.js'
+import type { Origin } from '../snapshot/origin.js'
+import type { Snapshot } from '../snapshot/snapshot.js'
+import { MergeView, type MergeWindow, mergeFailedError } from './merge-view.js'
+
+export { MergeView, type MergeWindow } from './merge-view.js'
+
+export type MergeState = 'running' | 'paused' | 'stopped' | 'complete' | 'failed'
+
+export interface MergeProgress {
+  readonly doneChunks: number
+  readonly totalChunks: number
+  readonly doneBytes: number
+  readonly totalBytes: number
+  /** Measured since the last (re)start, resume or rate change. */
+  readonly rateBytesPerSecond: number
+  /** null while the rate is unknown. */
+  readonly etaSeconds: number | null
+}
+
+export interface MergeStats {
+  /** Steps committed. */
+  steps: number
+  /** Relocation scans of an extent (origin_extent_write passes). */
+  relocationScans: number
+  /** Times relocation slept on the global done counter. */
+  relocationWaits: number
+}
+
+export interface MergeOptions {
+  /** Bytes per second; absent or 0: unlimited. */
+  readonly rateBytesPerSecond?: number
+  /** Aborting stops the merge at the next step boundary. */
+  readonly signal?: AbortSignal
+  /** Caps the chunks merged per step (the rest of a run is merged by the next steps). */
+  readonly maxStepChunks?: number
+  /**
+   * TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
+   * change under the merge; exists so a test can prove it guards the relocation.
+   */
+  readonly unsafeSkipRelocation?: boolean
+}
+
+/** Largest single read/write of the COW → origin copy. */
+const COPY_PIECE_BYTES = 1024 * 1024
+
+export interface MergeEvents {
+  progress: [MergeProgress]
+  window: [MergeWindow]
+  paused: []
+  resumed: []
+  stopped: []
+  complete: []
+  failed: [Error]
+}
+
+export class Merge extends EventEmitter<MergeEvents> {
+  readonly origin: Origin
+  readonly snapshot: Snapshot
+  readonly view: MergeView
+  /** Resolves when the merge completes or is stopped; rejects when it fails. */
+  readonly done: Promise<void>
+  readonly stats: MergeStats = { steps: 0, relocationScans: 0, relocationWaits: 0 }
+  private _state: MergeState = 'running'
+  private readonly skipRelocation: boolean
+  private readonly maxStepChunks: number
+  private rate: number
+  private readonly totalChunks: number
+  private doneChunks = 0
+  private rateBaseTime = 0
+  private rateBaseBytes = 0
+  private stopRequested = false
+  private pauseRequested = false
+  private wake: (() => void) | null = null
+  private resolveDone!: () => void
+  private rejectDone!: (err: unknown) => void
+  private readonly onAbort: () => void
+  private readonly signal: AbortSignal | undefined
+
+  constructor(origin: Origin, snapshot: Snapshot, view: MergeView, options: MergeOptions) {
+    super()
+    this.origin = origin
+    this.snapshot = snapshot
+    this.view = view
+    this.skipRelocation = options.unsafeSkipRelocation === true
+    this.maxStepChunks = options.maxStepChunks ?? Infinity
+    this.rate = checkRate(options.rateBytesPerSecond)
+    this.totalChunks = snapshot.table.size
+    this.done = new Promise<void>((resolve, reject) => {
+      this.resolveDone = resolve
+      this.rejectDone = reject
+    })
+    // Callers that only watch events must not get an unhandled rejection.
+    this.done.catch(() => {})
+    this.signal = options.signal
+    this.onAbort = () => void this.stop()
+    if (this.signal) {
+      if (this.signal.aborted) this.stopRequested = true
+      else this.signal.addEventListener('abort', this.onAbort, { once: true })
+    }
+  }
+
+  get state(): MergeState {
+    return this._state
+  }
+
+  /** Current step, if one is in progress. */
+  get window(): MergeWindow | null {
+    return this.view.window
+  }
+
+  get rateBytesPerSecond(): number {
+    return this.rate
+  }
+
+  /** Kernel info status: `Invalid` > `Merge failed` > `Overflow` > `<allocated>/<total> <metadata>`. */
+  statusText(): string {
+    return this.snapshot.statusText()
+  }
+
+  progress(): MergeProgress {
+    const cb = this.snapshot.chunkBytes
+    const doneBytes = this.doneChunks * cb
+    const totalBytes = this.totalChunks * cb
+    const elapsed = (performance.now() - this.rateBaseTime) / 1000
+    const measured = elapsed > 0 ? (doneBytes - this.rateBaseBytes) / elapsed : 0
+    const remaining = totalBytes - doneBytes
+    let etaSeconds: number | null = null
+    if (remaining <= 0) etaSeconds = 0
+    else if (measured > 0) etaSeconds = remaining / measured
+    else if (this.rate > 0) etaSeconds = remaining / this.rate
+    return { doneChunks: this.doneChunks, totalChunks: this.totalChunks, doneBytes, totalBytes, rateBytesPerSecond: measured, etaSeconds }
+  }
+
+  /** Pauses at the next step boundary; resolves once paused (or the merge has ended). */
+  async pause(): Promise<void> {
+    if (this._state !== 'running') return
+    this.pauseRequested = true
+    this.kick()
+    await this.until(() => this._state !== 'running')
+  }
+
+  resume(): void {
+    if (!this.pauseRequested) return
+    this.pauseRequested = false
+    this.kick()
+  }
+
+  /** Stops at the next step boundary; resolves once the loop has ended. */
+  async stop(): Promise<void> {
+    if (this.ended) return
+    this.stopRequested = true
+    this.kick()
+    await this.until(() => this.ended)
+  }
+
+  /** New limit in bytes/s (0 or undefined: unlimited); measured from now on. */
+  setRate(bytesPerSecond: number | undefined): void {
+    this.rate = checkRate(bytesPerSecond)
+    this.resetRateBase()
+    this.kick()
+  }
+
+  private get ended(): boolean {
+    return this._state === 'stopped' || this._state === 'complete' || this._state === 'failed'
+  }
+
+  private until(condition: () => boolean): Promise<void> {
+    if (condition()) return Promise.resolve()
+    return new Promise((resolve) => {
+      const check = () => {
+        if (!condition()) return
+        for (const e of ['paused', 'stopped', 'complete', 'failed'] as const) this.off(e, check)
+        resolve()
+      }
+      for (const e of ['paused', 'stopped', 'complete', 'failed'] as const) this.on(e, check)
+    })
+  }
+
+  private kick(): void {
+    const wake = this.wake
+    this.wake = null
+    wake?.()
+  }
+
+  /** Sleeps up to `ms` (forever if undefined), or until a control call kicks the loop. */
+  private sleep(ms?: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = ms === undefined ? undefined : setTimeout(() => this.kick(), ms)
+      this.wake = () => {
+        if (timer !== undefined) clearTimeout(timer)
+        resolve()
+      }
+    })
+  }
+
+  private resetRateBase(): void {
+    this.rateBaseTime = performance.now()
+    this.rateBaseBytes = this.doneChunks * this.snapshot.chunkBytes
+  }
+
+  /** Milliseconds to wait before the next step so bytes/s stays at the limit. */
+  private rateDelay(): number {
+    if (this.rate <= 0) return 0
+    const due = this.rateBaseTime + ((this.doneChunks * this.snapshot.chunkBytes - this.rateBaseBytes) / this.rate) * 1000
+    return due - performance.now()
+  }
+
+  /** @internal Runs the loop; called once by startMerge. */
+  async run(): Promise<void> {
+    this.resetRateBase()
+    try {
+      for (;;) {
+        if (this.stopRequested) return this.finish('stopped')
+        if (this.pauseRequested) {
+          this._state = 'paused'
+          this.emit('paused')
+          while (this.pauseRequested && !this.stopRequested) await this.sleep()
+          if (this.stopRequested) continue
+          this._state = 'running'
+          this.resetRateBase()
+          this.emit('resumed')
+          continue
+        }
+        const delay = this.rateDelay()
+        if (delay > 0.5) {
+          await this.sleep(delay)
+          continue // re-check controls; the rate may have changed
+        }
+        const result = await this.origin.runMutation(() => this.step())
+        if (result === 'complete') {
+          await this.complete()
+          return
+        }
+        this.emit('progress', this.progress())
+      }
+    } catch (err) {
+      this.fail(err)
+    }
+  }
+
+  /** One batch (§8.4). Runs as an origin mutation. */
+  private async step(): Promise<'complete' | 'continue'> {
+    const snapshot = this.snapshot
+    if (!snapshot.valid) {
+      // §8.4 step 2: stop without setting mergeFailed; the view behaves as a plain origin.
+      throw new SnapError('SNAP_INVALID', `${snapshot.snapshotName}: snapshot is invalid: can't merge`)
+    }
+    let run
+    try {
+      run = await snapshot.store.prepareMerge()
+    } catch (err) {
+      snapshot.mergeFailed = true
+      throw mergeFailedError(`${snapshot.snapshotName}: read error in exception store: shutting down merge`, err)
+    }
+    if (!run) {
+      if (this.origin.interceptor === this.view) this.origin.interceptor = null
+      return 'complete'
+    }
+    const cb = snapshot.chunkBytes
+    const count = Math.min(run.count, this.maxStepChunks)
+    const oldChunk = run.lastOld + 1 - count
+    const newChunk = run.lastNew + 1 - count
+    const start = oldChunk * cb
+    const ioSize = count * cb
+    // The last origin chunk may be partial.
+    const length = Math.max(0, Math.min(ioSize, this.origin.sizeBytes - start))
+
+    if (!this.skipRelocation) await this.relocate(start, ioSize)
+
+    this.view.publishWindow(oldChunk, count)
+    this.emit('window', { firstChunk: oldChunk, count })
+    try {
+      for (let c = oldChunk; c < oldChunk + count; c++) await this.view.trackedWrites.drain(c)
+      await this.copy(newChunk * cb, start, length)
+      try {
+        await this.origin.device.flush()
+      } catch (err) {
+        throw mergeFailedError(`${snapshot.snapshotName}: flush after merge failed: shutting down merge`, err)
+      }
+      try {
+        await snapshot.store.commitMerge(count)
+      } catch (err) {
+        throw mergeFailedError(`${snapshot.snapshotName}: write error in exception store: shutting down merge`, err)
+      }
+      for (let c = oldChunk + count - 1; c >= oldChunk; c--) snapshot.table.remove(c)
+    } catch (err) {
+      snapshot.mergeFailed = true
+      const failure = isSnapError(err, 'SNAP_MERGE_FAILED') ? err : mergeFailedError(`${snapshot.snapshotName}: merge step failed`, err)
+      this.view.releaseWindow(failure)
+      throw failure
+    }
+    this.view.releaseWindow()
+    this.doneChunks += count
+    this.stats.steps++
+    return 'continue'
+  }
+
+  /** §8.5: make every other snapshot hold the old data of the extent, woken by the global counter. */
+  private async relocate(start: number, size: number): Promise<void> {
+    const events = this.origin.events
+    for (;;) {
+      const seen = events.done
+      const { waits, invalidations } = this.origin.triggerExceptions(start, size)
+      this.stats.relocationScans++
+      // A snapshot whose COW filled up is invalidated; the merge goes on once that is durable.
+      if (invalidations.length > 0) await Promise.all(invalidations)
+      if (waits.length === 0) return
+      this.stats.relocationWaits++
+      await events.waitForChange(seen)
+    }
+  }
+
+  private async copy(from: number, to: number, length: number): Promise<void> {
+    const cow = this.snapshot.store.cow
+    const device = this.origin.device
+    for (let done = 0; done < length; done += COPY_PIECE_BYTES) {
+      const n = Math.min(COPY_PIECE_BYTES, length - done)
+      let data: Uint8Array
+      try {
+        data = await cow.read(from + done, n)
+      } catch (err) {
+        throw mergeFailedError(`${this.snapshot.snapshotName}: read error: shutting down merge`, err)
+      }
+      try {
+        await device.write(data, to + done)
+      } catch (err) {
+        throw mergeFailedError(`${this.snapshot.snapshotName}: write error: shutting down merge`, err)
+      }
+    }
+  }
+
+  private async complete(): Promise<void> {
+    // Outside the step's mutation: removeSnapshot drains origin mutations.
+    try {
+      await this.origin.removeSnapshot(this.snapshot)
+    } catch {
+      // The merge itself is complete; a close error of the emptied COW changes nothing.
+    }
+    this.view.owner = null
+    this._state = 'complete'
+    this.detachSignal()
+    this.emit('progress', this.progress())
+    this.emit('complete')
+    this.resolveDone()
+  }
+
+  private finish(state: 'stopped'): void {
+    this._state = state
+    this.view.owner = null
+    this.detachSignal()
+    this.emit('stopped')
+    this.resolveDone()
+  }
+
+  private fail(err: unknown): void {
+    const error = err instanceof Error ? err : new Error(String(err))
+    this._state = 'failed'
+    this.view.owner = null
+    this.detachSignal()
+    this.emit('failed', error)
+    this.rejectDone(error)
+  }
+
+  private detachSignal(): void {
+    this.signal?.removeEventListener('abort', this.onAbort)
+  }
+}
+
+function checkRate(rate: number | undefined): number {
+  if (rate === undefined) return 0
+  if (!Number.isFinite(rate) || rate < 0) throw new SnapError('SNAP_BAD_ARGUMENT', `bad merge rate ${rate}`)
+  return rate
+}
+
+function refuse(message: string): SnapError {
+  return new SnapError('SNAP_MERGE_REFUSED', message)
+}
+
+/**
+ * Starts (or, for a snapshot whose merge was stopped, failed or interrupted by a crash,
+ * resumes) merging `snapshot` into `origin`. The snapshot's own I/O must be quiesced by the
+ * caller (LVM suspends the snapshot device); origin I/O may continue throughout.
+ */
+export async function startMerge(origin: Origin, snapshot: Snapshot, options: MergeOptions = {}): Promise<Merge> {
+  if (!origin.snapshots.includes(snapshot)) {
+    throw refuse(`${snapshot.snapshotName} is not a snapshot of this origin`)
+  }
+  if (!snapshot.store.supportsMerge) throw refuse('Snapshot exception store does not support snapshot-merge.')
+  if (!snapshot.valid) throw refuse(`${snapshot.snapshotName} is invalid: can't merge`)
+  const existing = origin.interceptor
+  let view: MergeView
+  if (existing) {
+    if (!(existing instanceof MergeView) || existing.snapshot !== snapshot || existing.owner !== null) {
+      throw refuse('A snapshot is already merging.')
+    }
+    view = existing
+  } else {
+    view = new MergeView(origin, snapshot)
+    await origin.hold(async () => {
+      if (origin.interceptor) throw refuse('A snapshot is already merging.')
+      // Copies started by the snapshot's own writes must land before the handover.
+      await snapshot.drainPending()
+      snapshot.merging = true
+      origin.interceptor = view
+    })
+  }
+  const merge = new Merge(origin, snapshot, view, options)
+  view.owner = merge
+  void merge.run()
+  return merge
+}

@@ -1,0 +1,127 @@
+/**
+ * Randomized concurrent merge traces (issue 3): an origin with a persistent snapshot to merge
+ * and at least three other snapshots (chunk sizes mixed 4 KiB–64 KiB, kinds P/PO/N), built up
+ * by random concurrent I/O; then the merge runs while random readers and writers hit the origin
+ * and every other snapshot, with random pauses, stops and restarts. Devices complete in random
+ * order (random delays). Afterwards: origin == the merged snapshot's view at merge start plus
+ * the origin writes made during the merge; every other snapshot == its own model.
+ */
+import assert from 'node:assert/strict'
+import { test } from 'node:test'
+import { MemoryDevice } from '../../src/device/memory-device.js'
+import { isSnapError } from '../../src/errors.js'
+import { type Merge, type MergeState, startMerge } from '../../src/merge/merge.js'
+import { Random } from '../support/random.js'
+import { type SnapshotSpec, type StoreKind, addSnapshot, newStack } from '../support/engine-stack.js'
+import { checkViews, randomBatch } from './merge-support.js'
+
+const ORIGIN_BYTES = 384 * 1024 + 1536 // partial last chunk for every chunk size
+const OTHER_CHUNKS = [4096, 8192, 16384, 32768, 65536]
+const MERGE_CHUNKS = [4096, 16384, 65536]
+const KINDS: StoreKind[] = ['P', 'PO', 'N']
+
+export const MERGE_SEEDS = [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112]
+
+async function runTrace(seed: number): Promise<{ ops: number; steps: number; scans: number; waits: number }> {
+  const random = new Random(seed)
+  const what = `seed ${seed}`
+  const originBase = MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES))
+  const stack = newStack(originBase, random)
+  const model = new Map<string, Uint8Array>([['origin', originBase.readSync(0, ORIGIN_BYTES)]])
+
+  // Other snapshots: always a 4 KiB and a 64 KiB one, plus one or two more; the merged one is
+  // created at a random position among them.
+  const others = [4096, 65536, random.pick(OTHER_CHUNKS)]
+  if (random.chance(0.5)) others.push(random.pick(OTHER_CHUNKS))
+  const specs: SnapshotSpec[] = others.map((chunkBytes, i) => ({
+    name: `s${i}`,
+    kind: random.pick(KINDS),
+    chunkBytes,
+    cowBytes: 4 * 1024 * 1024,
+  }))
+  const mergeSpec: SnapshotSpec = { name: 'm', kind: random.pick(['P', 'PO'] as const), chunkBytes: random.pick(MERGE_CHUNKS), cowBytes: 4 * 1024 * 1024 }
+  specs.splice(random.int(specs.length + 1), 0, mergeSpec)
+
+  let ops = 0
+  for (const spec of specs) {
+    await addSnapshot(stack, spec, random)
+    model.set(spec.name, (model.get('origin') as Uint8Array).slice())
+    for (let b = 0; b < 4; b++) ops += await randomBatch(stack, model, random, `${what} setup`)
+  }
+  // Make sure the merged snapshot differs from the origin in many places.
+  for (let b = 0; b < 4; b++) ops += await randomBatch(stack, model, random, `${what} setup`, { originShare: 0.7 })
+
+  const merging = stack.snapshots.get('m')
+  assert.ok(merging)
+  const mergedView = model.get('m') as Uint8Array
+  model.delete('m')
+  model.set('origin', mergedView.slice())
+  const options = {
+    ...(random.chance(0.3) ? { maxStepChunks: 1 + random.int(4) } : {}),
+  }
+  let merge: Merge = await startMerge(stack.origin, merging, options)
+  await assert.rejects(merging.read(0, 512), (err) => isSnapError(err, 'SNAP_INVALID'), `${what}: merging snapshot's own view must fail`)
+  let steps = 0
+  let scans = 0
+  let waits = 0
+  const account = (m: Merge) => {
+    steps += m.stats.steps
+    scans += m.stats.relocationScans
+    waits += m.stats.relocationWaits
+  }
+
+  let batches = 0
+  while (merge.state !== 'complete') {
+    if (merge.state === 'failed') await merge.done // rethrows the failure
+    const roll = random.next()
+    if (roll < 0.04 && merge.state === 'running') {
+      await merge.pause()
+      ops += await randomBatch(stack, model, random, `${what} paused`)
+      merge.resume()
+    } else if (roll < 0.07 && merge.state === 'running') {
+      await merge.stop()
+      const after = merge.state as MergeState
+      assert.ok(after === 'stopped' || after === 'complete', `${what}: state after stop is ${after}`)
+      ops += await randomBatch(stack, model, random, `${what} stopped`)
+      account(merge)
+      if (after === 'stopped') merge = await startMerge(stack.origin, merging, options)
+    } else {
+      ops += await randomBatch(stack, model, random, `${what} merging`, { discards: true })
+    }
+    if (++batches % 10 === 0) await checkViews(stack, model, `${what} batch ${batches}`)
+    if (batches > 60) break // enough concurrency; let the merge finish alone
+  }
+  await merge.done
+  account(merge)
+  assert.equal(merge.state, 'complete', `${what}: final state`)
+  assert.equal(stack.origin.interceptor, null, `${what}: interceptor still installed`)
+  assert.ok(!stack.origin.snapshots.includes(merging), `${what}: merged snapshot still attached`)
+  assert.equal(merging.table.size, 0, `${what}: table not empty`)
+  const u = merging.usage()
+  assert.equal(u.allocatedSectors, u.metadataSectors, `${what}: allocated != metadata after merge`)
+  stack.snapshots.delete('m')
+  await checkViews(stack, model, `${what} after merge`)
+  // All I/O now goes straight to the origin (with copy-on-write into the others).
+  for (let b = 0; b < 5; b++) ops += await randomBatch(stack, model, random, `${what} after merge`)
+  await checkViews(stack, model, `${what} final`)
+  for (const s of stack.snapshots.values()) assert.ok(s.valid, `${what}: snapshot ${s.snapshotName} became invalid`)
+  await stack.origin.close()
+  return { ops, steps, scans, waits }
+}
+
+test(`merge model: ${MERGE_SEEDS.length} randomized concurrent merge traces match the model`, async () => {
+  let ops = 0
+  let steps = 0
+  let scans = 0
+  let waits = 0
+  for (const seed of MERGE_SEEDS) {
+    const r = await runTrace(seed)
+    ops += r.ops
+    steps += r.steps
+    scans += r.scans
+    waits += r.waits
+  }
+  console.log(`merge model: ${MERGE_SEEDS.length} traces, ${ops} I/O operations, ${steps} merge steps, ${scans} relocation scans, ${waits} counter waits`)
+  assert.ok(steps > 100, `only ${steps} merge steps ran`)
+  assert.ok(waits > 0, 'relocation never had to wait for another snapshot')
+})
