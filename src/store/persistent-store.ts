@@ -167,8 +167,10 @@ export class PersistentStore implements ExceptionStore {
     const neededBytes = (newChunk + 1) * chunkBytes
     if (neededBytes > this.cow.sizeBytes) {
       if (!this.growable) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
-      // The next metadata area may have to be zeroed when this chunk's area fills: cover it too.
-      this.grow(Math.max(neededBytes, (areaChunk(this.layout, this.currentArea + 1) + 1) * chunkBytes))
+      // The last data chunk of an area is followed by the next area, which is zeroed when the
+      // area fills: cover it too.
+      const nextIsArea = isMetadataChunk(this.layout, newChunk + 1)
+      this.grow(nextIsArea ? neededBytes + chunkBytes : neededBytes)
     }
     this.nextFree = nextDataChunk(this.layout, newChunk)
     this.pendingCount++

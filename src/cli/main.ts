@@ -1,0 +1,312 @@
+/**
+ * blocksnap command line: parse, pick local or live execution, render, map errors to exit codes.
+ * A command on a volume that `blocksnap serve` owns is sent over the volume's control socket and
+ * carried out by the server; otherwise the command opens the volume itself.
+ */
+import { readFile, writeFile, mkdir, stat } from 'node:fs/promises'
+import { resolve } from 'node:path'
+import { Command, CommanderError, Option } from 'commander'
+import { SnapError, isSnapError } from '../errors.js'
+import { checkChunkSizeBytes, parseSize } from '../units.js'
+import { ControlClient } from '../control/control-client.js'
+import { type VolumeOps, localOps } from '../control/volume-ops.js'
+import { Volume, parseDevice } from '../volume/volume.js'
+import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
+import { formatList } from './output.js'
+import { serveVolumes } from './serve.js'
+import { mergeCommand } from './merge-command.js'
+
+const VERSION = '0.1.0'
+
+class UsageError extends Error {}
+
+function sizeArg(what: string) {
+  return (text: string): number => {
+    const n = parseSize(text)
+    if (!Number.isSafeInteger(n)) throw new UsageError(`invalid ${what} '${text}' (bytes, or a number with K, M, G or T)`)
+    return n
+  }
+}
+
+function chunkArg(text: string): number {
+  const n = sizeArg('chunk size')(text)
+  try {
+    checkChunkSizeBytes(n)
+  } catch (err) {
+    throw new UsageError((err as Error).message)
+  }
+  return n
+}
+
+function intArg(what: string) {
+  return (text: string): number => {
+    if (!/^\d+$/.test(text)) throw new UsageError(`invalid ${what} '${text}' (a non-negative integer)`)
+    const n = Number(text)
+    if (!Number.isSafeInteger(n)) throw new UsageError(`${what} '${text}' is too large`)
+    return n
+  }
+}
+
+/** Runs `fn` on the volume: live through its server if it is served, else by opening it. */
+export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>): Promise<T> {
+  const dir = resolve(volumePath)
+  const client = await ControlClient.connect(dir)
+  if (client) {
+    try {
+      return await fn(client, true)
+    } finally {
+      client.close()
+    }
+  }
+  const volume = await Volume.open(dir)
+  try {
+    return await fn(localOps(volume), false)
+  } finally {
+    await volume.close()
+  }
+}
+
+function snapshotRequired(spec: string): { volume: string; snapshot: string } {
+  const { volume, snapshot } = parseDevice(spec)
+  if (!snapshot) throw new UsageError(`expected VOL@SNAP, got '${spec}'`)
+  return { volume, snapshot }
+}
+
+async function readStdin(): Promise<Uint8Array> {
+  const pieces: Buffer[] = []
+  for await (const chunk of process.stdin) pieces.push(chunk as Buffer)
+  return Buffer.concat(pieces)
+}
+
+function buildProgram(): Command {
+  const program = new Command('blocksnap')
+  program
+    .description('Copy-on-write snapshots and live merge for disk images, compatible with Linux dm-snapshot')
+    .version(VERSION, '-V, --version')
+    .showHelpAfterError(false)
+    .exitOverride()
+    .configureOutput({ outputError: () => {} })
+
+  program
+    .command('create')
+    .description('create a volume directory holding a sparse origin, or a copy of IMAGE')
+    .argument('<VOL>', 'volume directory to create')
+    .option('--size <SIZE>', 'origin size (bytes or K/M/G/T)', sizeArg('size'))
+    .option('--from <IMAGE>', 'copy this image as the origin')
+    .action(async (vol: string, opts: { size?: number; from?: string }) => {
+      if ((opts.size === undefined) === (opts.from === undefined)) throw new UsageError('give exactly one of --size or --from')
+      await Volume.create(vol, opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number })
+    })
+
+  program
+    .command('snapshot')
+    .description('take a snapshot of the volume now (live if the volume is served)')
+    .argument('<VOL@SNAP>')
+    .option('--chunk-size <SIZE>', 'chunk size, a power of two from 512 to 512K', chunkArg, 4096)
+    .addOption(new Option('--store <STORE>', 'exception store').choices(['persistent', 'transient']).default('persistent'))
+    .option('--overflow', 'PO: a full COW refuses snapshot writes instead of invalidating')
+    .option('--cow-size <SIZE>', 'fixed COW size (default: grows on demand)', sizeArg('COW size'))
+    .action(async (spec: string, opts: { chunkSize: number; store: 'persistent' | 'transient'; overflow?: boolean; cowSize?: number }) => {
+      const { volume, snapshot } = snapshotRequired(spec)
+      await withVolume(volume, async (ops, live) => {
+        if (opts.store === 'transient' && !live) {
+          throw new SnapError('SNAP_BAD_ARGUMENT', 'transient snapshots live only as long as a server: serve the volume first')
+        }
+        await ops.snapshot(snapshot, {
+          chunkSizeBytes: opts.chunkSize,
+          store: opts.store,
+          ...(opts.overflow ? { overflow: true } : {}),
+          ...(opts.cowSize !== undefined ? { cowSizeBytes: opts.cowSize } : {}),
+        })
+      })
+    })
+
+  program
+    .command('list')
+    .description('list the snapshots of a volume')
+    .argument('<VOL>')
+    .option('--json', 'machine-readable output')
+    .action(async (vol: string, opts: { json?: boolean }) => {
+      const info = await withVolume(vol, (ops) => ops.list())
+      process.stdout.write(opts.json ? `${JSON.stringify(info, null, 2)}\n` : formatList(info))
+    })
+
+  program
+    .command('status')
+    .description("print the kernel's dmsetup status line for VOL or VOL@SNAP")
+    .argument('<DEVICE>')
+    .action(async (spec: string) => {
+      const { volume, snapshot } = parseDevice(spec)
+      const line = await withVolume(volume, (ops) => ops.status(snapshot))
+      process.stdout.write(`${line}\n`)
+    })
+
+  program
+    .command('read')
+    .description('read bytes from VOL or VOL@SNAP')
+    .argument('<DEVICE>')
+    .option('--offset <N>', 'byte offset', intArg('offset'), 0)
+    .option('--length <N>', 'bytes to read (default: to the end)', intArg('length'))
+    .option('--output <FILE>', 'write to FILE instead of stdout')
+    .action(async (spec: string, opts: { offset: number; length?: number; output?: string }) => {
+      const { volume, snapshot } = parseDevice(spec)
+      await withVolume(volume, async (ops) => {
+        const size = await ops.size(snapshot)
+        const length = opts.length ?? Math.max(0, size - opts.offset)
+        if (opts.offset + length > size) {
+          throw new SnapError('SNAP_OUT_OF_RANGE', `range ${opts.offset}+${length} is beyond the end (${size} bytes)`)
+        }
+        if (opts.output) await writeFile(opts.output, '')
+        const piece = 4 * 1024 * 1024
+        for (let done = 0; done < length; done += piece) {
+          const data = await ops.read(snapshot, opts.offset + done, Math.min(piece, length - done))
+          if (opts.output) await writeFile(opts.output, data, { flag: 'a' })
+          else if (!process.stdout.write(data)) await new Promise((r) => process.stdout.once('drain', r))
+        }
+      })
+    })
+
+  program
+    .command('write')
+    .description('write stdin (or FILE) to VOL or VOL@SNAP at --offset')
+    .argument('<DEVICE>')
+    .requiredOption('--offset <N>', 'byte offset', intArg('offset'))
+    .option('--input <FILE>', 'read from FILE instead of stdin')
+    .action(async (spec: string, opts: { offset: number; input?: string }) => {
+      const { volume, snapshot } = parseDevice(spec)
+      if (opts.input !== undefined && !(await stat(opts.input).catch(() => null))) {
+        throw new SnapError('SNAP_NOT_FOUND', `input file ${opts.input} does not exist`)
+      }
+      const data = opts.input !== undefined ? await readFile(opts.input) : await readStdin()
+      await withVolume(volume, async (ops) => {
+        await ops.write(snapshot, opts.offset, data)
+        await ops.flush(snapshot)
+      })
+    })
+
+  mergeCommand(program, withVolume)
+
+  program
+    .command('remove')
+    .description('remove a snapshot and its COW file')
+    .argument('<VOL@SNAP>')
+    .action(async (spec: string) => {
+      const { volume, snapshot } = snapshotRequired(spec)
+      await withVolume(volume, (ops) => ops.remove(snapshot))
+    })
+
+  program
+    .command('import')
+    .description('adopt a kernel-format persistent COW made for this origin')
+    .argument('<VOL@SNAP>')
+    .requiredOption('--cow <FILE>', 'the COW device image')
+    .option('--in-place', 'use FILE where it is instead of copying it into the volume')
+    .action(async (spec: string, opts: { cow: string; inPlace?: boolean }) => {
+      const { volume, snapshot } = snapshotRequired(spec)
+      await withVolume(volume, (ops) => ops.importCow(snapshot, resolve(opts.cow), opts.inPlace === true))
+    })
+
+  program
+    .command('check')
+    .description('verify COW metadata; exit 0 when clean, 1 with a description when not')
+    .argument('<VOL[@SNAP]>')
+    .action(async (spec: string) => {
+      const { volume, snapshot } = parseDevice(spec)
+      const result = await withVolume(volume, (ops) => ops.check(snapshot))
+      if (!result.clean) {
+        for (const p of result.problems) process.stderr.write(`blocksnap: check: ${p}\n`)
+        process.exitCode = EXIT_ERROR
+      }
+    })
+
+  program
+    .command('serve')
+    .description('serve volumes over NBD (origin as NAME, snapshots as NAME@SNAP) and take live commands')
+    .argument('<VOL...>')
+    .option('--listen <HOST:PORT>', 'TCP address', '127.0.0.1:10809')
+    .option('--socket <PATH>', 'also listen on this Unix socket')
+    .option('--read-only', 'export everything read-only')
+    .option('--tls-psk <FILE>', 'PSK file (username:hexkey lines)')
+    .option('--tls-cert <FILE>', 'X.509 certificate (PEM)')
+    .option('--tls-key <FILE>', 'X.509 private key (PEM)')
+    .addOption(new Option('--tls <MODE>', 'TLS policy').choices(['off', 'allow', 'require']))
+    .action(async (vols: string[], opts: ServeFlags) => {
+      await serveVolumes(vols, parseServeFlags(opts))
+    })
+
+  program
+    .command('start')
+    .description('create ./var/default (1 GiB, sparse) if missing and serve it on 127.0.0.1:10809')
+    .option('--dir <DIR>', 'volume directory', 'var/default')
+    .option('--listen <HOST:PORT>', 'TCP address', '127.0.0.1:10809')
+    .action(async (opts: { dir: string; listen: string }) => {
+      const dir = resolve(opts.dir)
+      if (!(await stat(dir).catch(() => null))) {
+        await mkdir(resolve(dir, '..'), { recursive: true })
+        await Volume.create(dir, { sizeBytes: 1024 ** 3 })
+        process.stderr.write(`blocksnap: created ${dir} (1 GiB sparse volume)\n`)
+      }
+      await serveVolumes([dir], parseServeFlags({ listen: opts.listen }), { printHelp: true })
+    })
+
+  return program
+}
+
+interface ServeFlags {
+  listen: string
+  socket?: string
+  readOnly?: boolean
+  tlsPsk?: string
+  tlsCert?: string
+  tlsKey?: string
+  tls?: 'off' | 'allow' | 'require'
+}
+
+function parseServeFlags(opts: ServeFlags) {
+  const m = /^(.*):(\d+)$/.exec(opts.listen)
+  if (!m) throw new UsageError(`invalid --listen '${opts.listen}' (HOST:PORT)`)
+  const port = Number(m[2])
+  if (port > 65535) throw new UsageError(`invalid port ${port}`)
+  if ((opts.tlsCert === undefined) !== (opts.tlsKey === undefined)) throw new UsageError('--tls-cert and --tls-key go together')
+  return {
+    host: (m[1] as string).replace(/^\[(.*)\]$/, '$1'),
+    port,
+    ...(opts.socket ? { socket: opts.socket } : {}),
+    readOnly: opts.readOnly === true,
+    ...(opts.tlsPsk ? { tlsPsk: opts.tlsPsk } : {}),
+    ...(opts.tlsCert ? { tlsCert: opts.tlsCert, tlsKey: opts.tlsKey as string } : {}),
+    ...(opts.tls ? { tls: opts.tls } : {}),
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram()
+  try {
+    await program.parseAsync(argv, { from: 'user' })
+    return typeof process.exitCode === 'number' ? process.exitCode : EXIT_OK
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return EXIT_OK
+      process.stderr.write(`blocksnap: error: ${err.message.replace(/^error: /, '')}\n`)
+      return EXIT_USAGE
+    }
+    if (err instanceof UsageError) {
+      process.stderr.write(`blocksnap: error: ${err.message}\n`)
+      return EXIT_USAGE
+    }
+    if (isSnapError(err)) {
+      process.stderr.write(`blocksnap: error: ${err.message}\n`)
+      return EXIT_ERROR
+    }
+    const e = err as NodeJS.ErrnoException
+    if (e && typeof e.code === 'string' && typeof e.message === 'string') {
+      process.stderr.write(`blocksnap: error: ${e.message}\n`)
+      return EXIT_ERROR
+    }
+    process.stderr.write(`blocksnap: internal error: ${String((err as Error)?.stack ?? err)}\n`)
+    return EXIT_ERROR
+  }
+}
+
+const code = await main(process.argv.slice(2))
+if (code !== EXIT_OK || process.exitCode) process.exitCode = code

@@ -1,0 +1,125 @@
+/**
+ * `blocksnap merge VOL@SNAP [--wait] [--rate N]`. Offline it runs in the foreground with a
+ * progress bar on a TTY (Ctrl-C stops at a step boundary; rerunning resumes). On a served
+ * volume it starts the merge in the server and returns, or with --wait follows its progress.
+ */
+import cliProgress from 'cli-progress'
+import { type Command, InvalidArgumentError } from 'commander'
+import { SnapError } from '../errors.js'
+import { ControlClient } from '../control/control-client.js'
+import type { VolumeOps } from '../control/volume-ops.js'
+import type { MergeProgress } from '../merge/merge.js'
+import { Volume, parseDevice } from '../volume/volume.js'
+import { resolve } from 'node:path'
+
+type WithVolume = <T>(path: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>) => Promise<T>
+
+interface Reporter {
+  update(p: MergeProgress): void
+  stop(): void
+}
+
+function reporter(): Reporter {
+  if (process.stderr.isTTY) {
+    const bar = new cliProgress.SingleBar(
+      {
+        stream: process.stderr,
+        format: 'merging [{bar}] {percentage}% | {value}/{total} chunks | {rate} | ETA {eta_formatted}',
+        hideCursor: true,
+      },
+      cliProgress.Presets.shades_classic,
+    )
+    let started = false
+    return {
+      update(p) {
+        const rate = `${(p.rateBytesPerSecond / 1048576).toFixed(1)} MiB/s`
+        if (!started) {
+          bar.start(Math.max(1, p.totalChunks), p.doneChunks, { rate })
+          started = true
+        } else bar.update(p.doneChunks, { rate })
+      },
+      stop() {
+        if (started) bar.stop()
+      },
+    }
+  }
+  let last = 0
+  return {
+    update(p) {
+      const now = Date.now()
+      if (now - last < 2000 && p.doneChunks < p.totalChunks) return
+      last = now
+      process.stderr.write(`blocksnap: merged ${p.doneChunks}/${p.totalChunks} chunks (${(p.rateBytesPerSecond / 1048576).toFixed(1)} MiB/s)\n`)
+    },
+    stop() {},
+  }
+}
+
+async function offlineMerge(volumePath: string, snapshot: string, rate: number | undefined): Promise<void> {
+  const volume = await Volume.open(volumePath)
+  const report = reporter()
+  let interrupted = false
+  const onSigint = () => {
+    interrupted = true
+    void volume.merge?.stop()
+  }
+  process.once('SIGINT', onSigint)
+  try {
+    const merge = await volume.startMerge(snapshot, rate === undefined ? {} : { rateBytesPerSecond: rate })
+    merge.on('progress', (p) => report.update(p))
+    report.update(merge.progress())
+    await merge.done
+    report.stop()
+    if (interrupted || merge.state === 'stopped') {
+      throw new SnapError('SNAP_ABORTED', `merge of ${snapshot} stopped; run the command again to resume`)
+    }
+  } finally {
+    report.stop()
+    process.off('SIGINT', onSigint)
+    await volume.close()
+  }
+}
+
+async function liveMerge(client: ControlClient, snapshot: string, rate: number | undefined, wait: boolean): Promise<void> {
+  await client.call('merge', rate === undefined ? { name: snapshot } : { name: snapshot, rate })
+  if (!wait) return
+  const report = reporter()
+  try {
+    for (;;) {
+      const s = await client.call<{ state: string; failure?: string | null } & MergeProgress>('merge-status')
+      if (s.state === 'none' || s.state === 'complete') return
+      if (s.state === 'failed') throw new SnapError('SNAP_MERGE_FAILED', `merge of ${snapshot} failed (${s.failure ?? 'see the server log'})`)
+      if (s.state === 'stopped') throw new SnapError('SNAP_ABORTED', `merge of ${snapshot} was stopped`)
+      if (typeof s.totalChunks === 'number') report.update(s)
+      await new Promise((r) => setTimeout(r, 300))
+    }
+  } finally {
+    report.stop()
+  }
+}
+
+export function mergeCommand(program: Command, _withVolume: WithVolume): void {
+  program
+    .command('merge')
+    .description('merge a snapshot back into its origin (roll the origin back to it)')
+    .argument('<VOL@SNAP>')
+    .option('--wait', 'on a served volume, wait for the merge to finish')
+    .option('--rate <BYTES_PER_SECOND>', 'limit the merge rate', (t: string) => {
+      if (!/^\d+$/.test(t) || Number(t) <= 0) throw new InvalidArgumentError(`invalid rate '${t}'`)
+      return Number(t)
+    })
+    .action(async (spec: string, opts: { wait?: boolean; rate?: number }) => {
+      const { volume, snapshot } = parseDevice(spec)
+      if (!snapshot) throw new SnapError('SNAP_BAD_ARGUMENT', `expected VOL@SNAP, got '${spec}'`)
+      const client = await ControlClient.connect(resolve(volume))
+      if (client) {
+        try {
+          await liveMerge(client, snapshot, opts.rate, opts.wait === true)
+        } finally {
+          client.close()
+        }
+        return
+      }
+      await offlineMerge(volume, snapshot, opts.rate)
+    })
+}

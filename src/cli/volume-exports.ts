@@ -1,0 +1,94 @@
+/**
+ * NBD exports of served volumes: `NAME` is the origin, `NAME@SNAP` each snapshot. Consulted at
+ * every handshake, so snapshots appear and disappear as they are created, merged and removed.
+ * Snapshots also offer the `blocksnap:exceptions` meta context: the extents they hold in their
+ * COW, i.e. where they differ from the origin's current data (changed-block tracking).
+ */
+import type { BlockStatusExtent, ExportProvider, NbdExport, RefusedExport } from '../nbd/export.js'
+import type { Snapshot } from '../snapshot/snapshot.js'
+import type { Volume } from '../volume/volume.js'
+
+export const EXCEPTIONS_CONTEXT = 'blocksnap:exceptions'
+
+function snapshotExtents(snap: Snapshot, offset: number, length: number): BlockStatusExtent[] {
+  const chunkBytes = snap.chunkBytes
+  const end = Math.min(offset + length, snap.sizeBytes)
+  const extents: BlockStatusExtent[] = []
+  let pos = offset
+  // Bounded work per request: the client asks again for the rest.
+  for (let n = 0; pos < end && n < 100_000; n++) {
+    const chunk = Math.floor(pos / chunkBytes)
+    const inCow = snap.table.lookup(chunk) !== -1
+    let next = chunk + 1
+    while (next * chunkBytes < end && (snap.table.lookup(next) !== -1) === inCow && next - chunk < 65536) next++
+    const stop = Math.min(end, next * chunkBytes)
+    const flags = inCow ? 1 : 0
+    const last = extents[extents.length - 1]
+    if (last && last.flags === flags) extents[extents.length - 1] = { length: last.length + (stop - pos), flags }
+    else extents.push({ length: stop - pos, flags })
+    pos = stop
+  }
+  return extents
+}
+
+export class VolumeExports implements ExportProvider {
+  private readonly volumes: Volume[]
+  private readonly readOnly: boolean
+
+  constructor(volumes: Volume[], options: { readOnly?: boolean } = {}) {
+    this.volumes = volumes
+    this.readOnly = options.readOnly === true
+  }
+
+  list(): readonly NbdExport[] {
+    const out: NbdExport[] = []
+    for (const v of this.volumes) {
+      out.push(this.originExport(v))
+      for (const r of v.records) {
+        const e = this.snapshotExport(v, r.name)
+        if (e && !('refused' in e)) out.push(e)
+      }
+    }
+    return out
+  }
+
+  get(name: string): NbdExport | RefusedExport | undefined {
+    if (name === '') return this.list()[0]
+    const at = name.lastIndexOf('@')
+    const volName = at === -1 ? name : name.slice(0, at)
+    const v = this.volumes.find((x) => x.name === volName)
+    if (!v) return undefined
+    if (at === -1) return this.originExport(v)
+    return this.snapshotExport(v, name.slice(at + 1))
+  }
+
+  private originExport(v: Volume): NbdExport {
+    return {
+      name: v.name,
+      description: `blocksnap volume ${v.name} (origin)`,
+      device: v.origin,
+      readOnly: this.readOnly,
+      fastZero: false,
+    }
+  }
+
+  private snapshotExport(v: Volume, snapName: string): NbdExport | RefusedExport | undefined {
+    let snap: Snapshot
+    try {
+      snap = v.snapshot(snapName)
+    } catch {
+      return undefined
+    }
+    if (snap.merging) return { refused: `snapshot ${snapName} is being merged into ${v.name}` }
+    return {
+      name: `${v.name}@${snapName}`,
+      description: `blocksnap snapshot ${snapName} of ${v.name} (chunk ${snap.chunkBytes} bytes)`,
+      device: snap,
+      readOnly: this.readOnly,
+      metaContexts: [EXCEPTIONS_CONTEXT],
+      fastZero: false,
+      blockStatus: async (context, offset, length) =>
+        context === EXCEPTIONS_CONTEXT ? snapshotExtents(snap, offset, length) : [{ length, flags: 0 }],
+    }
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * Client side of the control socket: VolumeOps carried out by the server that owns the volume.
+ */
+import { type Socket, createConnection } from 'node:net'
+import { join } from 'node:path'
+import { SnapError, type SnapErrorCode } from '../errors.js'
+import type { VolumeInfo } from '../volume/volume.js'
+import { CONTROL_SOCKET, type ControlReply, lineSplitter } from './control-protocol.js'
+import { IO_PIECE_BYTES, type VolumeOps } from './volume-ops.js'
+
+export class ControlClient implements VolumeOps {
+  private readonly socket: Socket
+  private nextId = 1
+  private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: unknown) => void }>()
+  private readonly events = new Map<string, (payload: unknown) => void>()
+
+  private constructor(socket: Socket) {
+    this.socket = socket
+    socket.on(
+      'data',
+      lineSplitter((line) => {
+        const reply = JSON.parse(line) as ControlReply
+        const w = this.waiting.get(reply.id)
+        if (!w) return
+        this.waiting.delete(reply.id)
+        if (reply.ok) w.resolve(reply.result)
+        else w.reject(new SnapError(reply.error.code as SnapErrorCode, reply.error.message))
+      }),
+    )
+    const failAll = () => {
+      for (const w of this.waiting.values()) w.reject(new SnapError('SNAP_IO', 'the server closed the control connection'))
+      this.waiting.clear()
+    }
+    socket.on('close', failAll)
+    socket.on('error', failAll)
+  }
+
+  /** Connects to the server owning `dir`; null when nothing listens there. */
+  static async connect(dir: string): Promise<ControlClient | null> {
+    return new Promise((resolve) => {
+      const socket = createConnection(join(dir, CONTROL_SOCKET))
+      socket.once('connect', () => resolve(new ControlClient(socket)))
+      socket.once('error', () => resolve(null))
+    })
+  }
+
+  call<T>(op: string, args: Record<string, unknown> = {}): Promise<T> {
+    const id = this.nextId++
+    return new Promise<T>((resolve, reject) => {
+      this.waiting.set(id, { resolve: resolve as (v: unknown) => void, reject })
+      this.socket.write(`${JSON.stringify({ id, op, args })}\n`)
+    })
+  }
+
+  on(event: string, handler: (payload: unknown) => void): void {
+    this.events.set(event, handler)
+  }
+
+  list(): Promise<VolumeInfo> {
+    return this.call('list')
+  }
+  status(snapshot: string | null): Promise<string> {
+    return this.call('status', { snapshot })
+  }
+  snapshot(name: string, options: object): Promise<void> {
+    return this.call('snapshot', { name, options })
+  }
+  remove(name: string): Promise<void> {
+    return this.call('remove', { name })
+  }
+  importCow(name: string, cow: string, inPlace: boolean): Promise<void> {
+    return this.call('import', { name, cow, inPlace })
+  }
+  check(name: string | null): Promise<{ clean: boolean; problems: string[] }> {
+    return this.call('check', { name })
+  }
+  size(snapshot: string | null): Promise<number> {
+    return this.call('size', { snapshot })
+  }
+  async read(snapshot: string | null, offset: number, length: number): Promise<Uint8Array> {
+    const out = new Uint8Array(length)
+    for (let done = 0; done < length; done += IO_PIECE_BYTES) {
+      const n = Math.min(IO_PIECE_BYTES, length - done)
+      const b64 = await this.call<string>('read', { snapshot, offset: offset + done, length: n })
+      out.set(Buffer.from(b64, 'base64'), done)
+    }
+    return out
+  }
+  async write(snapshot: string | null, offset: number, data: Uint8Array): Promise<void> {
+    // Checked up front: a write sent in pieces must not land partly and then fail.
+    const size = await this.size(snapshot)
+    if (offset + data.length > size) {
+      throw new SnapError('SNAP_OUT_OF_RANGE', `range ${offset}+${data.length} is beyond the end of the volume (${size} bytes)`)
+    }
+    for (let done = 0; done < data.length || done === 0; done += IO_PIECE_BYTES) {
+      const piece = data.subarray(done, done + IO_PIECE_BYTES)
+      await this.call('write', { snapshot, offset: offset + done, data: Buffer.from(piece).toString('base64') })
+      if (data.length === 0) break
+    }
+  }
+  flush(snapshot: string | null): Promise<void> {
+    return this.call('flush', { snapshot })
+  }
+
+  close(): void {
+    this.socket.end()
+  }
+}

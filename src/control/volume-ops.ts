@@ -1,0 +1,80 @@
+/**
+ * The operations the CLI performs on a volume, written once over an open Volume. Offline, the
+ * CLI opens the volume and calls them directly; while `blocksnap serve` owns the volume, the
+ * control server calls the very same functions on the server's Volume.
+ */
+import { SnapError, badArgument } from '../errors.js'
+import { SECTOR_BYTES } from '../units.js'
+import type { SnapshotCreateOptions, Volume, VolumeInfo } from '../volume/volume.js'
+import { checkCow } from '../volume/check.js'
+
+/** Largest piece moved in one control request (keeps JSON messages bounded). */
+export const IO_PIECE_BYTES = 4 * 1024 * 1024
+
+export interface VolumeOps {
+  list(): Promise<VolumeInfo>
+  status(snapshot: string | null): Promise<string>
+  snapshot(name: string, options: SnapshotCreateOptions): Promise<void>
+  remove(name: string): Promise<void>
+  importCow(name: string, cowFile: string, inPlace: boolean): Promise<void>
+  check(name: string | null): Promise<{ clean: boolean; problems: string[] }>
+  size(snapshot: string | null): Promise<number>
+  read(snapshot: string | null, offset: number, length: number): Promise<Uint8Array>
+  write(snapshot: string | null, offset: number, data: Uint8Array): Promise<void>
+  flush(snapshot: string | null): Promise<void>
+}
+
+export function localOps(volume: Volume): VolumeOps {
+  const checkRange = (offset: number, length: number) => {
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
+      throw badArgument(`bad range offset=${offset} length=${length}`)
+    }
+    if (offset + length > volume.sizeBytes) {
+      throw new SnapError('SNAP_OUT_OF_RANGE', `range ${offset}+${length} is beyond the end of the volume (${volume.sizeBytes} bytes)`)
+    }
+  }
+  return {
+    async list() {
+      return volume.info()
+    },
+    async status(snapshot) {
+      return volume.statusLine(snapshot)
+    },
+    async snapshot(name, options) {
+      await volume.createSnapshot(name, options)
+    },
+    async remove(name) {
+      await volume.removeSnapshot(name)
+    },
+    async importCow(name, cowFile, inPlace) {
+      await volume.importSnapshot(name, cowFile, { inPlace })
+    },
+    async check(name) {
+      const names = name ? [name] : volume.records.map((r) => r.name)
+      const problems: string[] = []
+      for (const n of names) {
+        const record = volume.record(n)
+        if (record.store !== 'persistent') continue
+        for (const p of await checkCow(volume.cowPath(record), { originSizeBytes: volume.sizeBytes })) problems.push(`${n}: ${p}`)
+      }
+      return { clean: problems.length === 0, problems }
+    },
+    async size() {
+      return volume.sizeBytes
+    },
+    async read(snapshot, offset, length) {
+      checkRange(offset, length)
+      return volume.device(snapshot).read(offset, length)
+    },
+    async write(snapshot, offset, data) {
+      checkRange(offset, data.length)
+      const dev = volume.device(snapshot)
+      await dev.write(data, offset)
+    },
+    async flush(snapshot) {
+      await volume.device(snapshot).flush()
+    },
+  }
+}
+
+export { SECTOR_BYTES }

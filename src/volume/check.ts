@@ -1,0 +1,72 @@
+/**
+ * Offline verification of a persistent COW file: header, every metadata area, chunk bounds,
+ * entries pointing at metadata chunks, and duplicate origin chunks. Returns the problems found
+ * (empty when clean); never modifies the file.
+ */
+import { FileDevice } from '../device/file-device.js'
+import { isSnapError } from '../errors.js'
+import { decodeArea } from '../format/area.js'
+import { decodeHeader } from '../format/header.js'
+import { FORMAT_VERSION, areaChunk, isMetadataChunk, layoutFor } from '../format/layout.js'
+import { MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SECTOR_BYTES, isPowerOfTwo } from '../units.js'
+
+export async function checkCow(path: string, options: { originSizeBytes?: number } = {}): Promise<string[]> {
+  let dev: FileDevice
+  try {
+    dev = await FileDevice.open(path, { readOnly: true })
+  } catch (err) {
+    return [`cannot open ${path}: ${(err as Error).message}`]
+  }
+  const problems: string[] = []
+  try {
+    if (dev.sizeBytes < 512) return [`${path} is too small to hold a header (${dev.sizeBytes} bytes)`]
+    let header
+    try {
+      header = decodeHeader(await dev.read(0, 512))
+    } catch (err) {
+      return [isSnapError(err) ? err.message : String(err)]
+    }
+    if (header.kind === 'new') return ['header is empty: the COW was never initialised']
+    if (header.version !== FORMAT_VERSION) problems.push(`unsupported format version ${header.version}`)
+    const chunkBytes = header.chunkSizeSectors * SECTOR_BYTES
+    if (!isPowerOfTwo(chunkBytes) || chunkBytes < MIN_CHUNK_BYTES || chunkBytes > MAX_CHUNK_BYTES) {
+      problems.push(`unsupported chunk size ${header.chunkSizeSectors} sectors`)
+      return problems
+    }
+    if (!header.valid) problems.push('snapshot is marked invalid')
+    const layout = layoutFor(chunkBytes)
+    const cowChunks = Math.floor(dev.sizeBytes / chunkBytes)
+    const originChunks = options.originSizeBytes === undefined ? Infinity : Math.ceil(options.originSizeBytes / chunkBytes)
+    const seenOld = new Set<number>()
+    const seenNew = new Set<number>()
+    for (let k = 0; ; k++) {
+      const at = areaChunk(layout, k)
+      if (at >= cowChunks) {
+        problems.push(`metadata area ${k} (chunk ${at}) is missing: the file ends before it`)
+        break
+      }
+      let area
+      try {
+        area = decodeArea(await dev.read(at * chunkBytes, chunkBytes))
+      } catch (err) {
+        problems.push(`metadata area ${k}: ${(err as Error).message}`)
+        break
+      }
+      area.entries.forEach(({ oldChunk, newChunk }, i) => {
+        const where = `area ${k} entry ${i}`
+        if (newChunk >= cowChunks) problems.push(`${where}: COW chunk ${newChunk} is beyond the end of the file`)
+        else if (isMetadataChunk(layout, newChunk)) problems.push(`${where}: COW chunk ${newChunk} is a metadata chunk`)
+        if (oldChunk >= originChunks) problems.push(`${where}: origin chunk ${oldChunk} is beyond the end of the origin`)
+        if (seenOld.has(oldChunk)) problems.push(`${where}: origin chunk ${oldChunk} appears twice`)
+        if (seenNew.has(newChunk)) problems.push(`${where}: COW chunk ${newChunk} is used twice`)
+        seenOld.add(oldChunk)
+        seenNew.add(newChunk)
+      })
+      if (!area.full) break
+      if (problems.length > 100) break
+    }
+  } finally {
+    await dev.close()
+  }
+  return problems
+}
