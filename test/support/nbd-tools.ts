@@ -1,0 +1,80 @@
+/**
+ * Runs the real NBD client tools (libnbd's nbdinfo/nbdcopy/nbdsh, qemu-img/qemu-io, fio) as
+ * child processes against an in-process server. Always asynchronous: a synchronous exec would
+ * block the event loop the server needs to answer the very client being waited for.
+ */
+import { execFile } from 'node:child_process'
+import { access, constants } from 'node:fs/promises'
+import { delimiter, join } from 'node:path'
+
+export interface RunResult {
+  readonly code: number
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/** Debian's python3 may be shadowed (pyenv); nbdsh must find the one with the nbd module. */
+const TOOL_ENV = { ...process.env, PATH: `/usr/bin${delimiter}${process.env.PATH ?? ''}`, LIBNBD_DEBUG: '0' }
+
+const PACKAGES: Record<string, string> = {
+  nbdinfo: 'libnbd-bin',
+  nbdcopy: 'libnbd-bin',
+  nbdsh: 'python3-libnbd',
+  'qemu-img': 'qemu-utils',
+  'qemu-io': 'qemu-utils',
+  fio: 'fio',
+  openssl: 'openssl',
+}
+
+async function onPath(tool: string): Promise<boolean> {
+  for (const dir of TOOL_ENV.PATH.split(delimiter)) {
+    try {
+      await access(join(dir, tool), constants.X_OK)
+      return true
+    } catch {
+      // keep looking
+    }
+  }
+  return false
+}
+
+/** Fails (never skips) with an install hint when a tool is missing: CI is expected to have them. */
+export async function requireTools(...tools: string[]): Promise<void> {
+  const missing: string[] = []
+  for (const tool of tools) if (!(await onPath(tool))) missing.push(tool)
+  if (missing.length > 0) {
+    const packages = [...new Set(missing.map((t) => PACKAGES[t] ?? t))].join(' ')
+    throw new Error(`missing NBD interop tool(s): ${missing.join(', ')}; install with: apt-get install -y ${packages}`)
+  }
+}
+
+export function run(command: string, args: readonly string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+  const started = Date.now()
+  return new Promise((resolve) => {
+    const child = execFile(
+      command,
+      args,
+      { env: TOOL_ENV, timeout: options.timeoutMs ?? 60_000, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8' },
+      (error, stdout, stderr) => {
+        const code = error ? (typeof error.code === 'number' ? error.code : -1) : 0
+        if (process.env.NBD_TEST_TIMING === '1') process.stderr.write(`[${Date.now() - started} ms] ${command} ${args.join(' ').slice(0, 120)}\n`)
+        resolve({ code, stdout, stderr: error && code === -1 ? `${stderr}\n${error.message}` : stderr })
+      },
+    )
+    if (options.input !== undefined) child.stdin?.end(options.input)
+  })
+}
+
+/** Runs and insists on exit code 0, showing the tool's output otherwise. */
+export async function runOk(command: string, args: readonly string[], options: { timeoutMs?: number } = {}): Promise<RunResult> {
+  const result = await run(command, args, options)
+  if (result.code !== 0) {
+    throw new Error(`${command} ${args.join(' ')} exited ${result.code}\nstdout: ${result.stdout}\nstderr: ${result.stderr}`)
+  }
+  return result
+}
+
+/** nbdsh with a Python script; `-u URI` connects first unless uri is null. */
+export function nbdsh(uri: string | null, script: string, extraArgs: readonly string[] = []): Promise<RunResult> {
+  return runOk('nbdsh', [...extraArgs, ...(uri === null ? [] : ['-u', uri]), '-c', script])
+}
