@@ -95,6 +95,9 @@ export interface ConnectionOptions {
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
 
+/** How long a shutting-down server keeps answering ERR_SHUTDOWN to a client still in the handshake. */
+const SHUTDOWN_HANDSHAKE_GRACE_MS = 1000
+
 /** Write zeros in pieces no larger than this, so a huge WRITE_ZEROES never allocates much. */
 const ZERO_PIECE_BYTES = 1024 * 1024
 
@@ -121,8 +124,11 @@ export class NbdConnection {
   private exp: NbdExport | null = null
   private transmissionFlags = 0
   private shuttingDown = false
-  /** Client sent DISC or half-closed: no more requests will be parsed. */
+  /** Client sent DISC, or half-closed and every complete request was dispatched: parse no more. */
   private inputDone = false
+  /** The client half-closed its side (EOF). */
+  private peerEnded = false
+  private graceTimer: NodeJS.Timeout | undefined
   private inFlight = 0
   private inFlightBytes = 0
   private writeBlocked = false
@@ -155,15 +161,19 @@ export class NbdConnection {
   }
 
   /**
-   * Server shutdown. Handshake connections are closed at once (nothing is in flight); in
-   * transmission, new requests get ESHUTDOWN and the socket ends once in-flight ones are answered.
+   * Server shutdown. In transmission, new requests get ESHUTDOWN and the socket ends once
+   * in-flight ones are answered. In the handshake, options still arriving get ERR_SHUTDOWN (the
+   * client must then soft-disconnect), but an idle client is only waited for briefly.
    */
   shutdown(): void {
     if (this.shuttingDown) return
     this.shuttingDown = true
     if (this.phase === 'transmission') {
       this.maybeFinish()
-    } else if (this.phase !== 'closed') {
+    } else if (this.phase === 'options' || this.phase === 'starttls') {
+      this.graceTimer = setTimeout(() => this.endSocket(), SHUTDOWN_HANDSHAKE_GRACE_MS)
+      this.graceTimer.unref()
+    } else {
       this.endSocket()
     }
   }
@@ -198,9 +208,9 @@ export class NbdConnection {
   }
 
   private readonly onEnd = (): void => {
-    // Client half-closed. Finish what is in flight, then close our side.
-    this.inputDone = true
-    if (this.phase === 'transmission') this.maybeFinish()
+    // Client half-closed. Requests already buffered still run; then close our side.
+    this.peerEnded = true
+    if (this.phase === 'transmission') this.pump()
     else this.endSocket()
   }
 
@@ -211,6 +221,7 @@ export class NbdConnection {
 
   private readonly onClose = (): void => {
     this.phase = 'closed'
+    clearTimeout(this.graceTimer)
     this.queue.clear()
     this.log.debug(`${this.label}: closed`)
     this.resolveClosed()
@@ -509,6 +520,12 @@ export class NbdConnection {
       void this.runRequest(header, event.payload, bytes)
     }
     if (this.inputDone) return
+    if (this.peerEnded && this.canDispatch()) {
+      // EOF, and every complete request has been dispatched: what is left is a partial frame.
+      this.inputDone = true
+      this.maybeFinish()
+      return
+    }
     if (this.canDispatch()) this.socket.resume()
     else this.socket.pause()
   }

@@ -455,6 +455,20 @@ test('wire: DISC lets in-flight requests finish, then the server closes', async 
   }
 })
 
+test('wire: a client that pipelines requests and half-closes still gets every reply', async () => {
+  const c = await opened('mem')
+  const count = 50
+  const frames: Buffer[] = []
+  for (let i = 0; i < count; i++) frames.push(bytes().u32(0x25609513).u16(0).u16(CMD.READ).u64(i).u64(i * 512).u32(512).build())
+  // More requests than the in-flight limit (8), then EOF: buffered requests must not be dropped.
+  c.write(Buffer.concat(frames))
+  c.end()
+  const cookies = new Set<bigint>()
+  for (let i = 0; i < count; i++) cookies.add((await c.structuredReply())[0]!.cookie)
+  assert.equal(cookies.size, count)
+  await c.closed
+})
+
 test('wire: the export provider is consulted live at each handshake', async () => {
   const c = await client()
   c.option(OPT.INFO, infoRequestBytes('late'))
@@ -505,6 +519,10 @@ test('server: Unix socket, maxConnections, TLS_REQD without STARTTLS, and gracef
       [[1n, 0], [2n, ESHUTDOWN]],
       'the in-flight read completes, the new one gets ESHUTDOWN',
     )
+    idle.option(OPT.INFO, infoRequestBytes('d'))
+    assert.equal((await idle.optionReplies())[0]!.type, 0x80000007, 'ERR_SHUTDOWN during the handshake')
+    idle.option(OPT.ABORT)
+    assert.equal((await idle.optionReplies())[0]!.type, REP.ACK)
     await Promise.all([a.closed, idle.closed, closing])
     assert.ok(flushes >= 1, 'served devices are flushed on close')
     assert.ok(logsAreClean(local.logs))
