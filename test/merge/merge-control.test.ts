@@ -1,0 +1,264 @@
+/**
+ * Merge control and edge cases: refusals (invariants 39, 40, 50), status numbers (§8.9,
+ * invariants 43, 51), failure handling (§8.7, invariant 49), pause/stop/resume (§8.6,
+ * invariant 47), rate limit measured from progress events.
+ */
+import assert from 'node:assert/strict'
+import { test } from 'node:test'
+import type { BlockDevice } from '../../src/device/block-device.js'
+import { MemoryDevice } from '../../src/device/memory-device.js'
+import { isSnapError } from '../../src/errors.js'
+import { type MergeProgress, type MergeWindow, startMerge } from '../../src/merge/merge.js'
+import { ExceptionEvents } from '../../src/snapshot/exception-events.js'
+import { Origin } from '../../src/snapshot/origin.js'
+import type { Snapshot } from '../../src/snapshot/snapshot.js'
+import { type SnapshotSpec, addSnapshot, makeSnapshot, newStack } from '../support/engine-stack.js'
+import { FaultyDevice } from '../support/faulty-device.js'
+import { Random } from '../support/random.js'
+import { assertSameBytes } from './merge-support.js'
+
+const KiB = 1024
+
+/** Writes 4 KiB blocks at `count` distinct random slots, in random order (short merge runs). */
+async function scatterWrites(dev: BlockDevice, random: Random, count: number, blockBytes = 4 * KiB): Promise<void> {
+  const slots = Array.from({ length: Math.floor(dev.sizeBytes / blockBytes) }, (_, i) => i)
+  for (let i = slots.length - 1; i > 0; i--) {
+    const j = random.int(i + 1)
+    ;[slots[i], slots[j]] = [slots[j] as number, slots[i] as number]
+  }
+  for (const slot of slots.slice(0, count)) await dev.write(random.bytes(blockBytes), slot * blockBytes)
+}
+
+const refused = (err: unknown) => isSnapError(err, 'SNAP_MERGE_REFUSED')
+
+test('refusals: transient store, second merge on the origin, invalid snapshot; no new snapshots while merging', async () => {
+  const random = new Random(1)
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(256 * KiB)), null)
+  const n = await addSnapshot(stack, { name: 'n', kind: 'N', chunkBytes: 4 * KiB, cowBytes: 512 * KiB }, null)
+  const p1 = await addSnapshot(stack, { name: 'p1', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 512 * KiB }, null)
+  const p2 = await addSnapshot(stack, { name: 'p2', kind: 'P', chunkBytes: 8 * KiB, cowBytes: 512 * KiB }, null)
+  const bad = await addSnapshot(stack, { name: 'bad', kind: 'P', chunkBytes: 8 * KiB, cowBytes: 512 * KiB }, null)
+  await bad.invalidate('test')
+  await scatterWrites(stack.origin, random, 20)
+
+  await assert.rejects(startMerge(stack.origin, n), refused, 'transient snapshot')
+  await assert.rejects(startMerge(stack.origin, bad), refused, 'invalid snapshot')
+  assert.equal(stack.origin.interceptor, null, 'a refusal must not install anything')
+
+  const merge = await startMerge(stack.origin, p1, { rateBytesPerSecond: 64 * KiB })
+  await assert.rejects(startMerge(stack.origin, p2), refused, 'second merge, other snapshot')
+  await assert.rejects(startMerge(stack.origin, p1), refused, 'second merge, same snapshot while running')
+  const late = makeSnapshot({ name: 'late', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 512 * KiB }, new MemoryDevice(512 * KiB))
+  await assert.rejects(stack.origin.addSnapshot(late), (err) => isSnapError(err, 'SNAP_BUSY'), 'snapshot creation during a merge')
+  await merge.stop()
+  assert.equal(merge.state, 'stopped')
+  // Still merging (stopped): another snapshot is still refused, the same one resumes.
+  await assert.rejects(startMerge(stack.origin, p2), refused, 'other snapshot while one is stopped mid-merge')
+  const resumed = await startMerge(stack.origin, p1)
+  await resumed.done
+  assert.equal(resumed.state, 'complete')
+  // Merge done: a new merge of another snapshot is allowed.
+  const second = await startMerge(stack.origin, p2)
+  await second.done
+  assert.equal(second.state, 'complete')
+  await stack.origin.close()
+})
+
+test('status: allocated shrinks step by step across metadata areas and ends at allocated == metadata (§8.9)', async () => {
+  const random = new Random(2)
+  const originBytes = 1200 * KiB
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(originBytes)), null)
+  const cowBytes = 2048 * KiB
+  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes }, null)
+  const chunkSectors = 8
+  const totalSectors = cowBytes / 512
+  assert.equal(m.statusText(), `${2 * chunkSectors}/${totalSectors} ${2 * chunkSectors}`)
+  await scatterWrites(stack.origin, random, 280) // E = 256 for 4 KiB chunks: two areas
+  const expected = await m.read(0, originBytes)
+  // 280 data chunks + header + 2 areas.
+  assert.equal(m.statusText(), `${283 * chunkSectors}/${totalSectors} ${3 * chunkSectors}`)
+
+  const merge = await startMerge(stack.origin, m)
+  const statuses: string[] = [merge.statusText()]
+  const sizes: number[] = []
+  merge.on('progress', () => {
+    statuses.push(merge.statusText())
+    sizes.push(m.table.size)
+  })
+  await merge.done
+  const allocated = statuses.map((s) => Number(s.split('/')[0]))
+  for (let i = 1; i < allocated.length; i++) {
+    assert.ok((allocated[i] as number) <= (allocated[i - 1] as number), `allocated grew: ${statuses[i - 1]} -> ${statuses[i]}`)
+  }
+  assert.ok(statuses.some((s) => s.endsWith(` ${3 * chunkSectors}`)), 'metadata covered two areas during the merge')
+  assert.equal(merge.statusText(), `${2 * chunkSectors}/${totalSectors} ${2 * chunkSectors}`)
+  assert.equal(sizes.at(-1), 0)
+  assert.equal(merge.stats.steps, statuses.length - 2, 'one progress event per step plus the final one')
+  assertSameBytes(await stack.origin.read(0, originBytes), expected, 'origin after merge')
+  await stack.origin.close()
+})
+
+type FaultKind = 'copy-read' | 'copy-write' | 'origin-flush' | 'commit'
+
+async function failureCase(kind: FaultKind, seed: number): Promise<void> {
+  const random = new Random(seed)
+  const what = `${kind} (seed ${seed})`
+  const originBytes = 512 * KiB
+  const originBase = MemoryDevice.fromBytes(random.bytes(originBytes))
+  const originDev = new FaultyDevice(originBase)
+  const origin = new Origin(originDev, { events: new ExceptionEvents() })
+  const spec: SnapshotSpec = { name: 'm', kind: 'P', chunkBytes: 8 * KiB, cowBytes: 1024 * KiB }
+  const cowDev = new FaultyDevice(new MemoryDevice(spec.cowBytes))
+  const m = makeSnapshot(spec, cowDev)
+  await origin.addSnapshot(m)
+  const other = makeSnapshot({ name: 'o', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, new MemoryDevice(1024 * KiB))
+  await scatterWrites(origin, random, 30, 8 * KiB)
+  await origin.addSnapshot(other)
+  await scatterWrites(origin, random, 10, 8 * KiB)
+  const expected = await m.read(0, originBytes)
+  const otherBefore = await other.read(0, originBytes)
+  // Slow COW reads keep a step open long enough for a write to land in its window.
+  cowDev.setDelay((op) => (op === 'read' ? 15 : 0))
+
+  const merge = await startMerge(origin, m)
+  const window = await new Promise<MergeWindow>((resolve) => merge.once('window', resolve))
+  const start = window.firstChunk * spec.chunkBytes
+  const heldData = random.bytes(1000)
+  switch (kind) {
+    case 'copy-read':
+      cowDev.failReads({ offset: 0, length: spec.cowBytes })
+      break
+    case 'copy-write':
+      originDev.failWrites({ offset: start, length: window.count * spec.chunkBytes })
+      break
+    case 'origin-flush':
+      originDev.failFlushes()
+      break
+    case 'commit':
+      cowDev.failWrites()
+      break
+  }
+  const held = origin.write(heldData, start + 100)
+  await assert.rejects(held, (err) => isSnapError(err, 'SNAP_MERGE_FAILED'), `${what}: held write`)
+  await assert.rejects(merge.done, (err) => isSnapError(err, 'SNAP_MERGE_FAILED'), `${what}: done`)
+  assert.equal(merge.state, 'failed')
+  assert.equal(m.mergeFailed, true)
+  assert.equal(merge.statusText(), 'Merge failed')
+  originDev.clearFaults()
+  cowDev.clearFaults()
+  cowDev.setDelay(null)
+  // Everything else keeps working, with the merged view.
+  assertSameBytes(await origin.read(0, originBytes), expected, `${what}: merged view after the failure`)
+  const later = random.bytes(3000)
+  await origin.write(later, 7000)
+  expected.set(later, 7000)
+  assertSameBytes(await origin.read(0, originBytes), expected, `${what}: merged view after a write`)
+  // Restart: the merge resumes and completes; status still says Merge failed (kernel quirk).
+  const again = await startMerge(origin, m)
+  await again.done
+  assert.equal(again.state, 'complete')
+  assert.equal(again.statusText(), 'Merge failed')
+  assertSameBytes(await origin.read(0, originBytes), expected, `${what}: origin after restarted merge`)
+  assertSameBytes(await other.read(0, originBytes), otherBefore, `${what}: other snapshot`)
+  await origin.close()
+}
+
+test('failure: copy/flush/commit errors fail the held writes of the step, set Merge failed, and the merge can be restarted (§8.7)', async () => {
+  let seed = 40
+  for (const kind of ['copy-read', 'copy-write', 'origin-flush', 'commit'] as const) await failureCase(kind, seed++)
+})
+
+test('pause, stop and AbortSignal take effect at step boundaries; resume continues from the end of the table', async () => {
+  const random = new Random(5)
+  const originBytes = 512 * KiB
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(originBytes)), random)
+  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, random)
+  await scatterWrites(stack.origin, random, 60)
+  const expected = await m.read(0, originBytes)
+
+  const merge = await startMerge(stack.origin, m, { maxStepChunks: 1 })
+  await new Promise((r) => merge.once('progress', r))
+  await merge.pause()
+  assert.equal(merge.state, 'paused')
+  assert.equal(merge.window, null, 'paused between steps')
+  const steps = merge.stats.steps
+  const remaining = m.table.size
+  await new Promise((r) => setTimeout(r, 40))
+  assert.equal(merge.stats.steps, steps, 'no step while paused')
+  assertSameBytes(await stack.origin.read(0, originBytes), expected, 'merged view while paused')
+  merge.resume()
+  await new Promise((r) => merge.once('progress', r))
+  assert.ok(m.table.size < remaining)
+  await merge.stop()
+  assert.equal(merge.state, 'stopped')
+  await merge.done
+  assertSameBytes(await stack.origin.read(0, originBytes), expected, 'merged view while stopped')
+
+  const controller = new AbortController()
+  const second = await startMerge(stack.origin, m, { signal: controller.signal, maxStepChunks: 1 })
+  await new Promise((r) => second.once('progress', r))
+  controller.abort()
+  await second.done
+  assert.equal(second.state, 'stopped')
+  assert.ok(m.table.size > 0)
+
+  const third = await startMerge(stack.origin, m)
+  await third.done
+  assert.equal(third.state, 'complete')
+  assertSameBytes(await stack.origin.read(0, originBytes), expected, 'origin after the merge')
+  await stack.origin.close()
+})
+
+test('rate limit: bytes/s measured from progress events stays within 25% of the limit over a multi-second merge', async () => {
+  const random = new Random(6)
+  const originBytes = 1024 * KiB
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(originBytes)), random)
+  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 2048 * KiB }, random)
+  await addSnapshot(stack, { name: 'o', kind: 'P', chunkBytes: 16 * KiB, cowBytes: 2048 * KiB }, random)
+  await scatterWrites(stack.origin, random, 150)
+  const expected = await m.read(0, originBytes)
+  const limit = 240 * KiB // 600 KiB at 240 KiB/s: 2.5 s
+  const merge = await startMerge(stack.origin, m, { rateBytesPerSecond: limit })
+  const events: Array<{ t: number; p: MergeProgress }> = []
+  merge.on('progress', (p) => events.push({ t: performance.now(), p }))
+  // Some origin I/O runs alongside.
+  const io = (async () => {
+    while (merge.state === 'running') {
+      await stack.origin.read(random.int(originBytes - 4096), 4096)
+      await new Promise((r) => setTimeout(r, 5))
+    }
+  })()
+  await merge.done
+  await io
+  const first = events[0]
+  const last = events.at(-1)
+  assert.ok(first && last && events.length > 100, `only ${events.length} progress events`)
+  const seconds = (last.t - first.t) / 1000
+  const rate = (last.p.doneBytes - first.p.doneBytes) / seconds
+  console.log(`rate limit: ${Math.round(rate / KiB)} KiB/s measured over ${seconds.toFixed(2)} s (limit ${limit / KiB} KiB/s)`)
+  assert.ok(seconds > 2, `merge took only ${seconds} s`)
+  assert.ok(Math.abs(rate - limit) <= 0.25 * limit, `rate ${rate} B/s is not within 25% of ${limit}`)
+  assert.equal(last.p.doneChunks, last.p.totalChunks)
+  assert.equal(last.p.etaSeconds, 0)
+  const mid = events[Math.floor(events.length / 2)] as { p: MergeProgress }
+  assert.ok(mid.p.etaSeconds !== null && mid.p.etaSeconds > 0.5 && mid.p.etaSeconds < 3, `mid-merge ETA ${mid.p.etaSeconds}`)
+  assert.ok(Math.abs(mid.p.rateBytesPerSecond - limit) <= 0.25 * limit, `reported rate ${mid.p.rateBytesPerSecond}`)
+  assertSameBytes(await stack.origin.read(0, originBytes), expected, 'origin after the merge')
+  await stack.origin.close()
+})
+
+test('setRate: lifting the limit lets a slow merge finish at once', async () => {
+  const random = new Random(8)
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(256 * KiB)), null)
+  const m: Snapshot = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 512 * KiB }, null)
+  await scatterWrites(stack.origin, random, 40)
+  const merge = await startMerge(stack.origin, m, { rateBytesPerSecond: 4 * KiB })
+  await new Promise((r) => setTimeout(r, 30))
+  assert.ok(merge.stats.steps <= 2, `${merge.stats.steps} steps at 4 KiB/s`)
+  const started = performance.now()
+  merge.setRate(0)
+  await merge.done
+  assert.ok(performance.now() - started < 1000)
+  assert.equal(merge.state, 'complete')
+  await stack.origin.close()
+})
