@@ -20,6 +20,7 @@
  */
 import type { Socket } from 'node:net'
 import type { TLSSocket } from 'node:tls'
+import { SnapError, isSnapError } from '../errors.js'
 import { describeError, nbdErrnoFor } from './errno.js'
 import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
@@ -101,7 +102,8 @@ const SHUTDOWN_HANDSHAKE_GRACE_MS = 1000
 /** Write zeros in pieces no larger than this, so a huge WRITE_ZEROES never allocates much. */
 const ZERO_PIECE_BYTES = 1024 * 1024
 
-class ProtocolViolation extends Error {}
+/** A client broke a MUST of the protocol: the only answer is to drop its connection. */
+const violation = (message: string) => new SnapError('NBD_PROTOCOL', message)
 
 export class NbdConnection {
   readonly id: number
@@ -229,6 +231,7 @@ export class NbdConnection {
 
   private readonly onDrain = (): void => {
     this.writeBlocked = false
+    if (this.phase === 'options') this.socket.resume()
     this.pump()
   }
 
@@ -238,7 +241,7 @@ export class NbdConnection {
       if (this.phase === 'client-flags' || this.phase === 'options') this.pumpHandshake()
       if (this.phase === 'transmission') this.pumpTransmission()
     } catch (err) {
-      if (err instanceof ProtocolViolation) {
+      if (isSnapError(err, 'NBD_PROTOCOL')) {
         this.log.warn(`${this.label}: ${err.message}; disconnecting`)
       } else {
         this.log.error(`${this.label}: internal error: ${describeError(err)}; disconnecting`)
@@ -256,22 +259,24 @@ export class NbdConnection {
       const flags = parseClientFlags(raw)
       // Unknown bits, or bits we did not offer: the spec says drop the connection.
       if ((flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)) !== 0) {
-        throw new ProtocolViolation(`unknown client flags 0x${flags.toString(16)}`)
+        throw violation(`unknown client flags 0x${flags.toString(16)}`)
       }
       this.noZeroes = (flags & ClientFlag.NO_ZEROES) !== 0
       this.phase = 'options'
     }
-    while (this.phase === 'options') {
+    // A client that sends options without reading the replies must not make us buffer them all.
+    while (this.phase === 'options' && !this.writeBlocked) {
       const event = this.optionParser.next()
       if (event === null) return
-      if (event.kind === 'bad-magic') throw new ProtocolViolation('bad option magic')
+      if (event.kind === 'bad-magic') throw violation('bad option magic')
       if (event.kind === 'too-big') {
-        if (event.code === Option.EXPORT_NAME) throw new ProtocolViolation(`EXPORT_NAME of ${event.length} bytes`)
+        if (event.code === Option.EXPORT_NAME) throw violation(`EXPORT_NAME of ${event.length} bytes`)
         this.optionError(event.code, Rep.ERR_TOO_BIG, `option data of ${event.length} bytes is too large`)
         continue
       }
       this.handleOption(event.code, event.data)
     }
+    if (this.phase === 'options' && this.writeBlocked) this.socket.pause()
   }
 
   private handleOption(code: number, data: Buffer): void {
@@ -282,13 +287,13 @@ export class NbdConnection {
       return
     }
     if (this.shuttingDown) {
-      if (code === Option.EXPORT_NAME) throw new ProtocolViolation('EXPORT_NAME during shutdown')
+      if (code === Option.EXPORT_NAME) throw violation('EXPORT_NAME during shutdown')
       this.optionError(code, Rep.ERR_SHUTDOWN, 'server is shutting down')
       return
     }
     const tlsRequired = this.options.tls?.mode === 'require' && !this.tlsActive
     if (tlsRequired && code !== Option.STARTTLS) {
-      if (code === Option.EXPORT_NAME) throw new ProtocolViolation('EXPORT_NAME without TLS, which this server requires')
+      if (code === Option.EXPORT_NAME) throw violation('EXPORT_NAME without TLS, which this server requires')
       this.optionError(code, Rep.ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first')
       return
     }
@@ -346,8 +351,8 @@ export class NbdConnection {
     const name = data.toString('utf8')
     const exp = this.resolveExport(name)
     // EXPORT_NAME cannot carry an error: closing is the only answer.
-    if (exp === undefined) throw new ProtocolViolation(`EXPORT_NAME for unknown export '${name}'`)
-    if (isRefused(exp)) throw new ProtocolViolation(`EXPORT_NAME for refused export '${name}': ${exp.refused}`)
+    if (exp === undefined) throw violation(`EXPORT_NAME for unknown export '${name}'`)
+    if (isRefused(exp)) throw violation(`EXPORT_NAME for refused export '${name}': ${exp.refused}`)
     const flags = this.computeFlags(exp)
     this.send(buildExportNameReply(exp.device.sizeBytes, flags, this.noZeroes))
     this.enterTransmission(exp, flags)
@@ -373,7 +378,7 @@ export class NbdConnection {
     this.detach(plain)
     // The client must wait for our ACK before starting TLS, so bytes already here are garbage
     // (and could not be handed to the TLS layer, which reads the handle directly).
-    if (this.queue.length > 0) throw new ProtocolViolation('data after STARTTLS before the TLS handshake')
+    if (this.queue.length > 0) throw violation('data after STARTTLS before the TLS handshake')
     let secure: TLSSocket
     try {
       secure = tlsContext.upgrade(plain)
@@ -500,7 +505,7 @@ export class NbdConnection {
       const event = parser.next()
       if (event === null) break
       if (event.kind === 'bad-magic') {
-        throw new ProtocolViolation(`bad request magic 0x${event.magic.toString(16).padStart(8, '0')}`)
+        throw violation(`bad request magic 0x${event.magic.toString(16).padStart(8, '0')}`)
       }
       const { header } = event
       if (header.type === Command.DISC) {

@@ -154,6 +154,21 @@ test('wire: unknown, withdrawn and unimplemented options get ERR_UNSUP and parsi
   await c.closed
 })
 
+test('wire: a client that floods options without reading replies is throttled, and every reply arrives in order', async () => {
+  const c = await client()
+  c.socket.pause()
+  const count = 5000
+  c.write(Buffer.concat(Array.from({ length: count }, () => bytes().ascii('IHAVEOPT').u32(OPT.LIST).u32(0).build())))
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  c.socket.resume()
+  for (let i = 0; i < count; i++) {
+    const replies = await c.optionReplies()
+    assert.equal(replies.length, 5)
+    assert.equal(replies[4]!.type, REP.ACK)
+  }
+  c.destroy()
+})
+
 test('wire: truncated GO gets ERR_INVALID, oversized options ERR_TOO_BIG, and the handshake continues', async () => {
   const c = await client()
   c.option(OPT.GO, bytes().u32(3).ascii('mem').build())
