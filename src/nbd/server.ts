@@ -16,11 +16,15 @@ import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from 
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
-import { createTlsContext, type NbdTlsOptions, type TlsContext } from './tls.js'
+import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions, type TlsContext } from './tls.js'
 
 export interface NbdServerOptions {
   readonly exports: ExportProvider
-  readonly tls?: NbdTlsOptions
+  /**
+   * TLS material, in memory (NbdTlsOptions) or as file paths (NbdTlsFiles: psk file,
+   * certificate/key files or an nbdkit-style certificates directory; read by the first listen()).
+   */
+  readonly tls?: NbdTlsOptions | NbdTlsFiles
   /** Simultaneous clients; more are refused by closing their socket. Default unlimited. */
   readonly maxConnections?: number
   readonly logger?: NbdLogger
@@ -38,7 +42,9 @@ export type NbdAddress =
 
 export class NbdServer {
   private readonly exports: ExportProvider
-  private readonly tls: TlsContext | null
+  private tls: TlsContext | null = null
+  /** File-based TLS settings not read yet (reading is async, the constructor is not). */
+  private tlsFiles: NbdTlsFiles | null = null
   private readonly maxConnections: number
   private readonly log: NbdLogger
   private readonly limits: ConnectionLimits
@@ -52,7 +58,9 @@ export class NbdServer {
 
   constructor(options: NbdServerOptions) {
     this.exports = options.exports
-    this.tls = createTlsContext(options.tls)
+    if (options.tls !== undefined && isTlsFiles(options.tls)) this.tlsFiles = options.tls
+    // In-memory material is validated here, so a bad configuration fails at construction.
+    else this.tls = createTlsContext(options.tls)
     this.maxConnections = options.maxConnections ?? Number.POSITIVE_INFINITY
     this.log = options.logger ?? silentLogger
     this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...options.limits }
@@ -70,6 +78,10 @@ export class NbdServer {
    */
   async listen(options: NbdListenOptions): Promise<NbdAddress> {
     if (this.closing) throw badArgument('server is closed')
+    if (this.tlsFiles !== null) {
+      this.tls = createTlsContext(await loadTlsFiles(this.tlsFiles))
+      this.tlsFiles = null
+    }
     const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: false }, (socket) =>
       this.accept(socket),
     )
@@ -156,4 +168,8 @@ export class NbdServer {
     }
     this.log.info('nbd server closed')
   }
+}
+
+function isTlsFiles(tls: NbdTlsOptions | NbdTlsFiles): tls is NbdTlsFiles {
+  return 'pskFile' in tls || 'certFile' in tls || 'keyFile' in tls || 'caFile' in tls || 'certificatesDir' in tls
 }

@@ -352,7 +352,8 @@ test('interop: TLS with PSK (nbds://) and X.509 certificates; TLS required refus
 
   const device = new MemoryDevice(8 * MiB)
   const exports = staticExports([{ name: 'sec', device, readOnly: false }])
-  const psk = await startTestServer({ exports, tls: await loadTlsFiles({ mode: 'require', pskFile }) })
+  // File paths straight to the server (read at listen), as the CLI passes them.
+  const psk = await startTestServer({ exports, tls: { mode: 'require', pskFile } })
   // The server's certificate directory carries ca-cert.pem too, but a client-CA would demand
   // client certificates, so only the server pair is loaded.
   const x509 = await startTestServer({

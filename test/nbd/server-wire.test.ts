@@ -11,6 +11,8 @@ import { after, before, test } from 'node:test'
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import type { ExportProvider, NbdExport } from '../../src/nbd/export.js'
 import { staticExports } from '../../src/nbd/export.js'
+import { NbdServer } from '../../src/nbd/server.js'
+import { SnapError } from '../../src/errors.js'
 import { FaultyDevice } from '../support/faulty-device.js'
 import { bytes, infoRequestBytes, metaContextBytes } from '../support/nbd-bytes.js'
 import { RawNbdClient } from '../support/nbd-raw-client.js'
@@ -558,4 +560,19 @@ test('server: Unix socket, maxConnections, TLS_REQD without STARTTLS, and gracef
   } finally {
     await rm(dir, { recursive: true, force: true })
   }
+})
+
+test('server: bad TLS configuration fails at construction or listen; close is idempotent', async () => {
+  const exports = staticExports([])
+  assert.throws(
+    () => new NbdServer({ exports, tls: { mode: 'require' } }),
+    (err: unknown) => err instanceof SnapError && err.code === 'SNAP_BAD_ARGUMENT',
+  )
+  const off = new NbdServer({ exports, tls: { mode: 'off' } })
+  await off.close()
+  await off.close()
+  await assert.rejects(off.listen({ port: 0 }), (err: unknown) => err instanceof SnapError && err.code === 'SNAP_BAD_ARGUMENT')
+  const missing = new NbdServer({ exports, tls: { mode: 'require', pskFile: '/nonexistent/keys.psk' } })
+  await assert.rejects(missing.listen({ port: 0 }), /ENOENT/)
+  await missing.close()
 })
