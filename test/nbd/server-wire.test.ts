@@ -457,6 +457,35 @@ test('wire: a client sending garbage is dropped without disturbing another clien
   good.destroy()
 })
 
+test('wire: random garbage from many clients, in every phase, never disturbs the server', async () => {
+  let seed = 99
+  const rand = (n: number) => {
+    seed = (seed * 1103515245 + 12345) % 2 ** 31
+    return seed % n
+  }
+  const noise = (n: number) => Buffer.from(Array.from({ length: n }, () => rand(256)))
+  const victims = Array.from({ length: 40 }, async (_, i) => {
+    const c = await RawNbdClient.connect({ port: srv.port })
+    const phase = i % 4
+    if (phase >= 1) await c.handshake(3)
+    if (phase >= 2) await c.go('mem')
+    if (phase === 3) {
+      // Valid-looking headers with random fields: must be answered or refused, never crash.
+      for (let k = 0; k < 20; k++) {
+        c.request({ type: rand(10), flags: rand(0x40), cookie: k, offset: rand(16 * MiB), length: rand(2) ? rand(70000) : 0 }, undefined)
+      }
+    }
+    c.write(noise(1 + rand(3000)))
+    setTimeout(() => c.destroy(), 100)
+    await c.closed
+  })
+  await Promise.all(victims)
+  const good = await opened('mem')
+  good.request({ type: CMD.READ, cookie: 1, offset: 0, length: 4096 })
+  assert.equal((await good.structuredReply())[0]!.error, 0)
+  good.destroy()
+})
+
 test('wire: DISC lets in-flight requests finish, then the server closes', async () => {
   slow.setDelay((op) => (op === 'write' ? 100 : 0))
   try {
