@@ -49,6 +49,8 @@ export class MergeView implements OriginInterceptor {
   owner: unknown = null
   private _window: MergeWindow | null = null
   private held: Array<Deferred<void>> = []
+  private inflight = 0
+  private idleWaiters: Array<() => void> = []
 
   constructor(origin: Origin, snapshot: Snapshot) {
     this.origin = origin
@@ -91,7 +93,49 @@ export class MergeView implements OriginInterceptor {
     return this.snapshot.table.lookup(chunk)
   }
 
-  async readInto(target: Uint8Array, offset: number): Promise<void> {
+  /**
+   * Resolves once no request that entered this view is still running. The merge calls it after
+   * uninstalling the view, before it closes the snapshot's COW under a slow read or flush.
+   */
+  async drain(): Promise<void> {
+    while (this.inflight > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve))
+  }
+
+  private async counted(fn: () => Promise<void>): Promise<void> {
+    this.inflight++
+    try {
+      await fn()
+    } finally {
+      if (--this.inflight === 0 && this.idleWaiters.length > 0) {
+        const waiters = this.idleWaiters
+        this.idleWaiters = []
+        for (const wake of waiters) wake()
+      }
+    }
+  }
+
+  readInto(target: Uint8Array, offset: number): Promise<void> {
+    return this.counted(() => this.mappedRead(target, offset))
+  }
+
+  write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    return this.counted(() => this.mappedWrite(data, offset, fua))
+  }
+
+  flush(): Promise<void> {
+    return this.counted(() => settleAll([this.origin.device.flush(), this.snapshot.store.cow.flush()]))
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.counted(async () => {
+      const end = offset + length
+      for (let pos = offset; pos < end; pos += DISCARD_PIECE_BYTES) {
+        await this.mappedWrite(new Uint8Array(Math.min(DISCARD_PIECE_BYTES, end - pos)), pos, false)
+      }
+    })
+  }
+
+  private async mappedRead(target: Uint8Array, offset: number): Promise<void> {
     const cb = this.snapshot.chunkBytes
     const cow = this.snapshot.store.cow
     const device = this.origin.device
@@ -121,7 +165,7 @@ export class MergeView implements OriginInterceptor {
     await settleAll(jobs)
   }
 
-  async write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+  private async mappedWrite(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
     const cb = this.snapshot.chunkBytes
     const cow = this.snapshot.store.cow
     const device = this.origin.device
@@ -166,17 +210,6 @@ export class MergeView implements OriginInterceptor {
       pos = pieceEnd
     }
     await settleAll(jobs)
-  }
-
-  async flush(): Promise<void> {
-    await settleAll([this.origin.device.flush(), this.snapshot.store.cow.flush()])
-  }
-
-  async discard(offset: number, length: number): Promise<void> {
-    const end = offset + length
-    for (let pos = offset; pos < end; pos += DISCARD_PIECE_BYTES) {
-      await this.write(new Uint8Array(Math.min(DISCARD_PIECE_BYTES, end - pos)), pos, false)
-    }
   }
 }
 

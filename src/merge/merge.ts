@@ -364,7 +364,9 @@ export class Merge extends EventEmitter<MergeEvents> {
   }
 
   private async complete(): Promise<void> {
-    // Outside the step's mutation: removeSnapshot drains origin mutations.
+    // Outside the step's mutation: removeSnapshot drains origin mutations. Reads and flushes
+    // that entered the view before it was uninstalled may still use the COW: wait for them.
+    await this.view.drain()
     try {
       await this.origin.removeSnapshot(this.snapshot)
     } catch {
