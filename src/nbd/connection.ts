@@ -99,6 +99,9 @@ type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing
 /** How long a shutting-down server keeps answering ERR_SHUTDOWN to a client still in the handshake. */
 const SHUTDOWN_HANDSHAKE_GRACE_MS = 1000
 
+/** How long an ended socket may wait for the peer to close its side before it is destroyed. */
+const CLOSE_LINGER_MS = 2000
+
 /** Write zeros in pieces no larger than this, so a huge WRITE_ZEROES never allocates much. */
 const ZERO_PIECE_BYTES = 1024 * 1024
 
@@ -754,6 +757,12 @@ export class NbdConnection {
     this.phase = 'closing'
     this.uncork()
     this.socket.end()
+    // A socket paused for back-pressure never sees the peer's EOF, and a half-open socket never
+    // closes: keep reading (onData ignores it now) and give the peer a moment to finish.
+    this.socket.resume()
+    clearTimeout(this.graceTimer)
+    this.graceTimer = setTimeout(() => this.destroy(), CLOSE_LINGER_MS)
+    this.graceTimer.unref()
   }
 
   private hardClose(): void {
