@@ -47,6 +47,8 @@ export class MergeView implements OriginInterceptor {
   readonly trackedWrites = new ChunkTracker()
   /** The merge currently driving this view (a restarted merge replaces it). */
   owner: unknown = null
+  /** Writes held for a step / remapped to the COW since the view was installed. */
+  readonly counters = { heldWrites: 0, remappedWrites: 0 }
   private _window: MergeWindow | null = null
   private held: Array<Deferred<void>> = []
   private inflight = 0
@@ -194,9 +196,11 @@ export class MergeView implements OriginInterceptor {
       if (this.inWindow(chunk)) {
         const d = deferred<void>()
         this.held.push(d)
+        this.counters.heldWrites++
         jobs.push(d.promise.then(() => device.write(piece, at, { fua })))
       } else {
         this.trackedWrites.add(chunk)
+        this.counters.remappedWrites++
         jobs.push(
           (async () => {
             try {

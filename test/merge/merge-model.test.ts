@@ -22,7 +22,7 @@ const KINDS: StoreKind[] = ['P', 'PO', 'N']
 
 export const MERGE_SEEDS = [101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112]
 
-async function runTrace(seed: number): Promise<{ ops: number; steps: number; scans: number; waits: number }> {
+async function runTrace(seed: number): Promise<{ ops: number; steps: number; scans: number; waits: number; held: number; remapped: number }> {
   const random = new Random(seed)
   const what = `seed ${seed}`
   const originBase = MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES))
@@ -64,6 +64,8 @@ async function runTrace(seed: number): Promise<{ ops: number; steps: number; sca
   let steps = 0
   let scans = 0
   let waits = 0
+  let held = 0
+  let remapped = 0
   const account = (m: Merge) => {
     steps += m.stats.steps
     scans += m.stats.relocationScans
@@ -93,6 +95,8 @@ async function runTrace(seed: number): Promise<{ ops: number; steps: number; sca
   }
   await merge.done
   account(merge)
+  held += merge.view.counters.heldWrites
+  remapped += merge.view.counters.remappedWrites
   assert.equal(merge.state, 'complete', `${what}: final state`)
   assert.equal(stack.origin.interceptor, null, `${what}: interceptor still installed`)
   assert.ok(!stack.origin.snapshots.includes(merging), `${what}: merged snapshot still attached`)
@@ -106,7 +110,7 @@ async function runTrace(seed: number): Promise<{ ops: number; steps: number; sca
   await checkViews(stack, model, `${what} final`)
   for (const s of stack.snapshots.values()) assert.ok(s.valid, `${what}: snapshot ${s.snapshotName} became invalid`)
   await stack.origin.close()
-  return { ops, steps, scans, waits }
+  return { ops, steps, scans, waits, held, remapped }
 }
 
 test(`merge model: ${MERGE_SEEDS.length} randomized concurrent merge traces match the model`, async () => {
@@ -114,14 +118,19 @@ test(`merge model: ${MERGE_SEEDS.length} randomized concurrent merge traces matc
   let steps = 0
   let scans = 0
   let waits = 0
+  let held = 0
+  let remapped = 0
   for (const seed of MERGE_SEEDS) {
     const r = await runTrace(seed)
     ops += r.ops
     steps += r.steps
     scans += r.scans
     waits += r.waits
+    held += r.held
+    remapped += r.remapped
   }
-  console.log(`merge model: ${MERGE_SEEDS.length} traces, ${ops} I/O operations, ${steps} merge steps, ${scans} relocation scans, ${waits} counter waits`)
+  console.log(`merge model: ${MERGE_SEEDS.length} traces, ${ops} I/O operations, ${steps} merge steps, ${scans} relocation scans, ${waits} counter waits, ${held} held writes, ${remapped} writes remapped to the COW`)
   assert.ok(steps > 100, `only ${steps} merge steps ran`)
   assert.ok(waits > 0, 'relocation never had to wait for another snapshot')
+  assert.ok(held > 0 && remapped > 0, 'the held and remapped write paths must both be exercised')
 })
