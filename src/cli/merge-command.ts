@@ -110,7 +110,7 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
     })
     .action(async (spec: string, opts: { wait?: boolean; rate?: number }) => {
       const { volume, snapshot } = parseDevice(spec)
-      if (!snapshot) throw new SnapError('SNAP_BAD_ARGUMENT', `expected VOL@SNAP, got '${spec}'`)
+      if (!snapshot) throw new InvalidArgumentError(`expected VOL@SNAP, got '${spec}'`)
       const client = await ControlClient.connect(resolve(volume))
       if (client) {
         try {

@@ -184,6 +184,10 @@ export class Volume {
     const cow = await FileDevice.open(path, create ? { create: record.cowSizeBytes ?? 0, resizable: growable } : { resizable: growable })
     let store: ExceptionStore
     try {
+      // A recorded persistent snapshot always has a header: never re-initialise a truncated or zeroed COW.
+      if (!create && record.store === 'persistent' && (cow.sizeBytes < SECTOR_BYTES || decodeHeader(await cow.read(0, SECTOR_BYTES)).kind !== 'existing')) {
+        throw new SnapError('SNAP_CORRUPT_METADATA', `${path} has no snapshot header (truncated or overwritten)`)
+      }
       store =
         record.store === 'persistent'
           ? new PersistentStore(cow, { chunkBytes: record.chunkSizeBytes, growable })
