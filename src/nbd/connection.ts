@@ -201,14 +201,6 @@ export class NbdConnection {
     socket.on('drain', this.onDrain)
   }
 
-  private detach(socket: Socket): void {
-    socket.off('data', this.onData)
-    socket.off('end', this.onEnd)
-    socket.off('error', this.onError)
-    socket.off('close', this.onClose)
-    socket.off('drain', this.onDrain)
-  }
-
   private readonly onData = (chunk: Buffer): void => {
     if (this.phase === 'closing' || this.phase === 'closed') return
     this.queue.push(chunk)
@@ -377,26 +369,25 @@ export class NbdConnection {
     if (tlsContext === null) return this.optionError(Option.STARTTLS, Rep.ERR_UNSUP, 'TLS is not enabled on this server')
     if (data.length !== 0) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'STARTTLS takes no data')
     if (this.tlsActive) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'TLS is already active')
+    // The client must wait for our ACK before starting TLS, so bytes already here are garbage
+    // (and could not be handed to the TLS layer, which reads the handle directly).
+    if (this.queue.length > 0) throw violation('data after STARTTLS before the TLS handshake')
     this.send(buildOptionReply(Option.STARTTLS, Rep.ACK))
     this.uncork()
     this.phase = 'starttls'
     const plain = this.socket
-    this.detach(plain)
-    // The client must wait for our ACK before starting TLS, so bytes already here are garbage
-    // (and could not be handed to the TLS layer, which reads the handle directly).
-    if (this.queue.length > 0) throw violation('data after STARTTLS before the TLS handshake')
+    // From here the TLS socket reads and writes; the plain one still reports errors and close.
+    plain.off('data', this.onData)
+    plain.off('end', this.onEnd)
+    plain.off('drain', this.onDrain)
     let secure: TLSSocket
     try {
       secure = tlsContext.upgrade(plain)
     } catch (err) {
       this.log.error(`${this.label}: TLS setup failed: ${describeError(err)}`)
-      plain.destroy()
-      this.resolveClosed()
+      this.hardClose()
       return
     }
-    // The plain socket's close ends the connection; TLS errors arrive on the TLS socket.
-    plain.on('close', this.onClose)
-    plain.on('error', this.onError)
     this.socket = secure
     secure.on('secure', () => {
       this.log.debug(`${this.label}: TLS ${secure.getProtocol() ?? ''} established`)

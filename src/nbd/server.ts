@@ -153,7 +153,8 @@ export class NbdServer {
     if (timedOut) {
       this.log.warn(`nbd server: ${this.connections.size} client(s) did not close in ${this.closeTimeoutMs} ms; dropping them`)
       for (const connection of this.connections) connection.destroy()
-      await all
+      // Destroyed sockets close within a tick or two; never let close() hang on one that does not.
+      await Promise.race([all, new Promise((resolve) => setTimeout(resolve, 1000).unref())])
     }
     await listenersClosed
     // Devices may be shared by several exports; flush each once.

@@ -7,6 +7,7 @@ import assert from 'node:assert/strict'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import tls from 'node:tls'
 import { after, before, test } from 'node:test'
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import type { ExportProvider, NbdExport } from '../../src/nbd/export.js'
@@ -604,4 +605,54 @@ test('server: bad TLS configuration fails at construction or listen; close is id
   const missing = new NbdServer({ exports, tls: { mode: 'require', pskFile: '/nonexistent/keys.psk' } })
   await assert.rejects(missing.listen({ port: 0 }), /ENOENT/)
   await missing.close()
+})
+
+test('server: STARTTLS over the wire: PSK upgrade forgets earlier negotiation; junk after STARTTLS drops the client', async () => {
+  const key = Buffer.alloc(32, 7)
+  const device = new MemoryDevice(MiB)
+  await device.write(Buffer.from('secret data'), 0)
+  const tlsServer = await startTestServer({
+    exports: staticExports([{ name: 'd', device, readOnly: false }]),
+    tls: { mode: 'allow', psk: new Map([['alice', key]]) },
+  })
+  try {
+    const c = await RawNbdClient.connect({ port: tlsServer.port })
+    await c.handshake()
+    c.option(OPT.STRUCTURED)
+    await c.optionReplies()
+    c.option(OPT.STARTTLS, Buffer.from('x'))
+    assert.equal((await c.optionReplies())[0]!.type, REP.INVALID)
+    c.option(OPT.STARTTLS)
+    assert.equal((await c.optionReplies())[0]!.type, REP.ACK)
+    c.socket.removeAllListeners('data')
+    const secure = tls.connect({
+      socket: c.socket,
+      pskCallback: () => ({ psk: key, identity: 'alice' }),
+      ciphers: 'PSK-AES128-GCM-SHA256',
+      maxVersion: 'TLSv1.2',
+      checkServerIdentity: () => undefined,
+    })
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', resolve)
+      secure.once('error', reject)
+    })
+    const t = RawNbdClient.wrap(secure)
+    t.option(OPT.STARTTLS)
+    assert.equal((await t.optionReplies())[0]!.type, REP.INVALID, 'TLS is already active')
+    // Structured replies were negotiated before STARTTLS and must be forgotten: simple replies.
+    await t.go('d', { structured: false })
+    t.request({ type: CMD.READ, cookie: 1, offset: 0, length: 11 })
+    const reply = await t.reply(11)
+    assert.deepEqual([reply.structured, reply.data.toString()], [false, 'secret data'])
+    t.request({ type: CMD.DISC, length: 0 })
+    await t.closed
+
+    const junk = await RawNbdClient.connect({ port: tlsServer.port })
+    await junk.handshake()
+    junk.write(Buffer.concat([bytes().ascii('IHAVEOPT').u32(OPT.STARTTLS).u32(0).build(), Buffer.from('not a client hello')]))
+    await junk.closed
+  } finally {
+    await tlsServer.close()
+  }
+  assert.ok(logsAreClean(tlsServer.logs), tlsServer.logs.join('\n'))
 })

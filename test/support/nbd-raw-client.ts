@@ -48,6 +48,11 @@ export class RawNbdClient {
     socket.on('error', () => {})
   }
 
+  /** Continues on another socket, e.g. the TLS socket after STARTTLS. */
+  static wrap(socket: net.Socket): RawNbdClient {
+    return new RawNbdClient(socket)
+  }
+
   static connect(address: RawAddress): Promise<RawNbdClient> {
     return new Promise((resolve, reject) => {
       const socket = 'path' in address ? net.connect(address.path) : net.connect(address.port, address.host ?? '127.0.0.1')
