@@ -16,6 +16,8 @@ import { loadTlsFiles } from '../../src/nbd/tls.js'
 import { logsAreClean, startTestServer, type TestServer } from '../support/nbd-test-server.js'
 import { nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
 
+/** Every test and hook fails instead of hanging if a connection never closes. */
+const TIMEOUT = 120_000
 const MiB = 1024 * 1024
 const ZERO_PIECE = Buffer.alloc(65536)
 
@@ -69,16 +71,16 @@ before(async () => {
   sockPath = join(dir, 'nbd.sock')
   unixSrv = await startTestServer({ exports }, { path: sockPath })
   U = `nbd://127.0.0.1:${srv.port}`
-})
+}, { timeout: TIMEOUT })
 
 after(async () => {
   await srv?.close()
   await unixSrv?.close()
   if (dir) await rm(dir, { recursive: true, force: true })
   if (srv) assert.ok(logsAreClean(srv.logs), srv.logs.filter((l) => !l.startsWith('debug')).join('\n'))
-})
+}, { timeout: TIMEOUT })
 
-test('interop: nbdinfo --list, --json and --map', async () => {
+test('interop: nbdinfo --list, --json and --map', { timeout: TIMEOUT }, async () => {
   const list = await runOk('nbdinfo', ['--list', U])
   for (const name of ['disk', 'scratch', 'ro', 'fio']) assert.match(list.stdout, new RegExp(`export="${name}"`))
   assert.match(list.stdout, /description: test disk/)
@@ -115,7 +117,7 @@ test('interop: nbdinfo --list, --json and --map', async () => {
   await disk.discard(2 * MiB, 65536)
 })
 
-test('interop: qemu-io patterned write/read, FUA, write-zeroes and discard', async () => {
+test('interop: qemu-io patterned write/read, FUA, write-zeroes and discard', { timeout: TIMEOUT }, async () => {
   const url = `${U}/disk`
   const out = await runOk('qemu-io', [
     '-f', 'raw',
@@ -143,7 +145,7 @@ test('interop: qemu-io patterned write/read, FUA, write-zeroes and discard', asy
   await disk.discard(0, 8 * MiB)
 })
 
-test('interop: qemu-img convert both ways, compare and map', async () => {
+test('interop: qemu-img convert both ways, compare and map', { timeout: TIMEOUT }, async () => {
   const src = join(dir, 'src.raw')
   const back = join(dir, 'back.raw')
   const content = Buffer.alloc(16 * MiB)
@@ -164,7 +166,7 @@ test('interop: qemu-img convert both ways, compare and map', async () => {
   await scratch.discard(0, 64 * MiB)
 })
 
-test('interop: nbdcopy to and from the export, with several connections', async () => {
+test('interop: nbdcopy to and from the export, with several connections', { timeout: TIMEOUT }, async () => {
   const src = join(dir, 'copy-src.raw')
   const dst = join(dir, 'copy-dst.raw')
   const content = Buffer.alloc(64 * MiB)
@@ -179,7 +181,7 @@ test('interop: nbdcopy to and from the export, with several connections', async 
   await scratch.discard(0, 64 * MiB)
 })
 
-test('interop: fio nbd engine with crc32c verification', async () => {
+test('interop: fio nbd engine with crc32c verification', { timeout: TIMEOUT }, async () => {
   const result = await runOk(
     'fio',
     [
@@ -195,7 +197,7 @@ test('interop: fio nbd engine with crc32c verification', async () => {
   assert.ok(job.read.io_bytes >= 32 * MiB, 'and read back for verification')
 })
 
-test('interop: nbdsh bad requests (strict mode off) get the spec errnos and keep the connection', async () => {
+test('interop: nbdsh bad requests (strict mode off) get the spec errnos and keep the connection', { timeout: TIMEOUT }, async () => {
   const script = `
 h.set_strict_mode(0)
 size = h.get_size()
@@ -253,7 +255,7 @@ for name, fn in [("write", lambda: h.pwrite(b"x" * 512, 0)), ("trim", lambda: h.
   assert.deepEqual(ro.stdout.trim().split('\n'), ['write EPERM', 'trim EPERM', 'zero EPERM', 'read ok'])
 })
 
-test('interop: nbdsh handshake variants: simple replies, plain newstyle, zero padding, no block size, opt mode', async () => {
+test('interop: nbdsh handshake variants: simple replies, plain newstyle, zero padding, no block size, opt mode', { timeout: TIMEOUT }, async () => {
   const url = `${U}/disk`
   const variants = [
     [`h.set_request_structured_replies(False)`, `print(h.get_structured_replies_negotiated(), h.can_df())`, 'False False'],
@@ -293,7 +295,7 @@ print(sorted(entries))
   assert.equal(status.stdout.trim(), "[('base:allocation', 33554432, [65536, 3]), ('base:allocation', 33554432, [65536, 3])]")
 })
 
-test('interop: multi-conn: flush on one connection is visible on another; 64 pipelined aio writes', async () => {
+test('interop: multi-conn: flush on one connection is visible on another; 64 pipelined aio writes', { timeout: TIMEOUT }, async () => {
   const url = `${U}/disk`
   const out = await nbdsh(
     null,
@@ -314,7 +316,7 @@ print('ok')
   await disk.discard(0, 32 * MiB)
 })
 
-test('interop: latency: qemu-img bench at queue depth 8 over TCP has no per-batch stall', async () => {
+test('interop: latency: qemu-img bench at queue depth 8 over TCP has no per-batch stall', { timeout: TIMEOUT }, async () => {
   // qemu-nbd without TCP_NODELAY stalls ~40 ms per batch here (reference §14: 2000 x 4k took 5.2 s).
   // Our replies leave in corked batches, so this guards latency in general, not NODELAY alone.
   for (const write of [false, true]) {
@@ -324,7 +326,7 @@ test('interop: latency: qemu-img bench at queue depth 8 over TCP has no per-batc
   }
 })
 
-test('interop: Unix socket with nbdinfo, qemu-io and nbdcopy', async () => {
+test('interop: Unix socket with nbdinfo, qemu-io and nbdcopy', { timeout: TIMEOUT }, async () => {
   const url = (name: string) => `nbd+unix:///${name}?socket=${sockPath}`
   const info = await runOk('nbdinfo', ['--size', url('ro')])
   assert.equal(info.stdout.trim(), String(4 * MiB))
@@ -335,7 +337,7 @@ test('interop: Unix socket with nbdinfo, qemu-io and nbdcopy', async () => {
   await scratch.discard(0, 64 * MiB)
 })
 
-test('interop: TLS with PSK (nbds://) and X.509 certificates; TLS required refuses plaintext', async () => {
+test('interop: TLS with PSK (nbds://) and X.509 certificates; TLS required refuses plaintext', { timeout: TIMEOUT }, async () => {
   const pki = join(dir, 'pki')
   await mkdir(pki)
   await runOk('openssl', [

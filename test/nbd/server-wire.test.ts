@@ -19,6 +19,8 @@ import { bytes, infoRequestBytes, metaContextBytes } from '../support/nbd-bytes.
 import { RawNbdClient } from '../support/nbd-raw-client.js'
 import { logsAreClean, startTestServer, type TestServer } from '../support/nbd-test-server.js'
 
+/** Every test and hook fails instead of hanging if a connection never closes. */
+const TIMEOUT = 20_000
 const MiB = 1024 * 1024
 const OPT = { EXPORT_NAME: 1, ABORT: 2, LIST: 3, PEEK: 4, STARTTLS: 5, INFO: 6, GO: 7, STRUCTURED: 8, LIST_META: 9, SET_META: 10, EXT: 11 }
 const REP = { ACK: 1, SERVER: 2, INFO: 3, META: 4, UNSUP: 0x80000001, POLICY: 0x80000002, INVALID: 0x80000003, TLS_REQD: 0x80000005, UNKNOWN: 0x80000006, TOO_BIG: 0x80000009 }
@@ -67,12 +69,12 @@ function makeExports(): ExportProvider {
 
 before(async () => {
   srv = await startTestServer({ exports: makeExports(), limits: { maxInFlightRequests: 8 } })
-})
+}, { timeout: TIMEOUT })
 
 after(async () => {
   await srv.close()
   assert.ok(logsAreClean(srv.logs), `logs have no stack traces:\n${srv.logs.filter((l) => !l.startsWith('debug')).join('\n')}`)
-})
+}, { timeout: TIMEOUT })
 
 async function client(): Promise<RawNbdClient> {
   const c = await RawNbdClient.connect({ port: srv.port })
@@ -86,13 +88,13 @@ async function opened(name: string, options: { structured?: boolean; contexts?: 
   return c
 }
 
-test('wire: greeting is fixed newstyle with NO_ZEROES', async () => {
+test('wire: greeting is fixed newstyle with NO_ZEROES', { timeout: TIMEOUT }, async () => {
   const c = await RawNbdClient.connect({ port: srv.port })
   assert.deepEqual(await c.read(18), bytes().ascii('NBDMAGICIHAVEOPT').u16(3).build())
   c.destroy()
 })
 
-test('wire: EXPORT_NAME sends 124 zero bytes only when the client did not set NO_ZEROES', async () => {
+test('wire: EXPORT_NAME sends 124 zero bytes only when the client did not set NO_ZEROES', { timeout: TIMEOUT }, async () => {
   for (const flags of [1, 3, 0]) {
     const c = await RawNbdClient.connect({ port: srv.port })
     await c.handshake(flags)
@@ -111,7 +113,7 @@ test('wire: EXPORT_NAME sends 124 zero bytes only when the client did not set NO
   }
 })
 
-test('wire: EXPORT_NAME for an unknown or refused export closes the connection', async () => {
+test('wire: EXPORT_NAME for an unknown or refused export closes the connection', { timeout: TIMEOUT }, async () => {
   for (const name of ['nope', 'secret']) {
     const c = await client()
     c.option(OPT.EXPORT_NAME, Buffer.from(name))
@@ -119,7 +121,7 @@ test('wire: EXPORT_NAME for an unknown or refused export closes the connection',
   }
 })
 
-test('wire: unknown client flags and bad option magic close the connection', async () => {
+test('wire: unknown client flags and bad option magic close the connection', { timeout: TIMEOUT }, async () => {
   const c1 = await RawNbdClient.connect({ port: srv.port })
   await c1.handshake(0x7)
   await c1.closed
@@ -128,7 +130,7 @@ test('wire: unknown client flags and bad option magic close the connection', asy
   await c2.closed
 })
 
-test('wire: unknown, withdrawn and unimplemented options get ERR_UNSUP and parsing goes on', async () => {
+test('wire: unknown, withdrawn and unimplemented options get ERR_UNSUP and parsing goes on', { timeout: TIMEOUT }, async () => {
   const c = await client()
   for (const code of [99, OPT.PEEK, OPT.EXT, 0x7fffffff]) {
     c.option(code, Buffer.from('junk'))
@@ -157,7 +159,7 @@ test('wire: unknown, withdrawn and unimplemented options get ERR_UNSUP and parsi
   await c.closed
 })
 
-test('wire: a client that floods options without reading replies is throttled, and every reply arrives in order', async () => {
+test('wire: a client that floods options without reading replies is throttled, and every reply arrives in order', { timeout: TIMEOUT }, async () => {
   const c = await client()
   c.socket.pause()
   const count = 5000
@@ -172,7 +174,7 @@ test('wire: a client that floods options without reading replies is throttled, a
   c.destroy()
 })
 
-test('wire: truncated GO gets ERR_INVALID, oversized options ERR_TOO_BIG, and the handshake continues', async () => {
+test('wire: truncated GO gets ERR_INVALID, oversized options ERR_TOO_BIG, and the handshake continues', { timeout: TIMEOUT }, async () => {
   const c = await client()
   c.option(OPT.GO, bytes().u32(3).ascii('mem').build())
   assert.equal((await c.optionReplies())[0]!.type, REP.INVALID)
@@ -184,7 +186,7 @@ test('wire: truncated GO gets ERR_INVALID, oversized options ERR_TOO_BIG, and th
   c.destroy()
 })
 
-test('wire: INFO and GO agree; default name is the first export; unknown and refused exports', async () => {
+test('wire: INFO and GO agree; default name is the first export; unknown and refused exports', { timeout: TIMEOUT }, async () => {
   const c = await client()
   c.option(OPT.STRUCTURED)
   await c.optionReplies()
@@ -214,7 +216,7 @@ test('wire: INFO and GO agree; default name is the first export; unknown and ref
   r.destroy()
 })
 
-test('wire: meta contexts: list, wildcards, set, and block status with REQ_ONE', async () => {
+test('wire: meta contexts: list, wildcards, set, and block status with REQ_ONE', { timeout: TIMEOUT }, async () => {
   const c = await client()
   c.option(OPT.SET_META, metaContextBytes('mem', ['base:allocation']))
   assert.equal((await c.optionReplies())[0]!.type, REP.INVALID, 'SET needs structured replies first')
@@ -254,7 +256,7 @@ test('wire: meta contexts: list, wildcards, set, and block status with REQ_ONE',
   c.destroy()
 })
 
-test('wire: block status without a selected context (or for another export) is EINVAL; default is all data', async () => {
+test('wire: block status without a selected context (or for another export) is EINVAL; default is all data', { timeout: TIMEOUT }, async () => {
   const c = await opened('slow')
   c.request({ type: CMD.BLOCK_STATUS, cookie: 1, offset: 0, length: 4096 })
   assert.equal((await c.structuredReply())[0]!.error, EINVAL)
@@ -276,7 +278,7 @@ test('wire: block status without a selected context (or for another export) is E
   e.destroy()
 })
 
-test('wire: structured READ is one OFFSET_DATA chunk with DONE; errors are ERROR chunks with a message', async () => {
+test('wire: structured READ is one OFFSET_DATA chunk with DONE; errors are ERROR chunks with a message', { timeout: TIMEOUT }, async () => {
   await mem.write(Buffer.alloc(4096, 0x5a), 8192)
   const c = await opened('mem')
   c.request({ type: CMD.READ, cookie: 0x1122334455667788n, offset: 8192, length: 4096 })
@@ -298,7 +300,7 @@ test('wire: structured READ is one OFFSET_DATA chunk with DONE; errors are ERROR
   c.destroy()
 })
 
-test('wire: bad requests get the reference table errnos and the connection stays up', async () => {
+test('wire: bad requests get the reference table errnos and the connection stays up', { timeout: TIMEOUT }, async () => {
   const c = await opened('mem')
   const size = 8 * MiB
   const cases: [string, Parameters<RawNbdClient['request']>[0], number, Buffer?][] = [
@@ -330,7 +332,7 @@ test('wire: bad requests get the reference table errnos and the connection stays
   c.destroy()
 })
 
-test('wire: oversized WRITE is refused, its payload drained, and the stream stays in sync', async () => {
+test('wire: oversized WRITE is refused, its payload drained, and the stream stays in sync', { timeout: TIMEOUT }, async () => {
   const c = await opened('mem')
   const big = Buffer.alloc(32 * MiB + 4096, 0x11)
   c.request({ type: CMD.WRITE, cookie: 1, offset: 0, length: big.length }, big)
@@ -346,7 +348,7 @@ test('wire: oversized WRITE is refused, its payload drained, and the stream stay
   c.destroy()
 })
 
-test('wire: read-only export refuses write-type commands with EPERM', async () => {
+test('wire: read-only export refuses write-type commands with EPERM', { timeout: TIMEOUT }, async () => {
   const c = await opened('ro')
   c.request({ type: CMD.WRITE, cookie: 1, length: 3 }, Buffer.from('abc'))
   assert.equal((await c.structuredReply())[0]!.error, EPERM)
@@ -361,7 +363,7 @@ test('wire: read-only export refuses write-type commands with EPERM', async () =
   c.destroy()
 })
 
-test('wire: simple replies: errors carry only the errno, DF is refused, data follows the header', async () => {
+test('wire: simple replies: errors carry only the errno, DF is refused, data follows the header', { timeout: TIMEOUT }, async () => {
   const c = await opened('mem', { structured: false })
   c.request({ type: CMD.WRITE, cookie: 1, offset: 100, length: 5 }, Buffer.from('hello'))
   assert.equal((await c.reply()).error, 0)
@@ -375,7 +377,7 @@ test('wire: simple replies: errors carry only the errno, DF is refused, data fol
   c.destroy()
 })
 
-test('wire: pipelined requests run concurrently and reply out of order with correct cookies', async () => {
+test('wire: pipelined requests run concurrently and reply out of order with correct cookies', { timeout: TIMEOUT }, async () => {
   slow.setDelay((op, offset) => (op === 'read' && offset === 0 ? 150 : 0))
   try {
     const c = await opened('slow')
@@ -397,7 +399,7 @@ test('wire: pipelined requests run concurrently and reply out of order with corr
   }
 })
 
-test('wire: back-pressure: hundreds of pipelined reads with a small in-flight limit all complete', async () => {
+test('wire: back-pressure: hundreds of pipelined reads with a small in-flight limit all complete', { timeout: TIMEOUT }, async () => {
   const c = await opened('mem')
   const count = 400
   const frames: Buffer[] = []
@@ -413,7 +415,7 @@ test('wire: back-pressure: hundreds of pipelined reads with a small in-flight li
   c.destroy()
 })
 
-test('wire: WRITE_ZEROES punches holes unless NO_HOLE; FAST_ZERO refused where zeroing is slow; TRIM needs discard', async () => {
+test('wire: WRITE_ZEROES punches holes unless NO_HOLE; FAST_ZERO refused where zeroing is slow; TRIM needs discard', { timeout: TIMEOUT }, async () => {
   const c = await opened('mem')
   await mem.write(Buffer.alloc(MiB, 0xff), 2 * MiB)
   c.request({ type: CMD.WRITE_ZEROES, flags: 0x10, cookie: 1, offset: 2 * MiB, length: 65536 })
@@ -433,7 +435,7 @@ test('wire: WRITE_ZEROES punches holes unless NO_HOLE; FAST_ZERO refused where z
   d.destroy()
 })
 
-test('wire: device errors become EIO error chunks with a one-line message', async () => {
+test('wire: device errors become EIO error chunks with a one-line message', { timeout: TIMEOUT }, async () => {
   slow.failReads(1)
   const c = await opened('slow')
   c.request({ type: CMD.READ, cookie: 1, offset: 0, length: 512 })
@@ -445,7 +447,7 @@ test('wire: device errors become EIO error chunks with a one-line message', asyn
   c.destroy()
 })
 
-test('wire: a client sending garbage is dropped without disturbing another client mid-transfer', async () => {
+test('wire: a client sending garbage is dropped without disturbing another client mid-transfer', { timeout: TIMEOUT }, async () => {
   const good = await opened('mem')
   const bad = await opened('mem')
   good.request({ type: CMD.READ, cookie: 1, offset: 0, length: 512 })
@@ -458,7 +460,7 @@ test('wire: a client sending garbage is dropped without disturbing another clien
   good.destroy()
 })
 
-test('wire: random garbage from many clients, in every phase, never disturbs the server', async () => {
+test('wire: random garbage from many clients, in every phase, never disturbs the server', { timeout: TIMEOUT }, async () => {
   let seed = 99
   const rand = (n: number) => {
     seed = (seed * 1103515245 + 12345) % 2 ** 31
@@ -487,7 +489,7 @@ test('wire: random garbage from many clients, in every phase, never disturbs the
   good.destroy()
 })
 
-test('wire: DISC lets in-flight requests finish, then the server closes', async () => {
+test('wire: DISC lets in-flight requests finish, then the server closes', { timeout: TIMEOUT }, async () => {
   slow.setDelay((op) => (op === 'write' ? 100 : 0))
   try {
     const c = await opened('slow')
@@ -502,7 +504,7 @@ test('wire: DISC lets in-flight requests finish, then the server closes', async 
   }
 })
 
-test('wire: a client that pipelines requests and half-closes still gets every reply', async () => {
+test('wire: a client that pipelines requests and half-closes still gets every reply', { timeout: TIMEOUT }, async () => {
   const c = await opened('mem')
   const count = 50
   const frames: Buffer[] = []
@@ -516,7 +518,7 @@ test('wire: a client that pipelines requests and half-closes still gets every re
   await c.closed
 })
 
-test('wire: the export provider is consulted live at each handshake', async () => {
+test('wire: the export provider is consulted live at each handshake', { timeout: TIMEOUT }, async () => {
   const c = await client()
   c.option(OPT.INFO, infoRequestBytes('late'))
   assert.equal((await c.optionReplies())[0]!.type, REP.UNKNOWN)
@@ -531,7 +533,7 @@ test('wire: the export provider is consulted live at each handshake', async () =
   c.destroy()
 })
 
-test('server: Unix socket, maxConnections, TLS_REQD without STARTTLS, and graceful close with ESHUTDOWN', async () => {
+test('server: Unix socket, maxConnections, TLS_REQD without STARTTLS, and graceful close with ESHUTDOWN', { timeout: TIMEOUT }, async () => {
   const dir = await mkdtemp(join(tmpdir(), 'nbd-wire-'))
   try {
     const device = new FaultyDevice(new MemoryDevice(MiB))
@@ -592,7 +594,7 @@ test('server: Unix socket, maxConnections, TLS_REQD without STARTTLS, and gracef
   }
 })
 
-test('server: bad TLS configuration fails at construction or listen; close is idempotent', async () => {
+test('server: bad TLS configuration fails at construction or listen; close is idempotent', { timeout: TIMEOUT }, async () => {
   const exports = staticExports([])
   assert.throws(
     () => new NbdServer({ exports, tls: { mode: 'require' } }),
@@ -607,7 +609,7 @@ test('server: bad TLS configuration fails at construction or listen; close is id
   await missing.close()
 })
 
-test('server: STARTTLS over the wire: PSK upgrade forgets earlier negotiation; junk after STARTTLS drops the client', async () => {
+test('server: STARTTLS over the wire: PSK upgrade forgets earlier negotiation; junk after STARTTLS drops the client', { timeout: TIMEOUT }, async () => {
   const key = Buffer.alloc(32, 7)
   const device = new MemoryDevice(MiB)
   await device.write(Buffer.from('secret data'), 0)
