@@ -11,6 +11,7 @@ import { checkChunkSizeBytes, parseSize } from '../units.js'
 import { ControlClient } from '../control/control-client.js'
 import { type VolumeOps, localOps } from '../control/volume-ops.js'
 import { Volume, parseDevice } from '../volume/volume.js'
+import { checkVolumeFiles } from '../volume/check.js'
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
 import { formatList } from './output.js'
 import { serveVolumes } from './serve.js'
@@ -66,8 +67,16 @@ export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, liv
   }
 }
 
+function deviceArg(spec: string): { volume: string; snapshot: string | null } {
+  try {
+    return parseDevice(spec)
+  } catch (err) {
+    throw new UsageError((err as Error).message)
+  }
+}
+
 function snapshotRequired(spec: string): { volume: string; snapshot: string } {
-  const { volume, snapshot } = parseDevice(spec)
+  const { volume, snapshot } = deviceArg(spec)
   if (!snapshot) throw new UsageError(`expected VOL@SNAP, got '${spec}'`)
   return { volume, snapshot }
 }
@@ -136,7 +145,7 @@ function buildProgram(): Command {
     .description("print the kernel's dmsetup status line for VOL or VOL@SNAP")
     .argument('<DEVICE>')
     .action(async (spec: string) => {
-      const { volume, snapshot } = parseDevice(spec)
+      const { volume, snapshot } = deviceArg(spec)
       const line = await withVolume(volume, (ops) => ops.status(snapshot))
       process.stdout.write(`${line}\n`)
     })
@@ -149,7 +158,7 @@ function buildProgram(): Command {
     .option('--length <N>', 'bytes to read (default: to the end)', intArg('length'))
     .option('--output <FILE>', 'write to FILE instead of stdout')
     .action(async (spec: string, opts: { offset: number; length?: number; output?: string }) => {
-      const { volume, snapshot } = parseDevice(spec)
+      const { volume, snapshot } = deviceArg(spec)
       await withVolume(volume, async (ops) => {
         const size = await ops.size(snapshot)
         const length = opts.length ?? Math.max(0, size - opts.offset)
@@ -173,7 +182,7 @@ function buildProgram(): Command {
     .requiredOption('--offset <N>', 'byte offset', intArg('offset'))
     .option('--input <FILE>', 'read from FILE instead of stdin')
     .action(async (spec: string, opts: { offset: number; input?: string }) => {
-      const { volume, snapshot } = parseDevice(spec)
+      const { volume, snapshot } = deviceArg(spec)
       if (opts.input !== undefined && !(await stat(opts.input).catch(() => null))) {
         throw new SnapError('SNAP_NOT_FOUND', `input file ${opts.input} does not exist`)
       }
@@ -211,8 +220,20 @@ function buildProgram(): Command {
     .description('verify COW metadata; exit 0 when clean, 1 with a description when not')
     .argument('<VOL[@SNAP]>')
     .action(async (spec: string) => {
-      const { volume, snapshot } = parseDevice(spec)
-      const result = await withVolume(volume, (ops) => ops.check(snapshot))
+      const { volume, snapshot } = deviceArg(spec)
+      // Offline, the COW files are verified without attaching them: attaching would stop at the
+      // first problem, and check is there to describe all of them.
+      const client = await ControlClient.connect(resolve(volume))
+      let result: { clean: boolean; problems: string[] }
+      if (client) {
+        try {
+          result = await client.check(snapshot)
+        } finally {
+          client.close()
+        }
+      } else {
+        result = await checkVolumeFiles(volume, snapshot)
+      }
       if (!result.clean) {
         for (const p of result.problems) process.stderr.write(`blocksnap: check: ${p}\n`)
         process.exitCode = EXIT_ERROR

@@ -44,11 +44,13 @@ function reporter(): Reporter {
     }
   }
   let last = 0
+  let lastDone = -1
   return {
     update(p) {
       const now = Date.now()
-      if (now - last < 2000 && p.doneChunks < p.totalChunks) return
+      if (p.doneChunks === lastDone || (now - last < 2000 && p.doneChunks < p.totalChunks)) return
       last = now
+      lastDone = p.doneChunks
       process.stderr.write(`blocksnap: merged ${p.doneChunks}/${p.totalChunks} chunks (${(p.rateBytesPerSecond / 1048576).toFixed(1)} MiB/s)\n`)
     },
     stop() {},
@@ -69,7 +71,6 @@ async function offlineMerge(volumePath: string, snapshot: string, rate: number |
     merge.on('progress', (p) => report.update(p))
     report.update(merge.progress())
     await merge.done
-    report.stop()
     if (interrupted || merge.state === 'stopped') {
       throw new SnapError('SNAP_ABORTED', `merge of ${snapshot} stopped; run the command again to resume`)
     }

@@ -93,7 +93,7 @@ export class PersistentStore implements ExceptionStore {
     this.loaded = true
     if (this.cow.sizeBytes < 512) {
       // An empty grow-on-demand file is a brand-new COW; anything else this small is not a COW.
-      if (!this.growable) throw corrupt('COW device is too small to hold a header')
+      if (!this.growable || this.cow.sizeBytes !== 0) throw corrupt('COW device is too small to hold a header')
       await this.initialise()
       return { valid: true }
     }

@@ -3,11 +3,13 @@
  * entries pointing at metadata chunks, and duplicate origin chunks. Returns the problems found
  * (empty when clean); never modifies the file.
  */
+import { isAbsolute, join, resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
-import { isSnapError } from '../errors.js'
+import { SnapError, isSnapError } from '../errors.js'
 import { decodeArea } from '../format/area.js'
 import { decodeHeader } from '../format/header.js'
 import { FORMAT_VERSION, areaChunk, isMetadataChunk, layoutFor } from '../format/layout.js'
+import { readManifest } from './manifest.js'
 import { MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SECTOR_BYTES, isPowerOfTwo } from '../units.js'
 
 export async function checkCow(path: string, options: { originSizeBytes?: number } = {}): Promise<string[]> {
@@ -69,4 +71,22 @@ export async function checkCow(path: string, options: { originSizeBytes?: number
     await dev.close()
   }
   return problems
+}
+
+/**
+ * Checks the persistent COW files of a volume (or of one snapshot) straight from the manifest,
+ * without opening the volume: usable on a volume that no longer opens.
+ */
+export async function checkVolumeFiles(dirPath: string, snapshot: string | null): Promise<{ clean: boolean; problems: string[] }> {
+  const dir = resolve(dirPath)
+  const manifest = await readManifest(dir)
+  const records = snapshot ? manifest.snapshots.filter((r) => r.name === snapshot) : manifest.snapshots
+  if (snapshot && records.length === 0) throw new SnapError('SNAP_NOT_FOUND', `no snapshot '${snapshot}' in volume ${dir}`)
+  const problems: string[] = []
+  for (const r of records) {
+    if (r.store !== 'persistent') continue
+    const path = isAbsolute(r.cowFile) ? r.cowFile : join(dir, r.cowFile)
+    for (const p of await checkCow(path, { originSizeBytes: manifest.sizeBytes })) problems.push(`${r.name}: ${p}`)
+  }
+  return { clean: problems.length === 0, problems }
 }
