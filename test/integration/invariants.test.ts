@@ -344,24 +344,37 @@ test('invariant 34: with more than COW_THRESHOLD copies in flight new origin wri
 })
 
 test('live creation: a snapshot taken under load is an exact point in time', async () => {
-  const { origin, originBase, originDev } = setup(256 * KiB)
+  const { origin, originBase } = setup(256 * KiB)
   const original = originBase.readSync(0, 256 * KiB)
   const random = new Random(7)
-  // Writes to the first half complete at once, the second half are slow: both sides exist.
-  originDev.setDelay((op, offset) => (op === 'write' && offset >= 128 * KiB ? 40 : 0))
-  const writes: Array<{ offset: number; data: Uint8Array; done: boolean }> = []
-  const inFlight = Array.from({ length: 30 }, (_, i) => {
+  // Writes to the second half are held at the device until the snapshot creation has begun, so
+  // there are writes on both sides of the point in time whatever the machine's load.
+  let release!: () => void
+  const gate = new Promise<void>((resolve) => (release = resolve))
+  const baseWrite = originBase.write.bind(originBase)
+  originBase.write = async (data: Uint8Array, offset: number, options?: { fua?: boolean }) => {
+    if (offset >= 128 * KiB) await gate
+    return baseWrite(data, offset, options)
+  }
+  const writes: Array<{ offset: number; data: Uint8Array; done: boolean; promise: Promise<void> }> = []
+  for (let i = 0; i < 30; i++) {
     // Each write stays inside its own 8 KiB slot: overlapping concurrent writes have no defined result.
-    const w = { offset: i * 8 * KiB + random.int(2000), data: random.bytes(3000 + random.int(3000)), done: false }
+    const offset = i * 8 * KiB + random.int(2000)
+    const data = random.bytes(3000 + random.int(3000))
+    const w = { offset, data, done: false, promise: Promise.resolve() }
+    w.promise = origin.write(data, offset).then(() => {
+      w.done = true
+    })
     writes.push(w)
-    return origin.write(w.data, w.offset).then(() => (w.done = true))
-  })
-  await new Promise((r) => setTimeout(r, 10))
+  }
+  await Promise.all(writes.filter((w) => w.offset < 128 * KiB).map((w) => w.promise))
   const completedBefore = writes.filter((w) => w.done)
   const { snap } = persistent('live', 4 * KiB, 4096 * KiB)
-  await origin.addSnapshot(snap)
+  const creation = origin.addSnapshot(snap)
+  release()
+  await creation
   const later = { offset: 0, data: filled(3000, 0x42) }
-  await Promise.all([...inFlight, origin.write(later.data, later.offset)])
+  await Promise.all([...writes.map((w) => w.promise), origin.write(later.data, later.offset)])
   // Completed before: in. In flight: wholly in or wholly out. Started after: out.
   for (const w of completedBefore) assert.deepEqual(await snap.read(w.offset, w.data.length), w.data)
   for (const w of writes) {

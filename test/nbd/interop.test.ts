@@ -186,7 +186,7 @@ test('interop: fio nbd engine with crc32c verification', { timeout: TIMEOUT }, a
     'fio',
     [
       '--name=verify', '--ioengine=nbd', `--uri=${U}/fio`, '--rw=randwrite', '--bs=4k', '--iodepth=32',
-      '--size=32M', '--verify=crc32c', '--do_verify=1', '--output-format=json',
+      '--size=32M', '--verify=crc32c', '--do_verify=1', '--verify_state_save=0', '--output-format=json',
     ],
     { timeoutMs: 120_000 },
   )

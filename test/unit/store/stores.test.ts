@@ -5,6 +5,7 @@
  */
 import { describe, it } from 'node:test'
 import assert from 'node:assert/strict'
+import { isSnapError } from '../../../src/errors.js'
 import { MemoryDevice } from '../../../src/device/memory-device.js'
 import type { SnapErrorCode } from '../../../src/errors.js'
 import type { ExceptionStore, PreparedException } from '../../../src/store/exception-store.js'
@@ -470,7 +471,15 @@ describe('persistent-store: crash consistency', () => {
 })
 
 describe('persistent-store: grow-on-demand COW', () => {
-  for (const initial of [0, 100]) {
+  it('persistent-store: a growable COW of a few bytes is a truncated COW, refused, never re-initialised', async () => {
+    const cow = MemoryDevice.fromBytes(new Uint8Array(100).fill(7))
+    const store = new PersistentStore(cow, { chunkBytes: 4096, growable: true })
+    await assert.rejects(store.readMetadata(() => {}), (err: unknown) => isSnapError(err, 'SNAP_CORRUPT_METADATA'))
+    assert.equal(cow.sizeBytes, 100)
+    assert.deepEqual(cow.readSync(0, 100), new Uint8Array(100).fill(7))
+  })
+
+  for (const initial of [0]) {
     it(`persistent-store: growable store over a ${initial}-byte device never runs out and grows`, async () => {
       const chunkBytes = 4096
       const cow = new MemoryDevice(initial)
