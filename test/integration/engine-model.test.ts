@@ -127,10 +127,11 @@ async function runTrace(seed: number, steps: number): Promise<number> {
   return ops
 }
 
-const SEEDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+const SEEDS = Array.from({ length: 20 }, (_, i) => i + 1)
 
 test('engine model: concurrent random I/O on an origin with mixed snapshots matches the model', async () => {
   let ops = 0
-  for (const seed of SEEDS) ops += await runTrace(seed, 60)
-  assert.ok(ops > 3000, `only ${ops} operations ran`)
+  for (const seed of SEEDS) ops += await runTrace(seed, 80)
+  assert.ok(ops > 6000, `only ${ops} operations ran`)
+  console.log(`# engine model: ${SEEDS.length} seeds, ${ops} concurrent operations`)
 })
