@@ -5,8 +5,9 @@
  */
 import { pino } from 'pino'
 import { ControlServer } from '../control/control-server.js'
-import { SnapError } from '../errors.js'
+import { SnapError, isSnapError } from '../errors.js'
 import { NbdServer } from '../nbd/server.js'
+import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions } from '../nbd/tls.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
 
@@ -37,8 +38,36 @@ function mergeHandlers(volume: Volume) {
   }
 }
 
+/**
+ * Reads and checks the TLS files before any volume is opened, so a bad key file is reported as
+ * such (not as a listen failure). `--tls allow|require` without key material is refused: it
+ * would otherwise serve plaintext.
+ */
+async function loadServeTls(options: ServeOptions): Promise<NbdTlsOptions | undefined> {
+  if (!options.tlsPsk && !options.tlsCert) {
+    if (options.tls === 'allow' || options.tls === 'require') {
+      throw new SnapError('SNAP_BAD_ARGUMENT', `--tls ${options.tls} needs --tls-psk or --tls-cert/--tls-key`)
+    }
+    return undefined
+  }
+  const files: NbdTlsFiles = {
+    mode: options.tls ?? 'require',
+    ...(options.tlsPsk ? { pskFile: options.tlsPsk } : {}),
+    ...(options.tlsCert ? { certFile: options.tlsCert } : {}),
+    ...(options.tlsKey ? { keyFile: options.tlsKey } : {}),
+  }
+  try {
+    const tls = await loadTlsFiles(files)
+    createTlsContext(tls) // validates the material (PEM, key pair) now
+    return tls
+  } catch (err) {
+    throw isSnapError(err) ? err : new SnapError('SNAP_BAD_ARGUMENT', `TLS: ${(err as Error).message}`)
+  }
+}
+
 export async function serveVolumes(paths: string[], options: ServeOptions, extra: { printHelp?: boolean } = {}): Promise<void> {
   const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, pino.destination(2))
+  const tls = await loadServeTls(options)
   const names = new Set<string>()
   const volumes: Volume[] = []
   const controls: ControlServer[] = []
@@ -60,26 +89,22 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     await cleanup()
     throw err
   }
-  const tls =
-    options.tlsPsk || options.tlsCert
-      ? {
-          mode: options.tls ?? 'require',
-          ...(options.tlsPsk ? { pskFile: options.tlsPsk } : {}),
-          ...(options.tlsCert ? { certFile: options.tlsCert, keyFile: options.tlsKey as string } : {}),
-        }
-      : undefined
   const server = new NbdServer({
     exports: new VolumeExports(volumes, { readOnly: options.readOnly }),
     logger: log.child({ component: 'nbd' }),
-    ...(tls ? { tls: tls as never } : {}),
+    ...(tls ? { tls } : {}),
   })
+  let listening = `${options.host}:${options.port}`
   try {
     await server.listen({ host: options.host, port: options.port })
-    if (options.socket) await server.listen({ path: options.socket })
+    if (options.socket) {
+      listening = options.socket
+      await server.listen({ path: options.socket })
+    }
   } catch (err) {
     await server.close().catch(() => {})
     await cleanup()
-    throw new SnapError('SNAP_BUSY', `cannot listen on ${options.host}:${options.port}: ${(err as Error).message}`)
+    throw new SnapError('SNAP_BUSY', `cannot listen on ${listening}: ${(err as Error).message}`)
   }
   const where = `${options.host}:${options.port}`
   log.info(`serving ${volumes.map((v) => v.name).join(', ')} on ${where}${options.socket ? ` and ${options.socket}` : ''}`)
