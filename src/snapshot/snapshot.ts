@@ -135,13 +135,19 @@ export class Snapshot extends BaseBlockDevice {
   async load(backing: OriginBacking): Promise<void> {
     this.backing = backing
     this._sizeBytes = backing.sizeBytes
+    const table = this.table
     const { valid } = await this.store.readMetadata((oldChunk, newChunk) => {
-      if (this.table.lookup(oldChunk) !== -1) {
+      // insert() scans the chunk's whole group and refuses a chunk already mapped, so no
+      // separate lookup first (that doubled the cost of opening a big COW).
+      const before = table.size
+      try {
+        table.insert(oldChunk, newChunk)
+      } catch (err) {
+        if (isSnapError(err) || table.size !== before) throw err
         throw new SnapError('SNAP_CORRUPT_METADATA', `duplicate exception for origin chunk ${oldChunk}`, {
           details: { chunk: oldChunk },
         })
       }
-      this.table.insert(oldChunk, newChunk)
     })
     if (!valid) this._valid = false
   }
@@ -280,32 +286,72 @@ export class Snapshot extends BaseBlockDevice {
     this.checkUsable(false)
     const chunkBytes = this.chunkBytes
     const end = offset + target.length
-    const jobs: Array<Promise<void>> = []
-    let pos = offset
     // Walk chunk by chunk, coalescing neighbours that go to the same place in one device read.
+    // cow holds [targetStart, targetEnd, cowOffset] triples; origin pieces are counted only.
+    const cow: number[] = []
+    let originPieces = 0
+    let firstOrigin = -1
+    let pos = offset
     while (pos < end) {
       const chunk = Math.floor(pos / chunkBytes)
       const newChunk = this.table.lookup(chunk)
       let runEnd = Math.min(end, (chunk + 1) * chunkBytes)
+      let next = chunk + 1
       if (newChunk !== -1) {
-        let next = chunk + 1
         while (runEnd < end && this.table.lookup(next) === newChunk + (next - chunk)) {
           runEnd = Math.min(end, (next + 1) * chunkBytes)
           next++
         }
-        const cowOffset = newChunk * chunkBytes + (pos - chunk * chunkBytes)
-        jobs.push(this.store.cow.readInto(target.subarray(pos - offset, runEnd - offset), cowOffset))
+        cow.push(pos - offset, runEnd - offset, newChunk * chunkBytes + (pos - chunk * chunkBytes))
       } else {
-        let next = chunk + 1
         while (runEnd < end && this.table.lookup(next) === -1) {
           runEnd = Math.min(end, (next + 1) * chunkBytes)
           next++
         }
-        jobs.push(this.readOriginTracked(target.subarray(pos - offset, runEnd - offset), pos, chunk, next))
+        if (originPieces++ === 0) firstOrigin = pos
       }
       pos = runEnd
     }
+    const firstChunk = Math.floor(offset / chunkBytes)
+    const endChunk = Math.floor((end - 1) / chunkBytes) + 1
+    if (cow.length === 0) return this.readOriginTracked(target, offset, firstChunk, endChunk)
+    if (originPieces > 1) {
+      // Fragmented (saved and unsaved chunks interleave): one origin read over the whole range,
+      // then the saved chunks on top, instead of one small read per piece. Tracking the saved
+      // chunks too is harmless: nobody waits on a chunk whose exception is already complete.
+      await this.readOriginTracked(target, offset, firstChunk, endChunk)
+      await settleAll(this.cowReads(target, cow))
+      return
+    }
+    const jobs = this.cowReads(target, cow)
+    if (originPieces === 1) {
+      const pieceEnd = this.originPieceEnd(firstOrigin, end)
+      const c0 = Math.floor(firstOrigin / chunkBytes)
+      const c1 = Math.floor((pieceEnd - 1) / chunkBytes) + 1
+      jobs.push(this.readOriginTracked(target.subarray(firstOrigin - offset, pieceEnd - offset), firstOrigin, c0, c1))
+    }
     await settleAll(jobs)
+  }
+
+  private cowReads(target: Uint8Array, cow: number[]): Array<Promise<void>> {
+    const jobs: Array<Promise<void>> = []
+    for (let k = 0; k < cow.length; k += 3) {
+      jobs.push(this.store.cow.readInto(target.subarray(cow[k]!, cow[k + 1]!), cow[k + 2]!))
+    }
+    return jobs
+  }
+
+  /** End of the run of unsaved chunks starting at `pos` (same walk as _readInto). */
+  private originPieceEnd(pos: number, end: number): number {
+    const chunkBytes = this.chunkBytes
+    const chunk = Math.floor(pos / chunkBytes)
+    let runEnd = Math.min(end, (chunk + 1) * chunkBytes)
+    let next = chunk + 1
+    while (runEnd < end && this.table.lookup(next) === -1) {
+      runEnd = Math.min(end, (next + 1) * chunkBytes)
+      next++
+    }
+    return runEnd
   }
 
   private async readOriginTracked(target: Uint8Array, offset: number, firstChunk: number, endChunk: number): Promise<void> {
