@@ -150,10 +150,18 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     if (this.list.length === 0) return { waits, invalidations }
     const step = this.minChunkBytes()
     const end = offset + length
-    for (let pos = Math.floor(offset / step) * step; pos < end; pos += step) {
-      for (const s of this.list) {
-        const pe: PendingException | null = s.protectOriginChunk(pos, invalidations)
-        if (pe) waits.push(pe.done)
+    const first = Math.floor(offset / step) * step
+    // Snapshot by snapshot (each has its own store, so the order between them is free), so the
+    // copies one write needs in one snapshot can be started together and coalesced.
+    for (const s of this.list) {
+      const batch: PendingException[] = []
+      try {
+        for (let pos = first; pos < end; pos += step) {
+          const pe: PendingException | null = s.protectOriginChunk(pos, invalidations, batch)
+          if (pe) waits.push(pe.done)
+        }
+      } finally {
+        if (batch.length > 0) s.startCopies(batch)
       }
     }
     return { waits, invalidations }

@@ -30,6 +30,9 @@ import { PendingException } from './pending-exception.js'
 /** Copies in flight above which new writes wait (kernel snapshot_cow_threshold). */
 export const COW_THRESHOLD = 2048
 
+/** Largest single origin read / COW write when consecutive chunks are copied together. */
+const COPY_RUN_BYTES = 1024 * 1024
+
 export type SnapshotState = 'active' | 'invalid' | 'overflow' | 'merging' | 'merge-failed'
 
 export interface SnapshotOptions {
@@ -164,7 +167,7 @@ export class Snapshot extends BaseBlockDevice {
    * pending exception to wait for, or null when nothing is (or can be) needed. `invalidations`
    * collects the promises of invalidations caused by a full COW.
    */
-  protectOriginChunk(offset: number, invalidations: Array<Promise<void>>): PendingException | null {
+  protectOriginChunk(offset: number, invalidations: Array<Promise<void>>, batch?: PendingException[]): PendingException | null {
     if (!this.active || !this._valid || this.merging) return null
     if (offset >= this._sizeBytes) return null
     const chunk = Math.floor(offset / this.chunkBytes)
@@ -179,8 +182,53 @@ export class Snapshot extends BaseBlockDevice {
         return null
       }
     }
-    if (!pe.started) this.startCopy(pe)
+    if (!pe.started) {
+      if (batch) {
+        // started now, copied by startCopies() together with its consecutive neighbours
+        pe.started = true
+        this.inProgress++
+        batch.push(pe)
+      } else {
+        this.startCopy(pe)
+      }
+    }
     return pe
+  }
+
+  /**
+   * Copies the pending exceptions collected by protectOriginChunk(..., batch): neighbours that
+   * are consecutive both on the origin and in the COW are copied with one origin read and one
+   * COW write instead of one pair per chunk (a 1 MiB first-touch write over 4 KiB chunks was
+   * 512 small syscalls through the libuv pool).
+   */
+  startCopies(batch: PendingException[]): void {
+    const maxRun = Math.max(1, Math.floor(COPY_RUN_BYTES / this.chunkBytes))
+    let from = 0
+    for (let i = 1; i <= batch.length; i++) {
+      const prev = batch[i - 1] as PendingException
+      const pe = batch[i]
+      if (pe && i - from < maxRun && pe.chunk === prev.chunk + 1 && pe.newChunk === prev.newChunk + 1) continue
+      if (i - from === 1) void this.copyChunk(prev)
+      else void this.copyRun(batch.slice(from, i))
+      from = i
+    }
+  }
+
+  private async copyRun(run: PendingException[]): Promise<void> {
+    const chunkBytes = this.chunkBytes
+    const first = run[0] as PendingException
+    const start = first.chunk * chunkBytes
+    const end = Math.min((first.chunk + run.length) * chunkBytes, this.origin.sizeBytes)
+    let ok = true
+    try {
+      await this.store.whenSpaceReady((run[run.length - 1] as PendingException).prepared)
+      const data = await this.origin.device.read(start, end - start)
+      await this.store.cow.write(data, first.newChunk * chunkBytes)
+    } catch {
+      ok = false
+    }
+    // All at once: the store's group commit waits until every prepared exception is handed over.
+    await Promise.all(run.map((pe) => this.finishPending(pe, ok)))
   }
 
   private newPending(chunk: number): PendingException {
