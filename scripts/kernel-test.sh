@@ -4,5 +4,5 @@
 # package into $BLOCKSNAP_KERNEL_CACHE, default /var/tmp/blocksnap-kernel). See test/kernel/vm.ts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-files=(test/kernel/interop.test.ts)
+files=(test/kernel/interop.test.ts test/kernel/traces.test.ts)
 exec node --import tsx --test --test-concurrency=1 --test-reporter=spec "${files[@]}"

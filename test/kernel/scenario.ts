@@ -6,6 +6,7 @@
  *   <scenario>.<tag>.sha.<view>      sha256 of the whole view (view "o" is the origin)
  *   <scenario>.<tag>.status.<view>   the dmsetup status line
  *   <scenario>.merge.<snap>          status line of the merge target when the merge finished
+ *   <scenario>.werr.<n>              "EIO" when the n-th write of the scenario failed
  *
  * Every snapshot's COW is a fixed-size file (zeroed for a new snapshot, or holding a COW made
  * earlier); `snap` attaches it, which in the kernel means "suspend origin, create, resume".
@@ -73,11 +74,18 @@ export async function runInBlocksnap(scn: Scenario, files: ScenarioFiles, data: 
   const sectors = scn.sizeBytes / SECTOR
   const origin = new Origin(await FileDevice.open(files.origin), { events: new ExceptionEvents() })
   const snaps = new Map<string, Snapshot>()
+  let writes = 0
   const write = async (w: WriteOp): Promise<void> => {
+    const n = writes++
     const dev = w.target === 'o' ? origin : (snaps.get(w.target) as Snapshot)
     if (!dev) throw new Error(`${scn.name}: write to unknown ${w.target}`)
-    await dev.write(data.subarray(w.dataOff, w.dataOff + w.len), w.devOff)
-    await dev.flush()
+    try {
+      await dev.write(data.subarray(w.dataOff, w.dataOff + w.len), w.devOff)
+      await dev.flush()
+    } catch {
+      // An invalid snapshot, or a full PO snapshot: the kernel fails the write too.
+      results.set(`${scn.name}.werr.${n}`, 'EIO')
+    }
   }
   try {
     for (const op of scn.ops) {
@@ -131,9 +139,10 @@ export function kernelScript(scn: Scenario, disks: KernelDisks): string {
   const lines: string[] = [`# scenario ${scn.name}`, `mk ${real} 0 ${sectors} linear /dev/${disks.origin} 0`, `mk ${o} 0 ${sectors} snapshot-origin /dev/mapper/${real}`]
   const active: string[] = []
   const specs = new Map<string, { chunkSectors: number; store: string }>()
+  let writes = 0
   const write = (w: WriteOp): string => {
     const target = w.target === 'o' ? o : dev(w.target)
-    return `wr ${target} ${disks.data} ${w.dataOff} ${w.len} ${w.devOff}`
+    return `wr ${target} ${disks.data} ${w.dataOff} ${w.len} ${w.devOff} ${scn.name}.werr.${writes++}`
   }
   for (const op of scn.ops) {
     if (op.op === 'snap') {

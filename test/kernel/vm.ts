@@ -212,8 +212,9 @@ hv() { if h=$(sha256sum < /dev/mapper/$2 2>/dev/null); then R "$1" "\${h%% *}"; 
 hash() { R "sha.$1" "$(sha256sum < /dev/mapper/$1 | cut -d' ' -f1)"; }
 hashdev() { R "sha.$1" "$(sha256sum < /dev/$2 | cut -d' ' -f1)"; }
 st() { R "status.$1" "$(dmsetup status $1)"; }
-# wr TARGET DATADISK DATA_OFF LEN DEV_OFF (bytes, multiples of 512)
-wr() { dd if=/dev/$2 of=/dev/mapper/$1 bs=$4 count=1 skip=$3 seek=$5 iflag=skip_bytes oflag=seek_bytes,direct conv=notrunc,fsync 2>/dev/null || R "error.write.$1.$5" failed; }
+# wr TARGET DATADISK DATA_OFF LEN DEV_OFF KEY (bytes, multiples of 512): KEY=EIO when it fails.
+# (oflag=direct is asked for, but on 6.1 these writes still reach dm as whole pages.)
+wr() { dd if=/dev/$2 of=/dev/mapper/$1 bs=$4 count=1 skip=$3 seek=$5 iflag=skip_bytes oflag=seek_bytes,direct conv=notrunc,fsync 2>/dev/null || R "$6" EIO; }
 # waitmerge NAME: until allocated == metadata
 waitmerge() {
   i=0
