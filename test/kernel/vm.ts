@@ -230,6 +230,7 @@ waitmerge() {
 `
 
 export async function runVm(kernel: Kernel, options: VmOptions): Promise<VmRun> {
+  if (options.disks.length > 28) throw new Error(`${options.disks.length} disks: a q35 VM has PCI slots for about 28 virtio disks`)
   const work = join(CACHE_DIR, 'runs', `${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`)
   mkdirSync(work, { recursive: true })
   try {
