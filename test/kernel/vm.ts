@@ -9,6 +9,12 @@
  * BLOCKSNAP_KERNEL_PACKAGE overrides the package (default: what linux-image-amd64 depends on).
  *
  * Host tools needed: qemu-system-x86_64, busybox (busybox-static), dmsetup, cpio, gzip, apt-get, dpkg.
+ *
+ * Options for tests that talk to the running VM (filesystem.test.ts): `drives` attaches more
+ * qemu drives such as `nbd://HOST:PORT/NAME` (qemu's built-in NBD client), `modules` and
+ * `binaries` add kernel modules and host executables (with their libraries) to the initramfs,
+ * and `onLine` sees each console line and can answer on the serial console, which the script
+ * reads with `read`.
  */
 import { execFileSync, spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
@@ -167,6 +173,16 @@ function buildBaseInitramfs(moduleRoot: string, out: string): void {
   rmSync(stage, { recursive: true, force: true })
 }
 
+/** Shared libraries (real paths as ldd prints them) of a host executable. */
+function sharedLibraries(binary: string): string[] {
+  const libs: string[] = []
+  for (const line of sh('ldd', [binary]).split('\n')) {
+    const m = /(\/\S+)\s+\(0x/.exec(line)
+    if (m) libs.push(m[1] as string)
+  }
+  return libs
+}
+
 function cpioArchive(dir: string): Buffer {
   return execFileSync('sh', ['-c', 'find . -print0 | sort -z | cpio --null -o -H newc --quiet'], { cwd: dir, maxBuffer: 1 << 30 })
 }
@@ -184,6 +200,16 @@ export interface VmOptions {
   readonly script: string
   readonly timeoutMs?: number
   readonly memoryMiB?: number
+  /** More `-drive file=...` values (e.g. `nbd://127.0.0.1:PORT/NAME`), attached after `disks`
+   * with cache=writeback (flushes reach the file/server) and waited for like them. */
+  readonly drives?: readonly string[]
+  /** More kernel modules (file names without .ko, e.g. 'ext4'), insmod'ed in this order before the script. */
+  readonly modules?: readonly string[]
+  /** Host executables copied into the VM at the same path, with the shared libraries ldd lists. */
+  readonly binaries?: readonly string[]
+  /** Called for each console line while the VM runs; `send` writes text to the VM's serial
+   * console, where the script can `read` it (e.g. `read -r reply`). */
+  readonly onLine?: (line: string, send: (text: string) => void) => void
 }
 
 /** Device name of disk i (vda, vdb, ..., vdz, vdaa, ...). */
@@ -237,7 +263,24 @@ export async function runVm(kernel: Kernel, options: VmOptions): Promise<VmRun> 
     const stage = join(work, 'extra')
     mkdirSync(stage)
     const names = options.disks.map((_, i) => diskName(i))
-    const script = `${PRELUDE}\nwaitdisks ${names.join(' ')} || exit 1\n${options.script}\n`
+    for (const _ of options.drives ?? []) names.push(diskName(names.length))
+    let loads = ''
+    if (options.modules && options.modules.length > 0) {
+      const moduleRoot = join(CACHE_DIR, kernel.packageName, 'root', 'lib', 'modules', kernel.version)
+      mkdirSync(join(stage, 'lib', 'modules', 'extra'), { recursive: true })
+      for (const m of options.modules) {
+        decompressedModule(findModule(moduleRoot, 'kernel', m), join(stage, 'lib', 'modules', 'extra', `${m}.ko`))
+        loads += `insmod /lib/modules/extra/${m}.ko || echo "BLOCKSNAP-ERROR module ${m} did not load"\n`
+      }
+    }
+    for (const b of options.binaries ?? []) {
+      for (const file of [b, ...sharedLibraries(b)]) {
+        mkdirSync(join(stage, dirname(file)), { recursive: true })
+        copyFileSync(file, join(stage, file))
+        if (file === b) chmodSync(join(stage, file), 0o755)
+      }
+    }
+    const script = `${PRELUDE}\n${loads}waitdisks ${names.join(' ')} || exit 1\n${options.script}\n`
     writeFileSync(join(stage, 'test.sh'), script)
     const initrd = join(work, 'initrd.gz')
     writeFileSync(initrd, Buffer.concat([readFileSync(kernel.initrd), gzipSync(cpioArchive(stage))]))
@@ -248,12 +291,25 @@ export async function runVm(kernel: Kernel, options: VmOptions): Promise<VmRun> 
       '-append', 'console=ttyS0 quiet panic=-1 loglevel=3',
     ]
     for (const d of options.disks) args.push('-drive', `file=${d},format=raw,if=virtio,cache=unsafe`)
+    for (const d of options.drives ?? []) args.push('-drive', `file=${d},format=raw,if=virtio,cache=writeback`)
     const start = Date.now()
     const { log, code } = await new Promise<{ log: string; code: number | null }>((resolve, reject) => {
-      const child = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] })
+      const onLine = options.onLine
+      const child = spawn('qemu-system-x86_64', args, { stdio: [onLine ? 'pipe' : 'ignore', 'pipe', 'pipe'] })
       const chunks: Buffer[] = []
-      child.stdout.on('data', (b: Buffer) => chunks.push(b))
-      child.stderr.on('data', (b: Buffer) => chunks.push(b))
+      let partial = ''
+      child.stdin?.on('error', () => {}) // the VM may be gone already
+      const send = (text: string): void => {
+        child.stdin?.write(text)
+      }
+      child.stdout?.on('data', (b: Buffer) => {
+        chunks.push(b)
+        if (!onLine) return
+        const lines = (partial + b.toString('utf8')).split('\n')
+        partial = lines.pop() as string
+        for (const line of lines) onLine(line.replace(/\r$/, ''), send)
+      })
+      child.stderr?.on('data', (b: Buffer) => chunks.push(b))
       const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 240_000)
       child.on('error', (err) => {
         clearTimeout(timer)
