@@ -15,7 +15,7 @@
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process'
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync, ftruncateSync } from 'node:fs'
-import { createServer, connect } from 'node:net'
+import { connect } from 'node:net'
 import { cpus, release, tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -27,6 +27,7 @@ import { Origin } from '../src/snapshot/origin.js'
 import { Snapshot } from '../src/snapshot/snapshot.js'
 import { PersistentStore } from '../src/store/persistent-store.js'
 import { Volume } from '../src/volume/volume.js'
+import { freePort } from '../test/support/free-port.js'
 
 const HERE = dirname(fileURLToPath(import.meta.url))
 const ROOT = resolve(HERE, '..')
@@ -100,17 +101,6 @@ function ensurePeers(): void {
   run('apt-get', ['install', '-y', 'nbdkit', 'qemu-utils', 'fio', 'libnbd-bin'], { env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } })
   const still = needed.filter((b) => !have(b))
   if (still.length > 0 || !fioNbd()) throw new Error(`peers still missing after apt-get: ${still.join(' ') || 'fio nbd engine'}`)
-}
-
-async function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer()
-    s.once('error', rej)
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port
-      s.close(() => res(port))
-    })
-  })
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))

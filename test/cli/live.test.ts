@@ -7,12 +7,12 @@
 import assert from 'node:assert/strict'
 import { type ChildProcess, spawn } from 'node:child_process'
 import { access, mkdtemp, readFile, rm, stat } from 'node:fs/promises'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { requireTools, run } from '../support/nbd-tools.js'
 import { BIN, REPO, assertBytes, assertError, cli, cliOk, parseList, pattern } from './helpers.js'
+import { freePort } from '../support/free-port.js'
 
 const MiB = 1024 * 1024
 const SIZE = 4 * MiB
@@ -29,18 +29,6 @@ let serverLog = ''
 /** Byte models: the origin, and each snapshot as of its creation. */
 const origin = Buffer.alloc(SIZE)
 const snaps = new Map<string, Buffer>()
-
-async function freePort(): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject)
-    s.listen(0, '127.0.0.1', () => resolve())
-  })
-  const address = s.address()
-  await new Promise<void>((resolve) => s.close(() => resolve()))
-  assert.ok(address && typeof address === 'object')
-  return address.port
-}
 
 const uri = (exportName: string) => `nbd://127.0.0.1:${port}/${exportName}`
 const exists = (p: string) => access(p).then(

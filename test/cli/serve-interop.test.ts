@@ -11,12 +11,12 @@ import assert from 'node:assert/strict'
 import { type ChildProcess, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { access, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
-import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
 import { BIN, REPO, assertBytes, assertError, cli, cliOk } from './helpers.js'
+import { freePort } from '../support/free-port.js'
 
 const MiB = 1024 * 1024
 const SIZE = 64 * MiB
@@ -42,18 +42,6 @@ interface Served {
 
 const running = new Set<Served>()
 let srv: Served
-
-async function freePort(): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject)
-    s.listen(0, '127.0.0.1', () => resolve())
-  })
-  const address = s.address()
-  await new Promise<void>((resolve) => s.close(() => resolve()))
-  assert.ok(address && typeof address === 'object')
-  return address.port
-}
 
 const exists = (p: string) => access(p).then(
   () => true,

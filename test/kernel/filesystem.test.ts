@@ -18,11 +18,11 @@ import assert from 'node:assert/strict'
 import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
-import { createServer } from 'node:net'
 import { join, relative } from 'node:path'
 import { after, before, test } from 'node:test'
 import { Random } from '../support/random.js'
 import { type Kernel, type VmRun, CACHE_DIR, missingTools, prepareKernel, runVm, sha256, vmErrors } from './vm.js'
+import { freePort } from '../support/free-port.js'
 
 const MiB = 1024 * 1024
 const SIZE = 64 * MiB
@@ -208,18 +208,6 @@ async function timed<T>(label: string, fn: () => Promise<T>): Promise<T> {
   } finally {
     timings.push(`${label} ${((Date.now() - t) / 1000).toFixed(1)} s`)
   }
-}
-
-async function freePort(): Promise<number> {
-  const s = createServer()
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject)
-    s.listen(0, '127.0.0.1', () => resolve())
-  })
-  const address = s.address()
-  await new Promise<void>((resolve) => s.close(() => resolve()))
-  assert.ok(address && typeof address === 'object')
-  return address.port
 }
 
 function serverAlive(): boolean {
