@@ -27,6 +27,7 @@ import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
+import { CowGrowth } from './cow-growth.js'
 import { InOrderCommitter } from './in-order-committer.js'
 
 export interface PersistentStoreOptions {
@@ -63,8 +64,7 @@ export class PersistentStore implements ExceptionStore {
   private waiters: Array<(ok: boolean) => void> = [] // committed entries not yet written
   private readonly jobs: AreaJob[] = []
   private writing = false
-  private growth: Promise<void> = Promise.resolve()
-  private growthTargetBytes = 0
+  private readonly growth: CowGrowth
   private readonly committer: InOrderCommitter
 
   constructor(cow: BlockDevice, options: PersistentStoreOptions = {}) {
@@ -78,6 +78,7 @@ export class PersistentStore implements ExceptionStore {
     this.layout = layoutFor(chunkBytes)
     this.area = new Uint8Array(chunkBytes)
     this.committer = new InOrderCommitter((e, ok) => this.record(e, ok))
+    this.growth = new CowGrowth(cow, () => this.layout.chunkBytes)
   }
 
   get chunkBytes(): number {
@@ -170,27 +171,15 @@ export class PersistentStore implements ExceptionStore {
       // The last data chunk of an area is followed by the next area, which is zeroed when the
       // area fills: cover it too.
       const nextIsArea = isMetadataChunk(this.layout, newChunk + 1)
-      this.grow(nextIsArea ? neededBytes + chunkBytes : neededBytes)
+      this.growth.request(nextIsArea ? neededBytes + chunkBytes : neededBytes)
     }
     this.nextFree = nextDataChunk(this.layout, newChunk)
     this.pendingCount++
     return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
   }
 
-  private grow(minBytes: number): void {
-    if (minBytes <= this.growthTargetBytes) return
-    const { chunkBytes } = this.layout
-    const step = Math.max(1024 * 1024, Math.floor(this.cow.sizeBytes / 8))
-    const target = Math.ceil((minBytes + step) / chunkBytes) * chunkBytes
-    this.growthTargetBytes = target
-    const previous = this.growth
-    this.growth = previous.then(async () => {
-      if (this.cow.sizeBytes < target) await this.cow.resize(target)
-    })
-  }
-
   whenSpaceReady(_e: PreparedException): Promise<void> {
-    return this.growth
+    return this.growth.ready
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {
@@ -235,7 +224,7 @@ export class PersistentStore implements ExceptionStore {
     const { chunkBytes } = this.layout
     try {
       if (!this._valid) return false
-      await this.growth
+      await this.growth.ready
       if (job.sealed) await this.writeCow(new Uint8Array(chunkBytes), areaChunk(this.layout, job.area + 1) * chunkBytes)
       // Flush first: the copied data must be durable before the entries that point at it.
       await this.cow.flush()

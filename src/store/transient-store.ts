@@ -6,6 +6,7 @@ import type { BlockDevice } from '../device/block-device.js'
 import { SnapError, noSpace } from '../errors.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
+import { CowGrowth } from './cow-growth.js'
 import { InOrderCommitter } from './in-order-committer.js'
 
 export interface TransientStoreOptions {
@@ -21,8 +22,7 @@ export class TransientStore implements ExceptionStore {
   private readonly growable: boolean
   private _valid = true
   private nextFreeBytes = 0
-  private growth: Promise<void> = Promise.resolve()
-  private growthTargetBytes = 0
+  private readonly growth: CowGrowth
   private readonly committer = new InOrderCommitter((_e, ok) => {
     if (!ok) this._valid = false
     return Promise.resolve(this._valid)
@@ -34,6 +34,7 @@ export class TransientStore implements ExceptionStore {
     this.cow = cow
     this.chunkBytes = options.chunkBytes
     this.growable = options.growable === true
+    this.growth = new CowGrowth(cow, () => this.chunkBytes)
   }
 
   get valid(): boolean {
@@ -48,13 +49,7 @@ export class TransientStore implements ExceptionStore {
     const needed = this.nextFreeBytes + this.chunkBytes
     if (needed > this.cow.sizeBytes) {
       if (!this.growable) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
-      if (needed > this.growthTargetBytes) {
-        const target = needed + Math.max(1024 * 1024, Math.floor(this.cow.sizeBytes / 8))
-        this.growthTargetBytes = target
-        this.growth = this.growth.then(async () => {
-          if (this.cow.sizeBytes < target) await this.cow.resize(target)
-        })
-      }
+      this.growth.request(needed)
     }
     const newChunk = this.nextFreeBytes / this.chunkBytes
     this.nextFreeBytes = needed
@@ -62,7 +57,7 @@ export class TransientStore implements ExceptionStore {
   }
 
   whenSpaceReady(): Promise<void> {
-    return this.growth
+    return this.growth.ready
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {
