@@ -205,15 +205,13 @@ const startQemuOverlay = async (base: string, overlay: string, fresh = true) => 
 let profileSeq = 0
 const startBlocksnap = async (dir: string, label = 'blocksnap') => {
   const port = await freePort()
-  const nodeArgs = args.profile ? ['--cpu-prof', `--cpu-prof-dir=${args.profile}`, `--cpu-prof-name=${label.replace(/[^A-Za-z0-9]+/g, '_')}-${++profileSeq}.cpuprofile`] : []
-  return startServer(
-    label,
-    process.execPath,
-    [...nodeArgs, join(ROOT, 'bin', 'blocksnap'), 'serve', dir, '--listen', `127.0.0.1:${port}`],
-    port,
-    dir.split('/').pop() as string,
-    { ...process.env, BLOCKSNAP_LOG_LEVEL: 'warn' },
-  )
+  // The launcher is a shell script (it sizes the I/O thread pool); node flags go through NODE_OPTIONS.
+  const profileOptions = args.profile
+    ? `--cpu-prof --cpu-prof-dir=${args.profile} --cpu-prof-name=${label.replace(/[^A-Za-z0-9]+/g, '_')}-${++profileSeq}.cpuprofile`
+    : undefined
+  const env: NodeJS.ProcessEnv = { ...process.env, BLOCKSNAP_LOG_LEVEL: 'warn' }
+  if (profileOptions !== undefined) env.NODE_OPTIONS = `${env.NODE_OPTIONS ?? ''} ${profileOptions}`.trim()
+  return startServer(label, join(ROOT, 'bin', 'blocksnap'), ['serve', dir, '--listen', `127.0.0.1:${port}`], port, dir.split('/').pop() as string, env)
 }
 
 // ------------------------------------------------------------------------------ CPU accounting
@@ -588,7 +586,7 @@ async function mergeBench(): Promise<void> {
       const readsAlone = await fio(s, { ...JOBS.randread4k(), name: 'reads-before-merge', runtime: 3 })
       const reads = fio(s, { ...JOBS.randread4k(), name: 'reads-during-merge', runtime: 3 * T() })
       await sleep(500)
-      const [seconds] = await timed(async () => run(process.execPath, [join(ROOT, 'bin', 'blocksnap'), 'merge', `${dir}@s0`, '--wait']))
+      const [seconds] = await timed(async () => run(join(ROOT, 'bin', 'blocksnap'), ['merge', `${dir}@s0`, '--wait']))
       const during = await reads
       results.merge['live sequential with concurrent reads'] = {
         changedBytes: first.bytes,

@@ -735,7 +735,7 @@ export class NbdConnection {
     if (!this.corked) {
       this.corked = true
       socket.cork()
-      process.nextTick(this.uncork)
+      setImmediate(this.uncork)
     }
     socket.write(buf)
     // Not write()'s own verdict: that trips at 16 KiB, i.e. after a handful of 4 KiB replies, and

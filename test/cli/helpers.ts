@@ -23,8 +23,8 @@ export interface CliResult {
 export function cli(args: readonly string[], options: { input?: Uint8Array; cwd?: string; timeoutMs?: number } = {}): Promise<CliResult> {
   return new Promise((resolveRun) => {
     const child = execFile(
-      process.execPath,
-      [BIN, ...args],
+      BIN,
+      args,
       {
         cwd: options.cwd ?? REPO,
         encoding: 'buffer',

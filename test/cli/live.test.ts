@@ -65,7 +65,7 @@ before(async () => {
   initial.copy(origin, 2 * MiB)
 
   port = await freePort()
-  const child = spawn(process.execPath, [BIN, 'serve', vol, '--listen', `127.0.0.1:${port}`], {
+  const child = spawn(BIN, ['serve', vol, '--listen', `127.0.0.1:${port}`], {
     cwd: REPO,
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, BLOCKSNAP_LOG_LEVEL: 'info' },

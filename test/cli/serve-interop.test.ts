@@ -52,7 +52,7 @@ const exists = (p: string) => access(p).then(
 async function startServe(tag: string, extra: readonly string[] = []): Promise<Served> {
   const port = await freePort()
   const sock = join(T, `${tag}.sock`)
-  const child = spawn(process.execPath, [BIN, 'serve', vol, '--listen', `127.0.0.1:${port}`, '--socket', sock, ...extra], {
+  const child = spawn(BIN, ['serve', vol, '--listen', `127.0.0.1:${port}`, '--socket', sock, ...extra], {
     cwd: REPO,
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, BLOCKSNAP_LOG_LEVEL: 'info' },

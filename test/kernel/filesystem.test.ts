@@ -194,7 +194,7 @@ function makeOps(seed: number): { first: Op[]; second: Op[] } {
 
 function blocksnap(args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
-    execFile(process.execPath, [BIN, ...args], { cwd: REPO, maxBuffer: 1 << 26 }, (err, stdout, stderr) => {
+    execFile(BIN, args, { cwd: REPO, maxBuffer: 1 << 26 }, (err, stdout, stderr) => {
       if (err) reject(new Error(`blocksnap ${args.join(' ')}: ${err.message}\n${stdout}${stderr}`))
       else resolve(stdout)
     })
@@ -216,7 +216,7 @@ function serverAlive(): boolean {
 
 async function startServer(): Promise<void> {
   port = await freePort()
-  const child = spawn(process.execPath, [BIN, 'serve', vol, '--listen', `127.0.0.1:${port}`], {
+  const child = spawn(BIN, ['serve', vol, '--listen', `127.0.0.1:${port}`], {
     cwd: REPO,
     stdio: ['ignore', 'ignore', 'pipe'],
   })
