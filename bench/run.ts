@@ -205,12 +205,12 @@ const startQemuOverlay = async (base: string, overlay: string, fresh = true) => 
 let profileSeq = 0
 const startBlocksnap = async (dir: string, label = 'blocksnap') => {
   const port = await freePort()
-  // The launcher is a shell script (it sizes the I/O thread pool); node flags go through NODE_OPTIONS.
+  // The launcher is a shell script (it sizes the I/O thread pool); it passes BLOCKSNAP_NODE_FLAGS to node.
   const profileOptions = args.profile
     ? `--cpu-prof --cpu-prof-dir=${args.profile} --cpu-prof-name=${label.replace(/[^A-Za-z0-9]+/g, '_')}-${++profileSeq}.cpuprofile`
     : undefined
   const env: NodeJS.ProcessEnv = { ...process.env, BLOCKSNAP_LOG_LEVEL: 'warn' }
-  if (profileOptions !== undefined) env.NODE_OPTIONS = `${env.NODE_OPTIONS ?? ''} ${profileOptions}`.trim()
+  if (profileOptions !== undefined) env.BLOCKSNAP_NODE_FLAGS = profileOptions
   return startServer(label, join(ROOT, 'bin', 'blocksnap'), ['serve', dir, '--listen', `127.0.0.1:${port}`], port, dir.split('/').pop() as string, env)
 }
 

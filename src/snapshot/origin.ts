@@ -153,18 +153,47 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     const first = Math.floor(offset / step) * step
     // Snapshot by snapshot (each has its own store, so the order between them is free), so the
     // copies one write needs in one snapshot can be started together and coalesced.
-    for (const s of this.list) {
-      const batch: PendingException[] = []
-      try {
+    const batches: Array<[Snapshot, PendingException[]]> = []
+    try {
+      for (const s of this.list) {
+        const batch: PendingException[] = []
+        batches.push([s, batch])
         for (let pos = first; pos < end; pos += step) {
           const pe: PendingException | null = s.protectOriginChunk(pos, invalidations, batch)
           if (pe) waits.push(pe.done)
         }
-      } finally {
-        if (batch.length > 0) s.startCopies(batch)
       }
+    } finally {
+      // Whatever was marked started must be copied, even if a later snapshot threw.
+      this.startCopies(batches.filter(([, batch]) => batch.length > 0))
     }
     return { waits, invalidations }
+  }
+
+  /**
+   * Starts the copies, reading the old data once for all snapshots when several need it. The
+   * shared read covers the union of their spans; bytes outside every batch are read but unused,
+   * and the bytes inside cannot change meanwhile, because writes to them wait for these copies.
+   */
+  private startCopies(batches: Array<[Snapshot, PendingException[]]>): void {
+    if (batches.length === 0) return
+    if (batches.length === 1) {
+      const [s, batch] = batches[0] as [Snapshot, PendingException[]]
+      s.startCopies(batch)
+      return
+    }
+    let start = Infinity
+    let end = 0
+    for (const [s, batch] of batches) {
+      const [a, b] = s.copySpan(batch)
+      start = Math.min(start, a)
+      end = Math.max(end, b)
+    }
+    const data = this.device.read(start, end - start)
+    // Each copy awaits `data` and handles a failure itself; this keeps an unobserved rejection
+    // from being reported as unhandled before they get there.
+    data.catch(() => {})
+    for (const [s, batch] of batches) s.startCopies(batch, { start, data })
   }
 
   /** Returns once every snapshot holds the old data of [offset, offset+length). */

@@ -33,6 +33,15 @@ export const COW_THRESHOLD = 2048
 /** Largest single origin read / COW write when consecutive chunks are copied together. */
 const COPY_RUN_BYTES = 1024 * 1024
 
+/**
+ * One origin read shared by the copies several snapshots start for the same origin write: with
+ * N snapshots the old data is read once, not N times. `data` holds origin bytes from `start`.
+ */
+export interface SharedOriginRead {
+  readonly start: number
+  readonly data: Promise<Uint8Array>
+}
+
 export type SnapshotState = 'active' | 'invalid' | 'overflow' | 'merging' | 'merge-failed'
 
 export interface SnapshotOptions {
@@ -201,28 +210,37 @@ export class Snapshot extends BaseBlockDevice {
    * COW write instead of one pair per chunk (a 1 MiB first-touch write over 4 KiB chunks was
    * 512 small syscalls through the libuv pool).
    */
-  startCopies(batch: PendingException[]): void {
+  startCopies(batch: PendingException[], source?: SharedOriginRead): void {
     const maxRun = Math.max(1, Math.floor(COPY_RUN_BYTES / this.chunkBytes))
     let from = 0
     for (let i = 1; i <= batch.length; i++) {
       const prev = batch[i - 1] as PendingException
       const pe = batch[i]
       if (pe && i - from < maxRun && pe.chunk === prev.chunk + 1 && pe.newChunk === prev.newChunk + 1) continue
-      if (i - from === 1) void this.copyChunk(prev)
-      else void this.copyRun(batch.slice(from, i))
+      void this.copyRun(batch.slice(from, i), source)
       from = i
     }
   }
 
-  private async copyRun(run: PendingException[]): Promise<void> {
+  /** The byte range of the origin that `batch` copies (see Origin.triggerExceptions). */
+  copySpan(batch: readonly PendingException[]): [number, number] {
+    const first = batch[0] as PendingException
+    const last = batch[batch.length - 1] as PendingException
+    return [first.chunk * this.chunkBytes, Math.min((last.chunk + 1) * this.chunkBytes, this.origin.sizeBytes)]
+  }
+
+  private async copyRun(run: PendingException[], source?: SharedOriginRead): Promise<void> {
     const chunkBytes = this.chunkBytes
     const first = run[0] as PendingException
     const start = first.chunk * chunkBytes
+    // The last origin chunk may be partial; the rest of the COW chunk is left as it is.
     const end = Math.min((first.chunk + run.length) * chunkBytes, this.origin.sizeBytes)
     let ok = true
     try {
       await this.store.whenSpaceReady((run[run.length - 1] as PendingException).prepared)
-      const data = await this.origin.device.read(start, end - start)
+      const data = source
+        ? (await source.data).subarray(start - source.start, end - source.start)
+        : await this.origin.device.read(start, end - start)
       await this.store.cow.write(data, first.newChunk * chunkBytes)
     } catch {
       ok = false
@@ -241,23 +259,7 @@ export class Snapshot extends BaseBlockDevice {
   private startCopy(pe: PendingException): void {
     pe.started = true
     this.inProgress++
-    void this.copyChunk(pe)
-  }
-
-  private async copyChunk(pe: PendingException): Promise<void> {
-    const chunkBytes = this.chunkBytes
-    const start = pe.chunk * chunkBytes
-    // The last origin chunk may be partial; the rest of the COW chunk is left as it is.
-    const length = Math.min(chunkBytes, this.origin.sizeBytes - start)
-    let ok = true
-    try {
-      await this.store.whenSpaceReady(pe.prepared)
-      const data = await this.origin.device.read(start, length)
-      await this.store.cow.write(data, pe.newChunk * chunkBytes)
-    } catch {
-      ok = false
-    }
-    await this.finishPending(pe, ok)
+    void this.copyRun([pe])
   }
 
   /** Commit, publish and release a pending exception (kernel: pending_complete). */

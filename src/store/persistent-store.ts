@@ -9,6 +9,7 @@
  *   image of the current area; the area is written (flush, then write with FUA) when no
  *   allocated exception is still outstanding, or when the area fills. That is the kernel's
  *   batching rule and gives group commit: one metadata write and two flushes for a whole batch.
+ *   Areas that queue up while a write is in flight go out together under one pair of flushes.
  * - While an area write is in flight, later commits keep appending to the in-memory area; a
  *   single writer loop serialises the device writes, so every write carries a consistent copy.
  * - When an area fills, the next area is zeroed before the full area is written, so after a
@@ -212,23 +213,33 @@ export class PersistentStore implements ExceptionStore {
       this.waiters = []
     }
     this.writing = true
-    const job = this.jobs.shift() as AreaJob
-    void this.writeJob(job).then((ok) => {
+    // Every area queued by now goes out under the same two flushes (a 1 MiB write over 4 KiB
+    // chunks fills a whole area, so a QD8 stream seals several areas at once).
+    const batch = this.jobs.splice(0, this.jobs.length)
+    void this.writeJobs(batch).then((ok) => {
       this.writing = false
-      for (const w of job.waiters) w(ok)
+      for (const job of batch) for (const w of job.waiters) w(ok)
       this.kick()
     })
   }
 
-  private async writeJob(job: AreaJob): Promise<boolean> {
+  private async writeJobs(batch: readonly AreaJob[]): Promise<boolean> {
     const { chunkBytes } = this.layout
     try {
       if (!this._valid) return false
       await this.growth.ready
-      if (job.sealed) await this.writeCow(new Uint8Array(chunkBytes), areaChunk(this.layout, job.area + 1) * chunkBytes)
+      // The area after each sealed one is zeroed before the flush, even when this batch rewrites
+      // it: the batch's area writes may reach the disk in any order, and a reader that finds a
+      // full area must meet either zeros or our entries after it, never stale bytes.
+      for (const job of batch) {
+        if (job.sealed) await this.writeCow(new Uint8Array(chunkBytes), areaChunk(this.layout, job.area + 1) * chunkBytes)
+      }
       // Flush first: the copied data must be durable before the entries that point at it.
       await this.cow.flush()
-      await this.writeCow(job.image, areaChunk(this.layout, job.area) * chunkBytes, true)
+      for (let i = 0; i < batch.length; i++) {
+        const job = batch[i] as AreaJob
+        await this.writeCow(job.image, areaChunk(this.layout, job.area) * chunkBytes, i === batch.length - 1)
+      }
       return this._valid
     } catch {
       this._valid = false
@@ -236,10 +247,11 @@ export class PersistentStore implements ExceptionStore {
     }
   }
 
-  async prepareMerge(): Promise<MergeRun | null> {
+  async prepareMerge(maxEntries = Infinity): Promise<MergeRun[]> {
     const { exceptionsPerArea, chunkBytes } = this.layout
+    if (!(maxEntries >= 1)) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${maxEntries} entries`)
     if (this.currentCommitted === 0) {
-      if (this.currentArea === 0) return null
+      if (this.currentArea === 0) return []
       this.currentArea--
       this.area = await this.readCow(areaChunk(this.layout, this.currentArea) * chunkBytes, chunkBytes)
       this.currentCommitted = exceptionsPerArea // areas before the last are always full
@@ -249,14 +261,22 @@ export class PersistentStore implements ExceptionStore {
       view.getUint32(i * 16 + 4, true) * 2 ** 32 + view.getUint32(i * 16, true),
       view.getUint32(i * 16 + 12, true) * 2 ** 32 + view.getUint32(i * 16 + 8, true),
     ]
-    const [lastOld, lastNew] = entry(this.currentCommitted - 1)
-    let count = 1
-    while (count < this.currentCommitted) {
-      const [o, n] = entry(this.currentCommitted - 1 - count)
-      if (o !== lastOld - count || n !== lastNew - count) break
-      count++
+    // Only this area: commitMerge rewrites one area, so a batch never reaches into the previous one.
+    const limit = Math.min(maxEntries, this.currentCommitted)
+    const runs: MergeRun[] = []
+    let taken = 0
+    while (taken < limit) {
+      const [lastOld, lastNew] = entry(this.currentCommitted - 1 - taken)
+      let count = 1
+      while (taken + count < limit) {
+        const [o, n] = entry(this.currentCommitted - 1 - taken - count)
+        if (o !== lastOld - count || n !== lastNew - count) break
+        count++
+      }
+      runs.push({ count, lastOld, lastNew })
+      taken += count
     }
-    return { count, lastOld, lastNew }
+    return runs
   }
 
   async commitMerge(count: number): Promise<void> {
