@@ -8,6 +8,7 @@
  * exception points there). u64 values are decoded exactly and rejected above 2^53.
  */
 import { corrupt } from '../errors.js'
+import type { ExceptionList } from './exception-list.js'
 import { ENTRY_BYTES } from './layout.js'
 
 export interface ExceptionEntry {
@@ -75,6 +76,29 @@ export function scanArea(area: Uint8Array, visit: (oldChunk: number, newChunk: n
     const newChunk = readU64(view, at + 8, 'new_chunk')
     if (newChunk === 0) return i
     visit(readU64(view, at, 'old_chunk'), newChunk)
+  }
+  return capacity
+}
+
+/**
+ * Appends the area's entries to `out` (the open path: no per-entry object or callback). Returns
+ * the number of entries in use, like scanArea. On an entry that does not fit in 53 bits it
+ * throws with every entry before it already appended, so a caller can honour table order.
+ */
+export function decodeAreaInto(area: Uint8Array, out: ExceptionList): number {
+  const capacity = area.length / ENTRY_BYTES
+  const view = new DataView(area.buffer, area.byteOffset, area.byteLength)
+  out.reserve(capacity)
+  for (let i = 0; i < capacity; i++) {
+    const at = i * ENTRY_BYTES
+    const nLo = view.getUint32(at + 8, true)
+    const nHi = view.getUint32(at + 12, true)
+    if (nLo === 0 && nHi === 0) return i
+    // same checks, in the same order, as scanArea's readU64 calls
+    if (nHi >= 0x200000) throw corrupt(`new_chunk at byte ${at + 8} does not fit in 53 bits`, { offset: at + 8 })
+    const oHi = view.getUint32(at + 4, true)
+    if (oHi >= 0x200000) throw corrupt(`old_chunk at byte ${at} does not fit in 53 bits`, { offset: at })
+    out.pushWords(view.getUint32(at, true), oHi, nLo, nHi)
   }
   return capacity
 }

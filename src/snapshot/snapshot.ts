@@ -20,6 +20,7 @@
 import { EventEmitter } from 'node:events'
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
 import { SnapError, isSnapError } from '../errors.js'
+import { ExceptionList } from '../format/exception-list.js'
 import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
 import { SECTOR_BYTES } from '../units.js'
 import { ChunkTracker } from './chunk-tracker.js'
@@ -148,7 +149,7 @@ export class Snapshot extends BaseBlockDevice {
     this.backing = backing
     this._sizeBytes = backing.sizeBytes
     const table = this.table
-    const { valid } = await this.store.readMetadata((oldChunk, newChunk) => {
+    const insert = (oldChunk: number, newChunk: number): void => {
       // insert() scans the chunk's whole group and refuses a chunk already mapped, so no
       // separate lookup first (that doubled the cost of opening a big COW).
       const before = table.size
@@ -160,7 +161,28 @@ export class Snapshot extends BaseBlockDevice {
           details: { chunk: oldChunk },
         })
       }
-    })
+    }
+    let valid: boolean
+    if (this.store.readMetadataInto) {
+      // Bulk: one sort and one pass instead of 10^7 inserts into crowded groups. Whatever the
+      // bulk load declines (duplicates, chunks >= 2^32, a read error part way) goes through
+      // insert() in table order, so errors and the table come out as they always did.
+      const list = new ExceptionList()
+      let failure: { err: unknown } | null = null
+      valid = true
+      try {
+        ;({ valid } = await this.store.readMetadataInto(list))
+      } catch (err) {
+        failure = { err }
+      }
+      // bulkLoad sorts in its first argument, hence the copy: the fallback needs table order
+      if (failure !== null || !list.allBelow2To32 || !table.bulkLoad(list.oldLo.slice(0, list.count), list.newLo, list.count)) {
+        for (let i = 0; i < list.count; i++) insert(list.oldAt(i), list.newAt(i))
+      }
+      if (failure !== null) throw failure.err
+    } else {
+      ;({ valid } = await this.store.readMetadata(insert))
+    }
     if (!valid) this._valid = false
   }
 

@@ -9,6 +9,7 @@
  * crash" rule), so the durable table is always a prefix of the allocation order.
  */
 import type { BlockDevice } from '../device/block-device.js'
+import type { ExceptionList } from '../format/exception-list.js'
 
 export interface StoreUsage {
   readonly allocatedSectors: number
@@ -44,6 +45,11 @@ export interface ExceptionStore {
    * `{ valid: false }` for a COW whose header says it was invalidated.
    */
   readMetadata(visit: (oldChunk: number, newChunk: number) => void): Promise<{ valid: boolean }>
+  /**
+   * Optional bulk form of readMetadata for opening big tables: appends every exception to
+   * `into` in table order. When it throws, `into` holds the entries `visit` would have seen.
+   */
+  readMetadataInto?(into: ExceptionList): Promise<{ valid: boolean }>
   /** Allocates a COW chunk for `oldChunk`. Throws SNAP_NO_SPACE when the COW is full. */
   prepareException(oldChunk: number): PreparedException
   /** Resolves once any growth of the COW needed for `e`'s chunk has happened. */
