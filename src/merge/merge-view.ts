@@ -5,6 +5,7 @@
  * Mapping, per chunk c of the merging snapshot:
  * - read, c not merged yet (the merging snapshot still has an exception for it, including c in
  *   the current step) → the snapshot's COW; never blocked.
+ * A step covers a set of chunk ranges (several runs of table entries merged together).
  * - read, c merged or never changed → the origin device.
  * - write, c not merged yet and outside the current step → the COW, tracked in `trackedWrites`;
  *   the step that later merges c waits for those writes first (§8.4 step 6).
@@ -34,9 +35,16 @@ import { type Deferred, deferred } from '../util/deferred.js'
 /** Largest zero buffer a discard allocates at once. */
 const DISCARD_PIECE_BYTES = 1024 * 1024
 
-export interface MergeWindow {
-  /** First origin chunk (merging snapshot's chunk size) of the step. */
+/** Consecutive origin chunks (merging snapshot's chunk size). */
+export interface ChunkRange {
   readonly firstChunk: number
+  readonly count: number
+}
+
+export interface MergeWindow {
+  /** The step's ranges, in table order from the end (newest entries first); disjoint. */
+  readonly ranges: readonly ChunkRange[]
+  /** Chunks in all ranges. */
   readonly count: number
 }
 
@@ -50,6 +58,8 @@ export class MergeView implements OriginInterceptor {
   /** Writes held for a step / remapped to the COW since the view was installed. */
   readonly counters = { heldWrites: 0, remappedWrites: 0 }
   private _window: MergeWindow | null = null
+  /** Every chunk of the window, for the per-piece test in mappedWrite. */
+  private windowChunks = new Set<number>()
   private held: Array<Deferred<void>> = []
   private inflight = 0
   private idleWaiters: Array<() => void> = []
@@ -68,14 +78,19 @@ export class MergeView implements OriginInterceptor {
     return this.held.length
   }
 
-  /** Starts holding writes to [firstChunk, firstChunk+count). Synchronous on purpose. */
-  publishWindow(firstChunk: number, count: number): void {
-    this._window = { firstChunk, count }
+  /** Starts holding writes to every chunk of `ranges`. Synchronous on purpose. */
+  publishWindow(ranges: readonly ChunkRange[]): MergeWindow {
+    const chunks = new Set<number>()
+    for (const r of ranges) for (let c = r.firstChunk; c < r.firstChunk + r.count; c++) chunks.add(c)
+    this.windowChunks = chunks
+    this._window = { ranges: ranges.map((r) => ({ firstChunk: r.firstChunk, count: r.count })), count: chunks.size }
+    return this._window
   }
 
   /** Ends the step: held writes proceed to the origin device, or fail with `error`. */
   releaseWindow(error?: Error): void {
     this._window = null
+    this.windowChunks = new Set()
     const held = this.held
     this.held = []
     for (const d of held) {
@@ -85,8 +100,7 @@ export class MergeView implements OriginInterceptor {
   }
 
   private inWindow(chunk: number): boolean {
-    const w = this._window
-    return w !== null && chunk >= w.firstChunk && chunk < w.firstChunk + w.count
+    return this.windowChunks.has(chunk)
   }
 
   /** COW chunk of origin chunk `chunk` while it is unmerged, else -1. */

@@ -24,6 +24,7 @@ export interface PreparedException {
   readonly sequence: number
 }
 
+/** Entries at the end of the table that are consecutive in both the origin and the COW. */
 export interface MergeRun {
   /** Number of consecutive entries in the run (>= 1). */
   readonly count: number
@@ -59,9 +60,14 @@ export interface ExceptionStore {
    * (persistent) or recorded (transient); false when the store is or became invalid.
    */
   commitException(e: PreparedException, ok: boolean): Promise<boolean>
-  /** The next run to merge, from the end of the table; null when the table is empty. */
-  prepareMerge(): Promise<MergeRun | null>
-  /** Removes the last `count` entries durably. */
+  /**
+   * The next entries to merge: runs covering the last K entries of the table's last metadata
+   * area (newest run first, K <= maxEntries, the oldest run returned may be cut short to fit).
+   * Empty when the table is empty. Nothing changes until commitMerge, so calling it again
+   * returns the same runs.
+   */
+  prepareMerge(maxEntries?: number): Promise<MergeRun[]>
+  /** Removes the last `count` entries durably (count <= the entries prepareMerge returned). */
   commitMerge(count: number): Promise<void>
   /** Invalidates the store permanently (persistent: header valid=0, flushed). */
   dropSnapshot(): Promise<void>

@@ -64,7 +64,7 @@ export class TransientStore implements ExceptionStore {
     return this.committer.commit(e, ok)
   }
 
-  prepareMerge(): Promise<MergeRun | null> {
+  prepareMerge(): Promise<MergeRun[]> {
     return Promise.reject(new SnapError('SNAP_MERGE_REFUSED', 'snapshot exception store does not support snapshot-merge'))
   }
 

@@ -98,6 +98,61 @@ test('status: allocated shrinks step by step across metadata areas and ends at a
   await stack.origin.close()
 })
 
+test('batching: one step merges a whole metadata area of scattered 1-chunk runs; writes to any run of the window are held until the commit', async () => {
+  const random = new Random(9)
+  const originBytes = 2048 * KiB
+  const origin = new Origin(MemoryDevice.fromBytes(random.bytes(originBytes)), { events: new ExceptionEvents() })
+  const spec: SnapshotSpec = { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 4096 * KiB }
+  const cowDev = new FaultyDevice(new MemoryDevice(spec.cowBytes))
+  const m = makeSnapshot(spec, cowDev)
+  await origin.addSnapshot(m)
+  const other = makeSnapshot({ name: 'o', kind: 'P', chunkBytes: 16 * KiB, cowBytes: 4096 * KiB }, new MemoryDevice(4096 * KiB))
+  await origin.addSnapshot(other)
+  // 300 random 4 KiB writes: 300 exceptions, 256 in the first area (E = 256), almost all runs of 1.
+  await scatterWrites(origin, random, 300)
+  const otherBefore = await other.read(0, originBytes)
+  const expected = await m.read(0, originBytes)
+  // Slow COW reads keep the first step open while a write lands in its LAST run.
+  cowDev.setDelay((op) => (op === 'read' ? 2 : 0))
+  const merge = await startMerge(origin, m)
+  const windows: MergeWindow[] = []
+  merge.on('window', (w) => windows.push(w))
+  const window = await new Promise<MergeWindow>((resolve) => merge.once('window', resolve))
+  const last = window.ranges.at(-1) as { firstChunk: number; count: number }
+  const heldData = random.bytes(1000)
+  const at = last.firstChunk * spec.chunkBytes + 10
+  const heldWrite = origin.write(heldData, at)
+  assert.equal(merge.view.heldCount, 1, 'a write to the last run of the window is held')
+  expected.set(heldData, at)
+  await heldWrite
+  assert.equal(merge.window, null, 'the held write completed only after its step')
+  await merge.done
+  cowDev.setDelay(null)
+  assert.equal(merge.state, 'complete')
+  assert.equal(merge.stats.steps, 2, 'one step per metadata area')
+  assert.deepEqual(
+    windows.map((w) => w.count),
+    [44, 256],
+  )
+  assert.ok(windows.every((w) => w.ranges.length > w.count * 0.8), `runs per step: ${windows.map((w) => w.ranges.length)}`)
+  assertSameBytes(await origin.read(0, originBytes), expected, 'origin after the merge')
+  assertSameBytes(await other.read(0, originBytes), otherBefore, 'other snapshot after the merge')
+
+  // maxStepChunks still bounds a step, now across runs.
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(512 * KiB)), null)
+  const m2 = await addSnapshot(stack, { name: 'm2', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, null)
+  await scatterWrites(stack.origin, random, 50)
+  const expected2 = await m2.read(0, 512 * KiB)
+  const capped = await startMerge(stack.origin, m2, { maxStepChunks: 8 })
+  const counts: number[] = []
+  capped.on('window', (w) => counts.push(w.count))
+  await capped.done
+  assert.deepEqual(counts, [8, 8, 8, 8, 8, 8, 2])
+  assertSameBytes(await stack.origin.read(0, 512 * KiB), expected2, 'origin after the capped merge')
+  await stack.origin.close()
+  await origin.close()
+})
+
 type FaultKind = 'copy-read' | 'copy-write' | 'origin-flush' | 'commit'
 
 async function failureCase(kind: FaultKind, seed: number): Promise<void> {
@@ -122,14 +177,15 @@ async function failureCase(kind: FaultKind, seed: number): Promise<void> {
 
   const merge = await startMerge(origin, m)
   const window = await new Promise<MergeWindow>((resolve) => merge.once('window', resolve))
-  const start = window.firstChunk * spec.chunkBytes
+  const first = window.ranges[0] as { firstChunk: number; count: number }
+  const start = first.firstChunk * spec.chunkBytes
   const heldData = random.bytes(1000)
   switch (kind) {
     case 'copy-read':
       cowDev.failReads({ offset: 0, length: spec.cowBytes })
       break
     case 'copy-write':
-      originDev.failWrites({ offset: start, length: window.count * spec.chunkBytes })
+      originDev.failWrites({ offset: start, length: first.count * spec.chunkBytes })
       break
     case 'origin-flush':
       originDev.failFlushes()

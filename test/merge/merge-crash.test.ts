@@ -32,6 +32,8 @@ interface CrashCase {
   readonly originWrites: number
   /** Every n-th cut point is replayed (1: all). */
   readonly cutStride: number
+  /** Passed to startMerge; absent: the default step size (a whole metadata area of 4 KiB chunks). */
+  readonly maxStepChunks?: number
 }
 
 async function openStack(originDev: BlockDevice, cows: Map<string, BlockDevice>, specs: readonly SnapshotSpec[]): Promise<{ origin: Origin; snaps: Map<string, Snapshot> }> {
@@ -86,7 +88,12 @@ async function runCrashCase(c: CrashCase): Promise<{ cuts: number; replays: numb
   for (const spec of c.specs) recCows.set(spec.name, delayed(recorder.device(spec.name, cowImages.get(spec.name) as MemoryDevice), random))
   const live = await openStack(delayed(recOrigin, random), recCows, c.specs)
   for (const spec of c.specs) assertSameBytes(await (live.snaps.get(spec.name) as Snapshot).read(0, c.originBytes), models.get(spec.name) as Uint8Array, `${what}: reopened ${spec.name} before merge`)
-  const merge = await startMerge(live.origin, live.snaps.get('m') as Snapshot)
+  const options = c.maxStepChunks === undefined ? {} : { maxStepChunks: c.maxStepChunks }
+  const merge = await startMerge(live.origin, live.snaps.get('m') as Snapshot, options)
+  // The cuts between a step's origin copies and its commitMerge must include batches of several
+  // non-consecutive runs (one flush and one metadata write for all of them).
+  let mostRuns = 0
+  merge.on('window', (w) => (mostRuns = Math.max(mostRuns, w.ranges.length)))
   // Readers of the other snapshots run during the merge (they create no events).
   const readers = (async () => {
     while (merge.state === 'running') {
@@ -99,6 +106,7 @@ async function runCrashCase(c: CrashCase): Promise<{ cuts: number; replays: numb
   await merge.done
   await readers
   assertSameBytes(await live.origin.read(0, c.originBytes), expectedOrigin, `${what}: uninterrupted merge`)
+  assert.ok(mostRuns > 1, `${what}: no step merged several runs`)
   await live.origin.close()
 
   // Replay every cut.
@@ -115,7 +123,7 @@ async function runCrashCase(c: CrashCase): Promise<{ cuts: number; replays: numb
       const reopened = await openStack(images.get('origin') as MemoryDevice, cows, c.specs)
       const m = reopened.snaps.get('m') as Snapshot
       assert.ok(m.valid, `${at}: merged snapshot reopened invalid`)
-      const resumed = await startMerge(reopened.origin, m)
+      const resumed = await startMerge(reopened.origin, m, options)
       // The origin shows the merged view at once.
       assertSameBytes(await reopened.origin.read(0, c.originBytes), expectedOrigin, `${at}: merged view after reopen`)
       await resumed.done
@@ -166,6 +174,8 @@ const CASES: CrashCase[] = [
     ],
     originWrites: 40,
     cutStride: 1,
+    // Small batches of several runs: many steps, so cuts land in every phase of a step.
+    maxStepChunks: 3,
   },
   {
     // More exceptions than one metadata area holds (E = 256 for 4 KiB chunks): the merge
@@ -178,7 +188,7 @@ const CASES: CrashCase[] = [
       { name: 'c', kind: 'PO', chunkBytes: 64 * KiB, cowBytes: 4096 * KiB },
     ],
     originWrites: 290,
-    cutStride: 37,
+    cutStride: 5,
   },
 ]
 

@@ -318,63 +318,108 @@ describe('persistent-store: merge support', () => {
   const cowBytes = 80 * CHUNK
   const image = () => MemoryDevice.fromBytes(buildCow({ chunkBytes: CHUNK, cowBytes, entries: [...area0, ...area1] }))
 
-  it('persistent-store: prepareMerge finds runs from the end backwards; commitMerge shortens the table (invariant 43)', async () => {
+  it('persistent-store: prepareMerge returns the runs of the last area from the end backwards; commitMerge shortens the table (invariant 43)', async () => {
     const cow = image()
     const { store, table } = await load(cow)
     assert.deepEqual(table, [...area0, ...area1])
-    assert.deepEqual(await store.prepareMerge(), { count: 2, lastOld: 21, lastNew: 39 })
+    const bothRuns = [
+      { count: 2, lastOld: 21, lastNew: 39 },
+      { count: 3, lastOld: 9, lastNew: 37 },
+    ]
+    assert.deepEqual(await store.prepareMerge(), bothRuns)
     // prepareMerge is idempotent until the commit.
-    assert.deepEqual(await store.prepareMerge(), { count: 2, lastOld: 21, lastNew: 39 })
+    assert.deepEqual(await store.prepareMerge(), bothRuns)
+    // maxEntries bounds the batch; the oldest run returned is cut short to fit.
+    assert.deepEqual(await store.prepareMerge(2), [{ count: 2, lastOld: 21, lastNew: 39 }])
+    assert.deepEqual(await store.prepareMerge(3), [
+      { count: 2, lastOld: 21, lastNew: 39 },
+      { count: 1, lastOld: 9, lastNew: 37 },
+    ])
     await store.commitMerge(2)
     assert.deepEqual(cow.readSync(areaLocation(CHUNK, 1) * CHUNK, CHUNK), buildArea(CHUNK, area1.slice(0, 3)))
     assert.deepEqual((await load(cow)).table, [...area0, ...area1.slice(0, 3)])
 
-    assert.deepEqual(await store.prepareMerge(), { count: 3, lastOld: 9, lastNew: 37 })
+    assert.deepEqual(await store.prepareMerge(), [{ count: 3, lastOld: 9, lastNew: 37 }])
     await store.commitMerge(3)
     assert.deepEqual((await load(cow)).table, area0)
     // Area 1 still counts as metadata until the next prepareMerge (kernel behaviour).
     assert.deepEqual(store.usage(), { allocatedSectors: areaLocation(CHUNK, 1) + 1, totalSectors: 80, metadataSectors: 3 })
 
     // Crossing back into the previous (full) area.
-    assert.deepEqual(await store.prepareMerge(), { count: 22, lastOld: 531, lastNew: 33 })
+    assert.deepEqual(await store.prepareMerge(22), [{ count: 22, lastOld: 531, lastNew: 33 }])
     assert.equal(store.usage().metadataSectors, 2)
     await store.commitMerge(22)
     assert.deepEqual((await load(cow)).table, area0.slice(0, 10))
 
-    assert.deepEqual(await store.prepareMerge(), { count: 10, lastOld: 109, lastNew: 11 })
+    assert.deepEqual(await store.prepareMerge(), [{ count: 10, lastOld: 109, lastNew: 11 }])
     await store.commitMerge(10)
-    assert.equal(await store.prepareMerge(), null)
+    assert.deepEqual(await store.prepareMerge(), [])
     const usage = store.usage()
     assert.equal(usage.allocatedSectors, usage.metadataSectors)
     assert.equal(usage.allocatedSectors, 2)
     assert.deepEqual((await load(cow)).table, [])
   })
 
-  it('persistent-store: a partial commitMerge leaves the rest of the run', async () => {
+  it('persistent-store: a partial commitMerge leaves the rest of the batch', async () => {
     const cow = image()
     const { store } = await load(cow)
-    assert.deepEqual(await store.prepareMerge(), { count: 2, lastOld: 21, lastNew: 39 })
+    assert.deepEqual((await store.prepareMerge())[0], { count: 2, lastOld: 21, lastNew: 39 })
     await store.commitMerge(1)
-    assert.deepEqual(await store.prepareMerge(), { count: 1, lastOld: 20, lastNew: 38 })
+    assert.deepEqual(await store.prepareMerge(1), [{ count: 1, lastOld: 20, lastNew: 38 }])
     await rejectsCode(store.commitMerge(5), 'SNAP_BAD_ARGUMENT')
     await rejectsCode(store.commitMerge(0), 'SNAP_BAD_ARGUMENT')
+    await rejectsCode(store.prepareMerge(0), 'SNAP_BAD_ARGUMENT')
   })
 
-  it('persistent-store: a run never spans two areas and is at most E long', async () => {
+  it('persistent-store: a batch never spans two areas; a run is at most E long', async () => {
     // Every entry consecutive across 2 full areas and 3 more: runs are cut at area boundaries.
     const entries: Pair[] = Array.from({ length: 2 * E + 3 }, (_, i) => [1000 + nthDataChunk(CHUNK, i), nthDataChunk(CHUNK, i)])
     const cow = MemoryDevice.fromBytes(buildCow({ chunkBytes: CHUNK, cowBytes: 120 * CHUNK, entries }))
     const { store } = await load(cow)
-    const counts: number[] = []
+    const counts: number[][] = []
     for (;;) {
-      const run = await store.prepareMerge()
-      if (!run) break
-      counts.push(run.count)
-      await store.commitMerge(run.count)
+      const runs = await store.prepareMerge()
+      if (runs.length === 0) break
+      counts.push(runs.map((r) => r.count))
+      await store.commitMerge(runs.reduce((n, r) => n + r.count, 0))
     }
-    assert.deepEqual(counts, [3, E, E])
+    assert.deepEqual(counts, [[3], [E], [E]])
     const usage = store.usage()
     assert.equal(usage.allocatedSectors, usage.metadataSectors)
+  })
+
+  it('persistent-store: one commitMerge over a batch of scattered runs leaves the COW byte-identical to merging run by run', async () => {
+    const random = new Random(43)
+    // 2 full areas and 11 more entries, scattered old chunks: nearly every run is 1 entry.
+    const n = 2 * E + 11
+    const entries: Pair[] = Array.from({ length: n }, (_, i) => [random.int(1 << 20), nthDataChunk(CHUNK, i)])
+    const bytes = buildCow({ chunkBytes: CHUNK, cowBytes: 120 * CHUNK, entries })
+    const batched = MemoryDevice.fromBytes(bytes)
+    const single = MemoryDevice.fromBytes(bytes.slice())
+    const a = (await load(batched)).store
+    const b = (await load(single)).store
+    let steps = 0
+    let singleSteps = 0
+    for (;;) {
+      const runs = await a.prepareMerge(random.chance(0.5) ? Infinity : 1 + random.int(E))
+      if (runs.length === 0) break
+      steps++
+      const k = runs.reduce((sum, r) => sum + r.count, 0)
+      await a.commitMerge(k)
+      // The same entries, one run per commit.
+      for (let done = 0; done < k; ) {
+        const [run] = await b.prepareMerge(k - done)
+        assert.ok(run)
+        await b.commitMerge(run.count)
+        done += run.count
+        singleSteps++
+      }
+      assert.deepEqual(batched.readSync(0, 120 * CHUNK), single.readSync(0, 120 * CHUNK), `COW images after step ${steps}`)
+      assert.deepEqual(a.usage(), b.usage())
+    }
+    assert.deepEqual(await b.prepareMerge(), [])
+    assert.ok(steps * 4 < singleSteps, `${steps} batched steps vs ${singleSteps} single-run steps`)
+    assert.deepEqual((await load(batched)).table, [])
   })
 
   it('persistent-store: commitMerge writes with a preflush and FUA', async () => {
@@ -383,7 +428,7 @@ describe('persistent-store: merge support', () => {
     const store = new PersistentStore(cow, { chunkBytes: CHUNK })
     await store.readMetadata(() => {})
     const start = recorder.length
-    await store.commitMerge((await store.prepareMerge())?.count ?? 0)
+    await store.commitMerge((await store.prepareMerge()).reduce((n, r) => n + r.count, 0))
     const events = recorder.events().slice(start)
     assert.deepEqual(
       events.map((e) => e.kind),
@@ -391,9 +436,9 @@ describe('persistent-store: merge support', () => {
     )
   })
 
-  it('persistent-store: merging an empty table returns null at once', async () => {
+  it('persistent-store: merging an empty table returns no runs at once', async () => {
     const { store } = await load(new MemoryDevice(16 * CHUNK))
-    assert.equal(await store.prepareMerge(), null)
+    assert.deepEqual(await store.prepareMerge(), [])
   })
 })
 
