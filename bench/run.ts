@@ -769,7 +769,8 @@ function machine(): Record<string, unknown> {
     nbdkit: v('nbdkit', ['--version']),
     qemu: v('qemu-img', ['--version']),
     filesystem: v('sh', ['-c', `df -T ${WORK} | tail -1 | awk '{print $2}'`]),
-    uvThreadpoolSize: process.env.UV_THREADPOOL_SIZE ?? '4 (default)',
+    // What bin/blocksnap gives the servers (it sizes the pool when UV_THREADPOOL_SIZE is unset).
+    uvThreadpoolSize: process.env.UV_THREADPOOL_SIZE ?? `${Math.min(16, Math.max(1, cpus().length - 1))} (bin/blocksnap default: cores - 1)`,
   }
 }
 
