@@ -18,11 +18,14 @@ export interface ExceptionEntry {
 
 const TWO_32 = 2 ** 32
 
-function readU64(view: DataView, at: number, what: string): number {
-  const lo = view.getUint32(at, true)
-  const hi = view.getUint32(at + 4, true)
+/** Returns `hi`, the high word of the u64 at byte `at`, once it is known to fit in 53 bits. */
+function checkHighWord(hi: number, at: number, what: string): number {
   if (hi >= 0x200000) throw corrupt(`${what} at byte ${at} does not fit in 53 bits`, { offset: at })
-  return hi * TWO_32 + lo
+  return hi
+}
+
+function readU64(view: DataView, at: number, what: string): number {
+  return checkHighWord(view.getUint32(at + 4, true), at, what) * TWO_32 + view.getUint32(at, true)
 }
 
 function writeU64(view: DataView, at: number, value: number): void {
@@ -67,23 +70,10 @@ export function decodeArea(area: Uint8Array): DecodedArea {
   return { entries, full: true }
 }
 
-/** Scans an area without allocating entry objects; returns the number of entries in use. */
-export function scanArea(area: Uint8Array, visit: (oldChunk: number, newChunk: number) => void): number {
-  const capacity = area.length / ENTRY_BYTES
-  const view = new DataView(area.buffer, area.byteOffset, area.byteLength)
-  for (let i = 0; i < capacity; i++) {
-    const at = i * ENTRY_BYTES
-    const newChunk = readU64(view, at + 8, 'new_chunk')
-    if (newChunk === 0) return i
-    visit(readU64(view, at, 'old_chunk'), newChunk)
-  }
-  return capacity
-}
-
 /**
  * Appends the area's entries to `out` (the open path: no per-entry object or callback). Returns
- * the number of entries in use, like scanArea. On an entry that does not fit in 53 bits it
- * throws with every entry before it already appended, so a caller can honour table order.
+ * the number of entries in use. On an entry that does not fit in 53 bits it throws with every
+ * entry before it already appended, so a caller can honour table order.
  */
 export function decodeAreaInto(area: Uint8Array, out: ExceptionList): number {
   const capacity = area.length / ENTRY_BYTES
@@ -94,10 +84,9 @@ export function decodeAreaInto(area: Uint8Array, out: ExceptionList): number {
     const nLo = view.getUint32(at + 8, true)
     const nHi = view.getUint32(at + 12, true)
     if (nLo === 0 && nHi === 0) return i
-    // same checks, in the same order, as scanArea's readU64 calls
-    if (nHi >= 0x200000) throw corrupt(`new_chunk at byte ${at + 8} does not fit in 53 bits`, { offset: at + 8 })
-    const oHi = view.getUint32(at + 4, true)
-    if (oHi >= 0x200000) throw corrupt(`old_chunk at byte ${at} does not fit in 53 bits`, { offset: at })
+    // same checks, in the same order, as decodeArea's readU64 calls
+    checkHighWord(nHi, at + 8, 'new_chunk')
+    const oHi = checkHighWord(view.getUint32(at + 4, true), at, 'old_chunk')
     out.pushWords(view.getUint32(at, true), oHi, nLo, nHi)
   }
   return capacity

@@ -23,7 +23,7 @@
  */
 import type { BlockDevice } from '../device/block-device.js'
 import { SnapError, asSnapError, corrupt, noSpace } from '../errors.js'
-import { clearEntries, decodeAreaInto, writeEntry } from '../format/area.js'
+import { clearEntries, decodeAreaInto, readEntry, writeEntry } from '../format/area.js'
 import { ExceptionList } from '../format/exception-list.js'
 import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
@@ -186,10 +186,8 @@ export class PersistentStore implements ExceptionStore {
         }
         // Entries must point at data chunks of this device; the first bad one ends the table
         // (entries before it stay, as if each had been visited).
-        const newLo = list.newLo
-        const newHi = list.newHi
         for (let i = start; i < list.count; i++) {
-          const newChunk = newHi ? newHi[i]! * 2 ** 32 + newLo[i]! : newLo[i]!
+          const newChunk = list.newAt(i)
           if (newChunk >= cowChunks || isMetadataChunk(layout, newChunk)) {
             failure = corrupt(`exception ${list.oldAt(i)} -> ${newChunk} points outside the COW data chunks`, { chunk: newChunk })
             list.count = i
@@ -314,21 +312,16 @@ export class PersistentStore implements ExceptionStore {
       this.area = await this.readCow(areaChunk(this.layout, this.currentArea) * chunkBytes, chunkBytes)
       this.currentCommitted = exceptionsPerArea // areas before the last are always full
     }
-    const view = new DataView(this.area.buffer, this.area.byteOffset, this.area.byteLength)
-    const entry = (i: number): [number, number] => [
-      view.getUint32(i * 16 + 4, true) * 2 ** 32 + view.getUint32(i * 16, true),
-      view.getUint32(i * 16 + 12, true) * 2 ** 32 + view.getUint32(i * 16 + 8, true),
-    ]
     // Only this area: commitMerge rewrites one area, so a batch never reaches into the previous one.
     const limit = Math.min(maxEntries, this.currentCommitted)
     const runs: MergeRun[] = []
     let taken = 0
     while (taken < limit) {
-      const [lastOld, lastNew] = entry(this.currentCommitted - 1 - taken)
+      const { oldChunk: lastOld, newChunk: lastNew } = readEntry(this.area, this.currentCommitted - 1 - taken)
       let count = 1
       while (taken + count < limit) {
-        const [o, n] = entry(this.currentCommitted - 1 - taken - count)
-        if (o !== lastOld - count || n !== lastNew - count) break
+        const e = readEntry(this.area, this.currentCommitted - 1 - taken - count)
+        if (e.oldChunk !== lastOld - count || e.newChunk !== lastNew - count) break
         count++
       }
       runs.push({ count, lastOld, lastNew })

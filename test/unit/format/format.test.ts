@@ -4,7 +4,8 @@
  */
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { clearEntries, decodeArea, readEntry, scanArea, writeEntry } from '../../../src/format/area.js'
+import { clearEntries, decodeArea, decodeAreaInto, readEntry, writeEntry } from '../../../src/format/area.js'
+import { ExceptionList } from '../../../src/format/exception-list.js'
 import { checkVersion, decodeHeader, encodeHeader } from '../../../src/format/header.js'
 import {
   ENTRY_BYTES,
@@ -230,24 +231,22 @@ test('decodeArea: the terminator old_chunk is not decoded even above 2^53', () =
     [2n ** 63n, 0],
   ])
   assert.deepEqual(decodeArea(area).entries, [{ oldChunk: 1, newChunk: 2 }])
-  assert.equal(scanArea(area, () => {}), 1)
+  assert.equal(decodeAreaInto(area, new ExceptionList()), 1)
 })
 
-test('scanArea: visits the same entries as decodeArea and returns the count in use', () => {
+test('decodeAreaInto: appends the same entries as decodeArea and returns the count in use', () => {
   const entries: Array<[number, number]> = [
     [7, 2],
     [8, 3],
     [2 ** 40, 4],
   ]
   const area = buildArea(4096, [...entries, [5, 0], [6, 7]])
-  const seen: Array<[number, number]> = []
-  assert.equal(
-    scanArea(area, (o, n) => seen.push([o, n])),
-    3,
-  )
+  const list = new ExceptionList()
+  assert.equal(decodeAreaInto(area, list), 3)
+  const seen = Array.from({ length: list.count }, (_, i) => [list.oldAt(i), list.newAt(i)])
   assert.deepEqual(seen, entries)
   const full: Array<[number, number]> = Array.from({ length: 32 }, (_, i) => [i, 2 + i])
-  assert.equal(scanArea(buildArea(512, full), () => {}), 32)
+  assert.equal(decodeAreaInto(buildArea(512, full), new ExceptionList()), 32)
 })
 
 test('area: u64 values up to 2^53-1 decode exactly', () => {
@@ -263,11 +262,11 @@ test('area: u64 at or above 2^53 is rejected with SNAP_CORRUPT_METADATA', () => 
     const badNew = buildArea(512, [[1, big]])
     throwsCode(() => decodeArea(badNew), 'SNAP_CORRUPT_METADATA')
     throwsCode(() => readEntry(badNew, 0), 'SNAP_CORRUPT_METADATA')
-    throwsCode(() => scanArea(badNew, () => {}), 'SNAP_CORRUPT_METADATA')
+    throwsCode(() => decodeAreaInto(badNew, new ExceptionList()), 'SNAP_CORRUPT_METADATA')
     const badOld = buildArea(512, [[big, 2]])
     throwsCode(() => decodeArea(badOld), 'SNAP_CORRUPT_METADATA')
     throwsCode(() => readEntry(badOld, 0), 'SNAP_CORRUPT_METADATA')
-    throwsCode(() => scanArea(badOld, () => {}), 'SNAP_CORRUPT_METADATA')
+    throwsCode(() => decodeAreaInto(badOld, new ExceptionList()), 'SNAP_CORRUPT_METADATA')
   }
 })
 
