@@ -244,19 +244,18 @@ export class Snapshot extends BaseBlockDevice {
     }
   }
 
-  /** The byte range of the origin that `batch` copies (see Origin.triggerExceptions). */
+  /** The byte range of the origin that `batch` (in chunk order) copies. */
   copySpan(batch: readonly PendingException[]): [number, number] {
     const first = batch[0] as PendingException
     const last = batch[batch.length - 1] as PendingException
+    // The last origin chunk may be partial; the rest of its COW chunk is left as it is.
     return [first.chunk * this.chunkBytes, Math.min((last.chunk + 1) * this.chunkBytes, this.origin.sizeBytes)]
   }
 
   private async copyRun(run: PendingException[], source?: SharedOriginRead): Promise<void> {
     const chunkBytes = this.chunkBytes
     const first = run[0] as PendingException
-    const start = first.chunk * chunkBytes
-    // The last origin chunk may be partial; the rest of the COW chunk is left as it is.
-    const end = Math.min((first.chunk + run.length) * chunkBytes, this.origin.sizeBytes)
+    const [start, end] = this.copySpan(run)
     let ok = true
     try {
       await this.store.whenSpaceReady((run[run.length - 1] as PendingException).prepared)
