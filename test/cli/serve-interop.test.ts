@@ -14,7 +14,7 @@ import { access, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
-import { nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
+import { NBDSH_TRY, fioVerify, nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
 import { BIN, REPO, assertBytes, assertError, cli, cliOk } from './helpers.js'
 import { freePort } from '../support/free-port.js'
 
@@ -296,17 +296,9 @@ describe('serve interop', () => {
     assertBytes(await readFile(dst), w, 'nbdcopy out of the snapshot export')
     await rm(dst)
 
-    const fio = await runOk(
-      'fio',
-      [
-        '--name=verify', '--ioengine=nbd', `--uri=${tcp.uri(`${NAME}@w`)}`, '--rw=randwrite', '--bs=4k', '--iodepth=16',
-        '--offset=40M', '--size=8M', '--verify=crc32c', '--do_verify=1', '--verify_state_save=0', '--output-format=json',
-      ],
-      { timeoutMs: TIMEOUT },
-    )
-    const job = JSON.parse(fio.stdout.slice(fio.stdout.indexOf('{'))).jobs[0]
+    const job = await fioVerify(tcp.uri(`${NAME}@w`), { iodepth: 16, offset: '40M', size: '8M', timeoutMs: TIMEOUT })
     assert.equal(job.error, 0)
-    assert.ok(job.write.io_bytes >= 8 * MiB && job.read.io_bytes >= 8 * MiB, 'written and read back')
+    assert.ok(job.writeBytes >= 8 * MiB && job.readBytes >= 8 * MiB, 'written and read back')
 
     await assertIdentical(tcp.uri(NAME), join(T, 'origin.raw'), 'origin after snapshot writes')
     await assertIdentical(unix.uri(`${NAME}@s4`), join(T, 's4.raw'), 's4 after writes to w')
@@ -327,11 +319,7 @@ describe('serve interop', () => {
     const script = `
 h.set_strict_mode(0)
 size = h.get_size()
-def t(name, fn):
-    try:
-        fn(); print(name, "ok")
-    except nbd.Error as e:
-        print(name, e.errno)
+${NBDSH_TRY}
 t("read past end", lambda: h.pread(4096, size))
 t("read straddling", lambda: h.pread(2, size - 1))
 t("write past end", lambda: h.pwrite(b"x" * 512, size))

@@ -14,7 +14,7 @@ import { MemoryDevice } from '../../src/device/memory-device.js'
 import { staticExports, type BlockStatusExtent, type NbdExport } from '../../src/nbd/export.js'
 import { loadTlsFiles } from '../../src/nbd/tls.js'
 import { logsAreClean, startTestServer, type TestServer } from '../support/nbd-test-server.js'
-import { nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
+import { NBDSH_TRY, fioVerify, nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
 
 /** Every test and hook fails instead of hanging if a connection never closes. */
 const TIMEOUT = 120_000
@@ -182,30 +182,17 @@ test('interop: nbdcopy to and from the export, with several connections', { time
 })
 
 test('interop: fio nbd engine with crc32c verification', { timeout: TIMEOUT }, async () => {
-  const result = await runOk(
-    'fio',
-    [
-      '--name=verify', '--ioengine=nbd', `--uri=${U}/fio`, '--rw=randwrite', '--bs=4k', '--iodepth=32',
-      '--size=32M', '--verify=crc32c', '--do_verify=1', '--verify_state_save=0', '--output-format=json',
-    ],
-    { timeoutMs: 120_000 },
-  )
-  const report = JSON.parse(result.stdout.slice(result.stdout.indexOf('{')))
-  const job = report.jobs[0]
+  const job = await fioVerify(`${U}/fio`, { iodepth: 32, size: '32M', timeoutMs: 120_000 })
   assert.equal(job.error, 0)
-  assert.ok(job.write.io_bytes >= 32 * MiB, 'everything written')
-  assert.ok(job.read.io_bytes >= 32 * MiB, 'and read back for verification')
+  assert.ok(job.writeBytes >= 32 * MiB, 'everything written')
+  assert.ok(job.readBytes >= 32 * MiB, 'and read back for verification')
 })
 
 test('interop: nbdsh bad requests (strict mode off) get the spec errnos and keep the connection', { timeout: TIMEOUT }, async () => {
   const script = `
 h.set_strict_mode(0)
 size = h.get_size()
-def t(name, fn):
-    try:
-        fn(); print(name, "ok")
-    except nbd.Error as e:
-        print(name, e.errno)
+${NBDSH_TRY}
 t("read past end", lambda: h.pread(4096, size))
 t("read straddling", lambda: h.pread(2, size - 1))
 t("write past end", lambda: h.pwrite(b"x" * 4096, size))

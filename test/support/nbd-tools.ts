@@ -78,3 +78,44 @@ export async function runOk(command: string, args: readonly string[], options: {
 export function nbdsh(uri: string | null, script: string, extraArgs: readonly string[] = []): Promise<RunResult> {
   return runOk('nbdsh', [...extraArgs, ...(uri === null ? [] : ['-u', uri]), '-c', script])
 }
+
+/** What fio's crc32c write-then-verify job reports (the callers assert on it). */
+export interface FioVerifyReport {
+  readonly error: number
+  readonly writeBytes: number
+  readonly readBytes: number
+}
+
+/**
+ * fio's nbd engine against `uri`: random 4 KiB writes with crc32c checksums over
+ * [offset, offset+size), then every block read back and verified by fio itself.
+ */
+export async function fioVerify(
+  uri: string,
+  options: { iodepth: number; size: string; offset?: string; timeoutMs: number },
+): Promise<FioVerifyReport> {
+  const result = await runOk(
+    'fio',
+    [
+      '--name=verify', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=4k', `--iodepth=${options.iodepth}`,
+      ...(options.offset !== undefined ? [`--offset=${options.offset}`] : []),
+      `--size=${options.size}`, '--verify=crc32c', '--do_verify=1', '--verify_state_save=0', '--output-format=json',
+    ],
+    { timeoutMs: options.timeoutMs },
+  )
+  // fio prints a line about the NBD connection before its JSON.
+  const job = JSON.parse(result.stdout.slice(result.stdout.indexOf('{'))).jobs[0]
+  return { error: job.error, writeBytes: job.write.io_bytes, readBytes: job.read.io_bytes }
+}
+
+/**
+ * Python for nbdsh: `t(name, fn)` prints "NAME ok" or "NAME ERRNO", so a script can probe
+ * requests that should fail without the first failure ending it.
+ */
+export const NBDSH_TRY = `
+def t(name, fn):
+    try:
+        fn(); print(name, "ok")
+    except nbd.Error as e:
+        print(name, e.errno)
+`
