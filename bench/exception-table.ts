@@ -16,6 +16,7 @@ import { cpus } from 'node:os'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import { ExceptionTable } from '../src/snapshot/exception-table.js'
+import { permuter } from './permuter.js'
 
 // A real gc() without asking for --expose-gc on the command line, so arrayBuffers deltas are
 // measured after the growth garbage is gone.
@@ -38,19 +39,6 @@ function parseMax(argv: string[]): number {
   const v = Number(argv[k + 1])
   if (!Number.isFinite(v) || v <= 0) throw new Error(`--max needs a positive number, got ${argv[k + 1]}`)
   return v
-}
-
-/** Bijection on k-bit integers (k <= 32): odd multiplies and xorshifts are each invertible. */
-function permuter(bits: number, salt: number): (i: number) => number {
-  const mod = 2 ** bits
-  const half = Math.max(1, Math.floor(bits / 2))
-  return (i: number) => {
-    let x = (Math.imul(i ^ salt, 0x2545f491) >>> 0) % mod
-    x = (x ^ (x >>> half)) >>> 0
-    x = (Math.imul(x, 0x9e3779b1) >>> 0) % mod
-    x = (x ^ (x >>> half)) >>> 0
-    return x
-  }
 }
 
 interface CaseResult {

@@ -28,6 +28,7 @@ import { Snapshot } from '../src/snapshot/snapshot.js'
 import { PersistentStore } from '../src/store/persistent-store.js'
 import { Volume } from '../src/volume/volume.js'
 import { freePort } from '../test/support/free-port.js'
+import { permuter } from './permuter.js'
 
 const HERE = dirname(fileURLToPath(import.meta.url))
 const ROOT = resolve(HERE, '..')
@@ -599,19 +600,6 @@ async function mergeBench(): Promise<void> {
     },
   )
   dropVolume(dir)
-}
-
-/** Bijection on k-bit integers (k <= 32). */
-function permuter(bits: number, salt: number): (i: number) => number {
-  const mod = 2 ** bits
-  const half = Math.max(1, Math.floor(bits / 2))
-  return (i: number) => {
-    let x = (Math.imul(i ^ salt, 0x2545f491) >>> 0) % mod
-    x = (x ^ (x >>> half)) >>> 0
-    x = (Math.imul(x, 0x9e3779b1) >>> 0) % mod
-    x = (x ^ (x >>> half)) >>> 0
-    return x
-  }
 }
 
 /** Writes a kernel-format persistent COW holding `n` exceptions (data chunks left sparse). */
