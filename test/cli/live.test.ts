@@ -5,14 +5,14 @@
  * The tests run in order and build on each other.
  */
 import assert from 'node:assert/strict'
-import { type ChildProcess, spawn } from 'node:child_process'
 import { access, mkdtemp, readFile, rm, stat } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { requireTools, run } from '../support/nbd-tools.js'
-import { BIN, REPO, assertBytes, assertError, cli, cliOk, parseList, pattern } from './helpers.js'
+import { assertBytes, assertError, cli, cliOk, parseList, pattern } from './helpers.js'
 import { freePort } from '../support/free-port.js'
+import { ServeProcess } from '../support/serve-process.js'
 
 const MiB = 1024 * 1024
 const SIZE = 4 * MiB
@@ -22,9 +22,7 @@ const NAME = 'lv'
 let T = ''
 let vol = ''
 let port = 0
-let server: ChildProcess | null = null
-let serverExit: Promise<{ code: number | null; signal: NodeJS.Signals | null }> | null = null
-let serverLog = ''
+let server: ServeProcess | null = null
 
 /** Byte models: the origin, and each snapshot as of its creation. */
 const origin = Buffer.alloc(SIZE)
@@ -51,7 +49,7 @@ async function exportNames(): Promise<string[]> {
 }
 
 function serverAlive(): boolean {
-  return server !== null && server.exitCode === null && server.signalCode === null
+  return server !== null && server.alive()
 }
 
 before(async () => {
@@ -65,31 +63,14 @@ before(async () => {
   initial.copy(origin, 2 * MiB)
 
   port = await freePort()
-  const child = spawn(BIN, ['serve', vol, '--listen', `127.0.0.1:${port}`], {
-    cwd: REPO,
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, BLOCKSNAP_LOG_LEVEL: 'info' },
-  })
-  server = child
-  child.stderr?.on('data', (d: Buffer) => {
-    serverLog += d.toString('utf8')
-  })
-  serverExit = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
-  const deadline = Date.now() + 30_000
-  for (;;) {
-    if (!serverAlive()) assert.fail(`blocksnap serve exited early:\n${serverLog}`)
-    const r = await run('nbdinfo', [uri(NAME)], { timeoutMs: 5000 })
-    if (r.code === 0) break
-    if (Date.now() > deadline) assert.fail(`blocksnap serve did not come up on port ${port}:\n${serverLog}\n${r.stderr}`)
-    await sleep(200)
-  }
+  server = await ServeProcess.start([vol, '--listen', `127.0.0.1:${port}`])
   assert.ok(await exists(join(vol, 'control.sock')), 'the control socket exists while serving')
 })
 
 after(async () => {
   if (server && serverAlive() && server.pid !== undefined) {
     process.kill(server.pid, 'SIGKILL')
-    await serverExit
+    await server.exit
   }
   if (T) await rm(T, { recursive: true, force: true })
 })
@@ -198,8 +179,8 @@ describe('cli (served)', () => {
   it('cli: SIGTERM stops the server cleanly; reopening offline shows the data', async () => {
     assert.ok(server?.pid !== undefined && serverAlive(), 'the server is still running')
     process.kill(server.pid, 'SIGTERM')
-    const exit = await serverExit
-    assert.deepEqual(exit, { code: 0, signal: null }, `server exit; log:\n${serverLog}`)
+    const exit = await server.exit
+    assert.deepEqual(exit, { code: 0, signal: null }, `server exit; log:\n${server.log}`)
     assert.equal(await exists(join(vol, 'lock')), false, 'the lock file is released')
     assert.equal(await exists(join(vol, 'control.sock')), false, 'the control socket is removed')
 
@@ -217,5 +198,5 @@ describe('cli (served)', () => {
 })
 
 function ok(r: { code: number; stderr: string }): void {
-  assert.equal(r.code, 0, `exit ${r.code}: ${r.stderr}\nserver log:\n${serverLog.slice(-4000)}`)
+  assert.equal(r.code, 0, `exit ${r.code}: ${r.stderr}\nserver log:\n${server?.log.slice(-4000)}`)
 }

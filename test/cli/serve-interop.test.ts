@@ -8,15 +8,15 @@
  * each other; every server is stopped with SIGTERM and must exit 0.
  */
 import assert from 'node:assert/strict'
-import { type ChildProcess, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { access, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { NBDSH_TRY, fioVerify, nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
-import { BIN, REPO, assertBytes, assertError, cli, cliOk } from './helpers.js'
+import { assertBytes, assertError, cli, cliOk } from './helpers.js'
 import { freePort } from '../support/free-port.js'
+import { ServeProcess } from '../support/serve-process.js'
 
 const MiB = 1024 * 1024
 const SIZE = 64 * MiB
@@ -32,13 +32,8 @@ const snaps = new Map<string, Buffer>()
 /** Origin writes since the snapshots were taken: [offset, length]. */
 const originWrites: [number, number][] = []
 
-interface Served {
-  readonly child: ChildProcess
-  readonly exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
-  readonly port: number
-  readonly sock: string
-  log: string
-}
+/** A running server and where it listens. */
+type Served = ServeProcess & { readonly port: number; readonly sock: string }
 
 const running = new Set<Served>()
 let srv: Served
@@ -48,34 +43,12 @@ const exists = (p: string) => access(p).then(
   () => false,
 )
 
-/** Starts `blocksnap serve` on a free port and a fresh socket; ready once it logs "serving …". */
+/** Starts `blocksnap serve` on a free port and a fresh socket. */
 async function startServe(tag: string, extra: readonly string[] = []): Promise<Served> {
   const port = await freePort()
   const sock = join(T, `${tag}.sock`)
-  const child = spawn(BIN, ['serve', vol, '--listen', `127.0.0.1:${port}`, '--socket', sock, ...extra], {
-    cwd: REPO,
-    stdio: ['ignore', 'ignore', 'pipe'],
-    env: { ...process.env, BLOCKSNAP_LOG_LEVEL: 'info' },
-  })
-  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-    child.once('exit', (code, signal) => resolve({ code, signal })),
-  )
-  const served: Served = { child, exit, port, sock, log: '' }
+  const served = Object.assign(await ServeProcess.start([vol, '--listen', `127.0.0.1:${port}`, '--socket', sock, ...extra], 20_000), { port, sock })
   running.add(served)
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`blocksnap serve did not come up:\n${served.log}`)), 20_000)
-    child.stderr?.on('data', (d: Buffer) => {
-      served.log += d.toString('utf8')
-      if (served.log.includes('"msg":"serving ')) {
-        clearTimeout(timer)
-        resolve()
-      }
-    })
-    void exit.then((e) => {
-      clearTimeout(timer)
-      reject(new Error(`blocksnap serve exited early (${JSON.stringify(e)}):\n${served.log}`))
-    })
-  })
   return served
 }
 

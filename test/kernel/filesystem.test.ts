@@ -15,14 +15,14 @@
  * origin equals the snapshot image byte for byte, and the kernel's hashes match the model.
  */
 import assert from 'node:assert/strict'
-import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process'
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
-import { connect } from 'node:net'
+import { execFile, execFileSync } from 'node:child_process'
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { join, relative } from 'node:path'
 import { after, before, test } from 'node:test'
 import { Random } from '../support/random.js'
 import { type Kernel, type VmRun, CACHE_DIR, missingTools, prepareKernel, runVm, sha256, vmErrors } from './vm.js'
 import { freePort } from '../support/free-port.js'
+import { ServeProcess } from '../support/serve-process.js'
 
 const MiB = 1024 * 1024
 const SIZE = 64 * MiB
@@ -46,9 +46,7 @@ let kernel: Kernel
 let work = ''
 let vol = ''
 let port = 0
-let server: ChildProcess | null = null
-let serverExit: Promise<{ code: number | null; signal: NodeJS.Signals | null }> | null = null
-let serverLog = ''
+let server: ServeProcess | null = null
 let data: Buffer
 let run: VmRun | null = null
 let phase1: Tree = new Map()
@@ -211,34 +209,12 @@ async function timed<T>(label: string, fn: () => Promise<T>): Promise<T> {
 }
 
 function serverAlive(): boolean {
-  return server !== null && server.exitCode === null && server.signalCode === null
+  return server !== null && server.alive()
 }
 
 async function startServer(): Promise<void> {
   port = await freePort()
-  const child = spawn(BIN, ['serve', vol, '--listen', `127.0.0.1:${port}`], {
-    cwd: REPO,
-    stdio: ['ignore', 'ignore', 'pipe'],
-  })
-  server = child
-  child.stderr?.on('data', (d: Buffer) => {
-    serverLog += d.toString('utf8')
-  })
-  serverExit = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
-  const deadline = Date.now() + 30_000
-  for (;;) {
-    if (!serverAlive()) throw new Error(`blocksnap serve exited early:\n${serverLog}`)
-    const up = existsSync(join(vol, 'control.sock')) && await new Promise<boolean>((resolve) => {
-      const s = connect(port, '127.0.0.1', () => {
-        s.destroy()
-        resolve(true)
-      })
-      s.on('error', () => resolve(false))
-    })
-    if (up) return
-    if (Date.now() > deadline) throw new Error(`blocksnap serve did not come up on port ${port}:\n${serverLog}`)
-    await new Promise((r) => setTimeout(r, 100))
-  }
+  server = await ServeProcess.start([vol, '--listen', `127.0.0.1:${port}`])
 }
 
 /** e2fsck -fn: exit code and output. */
@@ -395,7 +371,7 @@ before(async () => {
     await liveRead.catch(() => {})
     if (server?.pid !== undefined && serverAlive()) {
       process.kill(server.pid, 'SIGTERM')
-      serverStop = await serverExit
+      serverStop = await server.exit
     }
   }
   finalOrigin = join(vol, 'origin.img')
@@ -409,11 +385,11 @@ after(() => {
 
 test('fs: the VM script ran without errors, the host steps succeeded, the server stopped cleanly', () => {
   assert.ok(run)
-  assert.deepEqual(hostErrors, [], `host steps failed; server log:\n${serverLog}`)
+  assert.deepEqual(hostErrors, [], `host steps failed; server log:\n${server?.log}`)
   assert.deepEqual(vmErrors(run), [], run.log.slice(-6000))
   assert.equal(run.exitCode, 0)
   assert.equal(run.results.get('phase'), 'done', run.log.slice(-4000))
-  assert.deepEqual(serverStop, { code: 0, signal: null }, `server exit; log:\n${serverLog}`)
+  assert.deepEqual(serverStop, { code: 0, signal: null }, `server exit; log:\n${server?.log}`)
 })
 
 test('fs: the kernel read back what the model says at each phase (snapshot time, after writes, after merge)', () => {
