@@ -251,6 +251,11 @@ function buildProgram(): Command {
     .option('--tls-cert <FILE>', 'X.509 certificate (PEM)')
     .option('--tls-key <FILE>', 'X.509 private key (PEM)')
     .addOption(new Option('--tls <MODE>', 'TLS policy').choices(['off', 'allow', 'require']))
+    .option(
+      '--write-back <SIZE>',
+      'answer origin writes that wait for snapshot copies once the copies start, holding up to SIZE of them in memory until they land; a flush waits for them (default 64M; 0: answer only after the copies commit)',
+      sizeArg('write-back size'),
+    )
     .action(async (vols: string[], opts: ServeFlags) => {
       await serveVolumes(vols, parseServeFlags(opts))
     })
@@ -281,6 +286,7 @@ interface ServeFlags {
   tlsCert?: string
   tlsKey?: string
   tls?: 'off' | 'allow' | 'require'
+  writeBack?: number
 }
 
 function parseServeFlags(opts: ServeFlags) {
@@ -297,6 +303,7 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.tlsPsk ? { tlsPsk: opts.tlsPsk } : {}),
     ...(opts.tlsCert ? { tlsCert: opts.tlsCert, tlsKey: opts.tlsKey as string } : {}),
     ...(opts.tls ? { tls: opts.tls } : {}),
+    ...(opts.writeBack === undefined ? {} : { writeBackBytes: opts.writeBack }),
   }
 }
 

@@ -20,6 +20,7 @@ export interface ServeOptions {
   readonly tlsCert?: string
   readonly tlsKey?: string
   readonly tls?: 'off' | 'allow' | 'require'
+  readonly writeBackBytes?: number
 }
 
 function mergeHandlers(volume: Volume) {
@@ -77,7 +78,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   }
   try {
     for (const p of paths) {
-      const volume = await Volume.open(p)
+      const volume = await Volume.open(p, options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes })
       volumes.push(volume)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)

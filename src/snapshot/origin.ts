@@ -14,11 +14,17 @@
  *   completed before it is in, no write that starts after it is.
  * - While a merge runs, an interceptor installed by merge/ takes over reads, writes, flushes
  *   and discards; it calls back into writeThroughCow() for chunks already merged.
+ * - Write-back (held-writes.ts): a write that has to wait for copies is answered once they are
+ *   started, and its bytes land on the device after they commit. The device keeps the old data
+ *   until then, so snapshots and their copies cannot tell; origin reads overlay the held bytes,
+ *   flushes wait for them, and a held write counts as a mutation until it lands, so creating a
+ *   snapshot or starting a merge still sees every acknowledged write on the device.
  */
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
-import { SnapError } from '../errors.js'
+import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
 import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
+import { type HeldWrite, HeldWrites } from './held-writes.js'
 import type { PendingException } from './pending-exception.js'
 import type { OriginBacking, Snapshot } from './snapshot.js'
 import { settleAll } from './snapshot.js'
@@ -34,7 +40,12 @@ export interface OriginInterceptor {
 export interface OriginOptions {
   readonly name?: string
   readonly events?: ExceptionEvents
+  /** Most bytes of origin writes answered before their copies commit; 0 turns write-back off. */
+  readonly writeBackBytes?: number
 }
+
+/** Enough for many commits' worth of 1 MiB writes, small next to a page cache. */
+export const DEFAULT_WRITE_BACK_BYTES = 64 * 1024 * 1024
 
 /** Largest power of two below 2^32 sectors, in bytes: the kernel's "no snapshots" boundary. */
 const NO_SNAPSHOT_BOUNDARY = 2 ** 31 * 512
@@ -47,12 +58,19 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private mutations = 0 // origin writes/discards/merge steps in flight
   private drainWaiters: Array<() => void> = []
   private gate: Deferred<void> | null = null // set while origin mutations are held
+  private readonly held: HeldWrites
+  private writeBackError: unknown = null // first failure of a held write, reported by the next flush
   interceptor: OriginInterceptor | null = null
 
   constructor(device: BlockDevice, options: OriginOptions = {}) {
     super(device.sizeBytes, options.name ?? 'origin')
     this.device = device
     this.events = options.events ?? defaultExceptionEvents
+    const writeBackBytes = options.writeBackBytes ?? DEFAULT_WRITE_BACK_BYTES
+    if (!Number.isSafeInteger(writeBackBytes) || writeBackBytes < 0) {
+      throw new SnapError('SNAP_BAD_ARGUMENT', `write-back limit ${writeBackBytes} is not a byte count`)
+    }
+    this.held = new HeldWrites(writeBackBytes)
     const caps = device.capabilities
     this.capabilities = { writable: caps.writable, flush: true, fua: caps.fua, discard: caps.discard, resize: false }
   }
@@ -130,11 +148,15 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     try {
       return await fn()
     } finally {
-      if (--this.mutations === 0 && this.drainWaiters.length > 0) {
-        const waiters = this.drainWaiters
-        this.drainWaiters = []
-        for (const wake of waiters) wake()
-      }
+      this.endMutation()
+    }
+  }
+
+  private endMutation(): void {
+    if (--this.mutations === 0 && this.drainWaiters.length > 0) {
+      const waiters = this.drainWaiters
+      this.drainWaiters = []
+      for (const wake of waiters) wake()
     }
   }
 
@@ -229,12 +251,81 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     await this.device.discard(offset, length)
   }
 
+  private async discardAfterHeld(offset: number, length: number): Promise<void> {
+    for (const w of this.held.overlapping(offset, length)) await w.landed
+    await this.discardThroughCow(offset, length)
+  }
+
+  // ---- write-back ----------------------------------------------------------------------------
+
+  /** Bytes of acknowledged origin writes not yet on the device. */
+  get heldBytes(): number {
+    return this.held.bytes
+  }
+
+  /**
+   * An origin write outside a merge. Runs synchronously up to the point of answering, so writes
+   * are ordered as they arrive: a write that overlaps held bytes lands after them.
+   */
+  private writeOrigin(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    const earlier = this.held.overlapping(offset, data.length)
+    const { waits, invalidations } = this.triggerExceptions(offset, data.length)
+    if (earlier.length === 0 && waits.length === 0 && invalidations.length === 0) {
+      return this.device.write(data, offset, { fua })
+    }
+    if (!fua && this.held.hasRoomFor(data.length)) {
+      const write = this.held.add(offset, data)
+      // The landing is a mutation of its own, so hold() drains it like a write in flight.
+      this.mutations++
+      void this.land(write, earlier, waits, invalidations)
+      return Promise.resolve()
+    }
+    return this.writeAfter(data, offset, fua, earlier)
+  }
+
+  /** Write-through: answered once the write is on the device. */
+  private async writeAfter(data: Uint8Array, offset: number, fua: boolean, earlier: readonly HeldWrite[]): Promise<void> {
+    for (const w of earlier) await w.landed
+    await this.writeThroughCow(data, offset, fua)
+  }
+
+  /** Puts a held write on the device once every copy it needs is committed. */
+  private async land(write: HeldWrite, earlier: readonly HeldWrite[], waits: Array<Promise<boolean>>, invalidations: Array<Promise<void>>): Promise<void> {
+    try {
+      if (invalidations.length > 0) await Promise.all(invalidations)
+      if (waits.length > 0) await Promise.all(waits)
+      await this.protect(write.offset, write.data.length)
+      for (const w of earlier) await w.landed
+      await this.device.write(write.data, write.offset)
+    } catch (err) {
+      // Already answered: like a disk's write cache, the failure surfaces at the next flush.
+      if (this.writeBackError === null) {
+        const failure = asSnapError(err, 'device write')
+        const where = `${write.data.length} bytes at ${write.offset}`
+        this.writeBackError = new SnapError(failure.code, `${this.name}: write-back of ${where} failed: ${failure.message}`, { cause: err })
+      }
+    } finally {
+      this.held.release(write)
+      this.endMutation()
+    }
+  }
+
+  /** Throws (once) the first failure of a held write since the last flush. */
+  private reportWriteBack(): void {
+    const err = this.writeBackError
+    if (err === null) return
+    this.writeBackError = null
+    throw err
+  }
+
   // ---- BlockDevice hooks -------------------------------------------------------------------
 
   protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
     const interceptor = this.interceptor
     if (interceptor) return interceptor.readInto(target, offset)
+    const held = this.held.overlapping(offset, target.length)
     await this.device.readInto(target, offset)
+    if (held.length > 0) this.held.overlay(target, offset, held)
   }
 
   protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
@@ -242,14 +333,16 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     await this.runMutation(() => {
       const interceptor = this.interceptor
       if (interceptor) return interceptor.write(data, offset, fua)
-      return this.writeThroughCow(data, offset, fua)
+      return this.writeOrigin(data, offset, fua)
     })
   }
 
   protected async _flush(): Promise<void> {
+    await this.held.drain()
     const interceptor = this.interceptor
-    if (interceptor) return interceptor.flush()
-    await this.device.flush()
+    if (interceptor) await interceptor.flush()
+    else await this.device.flush()
+    this.reportWriteBack()
   }
 
   protected override async _discard(offset: number, length: number): Promise<void> {
@@ -257,7 +350,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     await this.runMutation(() => {
       const interceptor = this.interceptor
       if (interceptor) return interceptor.discard(offset, length)
-      return this.discardThroughCow(offset, length)
+      return this.discardAfterHeld(offset, length)
     })
   }
 
@@ -269,5 +362,6 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     })
     await this.device.flush().catch(() => {})
     await this.device.close()
+    this.reportWriteBack()
   }
 }

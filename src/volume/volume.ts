@@ -40,6 +40,12 @@ export interface CreateVolumeOptions {
   readonly fromImage?: string
 }
 
+export interface VolumeOpenOptions {
+  readonly events?: ExceptionEvents
+  /** Origin write-back limit in bytes (Origin's default when absent; 0: off). */
+  readonly writeBackBytes?: number
+}
+
 export interface SnapshotCreateOptions {
   readonly chunkSizeBytes?: number
   readonly store?: StoreName
@@ -137,7 +143,7 @@ export class Volume {
     }
   }
 
-  static async open(dirPath: string, options: { events?: ExceptionEvents } = {}): Promise<Volume> {
+  static async open(dirPath: string, options: VolumeOpenOptions = {}): Promise<Volume> {
     const dir = resolve(dirPath)
     const manifest = await readManifest(dir)
     const lock = await VolumeLock.acquire(dir)
@@ -147,7 +153,11 @@ export class Volume {
       if (originDev.sizeBytes !== manifest.sizeBytes) {
         throw new SnapError('SNAP_CORRUPT_METADATA', `origin image is ${originDev.sizeBytes} bytes, manifest says ${manifest.sizeBytes}`)
       }
-      const origin = new Origin(originDev, { name: basename(dir), events: options.events ?? defaultExceptionEvents })
+      const origin = new Origin(originDev, {
+        name: basename(dir),
+        events: options.events ?? defaultExceptionEvents,
+        ...(options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes }),
+      })
       const volume = new Volume(dir, manifest, lock, origin)
       await volume.attachRecorded()
       await volume.resumeRecordedMerge()

@@ -30,10 +30,12 @@ interface Setup {
   originDev: FaultyDevice
 }
 
+// These invariants pin the kernel's ordering, where an origin write completes only after its
+// copies commit, so write-back is off here; test/unit/snapshot/write-back.test.ts covers it.
 function setup(sizeBytes: number, seed = 1): Setup {
   const originBase = MemoryDevice.fromBytes(new Random(seed).bytes(sizeBytes))
   const originDev = new FaultyDevice(originBase)
-  return { origin: new Origin(originDev, { events: new ExceptionEvents() }), originBase, originDev }
+  return { origin: new Origin(originDev, { events: new ExceptionEvents(), writeBackBytes: 0 }), originBase, originDev }
 }
 
 function persistent(name: string, chunkBytes: number, cowBytes: number, options: { overflow?: boolean; discard?: boolean; passdown?: boolean } = {}) {

@@ -1,0 +1,131 @@
+/**
+ * Origin writes that were acknowledged before they reached the origin device (write-back).
+ *
+ * A first-touch origin write may not reach the device before every snapshot's copy of the old
+ * chunk is committed, which costs two device syncs per commit. Rather than keep the client
+ * waiting for them, the origin can answer as soon as the copies are started and hold the new
+ * bytes here until they land. Meanwhile:
+ * - origin reads see the held bytes on top of what the device returns (newest last);
+ * - a later write or discard of the same bytes lands strictly after every earlier held write;
+ * - a flush waits until everything held before it has landed.
+ * Held bytes are like a disk's volatile write cache: lost in a crash unless flushed, never able
+ * to leak into a snapshot, since the device itself is not touched before the copies commit.
+ *
+ * Writes are indexed by 64 KiB buckets, so finding the few held writes that overlap a request
+ * never scans the whole set.
+ */
+import { type Deferred, deferred } from '../util/deferred.js'
+
+const BUCKET_BYTES = 64 * 1024
+
+export class HeldWrite {
+  readonly offset: number
+  readonly data: Uint8Array
+  /** Acceptance order: when two held writes overlap, the higher one is newer. */
+  readonly seq: number
+  private readonly landing: Deferred<void> = deferred<void>()
+
+  constructor(offset: number, data: Uint8Array, seq: number) {
+    this.offset = offset
+    this.data = data
+    this.seq = seq
+  }
+
+  get end(): number {
+    return this.offset + this.data.length
+  }
+
+  /** Resolves (never rejects) once the write has left the set, landed or failed. */
+  get landed(): Promise<void> {
+    return this.landing.promise
+  }
+
+  markLanded(): void {
+    this.landing.resolve()
+  }
+}
+
+export class HeldWrites {
+  /** Most bytes held at once; 0 turns write-back off. */
+  readonly limitBytes: number
+  private readonly buckets = new Map<number, HeldWrite[]>()
+  private readonly all = new Set<HeldWrite>()
+  private heldBytes = 0
+  private nextSeq = 0
+
+  constructor(limitBytes: number) {
+    this.limitBytes = limitBytes
+  }
+
+  get size(): number {
+    return this.all.size
+  }
+
+  get bytes(): number {
+    return this.heldBytes
+  }
+
+  hasRoomFor(length: number): boolean {
+    return this.heldBytes + length <= this.limitBytes
+  }
+
+  /**
+   * Holds `data` for [offset, offset + data.length). The bytes are copied when `data` is a small
+   * view of a larger buffer (a request carved out of a socket read), so holding a 4 KiB write
+   * never pins a 64 KiB receive buffer and the byte count stays honest.
+   */
+  add(offset: number, data: Uint8Array): HeldWrite {
+    const owned = data.byteLength * 2 < data.buffer.byteLength ? new Uint8Array(data) : data
+    const write = new HeldWrite(offset, owned, this.nextSeq++)
+    this.all.add(write)
+    this.heldBytes += owned.length
+    for (let b = Math.floor(offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
+      const list = this.buckets.get(b)
+      if (list) list.push(write)
+      else this.buckets.set(b, [write])
+    }
+    return write
+  }
+
+  /** Drops `write` from the set and wakes everything waiting for it to land. */
+  release(write: HeldWrite): void {
+    if (!this.all.delete(write)) return
+    this.heldBytes -= write.data.length
+    for (let b = Math.floor(write.offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
+      const list = this.buckets.get(b) as HeldWrite[]
+      if (list.length === 1) this.buckets.delete(b)
+      else list.splice(list.indexOf(write), 1)
+    }
+    write.markLanded()
+  }
+
+  /** The held writes overlapping [offset, offset + length), oldest first. */
+  overlapping(offset: number, length: number): HeldWrite[] {
+    if (this.all.size === 0 || length === 0) return []
+    const end = offset + length
+    const found: HeldWrite[] = []
+    for (let b = Math.floor(offset / BUCKET_BYTES), last = Math.floor((end - 1) / BUCKET_BYTES); b <= last; b++) {
+      const list = this.buckets.get(b)
+      if (!list) continue
+      for (const w of list) if (w.offset < end && offset < w.end && !found.includes(w)) found.push(w)
+    }
+    if (found.length > 1) found.sort((x, y) => x.seq - y.seq)
+    return found
+  }
+
+  /** Copies the held bytes over `target`, which holds the device's bytes at `offset`. */
+  overlay(target: Uint8Array, offset: number, writes: readonly HeldWrite[]): void {
+    const end = offset + target.length
+    for (const w of writes) {
+      const from = Math.max(offset, w.offset)
+      const to = Math.min(end, w.end)
+      if (from < to) target.set(w.data.subarray(from - w.offset, to - w.offset), from - offset)
+    }
+  }
+
+  /** Resolves once every write held now has landed (later ones are not waited for). */
+  async drain(): Promise<void> {
+    if (this.all.size === 0) return
+    await Promise.all([...this.all].map((w) => w.landed))
+  }
+}
