@@ -253,7 +253,7 @@ function buildProgram(): Command {
     .addOption(new Option('--tls <MODE>', 'TLS policy').choices(['off', 'allow', 'require']))
     .option(
       '--write-back <SIZE>',
-      'answer origin writes that wait for snapshot copies once the copies start, holding up to SIZE of them in memory until they land; a flush waits for them (default 64M; 0: answer only after the copies commit)',
+      'answer origin writes that wait for snapshot copies once the copies start, holding up to SIZE of them in memory until they land; a flush waits for them (default 16M; 0: answer only after the copies commit)',
       sizeArg('write-back size'),
     )
     .action(async (vols: string[], opts: ServeFlags) => {

@@ -44,8 +44,8 @@ export interface OriginOptions {
   readonly writeBackBytes?: number
 }
 
-/** Enough for many commits' worth of 1 MiB writes, small next to a page cache. */
-export const DEFAULT_WRITE_BACK_BYTES = 64 * 1024 * 1024
+/** Several commits' worth of writes: more only queues more copies at once (measured: slower). */
+export const DEFAULT_WRITE_BACK_BYTES = 16 * 1024 * 1024
 
 /** Largest power of two below 2^32 sectors, in bytes: the kernel's "no snapshots" boundary. */
 const NO_SNAPSHOT_BOUNDARY = 2 ** 31 * 512

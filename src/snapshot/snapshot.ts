@@ -19,6 +19,7 @@
  */
 import { EventEmitter } from 'node:events'
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
+import { WriteCombiner } from '../device/write-combiner.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { ExceptionList } from '../format/exception-list.js'
 import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
@@ -66,6 +67,8 @@ export interface OriginBacking {
 export class Snapshot extends BaseBlockDevice {
   readonly capabilities: DeviceCapabilities
   readonly store: ExceptionStore
+  /** COW data writes of copies: neighbours in the COW go out as one write. */
+  private readonly copyWriter: WriteCombiner
   readonly overflowMode: boolean
   readonly discardZeroesCow: boolean
   readonly discardPassdownOrigin: boolean
@@ -94,6 +97,7 @@ export class Snapshot extends BaseBlockDevice {
     super(0, `snapshot ${options.name}`)
     this.snapshotName = options.name
     this.store = options.store
+    this.copyWriter = new WriteCombiner(options.store.cow)
     this.overflowMode = options.overflow === true
     this.discardZeroesCow = options.discardZeroesCow === true
     this.discardPassdownOrigin = options.discardPassdownOrigin === true
@@ -262,7 +266,7 @@ export class Snapshot extends BaseBlockDevice {
       const data = source
         ? (await source.data).subarray(start - source.start, end - source.start)
         : await this.origin.device.read(start, end - start)
-      await this.store.cow.write(data, first.newChunk * chunkBytes)
+      await this.copyWriter.write(data, first.newChunk * chunkBytes)
     } catch {
       ok = false
     }
