@@ -8,14 +8,15 @@
  *   suspend of the origin), sets `snapshot.merging` (its own view then refuses I/O and origin
  *   writes ignore it) and installs a MergeView as the origin's interceptor (§8.2).
  * - The loop (§8.4) merges a batch of table entries per step, newest first: the last K entries
- *   of the table's last metadata area, which may form several runs (entries consecutive in
- *   both origin and COW), K bounded by STEP_BYTES, the rate limit and maxStepChunks.
+ *   of the table, possibly over several metadata areas, which may form several runs (entries
+ *   consecutive in both origin and COW), K bounded by STEP_BYTES, the rate limit and maxStepChunks.
  *   prepareMerge → relocation in the other snapshots over every run (§8.5) → publish the
  *   window (all runs) → wait for tracked COW writes to it → copy each run COW → origin → ONE
  *   origin flush → ONE commitMerge(K) (durable) → remove the chunks from the in-memory table,
- *   run by run, highest first → release the held writes. commitMerge(K) writes the same area
- *   image as K single-run steps would have left, so the on-disk format is unchanged; batching
- *   only saves the per-run flush and FUA write (random 4 KiB changes are all 1-chunk runs).
+ *   run by run, highest first → release the held writes. commitMerge(K) leaves the same area
+ *   images as K single-run steps would have, so the on-disk format is unchanged; batching only
+ *   saves the per-run flush and FUA write (random 4 KiB changes are all 1-chunk runs; 4 KiB
+ *   chunks put only 256 entries in an area).
  *   Each step runs as an origin mutation, so live snapshot creation (which drains mutations)
  *   never sees a half-done step.
  * - Relocation samples the global pending-exception done counter before every scan, triggers
@@ -90,7 +91,8 @@ const COPY_PIECE_BYTES = 1024 * 1024
 const COPY_CONCURRENCY = 8
 /**
  * Most bytes one step merges: bounds how long writes to the step's chunks are held. With
- * 4 KiB chunks a whole metadata area (256 entries, 1 MiB) fits.
+ * 4 KiB chunks that is 16 metadata areas; 64 MiB steps measured no faster (the per-step
+ * flushes are not what a sequential merge waits for).
  */
 const STEP_BYTES = 16 * 1024 * 1024
 /** With a rate limit, a step merges at most this many seconds' worth of it (at least 1 chunk), so the rate stays smooth. */

@@ -61,8 +61,9 @@ export interface ExceptionStore {
    */
   commitException(e: PreparedException, ok: boolean): Promise<boolean>
   /**
-   * The next entries to merge: runs covering the last K entries of the table's last metadata
-   * area (newest run first, K <= maxEntries, the oldest run returned may be cut short to fit).
+   * The next entries to merge: runs covering the last K entries of the table, possibly over
+   * several metadata areas (newest run first, K <= maxEntries, the oldest run returned may be
+   * cut short to fit).
    * Empty when the table is empty. Nothing changes until commitMerge, so calling it again
    * returns the same runs.
    */

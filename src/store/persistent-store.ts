@@ -68,6 +68,7 @@ export class PersistentStore implements ExceptionStore {
   private writing = false
   private readonly growth: CowGrowth
   private readonly committer: InOrderCommitter
+  private readonly mergeAreas = new Map<number, Uint8Array>() // images of areas before the last, read by prepareMerge
 
   constructor(cow: BlockDevice, options: PersistentStoreOptions = {}) {
     this.cow = cow
@@ -303,44 +304,81 @@ export class PersistentStore implements ExceptionStore {
     }
   }
 
+  /**
+   * The runs of the last `maxEntries` entries, newest first. A batch may reach back over
+   * several areas; the images of earlier areas are read once and kept for commitMerge.
+   */
   async prepareMerge(maxEntries = Infinity): Promise<MergeRun[]> {
-    const { exceptionsPerArea, chunkBytes } = this.layout
+    const { exceptionsPerArea } = this.layout
     if (!(maxEntries >= 1)) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${maxEntries} entries`)
     if (this.currentCommitted === 0) {
       if (this.currentArea === 0) return []
       this.currentArea--
-      this.area = await this.readCow(areaChunk(this.layout, this.currentArea) * chunkBytes, chunkBytes)
+      this.area = await this.mergeAreaImage(this.currentArea)
       this.currentCommitted = exceptionsPerArea // areas before the last are always full
     }
-    // Only this area: commitMerge rewrites one area, so a batch never reaches into the previous one.
-    const limit = Math.min(maxEntries, this.currentCommitted)
-    const runs: MergeRun[] = []
-    let taken = 0
-    while (taken < limit) {
-      const { oldChunk: lastOld, newChunk: lastNew } = readEntry(this.area, this.currentCommitted - 1 - taken)
-      let count = 1
-      while (taken + count < limit) {
-        const e = readEntry(this.area, this.currentCommitted - 1 - taken - count)
-        if (e.oldChunk !== lastOld - count || e.newChunk !== lastNew - count) break
-        count++
-      }
-      runs.push({ count, lastOld, lastNew })
-      taken += count
+    const total = this.currentArea * exceptionsPerArea + this.currentCommitted
+    const limit = Math.min(maxEntries, total)
+    const firstArea = Math.floor((total - limit) / exceptionsPerArea)
+    const images: Uint8Array[] = []
+    for (let a = firstArea; a < this.currentArea; a++) images.push(await this.mergeAreaImage(a))
+    images.push(this.area)
+    const runs: Array<{ count: number; lastOld: number; lastNew: number }> = []
+    let prevOld = -1
+    let prevNew = -1
+    for (let i = total - 1; i >= total - limit; i--) {
+      const a = Math.floor(i / exceptionsPerArea)
+      const { oldChunk, newChunk } = readEntry(images[a - firstArea] as Uint8Array, i - a * exceptionsPerArea)
+      const run = runs[runs.length - 1]
+      if (run && oldChunk === prevOld - 1 && newChunk === prevNew - 1) run.count++
+      else runs.push({ count: 1, lastOld: oldChunk, lastNew: newChunk })
+      prevOld = oldChunk
+      prevNew = newChunk
     }
     return runs
   }
 
+  /**
+   * Drops the last `count` entries. Any suffix of the table may vanish in a crash without harm
+   * (the merge flushed the origin first), so the areas the batch empties are zeroed with plain
+   * writes, and one write with FUA makes the new end durable: the partial last area, or, when
+   * the batch ends on an area boundary, the empty area that terminates the table. The COW ends
+   * up byte-identical to merging the same entries one area at a time.
+   */
   async commitMerge(count: number): Promise<void> {
-    const { chunkBytes } = this.layout
-    if (count < 1 || count > this.currentCommitted) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${count} entries`)
-    const image = this.area.slice()
-    clearEntries(image, this.currentCommitted - count, this.currentCommitted)
+    const { exceptionsPerArea, chunkBytes } = this.layout
+    const total = this.currentArea * exceptionsPerArea + this.currentCommitted
+    if (!Number.isSafeInteger(count) || count < 1 || count > total) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${count} entries`)
+    const remaining = total - count
+    // The area holding the last entry left (area 0 when none is), and how many entries it keeps.
+    const lastArea = remaining === 0 ? 0 : Math.floor((remaining - 1) / exceptionsPerArea)
+    const kept = remaining - lastArea * exceptionsPerArea
+    const endArea = kept === exceptionsPerArea ? lastArea + 1 : lastArea
+    const image = kept === exceptionsPerArea ? new Uint8Array(chunkBytes) : (await this.mergeAreaImage(lastArea)).slice()
+    if (kept < exceptionsPerArea) clearEntries(image, kept, exceptionsPerArea)
     await this.cow.flush()
-    await this.writeCow(image, areaChunk(this.layout, this.currentArea) * chunkBytes, true)
+    const emptied: Array<Promise<void>> = []
+    for (let a = endArea + 1; a <= this.currentArea; a++) emptied.push(this.writeCow(new Uint8Array(chunkBytes), areaChunk(this.layout, a) * chunkBytes))
+    await Promise.all(emptied)
+    await this.writeCow(image, areaChunk(this.layout, endArea) * chunkBytes, true)
+    for (const a of [...this.mergeAreas.keys()]) if (a >= lastArea) this.mergeAreas.delete(a)
+    this.currentArea = endArea
+    this.currentCommitted = kept === exceptionsPerArea ? 0 : kept
     this.area = image
-    this.currentCommitted -= count
     // Only status uses this after a merge step (the kernel's approximation).
     this.nextFree = areaChunk(this.layout, this.currentArea) + this.currentCommitted + 1
+  }
+
+  /** The image of area `a` while merging: the in-memory one for the last area, else read once. */
+  private async mergeAreaImage(a: number): Promise<Uint8Array> {
+    if (a === this.currentArea && this.currentCommitted > 0) return this.area
+    let image = this.mergeAreas.get(a)
+    if (!image) {
+      const { chunkBytes } = this.layout
+      image = await this.readCow(areaChunk(this.layout, a) * chunkBytes, chunkBytes)
+      this.mergeAreas.set(a, image)
+    }
+    return image
   }
 
   async dropSnapshot(): Promise<void> {

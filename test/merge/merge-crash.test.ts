@@ -178,8 +178,8 @@ const CASES: CrashCase[] = [
     maxStepChunks: 3,
   },
   {
-    // More exceptions than one metadata area holds (E = 256 for 4 KiB chunks): the merge
-    // crosses an area boundary. Sampled cut points.
+    // More exceptions than one metadata area holds (E = 256 for 4 KiB chunks): the first step
+    // spans two areas. Sampled cut points.
     seed: 33,
     originBytes: 1280 * KiB + 1536,
     specs: [
@@ -189,6 +189,19 @@ const CASES: CrashCase[] = [
     ],
     originWrites: 290,
     cutStride: 5,
+  },
+  {
+    // 512-byte chunks (E = 32): every step of 40 entries empties one area or more and ends
+    // inside another, so cuts fall between the zeroing of emptied areas and the FUA write.
+    seed: 34,
+    originBytes: 96 * KiB + 512,
+    specs: [
+      { name: 'm', kind: 'P', chunkBytes: 512, cowBytes: 1024 * KiB },
+      { name: 'a', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB },
+    ],
+    originWrites: 18,
+    cutStride: 1,
+    maxStepChunks: 40,
   },
 ]
 

@@ -318,7 +318,7 @@ describe('persistent-store: merge support', () => {
   const cowBytes = 80 * CHUNK
   const image = () => MemoryDevice.fromBytes(buildCow({ chunkBytes: CHUNK, cowBytes, entries: [...area0, ...area1] }))
 
-  it('persistent-store: prepareMerge returns the runs of the last area from the end backwards; commitMerge shortens the table (invariant 43)', async () => {
+  it('persistent-store: prepareMerge returns the runs from the end backwards; commitMerge shortens the table (invariant 43)', async () => {
     const cow = image()
     const { store, table } = await load(cow)
     assert.deepEqual(table, [...area0, ...area1])
@@ -326,9 +326,9 @@ describe('persistent-store: merge support', () => {
       { count: 2, lastOld: 21, lastNew: 39 },
       { count: 3, lastOld: 9, lastNew: 37 },
     ]
-    assert.deepEqual(await store.prepareMerge(), bothRuns)
+    assert.deepEqual(await store.prepareMerge(5), bothRuns)
     // prepareMerge is idempotent until the commit.
-    assert.deepEqual(await store.prepareMerge(), bothRuns)
+    assert.deepEqual(await store.prepareMerge(5), bothRuns)
     // maxEntries bounds the batch; the oldest run returned is cut short to fit.
     assert.deepEqual(await store.prepareMerge(2), [{ count: 2, lastOld: 21, lastNew: 39 }])
     assert.deepEqual(await store.prepareMerge(3), [
@@ -339,7 +339,7 @@ describe('persistent-store: merge support', () => {
     assert.deepEqual(cow.readSync(areaLocation(CHUNK, 1) * CHUNK, CHUNK), buildArea(CHUNK, area1.slice(0, 3)))
     assert.deepEqual((await load(cow)).table, [...area0, ...area1.slice(0, 3)])
 
-    assert.deepEqual(await store.prepareMerge(), [{ count: 3, lastOld: 9, lastNew: 37 }])
+    assert.deepEqual(await store.prepareMerge(3), [{ count: 3, lastOld: 9, lastNew: 37 }])
     await store.commitMerge(3)
     assert.deepEqual((await load(cow)).table, area0)
     // Area 1 still counts as metadata until the next prepareMerge (kernel behaviour).
@@ -363,27 +363,44 @@ describe('persistent-store: merge support', () => {
   it('persistent-store: a partial commitMerge leaves the rest of the batch', async () => {
     const cow = image()
     const { store } = await load(cow)
-    assert.deepEqual((await store.prepareMerge())[0], { count: 2, lastOld: 21, lastNew: 39 })
+    assert.deepEqual((await store.prepareMerge(5))[0], { count: 2, lastOld: 21, lastNew: 39 })
     await store.commitMerge(1)
     assert.deepEqual(await store.prepareMerge(1), [{ count: 1, lastOld: 20, lastNew: 38 }])
-    await rejectsCode(store.commitMerge(5), 'SNAP_BAD_ARGUMENT')
+    await rejectsCode(store.commitMerge(E + 5), 'SNAP_BAD_ARGUMENT') // more than the table holds
     await rejectsCode(store.commitMerge(0), 'SNAP_BAD_ARGUMENT')
     await rejectsCode(store.prepareMerge(0), 'SNAP_BAD_ARGUMENT')
   })
 
-  it('persistent-store: a batch never spans two areas; a run is at most E long', async () => {
-    // Every entry consecutive across 2 full areas and 3 more: runs are cut at area boundaries.
+  it('persistent-store: a batch reaches back over several areas; runs break where an area sits between data chunks', async () => {
+    // Every entry consecutive across 2 full areas and 3 more: consecutive in the origin, but the
+    // COW chunks jump over each metadata area, so the runs are the areas' pieces.
     const entries: Pair[] = Array.from({ length: 2 * E + 3 }, (_, i) => [1000 + nthDataChunk(CHUNK, i), nthDataChunk(CHUNK, i)])
     const cow = MemoryDevice.fromBytes(buildCow({ chunkBytes: CHUNK, cowBytes: 120 * CHUNK, entries }))
     const { store } = await load(cow)
-    const counts: number[][] = []
-    for (;;) {
-      const runs = await store.prepareMerge()
-      if (runs.length === 0) break
-      counts.push(runs.map((r) => r.count))
-      await store.commitMerge(runs.reduce((n, r) => n + r.count, 0))
-    }
-    assert.deepEqual(counts, [[3], [E], [E]])
+    assert.deepEqual(
+      (await store.prepareMerge()).map((r) => r.count),
+      [3, E, E],
+    )
+    // A batch ending inside area 1: area 2 is zeroed, area 1 keeps E - 4 entries.
+    assert.deepEqual(
+      (await store.prepareMerge(7)).map((r) => r.count),
+      [3, 4],
+    )
+    await store.commitMerge(7)
+    assert.deepEqual((await load(cow)).table, entries.slice(0, 2 * E - 4))
+    assert.deepEqual(cow.readSync(areaLocation(CHUNK, 2) * CHUNK, CHUNK), new Uint8Array(CHUNK))
+    // A batch ending on an area boundary: area 1 is emptied, area 0 stays full and area 1 ends the table.
+    await store.commitMerge(E - 4)
+    assert.deepEqual((await load(cow)).table, entries.slice(0, E))
+    assert.deepEqual(cow.readSync(areaLocation(CHUNK, 1) * CHUNK, CHUNK), new Uint8Array(CHUNK))
+    assert.deepEqual(store.usage().metadataSectors, 3, 'the emptied area counts as metadata until the next prepareMerge, as in the kernel')
+    assert.deepEqual(
+      (await store.prepareMerge()).map((r) => r.count),
+      [E],
+    )
+    await store.commitMerge(E)
+    assert.deepEqual(await store.prepareMerge(), [])
+    assert.deepEqual((await load(cow)).table, [])
     const usage = store.usage()
     assert.equal(usage.allocatedSectors, usage.metadataSectors)
   })
@@ -422,18 +439,31 @@ describe('persistent-store: merge support', () => {
     assert.deepEqual((await load(batched)).table, [])
   })
 
-  it('persistent-store: commitMerge writes with a preflush and FUA', async () => {
+  it('persistent-store: commitMerge writes with a preflush and FUA, once however many areas the batch empties', async () => {
     const recorder = new CrashRecorder()
     const cow = recorder.device('cow', image())
     const store = new PersistentStore(cow, { chunkBytes: CHUNK })
     await store.readMetadata(() => {})
-    const start = recorder.length
-    await store.commitMerge((await store.prepareMerge()).reduce((n, r) => n + r.count, 0))
-    const events = recorder.events().slice(start)
+    let start = recorder.length
+    await store.commitMerge(3)
     assert.deepEqual(
-      events.map((e) => e.kind),
+      recorder.events().slice(start).map((e) => e.kind),
       ['flush', 'write', 'flush'],
     )
+    // The rest of area 1 and most of area 0: area 1 is zeroed by a plain write, area 0 with FUA.
+    start = recorder.length
+    await store.commitMerge(2 + E - 4)
+    const events = recorder.events().slice(start)
+    assert.deepEqual(
+      events.map((e) => [e.kind, e.offset]),
+      [
+        ['flush', undefined],
+        ['write', areaLocation(CHUNK, 1) * CHUNK],
+        ['write', areaLocation(CHUNK, 0) * CHUNK],
+        ['flush', undefined],
+      ],
+    )
+    assert.deepEqual((await load(cow)).table, area0.slice(0, 4))
   })
 
   it('persistent-store: merging an empty table returns no runs at once', async () => {
