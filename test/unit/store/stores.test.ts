@@ -463,7 +463,7 @@ describe('persistent-store: merge support', () => {
         ['flush', undefined],
       ],
     )
-    assert.deepEqual((await load(cow)).table, area0.slice(0, 4))
+    assert.deepEqual((await load(cow.base)).table, area0.slice(0, 4))
   })
 
   it('persistent-store: merging an empty table returns no runs at once', async () => {
