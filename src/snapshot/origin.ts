@@ -323,6 +323,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
     const interceptor = this.interceptor
     if (interceptor) return interceptor.readInto(target, offset)
+    if (this.held.size === 0) return this.device.readInto(target, offset)
     const held = this.held.overlapping(offset, target.length)
     await this.device.readInto(target, offset)
     if (held.length > 0) this.held.overlay(target, offset, held)

@@ -319,6 +319,7 @@ describe('cli (offline)', { concurrency: 2 }, () => {
     assertError(await cli(['snapshot', `${vol}@s`]), 1, /already exists/)
     assertError(await cli(['snapshot', `${vol}@t`, '--store', 'transient']), 1, /transient/)
     assertError(await cli(['merge', vol]), 2, /VOL@SNAP/)
+    assertError(await cli(['serve', vol, '--write-back', 'lots']), 2, /write-back size 'lots'/)
     await check('the failing commands')
     assertBytes(await readFile(join(vol, 'origin.img')), data, 'origin bytes after a refused write past the end')
 
