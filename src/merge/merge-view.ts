@@ -9,9 +9,10 @@
  * - read, c merged or never changed → the origin device.
  * - write, c not merged yet and outside the current step → the COW, tracked in `trackedWrites`;
  *   the step that later merges c waits for those writes first (§8.4 step 6).
- * - write, c inside the current step → held; once the step has committed it goes DIRECTLY to
+ * - write, c inside a step's window → held; once that step has committed it goes DIRECTLY to
  *   the origin device (the other snapshots saved the chunk during the step's relocation).
- *   If the step fails, the held write rejects with SNAP_MERGE_FAILED.
+ *   If the step fails, the held write rejects with SNAP_MERGE_FAILED. Two windows can be open
+ *   at once (one step copying while the one before it commits); each releases its own writes.
  * - write, c merged or never changed → origin.writeThroughCow (copy-on-write into the other
  *   snapshots, then the origin device).
  * - flush → origin device and COW.
@@ -57,10 +58,8 @@ export class MergeView implements OriginInterceptor {
   owner: unknown = null
   /** Writes held for a step / remapped to the COW since the view was installed. */
   readonly counters = { heldWrites: 0, remappedWrites: 0 }
-  private _window: MergeWindow | null = null
-  /** Every chunk of the window, for the per-piece test in mappedWrite. */
-  private windowChunks = new Set<number>()
-  private held: Array<Deferred<void>> = []
+  /** Open windows, oldest first, each with the chunks it covers and the writes it holds. */
+  private windows: Array<{ window: MergeWindow; chunks: Set<number>; held: Array<Deferred<void>> }> = []
   private inflight = 0
   private idleWaiters: Array<() => void> = []
 
@@ -69,38 +68,42 @@ export class MergeView implements OriginInterceptor {
     this.snapshot = snapshot
   }
 
+  /** The newest open window (the step being copied), or null between steps. */
   get window(): MergeWindow | null {
-    return this._window
+    return this.windows.at(-1)?.window ?? null
   }
 
-  /** Writes waiting for the current step. */
+  /** Writes waiting for a step. */
   get heldCount(): number {
-    return this.held.length
+    let n = 0
+    for (const w of this.windows) n += w.held.length
+    return n
   }
 
   /** Starts holding writes to every chunk of `ranges`. Synchronous on purpose. */
   publishWindow(ranges: readonly ChunkRange[]): MergeWindow {
     const chunks = new Set<number>()
     for (const r of ranges) for (let c = r.firstChunk; c < r.firstChunk + r.count; c++) chunks.add(c)
-    this.windowChunks = chunks
-    this._window = { ranges: ranges.map((r) => ({ firstChunk: r.firstChunk, count: r.count })), count: chunks.size }
-    return this._window
+    const window = { ranges: ranges.map((r) => ({ firstChunk: r.firstChunk, count: r.count })), count: chunks.size }
+    this.windows.push({ window, chunks, held: [] })
+    return window
   }
 
-  /** Ends the step: held writes proceed to the origin device, or fail with `error`. */
-  releaseWindow(error?: Error): void {
-    this._window = null
-    this.windowChunks = new Set()
-    const held = this.held
-    this.held = []
+  /** Ends a step: its held writes proceed to the origin device, or fail with `error`. */
+  releaseWindow(window: MergeWindow, error?: Error): void {
+    const at = this.windows.findIndex((w) => w.window === window)
+    if (at === -1) return
+    const { held } = this.windows.splice(at, 1)[0] as { held: Array<Deferred<void>> }
     for (const d of held) {
       if (error) d.reject(error)
       else d.resolve()
     }
   }
 
-  private inWindow(chunk: number): boolean {
-    return this.windowChunks.has(chunk)
+  /** The held-write list of the open window covering `chunk`, if any. */
+  private heldFor(chunk: number): Array<Deferred<void>> | null {
+    for (const w of this.windows) if (w.chunks.has(chunk)) return w.held
+    return null
   }
 
   /** COW chunk of origin chunk `chunk` while it is unmerged, else -1. */
@@ -207,9 +210,10 @@ export class MergeView implements OriginInterceptor {
       }
       const piece = data.subarray(pos - offset, pieceEnd - offset)
       const at = pos
-      if (this.inWindow(chunk)) {
+      const held = this.heldFor(chunk)
+      if (held) {
         const d = deferred<void>()
-        this.held.push(d)
+        held.push(d)
         this.counters.heldWrites++
         jobs.push(d.promise.then(() => device.write(piece, at, { fua })))
       } else {

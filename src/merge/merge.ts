@@ -17,8 +17,10 @@
  *   images as K single-run steps would have, so the on-disk format is unchanged; batching only
  *   saves the per-run flush and FUA write (random 4 KiB changes are all 1-chunk runs; 4 KiB
  *   chunks put only 256 entries in an area).
- *   Each step runs as an origin mutation, so live snapshot creation (which drains mutations)
- *   never sees a half-done step.
+ *   Steps overlap by one: step N + 1 is prepared (its batch ends where N's begins), relocated
+ *   and copied while step N's flush and commit run, and it commits only after N has. Each step
+ *   runs as an origin mutation (its commit as one more, entered before the copy's ends), so
+ *   live snapshot creation (which drains mutations) never sees a half-done step.
  * - Relocation samples the global pending-exception done counter before every scan, triggers
  *   exceptions over the whole extent (each snapshot in its own chunk size) and, if anything is
  *   still pending, sleeps until the counter changes and rescans. It never waits on the
@@ -47,6 +49,15 @@ export { type ChunkRange, MergeView, type MergeWindow } from './merge-view.js'
 /** One run of a step: origin chunks and the COW chunk of the first. */
 interface StepRange extends ChunkRange {
   readonly cowChunk: number
+}
+
+/** A step whose copies are done, waiting for its flush and commit. */
+interface CopiedStep {
+  readonly ranges: readonly StepRange[]
+  readonly count: number
+  readonly window: MergeWindow
+  /** Table index of the step's oldest entry: where the next step's batch ends. */
+  readonly firstIndex: number
 }
 
 export type MergeState = 'running' | 'paused' | 'stopped' | 'complete' | 'failed'
@@ -124,6 +135,7 @@ export class Merge extends EventEmitter<MergeEvents> {
   private rateBaseTime = 0
   private rateBaseBytes = 0
   private stopRequested = false
+  private stepFailure: SnapError | null = null
   private pauseRequested = false
   private wake: (() => void) | null = null
   private resolveDone!: () => void
@@ -260,11 +272,27 @@ export class Merge extends EventEmitter<MergeEvents> {
     return due - performance.now()
   }
 
-  /** @internal Runs the loop; called once by startMerge. */
+  /**
+   * @internal Runs the loop; called once by startMerge. Steps overlap by one: step N + 1 is
+   * prepared, relocated and copied while step N's origin flush and commit run, and commits only
+   * after step N has (the batch of N + 1 ends where N's begins, so the table shrinks from its
+   * end as before). Controls act at step boundaries: a pause, stop or rate wait first lets the
+   * committing step finish.
+   */
   async run(): Promise<void> {
     this.resetRateBase()
+    let committing: Promise<void> | null = null // never rejects: failures land in stepFailure
+    let nextEnd: number | undefined // table index the next batch ends at (undefined: the end)
     try {
       for (;;) {
+        const idle = this.stopRequested || this.pauseRequested || this.rateDelay() > 0.5
+        if (idle && committing) {
+          await committing
+          committing = null
+          nextEnd = undefined
+          this.throwStepFailure()
+          continue
+        }
         if (this.stopRequested) return this.finish('stopped')
         if (this.pauseRequested) {
           this._state = 'paused'
@@ -281,70 +309,131 @@ export class Merge extends EventEmitter<MergeEvents> {
           await this.sleep(delay)
           continue // re-check controls; the rate may have changed
         }
-        const result = await this.origin.runMutation(() => this.step())
-        if (result === 'complete') {
-          await this.complete()
-          return
+        const previous: Promise<void> | null = committing
+        const end = nextEnd
+        const copied = await this.origin.runMutation(async () => {
+          const step = await this.copyStep(end)
+          // Started inside the copy's mutation, and counted as one of its own, so hold() (close,
+          // snapshot removal) can never slip in between the copies and their commit.
+          if (step) committing = this.commitStep(step, previous, this.origin.enterMutation())
+          return step
+        })
+        if (copied === null) {
+          if (committing) await committing
+          committing = null
+          nextEnd = undefined
+          this.throwStepFailure()
+          // Every batch has committed: the table is empty unless something was refused.
+          if ((await this.origin.runMutation(() => this.finalStep())) === 'complete') {
+            await this.complete()
+            return
+          }
+          continue
         }
-        this.emit('progress', this.progress())
+        nextEnd = copied.firstIndex
+        // At most one step commits while the next one copies.
+        if (previous) await previous
+        this.throwStepFailure()
       }
     } catch (err) {
-      this.fail(err)
+      if (committing) await committing
+      this.fail(this.stepFailure ?? err)
     }
   }
 
-  /** One batch (§8.4). Runs as an origin mutation. */
-  private async step(): Promise<'complete' | 'continue'> {
+  /** Rethrows the failure a committing step recorded. */
+  private throwStepFailure(): void {
+    if (this.stepFailure) throw this.stepFailure
+  }
+
+  /** The table is empty: uninstall the view. Runs as an origin mutation. */
+  private async finalStep(): Promise<'complete' | 'continue'> {
+    const runs = await this.prepare(1, undefined)
+    if (runs.length > 0) return 'continue'
+    if (this.origin.interceptor === this.view) this.origin.interceptor = null
+    return 'complete'
+  }
+
+  private async prepare(maxEntries: number, endIndex: number | undefined) {
     const snapshot = this.snapshot
     if (!snapshot.valid) {
       // §8.4 step 2: stop without setting mergeFailed; the view behaves as a plain origin.
       throw new SnapError('SNAP_INVALID', `${snapshot.snapshotName}: snapshot is invalid: can't merge`)
     }
-    let runs
     try {
-      runs = await snapshot.store.prepareMerge(this.stepChunks())
+      return await snapshot.store.prepareMerge(maxEntries, endIndex)
     } catch (err) {
       snapshot.mergeFailed = true
       throw mergeFailedError(`${snapshot.snapshotName}: read error in exception store: shutting down merge`, err)
     }
-    if (runs.length === 0) {
-      if (this.origin.interceptor === this.view) this.origin.interceptor = null
-      return 'complete'
-    }
-    const cb = snapshot.chunkBytes
+  }
+
+  /**
+   * The first half of a step (§8.4): the batch ending at `endIndex`, relocation in the other
+   * snapshots, the window, and the copies COW → origin. Null when there is nothing before
+   * `endIndex`. Runs as an origin mutation.
+   */
+  private async copyStep(endIndex: number | undefined): Promise<CopiedStep | null> {
+    const snapshot = this.snapshot
+    const first = endIndex ?? snapshot.store.mergeEntries()
+    const runs = await this.prepare(this.stepChunks(), endIndex)
+    if (runs.length === 0) return null
     const ranges: StepRange[] = runs.map((r) => ({ firstChunk: r.lastOld + 1 - r.count, count: r.count, cowChunk: r.lastNew + 1 - r.count }))
     let count = 0
     for (const r of ranges) count += r.count
 
     if (!this.skipRelocation) await this.relocate(ranges)
 
-    this.emit('window', this.view.publishWindow(ranges))
+    const window = this.view.publishWindow(ranges)
+    this.emit('window', window)
     try {
-      for (const r of ranges) for (let c = r.firstChunk; c < r.firstChunk + r.count; c++) await this.view.trackedWrites.drain(c)
+      const tracked = this.view.trackedWrites
+      for (const r of ranges) for (let c = r.firstChunk; c < r.firstChunk + r.count; c++) if (tracked.isTracked(c)) await tracked.drain(c)
       await this.copyRanges(ranges)
-      // One flush for all runs: every copy is durable before any entry leaves the table.
+    } catch (err) {
+      snapshot.mergeFailed = true
+      const failure = isSnapError(err, 'SNAP_MERGE_FAILED') ? err : mergeFailedError(`${snapshot.snapshotName}: merge step failed`, err)
+      this.view.releaseWindow(window, failure)
+      throw failure
+    }
+    return { ranges, count, window, firstIndex: first - count }
+  }
+
+  /**
+   * The second half: one origin flush for all runs (every copy durable before any entry leaves
+   * the table), then, once the step before has committed, ONE commitMerge(K), the chunks out of
+   * the in-memory table and the held writes released. Never rejects: a failure fails the held
+   * writes, sets Merge failed and is kept in stepFailure for the loop.
+   */
+  private async commitStep(step: CopiedStep, previous: Promise<void> | null, endMutation: () => void): Promise<void> {
+    const snapshot = this.snapshot
+    try {
       try {
         await this.origin.device.flush()
       } catch (err) {
         throw mergeFailedError(`${snapshot.snapshotName}: flush after merge failed: shutting down merge`, err)
       }
+      if (previous) await previous
+      if (this.stepFailure) throw this.stepFailure
       try {
-        await snapshot.store.commitMerge(count)
+        await snapshot.store.commitMerge(step.count)
       } catch (err) {
         throw mergeFailedError(`${snapshot.snapshotName}: write error in exception store: shutting down merge`, err)
       }
       // Same order as merging the runs one step each: newest run first, highest chunk first.
-      for (const r of ranges) for (let c = r.firstChunk + r.count - 1; c >= r.firstChunk; c--) snapshot.table.remove(c)
+      for (const r of step.ranges) for (let c = r.firstChunk + r.count - 1; c >= r.firstChunk; c--) snapshot.table.remove(c)
+      this.view.releaseWindow(step.window)
+      this.doneChunks += step.count
+      this.stats.steps++
+      this.emit('progress', this.progress())
     } catch (err) {
       snapshot.mergeFailed = true
       const failure = isSnapError(err, 'SNAP_MERGE_FAILED') ? err : mergeFailedError(`${snapshot.snapshotName}: merge step failed`, err)
-      this.view.releaseWindow(failure)
-      throw failure
+      this.stepFailure ??= failure
+      this.view.releaseWindow(step.window, failure)
+    } finally {
+      endMutation()
     }
-    this.view.releaseWindow()
-    this.doneChunks += count
-    this.stats.steps++
-    return 'continue'
   }
 
   /** Most table entries the next step may merge (>= 1). */

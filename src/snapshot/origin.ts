@@ -152,6 +152,20 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     }
   }
 
+  /**
+   * From inside a running mutation, counts one more that outlives it (hold() keeps waiting for
+   * it); returns its end, which is safe to call more than once.
+   */
+  enterMutation(): () => void {
+    this.mutations++
+    let ended = false
+    return () => {
+      if (ended) return
+      ended = true
+      this.endMutation()
+    }
+  }
+
   private endMutation(): void {
     if (--this.mutations === 0 && this.drainWaiters.length > 0) {
       const waiters = this.drainWaiters

@@ -61,13 +61,15 @@ export interface ExceptionStore {
    */
   commitException(e: PreparedException, ok: boolean): Promise<boolean>
   /**
-   * The next entries to merge: runs covering the last K entries of the table, possibly over
-   * several metadata areas (newest run first, K <= maxEntries, the oldest run returned may be
-   * cut short to fit).
-   * Empty when the table is empty. Nothing changes until commitMerge, so calling it again
-   * returns the same runs.
+   * The next entries to merge: runs covering the K entries before table index `endIndex` (the
+   * table's end when absent), possibly over several metadata areas (newest run first,
+   * K <= maxEntries, the oldest run returned may be cut short to fit). Empty when there are
+   * none. Nothing changes until commitMerge, so calling it again returns the same runs; a merge
+   * may prepare the batch before a batch that is still committing by passing its first index.
    */
-  prepareMerge(maxEntries?: number): Promise<MergeRun[]>
+  prepareMerge(maxEntries?: number, endIndex?: number): Promise<MergeRun[]>
+  /** Entries left in the table (the index one past the last). */
+  mergeEntries(): number
   /** Removes the last `count` entries durably (count <= the entries prepareMerge returned). */
   commitMerge(count: number): Promise<void>
   /** Invalidates the store permanently (persistent: header valid=0, flushed). */

@@ -69,6 +69,7 @@ export class PersistentStore implements ExceptionStore {
   private readonly growth: CowGrowth
   private readonly committer: InOrderCommitter
   private readonly mergeAreas = new Map<number, Uint8Array>() // images of areas before the last, read by prepareMerge
+  private mergeTurn: Promise<void> = Promise.resolve()
 
   constructor(cow: BlockDevice, options: PersistentStoreOptions = {}) {
     this.cow = cow
@@ -304,25 +305,56 @@ export class PersistentStore implements ExceptionStore {
     }
   }
 
+  mergeEntries(): number {
+    return this.currentArea * this.layout.exceptionsPerArea + this.currentCommitted
+  }
+
   /**
-   * The runs of the last `maxEntries` entries, newest first. A batch may reach back over
-   * several areas; the images of earlier areas are read once and kept for commitMerge.
+   * The runs of up to `maxEntries` entries ending at table index `endIndex` (the table's end by
+   * default), newest first. A batch may reach back over several areas; the images of earlier
+   * areas are read once and kept for commitMerge.
    */
-  async prepareMerge(maxEntries = Infinity): Promise<MergeRun[]> {
+  prepareMerge(maxEntries = Infinity, endIndex?: number): Promise<MergeRun[]> {
+    return this.mergeExclusive(() => this.prepareMergeNow(maxEntries, endIndex))
+  }
+
+  /** Removes the last `count` entries durably (see commitMergeNow). */
+  commitMerge(count: number): Promise<void> {
+    return this.mergeExclusive(() => this.commitMergeNow(count))
+  }
+
+  /**
+   * A merge may prepare its next batch while the previous one commits; both walk and change the
+   * same area images, so they take turns.
+   */
+  private mergeExclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const result = this.mergeTurn.then(fn)
+    this.mergeTurn = result.then(
+      () => undefined,
+      () => undefined,
+    )
+    return result
+  }
+
+  private async prepareMergeNow(maxEntries: number, endIndex: number | undefined): Promise<MergeRun[]> {
     const { exceptionsPerArea } = this.layout
     if (!(maxEntries >= 1)) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${maxEntries} entries`)
+    if (endIndex !== undefined && !(Number.isSafeInteger(endIndex) && endIndex >= 0 && endIndex <= this.mergeEntries())) {
+      throw new SnapError('SNAP_BAD_ARGUMENT', `no table index ${endIndex} to merge from`)
+    }
+    if (endIndex === 0) return []
     if (this.currentCommitted === 0) {
       if (this.currentArea === 0) return []
       this.currentArea--
       this.area = await this.mergeAreaImage(this.currentArea)
       this.currentCommitted = exceptionsPerArea // areas before the last are always full
     }
-    const total = this.currentArea * exceptionsPerArea + this.currentCommitted
+    const total = endIndex ?? this.mergeEntries()
     const limit = Math.min(maxEntries, total)
     const firstArea = Math.floor((total - limit) / exceptionsPerArea)
+    const lastArea = Math.floor((total - 1) / exceptionsPerArea)
     const images: Uint8Array[] = []
-    for (let a = firstArea; a < this.currentArea; a++) images.push(await this.mergeAreaImage(a))
-    images.push(this.area)
+    for (let a = firstArea; a <= lastArea; a++) images.push(await this.mergeAreaImage(a))
     const runs: Array<{ count: number; lastOld: number; lastNew: number }> = []
     let prevOld = -1
     let prevNew = -1
@@ -345,9 +377,9 @@ export class PersistentStore implements ExceptionStore {
    * the batch ends on an area boundary, the empty area that terminates the table. The COW ends
    * up byte-identical to merging the same entries one area at a time.
    */
-  async commitMerge(count: number): Promise<void> {
+  private async commitMergeNow(count: number): Promise<void> {
     const { exceptionsPerArea, chunkBytes } = this.layout
-    const total = this.currentArea * exceptionsPerArea + this.currentCommitted
+    const total = this.mergeEntries()
     if (!Number.isSafeInteger(count) || count < 1 || count > total) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${count} entries`)
     const remaining = total - count
     // The area holding the last entry left (area 0 when none is), and how many entries it keeps.

@@ -64,6 +64,10 @@ export class TransientStore implements ExceptionStore {
     return this.committer.commit(e, ok)
   }
 
+  mergeEntries(): number {
+    return 0
+  }
+
   prepareMerge(): Promise<MergeRun[]> {
     return Promise.reject(new SnapError('SNAP_MERGE_REFUSED', 'snapshot exception store does not support snapshot-merge'))
   }

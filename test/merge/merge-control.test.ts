@@ -153,6 +153,57 @@ test('batching: one step merges scattered 1-chunk runs across metadata areas; wr
   await origin.close()
 })
 
+test('pipelining: step N + 1 copies while step N flushes and commits; it commits only after N, and N\'s held writes wait for N', async () => {
+  const random = new Random(21)
+  const originBytes = 512 * KiB
+  const originBase = MemoryDevice.fromBytes(random.bytes(originBytes))
+  // Origin flushes wait at a gate, so a step stays "committing" for as long as the test wants.
+  let gateOpen = false
+  let gateWaiters: Array<() => void> = []
+  const flushOrigin = originBase.flush.bind(originBase)
+  originBase.flush = async () => {
+    while (!gateOpen) await new Promise<void>((resolve) => gateWaiters.push(resolve))
+    return flushOrigin()
+  }
+  const origin = new Origin(originBase, { events: new ExceptionEvents() })
+  const m = makeSnapshot({ name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, new MemoryDevice(1024 * KiB))
+  await origin.addSnapshot(m)
+  await scatterWrites(origin, random, 40)
+  gateOpen = true
+  await origin.flush()
+  gateOpen = false
+  const expected = await m.read(0, originBytes)
+  const merge = await startMerge(origin, m, { maxStepChunks: 8 })
+  const windows: MergeWindow[] = []
+  const committedAtWindow: boolean[] = []
+  merge.on('window', (w) => {
+    // Is the step before this one already out of the table?
+    const before = windows.at(-1)
+    committedAtWindow.push(before ? m.table.lookup(before.ranges[0]!.firstChunk) === -1 : true)
+    windows.push(w)
+  })
+  for (let i = 0; i < 200 && windows.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 1))
+  for (let i = 0; i < 20; i++) await new Promise((resolve) => setImmediate(resolve))
+  assert.equal(windows.length, 2, 'with step 1 unable to commit, step 2 copies and step 3 waits')
+  assert.deepEqual(committedAtWindow, [true, false], 'step 2 was published while step 1 was still in the table')
+  // A write to step 1's chunk is held until step 1 commits, then goes to the origin.
+  const first = windows[0]!.ranges[0]!
+  const heldData = random.bytes(100)
+  const at = first.firstChunk * 4 * KiB + 7
+  const held = origin.write(heldData, at)
+  expected.set(heldData, at)
+  assert.ok(merge.view.heldCount >= 1, 'the write to a committing step is held')
+  gateOpen = true
+  for (const wake of gateWaiters) wake()
+  gateWaiters = []
+  await held
+  await merge.done
+  assert.equal(merge.state, 'complete')
+  assert.equal(merge.stats.steps, 5)
+  assertSameBytes(await origin.read(0, originBytes), expected, 'origin after the pipelined merge')
+  await origin.close()
+})
+
 type FaultKind = 'copy-read' | 'copy-write' | 'origin-flush' | 'commit'
 
 async function failureCase(kind: FaultKind, seed: number): Promise<void> {
