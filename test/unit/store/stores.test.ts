@@ -360,6 +360,29 @@ describe('persistent-store: merge support', () => {
     assert.deepEqual((await load(cow)).table, [])
   })
 
+  it('persistent-store: prepareMerge(max, endIndex) returns the batch before one still committing; prepare and commit take turns', async () => {
+    const cow = image()
+    const { store } = await load(cow)
+    assert.equal(store.mergeEntries(), E + 5)
+    const before = [{ count: 10, lastOld: 531, lastNew: 33 }]
+    assert.deepEqual(await store.prepareMerge(5), [
+      { count: 2, lastOld: 21, lastNew: 39 },
+      { count: 3, lastOld: 9, lastNew: 37 },
+    ])
+    assert.deepEqual(await store.prepareMerge(10, E), before)
+    // Asked for while the last 5 entries commit: the same batch, before or after the commit.
+    const [, during] = await Promise.all([store.commitMerge(5), store.prepareMerge(10, E)])
+    assert.deepEqual(during, before)
+    assert.equal(store.mergeEntries(), E)
+    assert.deepEqual(await store.prepareMerge(10, E), before)
+    assert.deepEqual(await store.prepareMerge(10), before)
+    assert.deepEqual(await store.prepareMerge(3, 0), [])
+    await rejectsCode(store.prepareMerge(3, E + 1), 'SNAP_BAD_ARGUMENT')
+    await rejectsCode(store.prepareMerge(3, 1.5), 'SNAP_BAD_ARGUMENT')
+    await store.commitMerge(10)
+    assert.deepEqual((await load(cow)).table, area0.slice(0, E - 10))
+  })
+
   it('persistent-store: a partial commitMerge leaves the rest of the batch', async () => {
     const cow = image()
     const { store } = await load(cow)
