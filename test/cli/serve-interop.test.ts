@@ -13,7 +13,7 @@ import { access, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
-import { NBDSH_TRY, fioVerify, nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
+import { NBDSH_TRY, fioVerify, makeSelfSignedPki, nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
 import { assertBytes, assertError, cli, cliOk } from './helpers.js'
 import { freePort } from '../support/free-port.js'
 import { ServeProcess } from '../support/serve-process.js'
@@ -388,14 +388,7 @@ except nbd.Error as e:
 
   it('TLS through the CLI: --tls-cert/--tls-key (self-signed) serves nbds:// and refuses plaintext', { timeout: TIMEOUT }, async () => {
     const pki = join(T, 'pki')
-    await mkdir(pki)
-    await runOk('openssl', [
-      'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=localhost',
-      '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
-      '-keyout', join(pki, 'server-key.pem'), '-out', join(pki, 'server-cert.pem'),
-    ])
-    // libnbd's tls-certificates directory wants ca-cert.pem; the self-signed cert is its own CA.
-    await writeFile(join(pki, 'ca-cert.pem'), await readFile(join(pki, 'server-cert.pem')))
+    await makeSelfSignedPki(pki)
     const s = await startServe('x509', ['--tls-cert', join(pki, 'server-cert.pem'), '--tls-key', join(pki, 'server-key.pem')])
     try {
       const info = JSON.parse((await runOk('nbdinfo', ['--json', `nbds://localhost:${s.port}/${NAME}@s64?tls-certificates=${pki}`])).stdout)

@@ -24,6 +24,9 @@ const MiB = 1024 * 1024
 const DATA_BYTES = 6 * MiB
 const SIZE = 8 * MiB
 
+/** `count` random writes of up to 64 KiB to `target` (origin 'o' or a snapshot), from the shared data. */
+const writes = (r: Random, target: string, count: number) => randomWrites(r, target, count, 64 * 1024, SIZE, DATA_BYTES)
+
 let work = ''
 let kernel: Kernel
 let data: Uint8Array
@@ -106,12 +109,12 @@ function b2kMake(r: Random): Scenario {
       S4, S8, S64,
       // 5 MiB through the origin: 1280 exceptions of 4 KiB (5 areas), 640 of 8 KiB (2 areas).
       ...bigWrite('o', 0, 5 * MiB, 0),
-      ...randomWrites(r, 's4', 10, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 's8', 10, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 's64', 10, 64 * 1024, SIZE, DATA_BYTES),
+      ...writes(r, 's4', 10),
+      ...writes(r, 's8', 10),
+      ...writes(r, 's64', 10),
       S4B,
-      ...randomWrites(r, 'o', 20, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 's4b', 10, 64 * 1024, SIZE, DATA_BYTES),
+      ...writes(r, 'o', 20),
+      ...writes(r, 's4b', 10),
       { op: 'check', tag: 'made' },
     ],
   }
@@ -124,11 +127,11 @@ function b2kLoad(r: Random): Scenario {
     ops: [
       S4, S8, S64, S4B,
       { op: 'check', tag: 'load' },
-      ...randomWrites(r, 'o', 20, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 's4', 5, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 's8', 5, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 's64', 5, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 's4b', 5, 64 * 1024, SIZE, DATA_BYTES),
+      ...writes(r, 'o', 20),
+      ...writes(r, 's4', 5),
+      ...writes(r, 's8', 5),
+      ...writes(r, 's64', 5),
+      ...writes(r, 's4b', 5),
       { op: 'check', tag: 'more' },
     ],
   }
@@ -149,12 +152,12 @@ function k2b(r: Random): Scenario {
       // 1.5 MiB through the origin: 384 exceptions of 4 KiB, more than one area (256).
       ...bigWrite('o', 2 * MiB, 1.5 * MiB, 512 * 1024),
       K8,
-      ...randomWrites(r, 'o', 30, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 'k4', 10, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 'k8', 10, 64 * 1024, SIZE, DATA_BYTES),
+      ...writes(r, 'o', 30),
+      ...writes(r, 'k4', 10),
+      ...writes(r, 'k8', 10),
       K64,
-      ...randomWrites(r, 'o', 20, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 'k64', 10, 64 * 1024, SIZE, DATA_BYTES),
+      ...writes(r, 'o', 20),
+      ...writes(r, 'k64', 10),
       { op: 'check', tag: 'final' },
     ],
   }
@@ -172,9 +175,9 @@ function m3aMake(r: Random): Scenario {
     ops: [
       MB, MA,
       ...bigWrite('o', 1 * MiB, 1 * MiB, 3 * MiB),
-      ...randomWrites(r, 'o', 30, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 'mA', 20, 64 * 1024, SIZE, DATA_BYTES),
-      ...randomWrites(r, 'mB', 5, 64 * 1024, SIZE, DATA_BYTES),
+      ...writes(r, 'o', 30),
+      ...writes(r, 'mA', 20),
+      ...writes(r, 'mB', 5),
       { op: 'check', tag: 'made' },
     ],
   }
@@ -187,9 +190,9 @@ function m3aMerge(r: Random): Scenario {
     ops: [
       MB, MA,
       { op: 'check', tag: 'pre' },
-      { op: 'merge', name: 'mA', during: randomWrites(r, 'o', 10, 64 * 1024, SIZE, DATA_BYTES) },
+      { op: 'merge', name: 'mA', during: writes(r, 'o', 10) },
       { op: 'check', tag: 'post' },
-      ...randomWrites(r, 'o', 10, 64 * 1024, SIZE, DATA_BYTES),
+      ...writes(r, 'o', 10),
       { op: 'check', tag: 'after' },
     ],
   }
@@ -204,7 +207,7 @@ function k3b(r: Random): Scenario {
     ops: [
       K4, K8, K64,
       { op: 'check', tag: 'pre' },
-      { op: 'merge', name: 'k8', during: randomWrites(r, 'o', 10, 64 * 1024, SIZE, DATA_BYTES) },
+      { op: 'merge', name: 'k8', during: writes(r, 'o', 10) },
       { op: 'check', tag: 'post' },
     ],
   }

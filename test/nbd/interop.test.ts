@@ -14,7 +14,7 @@ import { MemoryDevice } from '../../src/device/memory-device.js'
 import { staticExports, type BlockStatusExtent, type NbdExport } from '../../src/nbd/export.js'
 import { loadTlsFiles } from '../../src/nbd/tls.js'
 import { logsAreClean, startTestServer, type TestServer } from '../support/nbd-test-server.js'
-import { NBDSH_TRY, fioVerify, nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
+import { NBDSH_TRY, fioVerify, makeSelfSignedPki, nbdsh, requireTools, run, runOk } from '../support/nbd-tools.js'
 
 /** Every test and hook fails instead of hanging if a connection never closes. */
 const TIMEOUT = 120_000
@@ -326,14 +326,7 @@ test('interop: Unix socket with nbdinfo, qemu-io and nbdcopy', { timeout: TIMEOU
 
 test('interop: TLS with PSK (nbds://) and X.509 certificates; TLS required refuses plaintext', { timeout: TIMEOUT }, async () => {
   const pki = join(dir, 'pki')
-  await mkdir(pki)
-  await runOk('openssl', [
-    'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=localhost',
-    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
-    '-keyout', join(pki, 'server-key.pem'), '-out', join(pki, 'server-cert.pem'),
-  ])
-  // libnbd's tls-certificates directory wants ca-cert.pem; the self-signed cert is its own CA.
-  await writeFile(join(pki, 'ca-cert.pem'), await readFile(join(pki, 'server-cert.pem')))
+  await makeSelfSignedPki(pki)
   const pskFile = join(dir, 'keys.psk')
   await writeFile(pskFile, `alice:${randomBytes(32).toString('hex')}\n`)
   const wrongPsk = join(dir, 'wrong.psk')

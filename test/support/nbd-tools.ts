@@ -4,7 +4,7 @@
  * block the event loop the server needs to answer the very client being waited for.
  */
 import { execFile } from 'node:child_process'
-import { access, constants } from 'node:fs/promises'
+import { access, constants, mkdir, readFile, writeFile } from 'node:fs/promises'
 import { delimiter, join } from 'node:path'
 
 export interface RunResult {
@@ -119,3 +119,18 @@ def t(name, fn):
     except nbd.Error as e:
         print(name, e.errno)
 `
+
+/**
+ * Makes `dir` a PKI directory for one self-signed localhost certificate: server-cert.pem and
+ * server-key.pem for the server, and ca-cert.pem, which libnbd's tls-certificates wants (the
+ * self-signed certificate is its own CA).
+ */
+export async function makeSelfSignedPki(dir: string): Promise<void> {
+  await mkdir(dir)
+  await runOk('openssl', [
+    'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
+    '-keyout', join(dir, 'server-key.pem'), '-out', join(dir, 'server-cert.pem'),
+  ])
+  await writeFile(join(dir, 'ca-cert.pem'), await readFile(join(dir, 'server-cert.pem')))
+}
