@@ -193,15 +193,18 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     try {
       for (const s of this.list) {
         const batch: PendingException[] = []
-        batches.push([s, batch])
-        for (let pos = first; pos < end; pos += step) {
-          const pe: PendingException | null = s.protectOriginChunk(pos, invalidations, batch)
-          if (pe) waits.push(pe.done)
+        try {
+          for (let pos = first; pos < end; pos += step) {
+            const pe: PendingException | null = s.protectOriginChunk(pos, invalidations, batch)
+            if (pe) waits.push(pe.done)
+          }
+        } finally {
+          if (batch.length > 0) batches.push([s, batch])
         }
       }
     } finally {
       // Whatever was marked started must be copied, even if a later snapshot threw.
-      this.startCopies(batches.filter(([, batch]) => batch.length > 0))
+      this.startCopies(batches)
     }
     return { waits, invalidations }
   }
@@ -307,7 +310,8 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private async land(write: HeldWrite, earlier: readonly HeldWrite[], waits: Array<Promise<boolean>>, invalidations: Array<Promise<void>>): Promise<void> {
     try {
       if (invalidations.length > 0) await Promise.all(invalidations)
-      if (waits.length > 0) await Promise.all(waits)
+      if (waits.length === 1) await waits[0]
+      else if (waits.length > 1) await Promise.all(waits)
       await this.protect(write.offset, write.data.length)
       for (const w of earlier) await w.landed
       await this.device.write(write.data, write.offset)
