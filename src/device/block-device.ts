@@ -38,6 +38,10 @@ export interface BlockDevice {
   /** Fills `target` with the bytes at [offset, offset + target.length). */
   readInto(target: Uint8Array, offset: number): Promise<void>
   read(offset: number, length: number): Promise<Uint8Array>
+  /**
+   * Writes `data` at `offset`. The device reads `data` only until the returned promise settles
+   * and copies whatever it keeps longer, so the caller may reuse the buffer from then on.
+   */
   write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void>
   flush(): Promise<void>
   discard(offset: number, length: number): Promise<void>

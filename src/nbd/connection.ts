@@ -24,6 +24,7 @@ import { SnapError, isSnapError } from '../errors.js'
 import { describeError, nbdErrnoFor } from './errno.js'
 import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
+import { PayloadPool } from './protocol/payload-pool.js'
 import { ByteQueue } from './protocol/byte-queue.js'
 import {
   BaseAllocation,
@@ -120,6 +121,7 @@ export class NbdConnection {
   private readonly log: NbdLogger
   private readonly label: string
   private readonly queue = new ByteQueue()
+  private readonly payloads = new PayloadPool()
   private readonly optionParser: OptionParser
   private requestParser: RequestParser | null = null
   private phase: Phase = 'client-flags'
@@ -475,7 +477,7 @@ export class NbdConnection {
     this.transmissionFlags = flags
     // Contexts only count if the last SET named this export.
     if (this.contextExport !== exp.name) this.contexts = []
-    this.requestParser = new RequestParser(MAX_PAYLOAD_BYTES, this.queue)
+    this.requestParser = new RequestParser(MAX_PAYLOAD_BYTES, this.queue, (n) => this.payloads.acquire(n))
     this.phase = 'transmission'
     this.options.onExportServed(exp)
     this.log.info(
@@ -535,6 +537,8 @@ export class NbdConnection {
   private async runRequest(header: RequestHeader, payload: Buffer | null, bytes: number): Promise<void> {
     try {
       await this.handleRequest(header, payload)
+      // The device is done with it (BlockDevice contract), whatever the outcome was.
+      if (payload) this.payloads.release(payload)
     } catch (err) {
       // handleRequest answers every device error itself; reaching here is a bug in this file.
       this.log.error(`${this.label}: internal error in ${nameOfCommand(header.type)}: ${describeError(err)}`)
@@ -672,9 +676,10 @@ export class NbdConnection {
       return true
     }
     const end = header.offset + header.length
+    const zeros = Buffer.alloc(Math.min(ZERO_PIECE_BYTES, header.length))
     for (let at = header.offset; at < end; at += ZERO_PIECE_BYTES) {
-      // A fresh buffer per piece: a device may keep a reference to what it was given.
-      await device.write(Buffer.alloc(Math.min(ZERO_PIECE_BYTES, end - at)), at)
+      // One buffer for every piece: a device does not keep what it was given (BlockDevice contract).
+      await device.write(zeros.subarray(0, Math.min(ZERO_PIECE_BYTES, end - at)), at)
     }
     return true
   }

@@ -70,12 +70,11 @@ export class HeldWrites {
   }
 
   /**
-   * Holds `data` for [offset, offset + data.length). The bytes are copied when `data` is a small
-   * view of a larger buffer (a request carved out of a socket read), so holding a 4 KiB write
-   * never pins a 64 KiB receive buffer and the byte count stays honest.
+   * Holds a copy of `data` for [offset, offset + data.length): the write is answered before it
+   * lands, and the BlockDevice contract lets the caller reuse its buffer once answered.
    */
   add(offset: number, data: Uint8Array): HeldWrite {
-    const owned = data.byteLength * 2 < data.buffer.byteLength ? new Uint8Array(data) : data
+    const owned = new Uint8Array(data)
     const write = new HeldWrite(offset, owned, this.nextSeq++)
     this.all.add(write)
     this.heldBytes += owned.length

@@ -103,6 +103,15 @@ export function runBlockDeviceSuite(name: string, factory: DeviceFactory, traits
       assert.deepEqual(await device.read(0, SIZE), model)
     })
 
+    it(`${name}: once a write settles the caller may reuse its buffer`, async () => {
+      const device = await make()
+      const data = new Uint8Array(5000).fill(0x5a)
+      await device.write(data, 1000)
+      data.fill(0xa5)
+      await device.flush()
+      assert.deepEqual(await device.read(1000, 5000), new Uint8Array(5000).fill(0x5a))
+    })
+
     it(`${name}: zero-length reads and writes inside the device succeed`, async () => {
       const device = await make()
       assert.equal((await device.read(SIZE, 0)).length, 0)

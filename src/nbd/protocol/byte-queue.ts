@@ -27,9 +27,10 @@ export class ByteQueue {
   /**
    * Removes and returns exactly `n` bytes, or null if fewer are buffered. The result may be a
    * view into a received chunk: callers that keep it must not expect it to be private memory
-   * beyond the request's lifetime (chunks are never reused by us, so views stay valid).
+   * beyond the request's lifetime (chunks are never reused by us, so views stay valid). Bytes
+   * that span chunks are copied into a buffer from `alloc`.
    */
-  take(n: number): Buffer | null {
+  take(n: number, alloc: (n: number) => Buffer = Buffer.allocUnsafe): Buffer | null {
     if (n > this.total) return null
     if (n === 0) return Buffer.alloc(0)
     const first = this.chunks[0]!
@@ -38,7 +39,7 @@ export class ByteQueue {
       this.advance(n)
       return out
     }
-    const out = Buffer.allocUnsafe(n)
+    const out = alloc(n)
     let filled = 0
     while (filled < n) {
       const chunk = this.chunks[0]!

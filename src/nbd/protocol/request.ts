@@ -50,10 +50,13 @@ export class RequestParser {
   /** A WRITE header whose payload is still arriving. */
   private pending: RequestHeader | null = null
   private skipRemaining = 0
+  private readonly alloc: ((n: number) => Buffer) | undefined
 
-  constructor(maxPayloadBytes: number, queue: ByteQueue = new ByteQueue()) {
+  /** `alloc` provides the buffers WRITE payloads are assembled in (default: fresh ones). */
+  constructor(maxPayloadBytes: number, queue: ByteQueue = new ByteQueue(), alloc?: (n: number) => Buffer) {
     this.maxPayloadBytes = maxPayloadBytes
     this.queue = queue
+    this.alloc = alloc
   }
 
   push(chunk: Uint8Array): void {
@@ -82,7 +85,7 @@ export class RequestParser {
       this.pending = null
       return { kind: 'dropped', header }
     }
-    const payload = this.queue.take(header.length)
+    const payload = this.queue.take(header.length, this.alloc)
     if (payload === null) return null
     this.pending = null
     return { kind: 'request', header, payload }

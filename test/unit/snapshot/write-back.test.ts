@@ -144,6 +144,19 @@ test('write-back: off (limit 0) answers only after the commit, as the kernel doe
   await origin.close()
 })
 
+test('write-back: a held write keeps its own copy: the caller may reuse its buffer once answered', async () => {
+  const { origin, originBase, gate } = await rig()
+  const data = new Uint8Array(4 * KiB).fill(3)
+  await origin.write(data, 0)
+  assert.ok(origin.heldBytes > 0, 'held')
+  data.fill(4)
+  assert.deepEqual(await origin.read(0, 4 * KiB), filled(4 * KiB, 3))
+  gate.open()
+  await origin.flush()
+  assert.deepEqual(originBase.readSync(0, 4 * KiB), filled(4 * KiB, 3))
+  await origin.close()
+})
+
 test('write-back: a discard waits for the held writes it overlaps', async () => {
   const { origin, originBase, gate } = await rig()
   await origin.write(filled(8 * KiB, 1), 0)
