@@ -256,6 +256,7 @@ function buildProgram(): Command {
       'answer origin writes that wait for snapshot copies once the copies start, holding up to SIZE of them in memory until they land; a flush waits for them (default 16M; 0: answer only after the copies commit)',
       sizeArg('write-back size'),
     )
+    .option('--handshake-limit <SECONDS>', 'drop a client that has not finished the NBD handshake after SECONDS (0: never)', intArg('handshake limit'), 10)
     .action(async (vols: string[], opts: ServeFlags) => {
       await serveVolumes(vols, parseServeFlags(opts))
     })
@@ -287,6 +288,7 @@ interface ServeFlags {
   tlsKey?: string
   tls?: 'off' | 'allow' | 'require'
   writeBack?: number
+  handshakeLimit?: number
 }
 
 function parseServeFlags(opts: ServeFlags) {
@@ -304,6 +306,7 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.tlsCert ? { tlsCert: opts.tlsCert, tlsKey: opts.tlsKey as string } : {}),
     ...(opts.tls ? { tls: opts.tls } : {}),
     ...(opts.writeBack === undefined ? {} : { writeBackBytes: opts.writeBack }),
+    ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),
   }
 }
 

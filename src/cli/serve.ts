@@ -21,6 +21,7 @@ export interface ServeOptions {
   readonly tlsKey?: string
   readonly tls?: 'off' | 'allow' | 'require'
   readonly writeBackBytes?: number
+  readonly handshakeTimeoutMs?: number
 }
 
 function mergeHandlers(volume: Volume) {
@@ -94,6 +95,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     exports: new VolumeExports(volumes, { readOnly: options.readOnly }),
     logger: log.child({ component: 'nbd' }),
     ...(tls ? { tls } : {}),
+    ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
   })
   let listening = `${options.host}:${options.port}`
   try {

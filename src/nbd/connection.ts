@@ -93,6 +93,8 @@ export interface ConnectionOptions {
   readonly limits: ConnectionLimits
   /** Told about every export a client entered transmission with, so close() can flush it. */
   readonly onExportServed: (exp: NbdExport) => void
+  /** A client still negotiating after this long is dropped (0: no limit). */
+  readonly handshakeTimeoutMs: number
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -139,6 +141,7 @@ export class NbdConnection {
   /** The client half-closed its side (EOF). */
   private peerEnded = false
   private graceTimer: NodeJS.Timeout | undefined
+  private handshakeTimer: NodeJS.Timeout | undefined
   private inFlight = 0
   private inFlightBytes = 0
   private writeBlocked = false
@@ -167,6 +170,15 @@ export class NbdConnection {
   start(): void {
     this.attach(this.socket)
     this.log.debug(`${this.label}: connected`)
+    const limit = this.options.handshakeTimeoutMs
+    if (limit > 0) {
+      // A client that connects and never finishes negotiating would hold its slot forever.
+      this.handshakeTimer = setTimeout(() => {
+        this.log.warn(`${this.label}: handshake not finished within ${limit} ms; disconnecting`)
+        this.hardClose()
+      }, limit)
+      this.handshakeTimer.unref()
+    }
     this.send(buildGreeting())
   }
 
@@ -224,6 +236,7 @@ export class NbdConnection {
   private readonly onClose = (): void => {
     this.phase = 'closed'
     clearTimeout(this.graceTimer)
+    clearTimeout(this.handshakeTimer)
     this.queue.clear()
     this.log.debug(`${this.label}: closed`)
     this.resolveClosed()
@@ -479,6 +492,7 @@ export class NbdConnection {
     if (this.contextExport !== exp.name) this.contexts = []
     this.requestParser = new RequestParser(MAX_PAYLOAD_BYTES, this.queue, (n) => this.payloads.acquire(n))
     this.phase = 'transmission'
+    clearTimeout(this.handshakeTimer)
     this.options.onExportServed(exp)
     this.log.info(
       `${this.label}: serving '${exp.name}' (${exp.device.sizeBytes} bytes, flags 0x${flags.toString(16)}` +

@@ -32,6 +32,8 @@ export interface NbdServerOptions {
   readonly limits?: Partial<ConnectionLimits>
   /** How long close() waits for clients before destroying their sockets. Default 10 s. */
   readonly closeTimeoutMs?: number
+  /** How long a client may take from connecting to entering transmission (0: no limit). Default 10 s, as qemu-nbd. */
+  readonly handshakeTimeoutMs?: number
 }
 
 export type NbdListenOptions = { readonly host?: string; readonly port: number } | { readonly path: string }
@@ -49,6 +51,7 @@ export class NbdServer {
   private readonly log: NbdLogger
   private readonly limits: ConnectionLimits
   private readonly closeTimeoutMs: number
+  private readonly handshakeTimeoutMs: number
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -65,6 +68,7 @@ export class NbdServer {
     this.log = options.logger ?? silentLogger
     this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...options.limits }
     this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
+    this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
   }
 
   /** Number of clients currently connected. */
@@ -124,6 +128,7 @@ export class NbdServer {
       logger: this.log,
       limits: this.limits,
       onExportServed: (exp) => this.served.add(exp),
+      handshakeTimeoutMs: this.handshakeTimeoutMs,
     })
     this.connections.add(connection)
     void connection.closed.then(() => this.connections.delete(connection))

@@ -320,6 +320,7 @@ describe('cli (offline)', { concurrency: 2 }, () => {
     assertError(await cli(['snapshot', `${vol}@t`, '--store', 'transient']), 1, /transient/)
     assertError(await cli(['merge', vol]), 2, /VOL@SNAP/)
     assertError(await cli(['serve', vol, '--write-back', 'lots']), 2, /write-back size 'lots'/)
+    assertError(await cli(['serve', vol, '--handshake-limit', 'soon']), 2, /handshake limit 'soon'/)
     await check('the failing commands')
     assertBytes(await readFile(join(vol, 'origin.img')), data, 'origin bytes after a refused write past the end')
 

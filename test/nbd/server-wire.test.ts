@@ -658,3 +658,30 @@ test('server: STARTTLS over the wire: PSK upgrade forgets earlier negotiation; j
   }
   assert.ok(logsAreClean(tlsServer.logs), tlsServer.logs.join('\n'))
 })
+
+test('server: a client that does not finish the handshake in time is dropped; one that did stays', { timeout: TIMEOUT }, async () => {
+  const device = new MemoryDevice(64 * 1024)
+  const local = await startTestServer({ exports: staticExports([{ name: 'd', device, readOnly: false }]), handshakeTimeoutMs: 300 })
+  try {
+    const silent = await RawNbdClient.connect({ port: local.port })
+    const slow = await RawNbdClient.connect({ port: local.port })
+    await slow.handshake() // client flags sent, options never finished
+    const served = await RawNbdClient.connect({ port: local.port })
+    await served.handshake()
+    await served.go('d')
+    const started = performance.now()
+    await Promise.all([silent.closed, slow.closed])
+    const waited = performance.now() - started
+    assert.ok(waited < 5000, `dropped after ${Math.round(waited)} ms`)
+    assert.equal(local.logs.filter((l) => l.includes('handshake not finished within 300 ms')).length, 2)
+    // Well past the limit, the client in transmission still gets answers.
+    await new Promise((resolve) => setTimeout(resolve, 400))
+    served.request({ type: 0, cookie: 7, offset: 0, length: 512 })
+    const reply = await served.reply(512)
+    assert.equal(reply.error, 0)
+    served.end()
+    await served.closed
+  } finally {
+    await local.close()
+  }
+})
