@@ -293,8 +293,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     if (!fua && this.held.hasRoomFor(data.length)) {
       const write = this.held.add(offset, data)
       // The landing is a mutation of its own, so hold() drains it like a write in flight.
-      this.mutations++
-      void this.land(write, earlier, waits, invalidations)
+      void this.land(write, earlier, waits, invalidations, this.enterMutation())
       return Promise.resolve()
     }
     return this.writeAfter(data, offset, fua, earlier)
@@ -307,7 +306,13 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   /** Puts a held write on the device once every copy it needs is committed. */
-  private async land(write: HeldWrite, earlier: readonly HeldWrite[], waits: Array<Promise<boolean>>, invalidations: Array<Promise<void>>): Promise<void> {
+  private async land(
+    write: HeldWrite,
+    earlier: readonly HeldWrite[],
+    waits: Array<Promise<boolean>>,
+    invalidations: Array<Promise<void>>,
+    endMutation: () => void,
+  ): Promise<void> {
     try {
       if (invalidations.length > 0) await Promise.all(invalidations)
       if (waits.length === 1) await waits[0]
@@ -324,7 +329,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       }
     } finally {
       this.held.release(write)
-      this.endMutation()
+      endMutation()
     }
   }
 
