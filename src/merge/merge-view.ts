@@ -2,10 +2,10 @@
  * MergeView: the origin's I/O while a snapshot is being merged into it (the kernel's
  * `snapshot_merge_map`, reference §8.2). Installed as `origin.interceptor`.
  *
- * Mapping, per chunk c of the merging snapshot:
+ * A step covers a set of chunk ranges (several runs of table entries merged together), its
+ * window. Mapping, per chunk c of the merging snapshot:
  * - read, c not merged yet (the merging snapshot still has an exception for it, including c in
  *   the current step) → the snapshot's COW; never blocked.
- * A step covers a set of chunk ranges (several runs of table entries merged together).
  * - read, c merged or never changed → the origin device.
  * - write, c not merged yet and outside the current step → the COW, tracked in `trackedWrites`;
  *   the step that later merges c waits for those writes first (§8.4 step 6).

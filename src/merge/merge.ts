@@ -283,14 +283,18 @@ export class Merge extends EventEmitter<MergeEvents> {
     this.resetRateBase()
     let committing: Promise<void> | null = null // never rejects: failures land in stepFailure
     let nextEnd: number | undefined // table index the next batch ends at (undefined: the end)
+    // Lets the committing step finish; the next batch then ends at the table's end again.
+    const settle = async (): Promise<void> => {
+      if (committing) await committing
+      committing = null
+      nextEnd = undefined
+      this.throwStepFailure()
+    }
     try {
       for (;;) {
         const idle = this.stopRequested || this.pauseRequested || this.rateDelay() > 0.5
         if (idle && committing) {
-          await committing
-          committing = null
-          nextEnd = undefined
-          this.throwStepFailure()
+          await settle()
           continue
         }
         if (this.stopRequested) return this.finish('stopped')
@@ -319,10 +323,7 @@ export class Merge extends EventEmitter<MergeEvents> {
           return step
         })
         if (copied === null) {
-          if (committing) await committing
-          committing = null
-          nextEnd = undefined
-          this.throwStepFailure()
+          await settle()
           // Every batch has committed: the table is empty unless something was refused.
           if ((await this.origin.runMutation(() => this.finalStep())) === 'complete') {
             await this.complete()
@@ -387,14 +388,10 @@ export class Merge extends EventEmitter<MergeEvents> {
     const window = this.view.publishWindow(ranges)
     this.emit('window', window)
     try {
-      const tracked = this.view.trackedWrites
-      for (const r of ranges) for (let c = r.firstChunk; c < r.firstChunk + r.count; c++) if (tracked.isTracked(c)) await tracked.drain(c)
+      for (const r of ranges) await this.view.trackedWrites.drainRange(r.firstChunk, r.count)
       await this.copyRanges(ranges)
     } catch (err) {
-      snapshot.mergeFailed = true
-      const failure = isSnapError(err, 'SNAP_MERGE_FAILED') ? err : mergeFailedError(`${snapshot.snapshotName}: merge step failed`, err)
-      this.view.releaseWindow(window, failure)
-      throw failure
+      throw this.failStep(window, err)
     }
     return { ranges, count, window, firstIndex: first - count }
   }
@@ -427,13 +424,19 @@ export class Merge extends EventEmitter<MergeEvents> {
       this.stats.steps++
       this.emit('progress', this.progress())
     } catch (err) {
-      snapshot.mergeFailed = true
-      const failure = isSnapError(err, 'SNAP_MERGE_FAILED') ? err : mergeFailedError(`${snapshot.snapshotName}: merge step failed`, err)
+      const failure = this.failStep(step.window, err)
       this.stepFailure ??= failure
-      this.view.releaseWindow(step.window, failure)
     } finally {
       endMutation()
     }
+  }
+
+  /** A step failed: Merge failed is set and its held writes fail with the returned error. */
+  private failStep(window: MergeWindow, err: unknown): SnapError {
+    this.snapshot.mergeFailed = true
+    const failure = isSnapError(err, 'SNAP_MERGE_FAILED') ? err : mergeFailedError(`${this.snapshot.snapshotName}: merge step failed`, err)
+    this.view.releaseWindow(window, failure)
+    return failure
   }
 
   /** Most table entries the next step may merge (>= 1). */

@@ -3,6 +3,9 @@
  * the chunk: snapshot reads routed to the origin (an origin overwrite must wait for them), and on
  * a merging origin, writes remapped to the COW (the merge must wait for them).
  */
+/** What drain() gives for a chunk nothing is tracked on: no new promise per call. */
+const IDLE: Promise<void> = Promise.resolve()
+
 export class ChunkTracker {
   private readonly counts = new Map<number, number>()
   private readonly waiters = new Map<number, Array<() => void>>()
@@ -29,8 +32,17 @@ export class ChunkTracker {
     return this.counts.has(chunk)
   }
 
-  /** Resolves once no I/O is tracked on `chunk`. */
-  async drain(chunk: number): Promise<void> {
+  /** Resolves once no I/O is tracked on `chunk` (an already settled promise when none is). */
+  drain(chunk: number): Promise<void> {
+    return this.counts.has(chunk) ? this.untilIdle(chunk) : IDLE
+  }
+
+  /** Resolves once no I/O is tracked on any of `count` chunks from `first`; checks the rest as it goes. */
+  async drainRange(first: number, count: number): Promise<void> {
+    for (let c = first; c < first + count; c++) if (this.counts.has(c)) await this.untilIdle(c)
+  }
+
+  private async untilIdle(chunk: number): Promise<void> {
     while (this.counts.has(chunk)) {
       await new Promise<void>((resolve) => {
         const list = this.waiters.get(chunk)

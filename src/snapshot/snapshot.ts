@@ -297,7 +297,7 @@ export class Snapshot extends BaseBlockDevice {
       await this.invalidate('Error reading/writing.')
     } else if (this._valid) {
       this.table.insert(pe.chunk, pe.newChunk)
-      if (this.trackedReads.isTracked(pe.chunk)) await this.trackedReads.drain(pe.chunk)
+      await this.trackedReads.drain(pe.chunk)
       success = true
     }
     this.pending.delete(pe.chunk)
