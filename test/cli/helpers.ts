@@ -4,7 +4,7 @@
  * one-line error contract, and fingerprint files to prove a failed command changed nothing.
  */
 import assert from 'node:assert/strict'
-import { execFile } from 'node:child_process'
+import { execFile, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { readFile, readdir } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
@@ -71,14 +71,14 @@ export function sha256(data: Uint8Array): string {
   return createHash('sha256').update(data).digest('hex')
 }
 
-/** relative path → sha256 for every file under `dir` (lock files excluded: they come and go). */
+/** relative path → sha256 for every file under `dir` (the lock file excluded: it holds the owner's PID while a command runs). */
 export async function fingerprint(dir: string): Promise<Map<string, string>> {
   const out = new Map<string, string>()
   const walk = async (d: string): Promise<void> => {
     for (const entry of await readdir(d, { withFileTypes: true })) {
       const p = join(d, entry.name)
       if (entry.isDirectory()) await walk(p)
-      else if (entry.isFile()) out.set(relative(dir, p), sha256(await readFile(p)))
+      else if (entry.isFile() && entry.name !== 'lock') out.set(relative(dir, p), sha256(await readFile(p)))
     }
   }
   await walk(dir)
@@ -179,4 +179,11 @@ export function persistentStatus(chunkBytes: number, exceptions: number): { allo
   const currentArea = Math.floor(exceptions / perArea)
   const nextFree = 1 + (currentArea + 1) + exceptions
   return { allocated: nextFree * chunkSectors, metadata: (currentArea + 2) * chunkSectors }
+}
+
+/** True when nobody holds the volume's lock (a flock on VOL/lock; the file itself stays). */
+export function volumeLockFree(vol: string): boolean {
+  const probe = spawnSync('flock', ['--nonblock', '--conflict-exit-code', '75', join(vol, 'lock'), 'true'])
+  if (probe.status !== 0 && probe.status !== 75) throw new Error(`flock probe failed: ${probe.stderr?.toString() ?? probe.error}`)
+  return probe.status === 0
 }
