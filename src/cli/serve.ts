@@ -1,13 +1,15 @@
 /**
  * `blocksnap serve`: owns the volumes, exports them over NBD, and carries out other blocksnap
- * commands live through each volume's control socket. SIGINT/SIGTERM stop it cleanly: clients
- * are drained, everything is flushed and committed, locks are released.
+ * commands live through each volume's control socket. SIGHUP, SIGINT, SIGQUIT and SIGTERM stop
+ * it cleanly: clients are drained, everything is flushed and committed, locks are released and
+ * sockets removed.
  */
 import { pino } from 'pino'
 import { ControlServer } from '../control/control-server.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { NbdServer } from '../nbd/server.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions } from '../nbd/tls.js'
+import { UnixSocketAddress, clearStaleSocket } from '../util/unix-socket.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
 
@@ -67,8 +69,45 @@ async function loadServeTls(options: ServeOptions): Promise<NbdTlsOptions | unde
   }
 }
 
+/** Every signal that asks a daemon to stop; nbdkit treats them alike too. */
+const STOP_SIGNALS: readonly NodeJS.Signals[] = ['SIGHUP', 'SIGINT', 'SIGQUIT', 'SIGTERM']
+
+/**
+ * Watches the stop signals for the whole life of the server, startup included. The first one
+ * starts the shutdown; any later one is logged and ignored, so a second Ctrl-C cannot cut the
+ * drain and flush short. The handlers stay installed until the process exits (signal handlers
+ * do not keep Node alive), so a signal during the last steps of exit does no harm either.
+ */
+class StopSignals {
+  /** Resolves with the name of the first stop signal. */
+  readonly received: Promise<NodeJS.Signals>
+  private first: NodeJS.Signals | null = null
+
+  constructor(log: { info(msg: string): void; warn(msg: string): void }) {
+    let resolve!: (signal: NodeJS.Signals) => void
+    this.received = new Promise((r) => {
+      resolve = r
+    })
+    for (const signal of STOP_SIGNALS) {
+      process.on(signal, () => {
+        if (this.first !== null) {
+          log.warn(`${signal}: already stopping after ${this.first}; ignored`)
+          return
+        }
+        this.first = signal
+        log.info(`${signal}: stopping`)
+        resolve(signal)
+      })
+    }
+  }
+}
+
 export async function serveVolumes(paths: string[], options: ServeOptions, extra: { printHelp?: boolean } = {}): Promise<void> {
-  const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, pino.destination(2))
+  const destination = pino.destination(2)
+  // stderr may be a terminal that hung up (SIGHUP): losing log lines must not stop the shutdown.
+  destination.on('error', () => {})
+  const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, destination)
+  const signals = new StopSignals(log)
   const tls = await loadServeTls(options)
   const names = new Set<string>()
   const volumes: Volume[] = []
@@ -83,7 +122,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       volumes.push(volume)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
-      const control = new ControlServer(volume, mergeHandlers(volume))
+      const control = new ControlServer(volume, mergeHandlers(volume), { readOnly: options.readOnly })
       await control.listen()
       controls.push(control)
     }
@@ -98,16 +137,21 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
   })
   let listening = `${options.host}:${options.port}`
+  let socketAddress: UnixSocketAddress | null = null
   try {
     await server.listen({ host: options.host, port: options.port })
     if (options.socket) {
       listening = options.socket
-      await server.listen({ path: options.socket })
+      // A server killed outright leaves its socket file behind; qemu-nbd and nbdkit reuse the path too.
+      await clearStaleSocket(options.socket, 'socket')
+      socketAddress = await UnixSocketAddress.of(options.socket)
+      await server.listen({ path: socketAddress.bindPath })
     }
   } catch (err) {
     await server.close().catch(() => {})
+    await socketAddress?.release()
     await cleanup()
-    throw new SnapError('SNAP_BUSY', `cannot listen on ${listening}: ${(err as Error).message}`)
+    throw isSnapError(err) ? err : new SnapError('SNAP_BUSY', `cannot listen on ${listening}: ${(err as Error).message}`)
   }
   const where = `${options.host}:${options.port}`
   log.info(`serving ${volumes.map((v) => v.name).join(', ')} on ${where}${options.socket ? ` and ${options.socket}` : ''}`)
@@ -136,19 +180,9 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       ].join('\n'),
     )
   }
-  await new Promise<void>((resolve) => {
-    let stopping = false
-    const stop = (signal: string) => {
-      if (stopping) return
-      stopping = true
-      log.info(`${signal}: stopping`)
-      void (async () => {
-        await server.close().catch((err) => log.error(`closing NBD server: ${(err as Error).message}`))
-        await cleanup()
-        resolve()
-      })()
-    }
-    process.once('SIGINT', () => stop('SIGINT'))
-    process.once('SIGTERM', () => stop('SIGTERM'))
-  })
+  await signals.received
+  await server.close().catch((err) => log.error(`closing NBD server: ${(err as Error).message}`))
+  await socketAddress?.release() // after the close: libuv removes the socket file by its bound name
+  await cleanup()
+  log.info('stopped')
 }

@@ -10,13 +10,18 @@ import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../err
 
 export interface FileDeviceOptions {
   readonly readOnly?: boolean
-  /** Create the file exclusively with this size (sparse); fails with SNAP_EXISTS if it exists. */
+  /**
+   * Create the file exclusively with this size (sparse); fails with SNAP_EXISTS if it exists.
+   * The new file is 0600: it holds a disk's data, which is no business of other local users.
+   */
   readonly create?: number
   /** Allow resize() (grow-on-demand COW files). */
   readonly resizable?: boolean
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
+/** Mode of files created by open({create}); the umask can only narrow it. */
+const CREATED_FILE_MODE = 0o600
 
 export class FileDevice extends BaseBlockDevice {
   readonly capabilities: DeviceCapabilities
@@ -39,7 +44,7 @@ export class FileDevice extends BaseBlockDevice {
     }
     let handle: FileHandle
     try {
-      handle = await openFile(path, create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+')
+      handle = await openFile(path, create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+', CREATED_FILE_MODE)
     } catch (err) {
       throw openError(err, path)
     }

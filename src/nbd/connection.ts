@@ -114,6 +114,14 @@ const ZERO_PIECE_BYTES = 1024 * 1024
 /** A client broke a MUST of the protocol: the only answer is to drop its connection. */
 const violation = (message: string) => new SnapError('NBD_PROTOCOL', message)
 
+/** Longest client-chosen export name quoted in logs and errors. */
+const SHOWN_NAME_CHARS = 64
+
+/** A client-chosen name as logs show it: a client may send 64 KiB names, once per connection. */
+export function shownName(name: string): string {
+  return name.length <= SHOWN_NAME_CHARS ? name : `${name.slice(0, SHOWN_NAME_CHARS)}…`
+}
+
 export class NbdConnection {
   readonly id: number
   private socket: Socket
@@ -364,8 +372,8 @@ export class NbdConnection {
     const name = data.toString('utf8')
     const exp = this.resolveExport(name)
     // EXPORT_NAME cannot carry an error: closing is the only answer.
-    if (exp === undefined) throw violation(`EXPORT_NAME for unknown export '${name}'`)
-    if (isRefused(exp)) throw violation(`EXPORT_NAME for refused export '${name}': ${exp.refused}`)
+    if (exp === undefined) throw violation(`EXPORT_NAME for unknown export '${shownName(name)}'`)
+    if (isRefused(exp)) throw violation(`EXPORT_NAME for refused export '${shownName(name)}': ${exp.refused}`)
     const flags = this.computeFlags(exp)
     this.send(buildExportNameReply(exp.device.sizeBytes, flags, this.noZeroes))
     this.enterTransmission(exp, flags)
@@ -434,7 +442,7 @@ export class NbdConnection {
     const request = parseInfoRequest(data)
     if ('error' in request) return this.optionError(code, Rep.ERR_INVALID, request.error)
     const exp = this.resolveExport(request.name)
-    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${request.name}'`)
+    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${shownName(request.name)}'`)
     if (isRefused(exp)) return this.optionError(code, Rep.ERR_POLICY, exp.refused)
     // INFO and GO compute the same answer from the same state, so they always agree.
     const flags = this.computeFlags(exp)
@@ -464,7 +472,7 @@ export class NbdConnection {
     const request = parseMetaContextRequest(data)
     if ('error' in request) return this.optionError(code, Rep.ERR_INVALID, request.error)
     const exp = this.resolveExport(request.name)
-    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${request.name}'`)
+    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${shownName(request.name)}'`)
     if (isRefused(exp)) return this.optionError(code, Rep.ERR_POLICY, exp.refused)
     const available = this.contextsOf(exp)
     const chosen: string[] = []

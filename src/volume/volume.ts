@@ -7,7 +7,7 @@
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
  * exist only while this process has the volume open, and are dropped at the next open.
  */
-import { copyFile, mkdir, rm, stat, unlink } from 'node:fs/promises'
+import { mkdir, rm, stat, unlink } from 'node:fs/promises'
 import { basename, isAbsolute, join, resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
@@ -21,6 +21,7 @@ import { PersistentStore } from '../store/persistent-store.js'
 import { TransientStore } from '../store/transient-store.js'
 import { DEFAULT_CHUNK_BYTES, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import { type Manifest, type SnapshotRecord, type StoreName, MANIFEST_VERSION, readManifest, writeManifest } from './manifest.js'
+import { copyPrivate } from './private-copy.js'
 import { VolumeLock } from './volume-lock.js'
 
 export const ORIGIN_FILE = 'origin.img'
@@ -131,7 +132,7 @@ export class Volume {
     try {
       await mkdir(join(dir, SNAPSHOT_DIR))
       if (options.fromImage !== undefined) {
-        await copyFile(options.fromImage, join(dir, ORIGIN_FILE))
+        await copyPrivate(options.fromImage, join(dir, ORIGIN_FILE))
       } else {
         const dev = await FileDevice.open(join(dir, ORIGIN_FILE), { create: sizeBytes })
         await dev.close()
@@ -304,7 +305,7 @@ export class Volume {
       cowSizeBytes: st.size,
       createdAt: new Date().toISOString(),
     }
-    if (!options.inPlace) await copyFile(source, this.cowPath(record))
+    if (!options.inPlace) await copyPrivate(source, this.cowPath(record))
     let snap: Snapshot
     try {
       snap = await this.openSnapshot(record, false)
