@@ -3,7 +3,7 @@
  * A command on a volume that `blocksnap serve` owns is sent over the volume's control socket and
  * carried out by the server; otherwise the command opens the volume itself.
  */
-import { readFile, writeFile, mkdir, stat } from 'node:fs/promises'
+import { readFile, mkdir, stat } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { Command, CommanderError, Option } from 'commander'
 import { SnapError, isSnapError } from '../errors.js'
@@ -14,6 +14,7 @@ import { Volume, parseDevice } from '../volume/volume.js'
 import { checkVolumeFiles } from '../volume/check.js'
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
 import { formatList } from './output.js'
+import { writeOutputFile } from './output-file.js'
 import { serveVolumes } from './serve.js'
 import { mergeCommand } from './merge-command.js'
 
@@ -159,20 +160,25 @@ function buildProgram(): Command {
     .option('--output <FILE>', 'write to FILE instead of stdout')
     .action(async (spec: string, opts: { offset: number; length?: number; output?: string }) => {
       const { volume, snapshot } = deviceArg(spec)
-      await withVolume(volume, async (ops) => {
-        const size = await ops.size(snapshot)
-        const length = opts.length ?? Math.max(0, size - opts.offset)
-        if (opts.offset + length > size) {
-          throw new SnapError('SNAP_OUT_OF_RANGE', `range ${opts.offset}+${length} is beyond the end (${size} bytes)`)
-        }
-        if (opts.output) await writeFile(opts.output, '')
-        const piece = 4 * 1024 * 1024
-        for (let done = 0; done < length; done += piece) {
-          const data = await ops.read(snapshot, opts.offset + done, Math.min(piece, length - done))
-          if (opts.output) await writeFile(opts.output, data, { flag: 'a' })
-          else if (!process.stdout.write(data)) await new Promise((r) => process.stdout.once('drain', r))
-        }
-      })
+      const readAll = (write: (data: Uint8Array) => Promise<void>) =>
+        withVolume(volume, async (ops) => {
+          const size = await ops.size(snapshot)
+          const length = opts.length ?? Math.max(0, size - opts.offset)
+          if (opts.offset + length > size) {
+            throw new SnapError('SNAP_OUT_OF_RANGE', `range ${opts.offset}+${length} is beyond the end (${size} bytes)`)
+          }
+          const piece = 4 * 1024 * 1024
+          for (let done = 0; done < length; done += piece) {
+            await write(await ops.read(snapshot, opts.offset + done, Math.min(piece, length - done)))
+          }
+        })
+      if (opts.output !== undefined) {
+        await writeOutputFile(opts.output, readAll)
+      } else {
+        await readAll(async (data) => {
+          if (!process.stdout.write(data)) await new Promise((r) => process.stdout.once('drain', r))
+        })
+      }
     })
 
   program

@@ -110,7 +110,7 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
       return Number(t)
     })
     .action(async (spec: string, opts: { wait?: boolean; rate?: number }) => {
-      const { volume, snapshot } = parseDevice(spec)
+      const { volume, snapshot } = usageOnBadDevice(spec)
       if (!snapshot) throw new InvalidArgumentError(`expected VOL@SNAP, got '${spec}'`)
       const client = await ControlClient.connect(resolve(volume))
       if (client) {
@@ -123,4 +123,13 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
       }
       await offlineMerge(volume, snapshot, opts.rate)
     })
+}
+
+/** A malformed device name is a usage error (exit 2), as for every other command. */
+function usageOnBadDevice(spec: string): ReturnType<typeof parseDevice> {
+  try {
+    return parseDevice(spec)
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message)
+  }
 }

@@ -19,16 +19,16 @@ function human(bytes: number): string {
   return `${v}${units[u]}`
 }
 
-/** An `lvs`-like table: name, chunk, store, data %, state. */
+/**
+ * An `lvs`-like table: name, chunk, store, data % (the COW's fill, as lvs), origin % (share of the
+ * origin's chunks copied), COW size, state.
+ */
 export function formatList(info: VolumeInfo): string {
-  const rows = [['NAME', 'CHUNK', 'STORE', 'DATA%', 'COW', 'STATE']]
-  rows.push([info.name, '-', 'origin', '-', human(info.sizeBytes), info.merge ? `merging ${info.merge.snapshot}` : 'active'])
+  const rows = [['NAME', 'CHUNK', 'STORE', 'DATA%', 'ORIGIN%', 'COW', 'STATE']]
+  rows.push([info.name, '-', 'origin', '-', '-', human(info.sizeBytes), info.merge ? `merging ${info.merge.snapshot}` : 'active'])
   for (const s of info.snapshots) {
     const store = s.store === 'persistent' ? (s.overflow ? 'PO' : 'P') : 'N'
-    // Data% of the origin size, as lvs shows for a snapshot's used exception space.
-    const dataBytes = Math.max(0, s.allocatedBytes - s.metadataBytes)
-    const pct = info.sizeBytes > 0 ? ((100 * dataBytes) / info.sizeBytes).toFixed(2) : '0.00'
-    rows.push([`${info.name}@${s.name}`, human(s.chunkSizeBytes), store, pct, human(s.cowSizeBytes), s.state])
+    rows.push([`${info.name}@${s.name}`, human(s.chunkSizeBytes), store, s.dataPercent.toFixed(2), s.originPercent.toFixed(2), human(s.cowSizeBytes), s.state])
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)))
   return `${rows.map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n')}\n`

@@ -1,12 +1,15 @@
 /**
- * A regular file (or disk image) as a BlockDevice, using positional I/O on one FileHandle.
+ * A regular file (or disk image) or a block device as a BlockDevice, using positional I/O on one
+ * FileHandle.
  *
  * Node cannot punch holes portably, so discard writes zeros, except that a discard reaching the
- * end of the file truncates and re-extends it, which leaves the tail sparse on every filesystem.
+ * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
+ * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
 import { open as openFile, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
+import { blockDeviceSizeBytes } from './block-device-size.js'
 
 export interface FileDeviceOptions {
   readonly readOnly?: boolean
@@ -27,12 +30,15 @@ export class FileDevice extends BaseBlockDevice {
   readonly capabilities: DeviceCapabilities
   readonly path: string
   private readonly handle: FileHandle
+  /** A block device cannot be truncated: discard always writes zeros. */
+  private readonly truncatable: boolean
 
-  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities) {
+  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean) {
     super(sizeBytes, `file ${path}`)
     this.handle = handle
     this.path = path
     this.capabilities = capabilities
+    this.truncatable = truncatable
   }
 
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
@@ -50,11 +56,15 @@ export class FileDevice extends BaseBlockDevice {
     }
     try {
       let sizeBytes: number
+      let block = false
       if (create !== undefined) {
         await handle.truncate(create)
         sizeBytes = create
       } else {
-        sizeBytes = (await handle.stat()).size
+        const st = await handle.stat({ bigint: true })
+        block = st.isBlockDevice()
+        if (!st.isFile() && !block) throw badArgument(`${path} is not a regular file or block device`)
+        sizeBytes = block ? await blockDeviceSizeBytes(st.rdev, path) : Number(st.size)
       }
       const capabilities: DeviceCapabilities = {
         writable: !readOnly,
@@ -62,9 +72,9 @@ export class FileDevice extends BaseBlockDevice {
         fua: true,
         discard: true,
         // A read-only handle cannot be truncated, so resize needs write access too.
-        resize: options.resizable === true && !readOnly,
+        resize: options.resizable === true && !readOnly && !block,
       }
-      return new FileDevice(handle, path, sizeBytes, capabilities)
+      return new FileDevice(handle, path, sizeBytes, capabilities, !block)
     } catch (err) {
       await handle.close().catch(() => {})
       // Do not leave a half-made file behind after an exclusive create we own.
@@ -107,7 +117,7 @@ export class FileDevice extends BaseBlockDevice {
 
   protected override async _discard(offset: number, length: number): Promise<void> {
     try {
-      if (offset + length >= this._sizeBytes) {
+      if (this.truncatable && offset + length >= this._sizeBytes) {
         await this.handle.truncate(offset)
         await this.handle.truncate(this._sizeBytes)
         return

@@ -70,7 +70,7 @@ import {
   buildSimpleReply,
   type Extent,
 } from './protocol/reply.js'
-import { RequestParser, type RequestHeader } from './protocol/request.js'
+import { RequestParser, offsetText, type RequestHeader } from './protocol/request.js'
 import type { TlsContext } from './tls.js'
 
 export interface ConnectionLimits {
@@ -617,7 +617,7 @@ export class NbdConnection {
     const size = exp.device.sizeBytes
     if (offset + length > size) {
       const errno = type === Command.WRITE || type === Command.WRITE_ZEROES ? NbdErrno.ENOSPC : NbdErrno.EINVAL
-      return [errno, `range ${offset}+${length} is beyond the end of the export (${size} bytes)`]
+      return [errno, `range ${offsetText(header)}+${length} is beyond the end of the export (${size} bytes)`]
     }
     if ((type === Command.READ || type === Command.WRITE) && length > MAX_PAYLOAD_BYTES) {
       return [NbdErrno.EINVAL, `${nameOfCommand(type)} of ${length} bytes exceeds the maximum payload ${MAX_PAYLOAD_BYTES}`]
@@ -746,7 +746,7 @@ export class NbdConnection {
 
   private replyError(header: RequestHeader, errno: number, message: string, logged = false): void {
     if (!logged) {
-      this.log.debug(`${this.label}: ${nameOfCommand(header.type)} ${header.offset}+${header.length} -> ${nameOfErrno(errno)}: ${message}`)
+      this.log.debug(`${this.label}: ${nameOfCommand(header.type)} ${offsetText(header)}+${header.length} -> ${nameOfErrno(errno)}: ${message}`)
     }
     this.send(
       this.structured

@@ -4,17 +4,18 @@
  * user while it is copied, and a reader who opened it then keeps the data. The copy is made in
  * a private (0700) directory beside its destination instead, made 0600, then renamed into place.
  */
-import { chmod, copyFile, mkdtemp, rename, rm } from 'node:fs/promises'
+import { chmod, mkdtemp, rename, rm } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 
 /** Mode of the origin and COW files blocksnap creates: they hold the disk's data. */
 export const IMAGE_FILE_MODE = 0o600
 
-export async function copyPrivate(source: string, dest: string): Promise<void> {
+/** Runs `copy` into a temporary path only the owner can reach, then renames it to `dest`. */
+export async function copyPrivate(dest: string, copy: (temp: string) => Promise<void>): Promise<void> {
   const staging = await mkdtemp(join(dirname(dest), '.copy-'))
   try {
     const temp = join(staging, basename(dest))
-    await copyFile(source, temp)
+    await copy(temp)
     await chmod(temp, IMAGE_FILE_MODE)
     await rename(temp, dest)
   } finally {

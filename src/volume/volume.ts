@@ -7,9 +7,10 @@
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
  * exist only while this process has the volume open, and are dropped at the next open.
  */
-import { mkdir, rm, stat, unlink } from 'node:fs/promises'
-import { basename, isAbsolute, join, resolve } from 'node:path'
+import { mkdir, rm, stat, statfs, unlink } from 'node:fs/promises'
+import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
+import { type ImageFile, copyImage, identityOfPath, statImage } from '../device/image-file.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
 import { decodeHeader } from '../format/header.js'
 import { ExceptionEvents, defaultExceptionEvents } from '../snapshot/exception-events.js'
@@ -23,6 +24,7 @@ import { DEFAULT_CHUNK_BYTES, SECTOR_BYTES, checkChunkSizeBytes } from '../units
 import { type Manifest, type SnapshotRecord, type StoreName, MANIFEST_VERSION, readManifest, writeManifest } from './manifest.js'
 import { copyPrivate } from './private-copy.js'
 import { VolumeLock } from './volume-lock.js'
+import { MAX_PROBLEMS, checkCow } from './check.js'
 
 export const ORIGIN_FILE = 'origin.img'
 export const SNAPSHOT_DIR = 'snapshots'
@@ -65,6 +67,15 @@ export interface SnapshotInfo {
   readonly cowSizeBytes: number
   readonly allocatedBytes: number
   readonly metadataBytes: number
+  /**
+   * What the COW can hold: its size when fixed; for a grow-on-demand COW, its size now plus the
+   * free space of its file system (what it could still grow into).
+   */
+  readonly cowCapacityBytes: number
+  /** The COW's fill, allocated against capacity (lvs Data%): 0 to 100. */
+  readonly dataPercent: number
+  /** Share of the origin's chunks copied into the COW: 0 to 100. */
+  readonly originPercent: number
   readonly state: SnapshotState
 }
 
@@ -118,10 +129,10 @@ export class Volume {
     )
     if (exists) throw new SnapError('SNAP_EXISTS', `${dir} already exists`, { details: { path: dir } })
     let sizeBytes: number
+    let image: ImageFile | null = null
     if (options.fromImage !== undefined) {
-      const st = await stat(options.fromImage).catch(() => null)
-      if (!st || !st.isFile()) throw new SnapError('SNAP_NOT_FOUND', `image ${options.fromImage} does not exist`)
-      sizeBytes = st.size
+      image = await statImage(options.fromImage, 'image')
+      sizeBytes = image.sizeBytes
     } else {
       sizeBytes = options.sizeBytes ?? 0
     }
@@ -131,8 +142,9 @@ export class Volume {
     await mkdir(dir, { recursive: false })
     try {
       await mkdir(join(dir, SNAPSHOT_DIR))
-      if (options.fromImage !== undefined) {
-        await copyPrivate(options.fromImage, join(dir, ORIGIN_FILE))
+      if (options.fromImage !== undefined && image) {
+        const from = options.fromImage
+        await copyPrivate(join(dir, ORIGIN_FILE), (temp) => copyImage(from, image, temp))
       } else {
         const dev = await FileDevice.open(join(dir, ORIGIN_FILE), { create: sizeBytes })
         await dev.close()
@@ -277,15 +289,19 @@ export class Volume {
     return snap
   }
 
-  /** Adopts a kernel-format persistent COW made for this origin. */
+  /**
+   * Adopts a kernel-format persistent COW made for this origin (a file or a block device). Refused
+   * when the COW already backs a snapshot of this volume (two snapshots writing one COW corrupt
+   * each other) and when its geometry or exceptions do not fit the origin (check's bounds check).
+   */
   async importSnapshot(name: string, cowFile: string, options: { inPlace?: boolean } = {}): Promise<Snapshot> {
     checkSnapshotName(name)
     if (this.manifest.snapshots.some((r) => r.name === name)) {
       throw new SnapError('SNAP_EXISTS', `snapshot '${name}' already exists in volume ${this.name}`)
     }
     const source = resolve(cowFile)
-    const st = await stat(source).catch(() => null)
-    if (!st || !st.isFile()) throw new SnapError('SNAP_NOT_FOUND', `COW file ${cowFile} does not exist`)
+    const image = await statImage(source, 'COW')
+    await this.refuseCowInUse(source, image.identity)
     const probe = await FileDevice.open(source, { readOnly: true })
     let chunkSizeBytes: number
     try {
@@ -296,16 +312,22 @@ export class Volume {
     } finally {
       await probe.close()
     }
+    const problems = await checkCow(source, { originSizeBytes: this.sizeBytes, reportInvalid: false })
+    if (problems.length > 0) {
+      const count = problems.length > MAX_PROBLEMS ? `at least ${MAX_PROBLEMS}` : String(problems.length)
+      const more = problems.length > 1 ? ` (${count} problems)` : ''
+      throw new SnapError('SNAP_CORRUPT_METADATA', `COW ${cowFile} does not fit volume ${this.name}: ${problems[0]}${more}`)
+    }
     const record: SnapshotRecord = {
       name,
       chunkSizeBytes,
       store: 'persistent',
       overflow: false,
       cowFile: options.inPlace ? source : join(SNAPSHOT_DIR, `${name}.cow`),
-      cowSizeBytes: st.size,
+      cowSizeBytes: image.sizeBytes,
       createdAt: new Date().toISOString(),
     }
-    if (!options.inPlace) await copyPrivate(source, this.cowPath(record))
+    if (!options.inPlace) await copyPrivate(this.cowPath(record), (temp) => copyImage(source, image, temp))
     let snap: Snapshot
     try {
       snap = await this.openSnapshot(record, false)
@@ -316,6 +338,20 @@ export class Volume {
     this.snapshotsByName.set(name, snap)
     await this.saveManifest({ ...this.manifest, snapshots: [...this.manifest.snapshots, record] })
     return snap
+  }
+
+  /** Throws when `path` (storage `identity`) is the origin or a COW of this volume. */
+  private async refuseCowInUse(path: string, identity: string): Promise<void> {
+    const originPath = join(this.dir, this.manifest.originFile)
+    if (path === originPath || (await identityOfPath(originPath)) === identity) {
+      throw badArgument(`${path} is the origin of volume ${this.name}`)
+    }
+    for (const record of this.manifest.snapshots) {
+      const used = this.cowPath(record)
+      if (path === used || (await identityOfPath(used)) === identity) {
+        throw new SnapError('SNAP_BUSY', `COW ${path} is already used by snapshot '${record.name}' of volume ${this.name}`)
+      }
+    }
   }
 
   async removeSnapshot(name: string, options: { keepCow?: boolean } = {}): Promise<void> {
@@ -387,20 +423,31 @@ export class Volume {
     await this.startMerge(name)
   }
 
-  info(): VolumeInfo {
+  async info(): Promise<VolumeInfo> {
     const snapshots: SnapshotInfo[] = []
     for (const record of this.manifest.snapshots) {
       const snap = this.snapshotsByName.get(record.name)
       const usage = snap?.usage()
+      const chunkSizeBytes = snap?.chunkBytes ?? record.chunkSizeBytes
+      const cowSizeBytes = (usage?.totalSectors ?? 0) * SECTOR_BYTES
+      const allocatedBytes = (usage?.allocatedSectors ?? 0) * SECTOR_BYTES
+      const metadataBytes = (usage?.metadataSectors ?? 0) * SECTOR_BYTES
+      const cowPath = this.cowPath(record)
+      const cowCapacityBytes = record.cowSizeBytes === null ? cowSizeBytes + (await freeBytesBeside(cowPath)) : cowSizeBytes
+      const originChunks = Math.ceil(this.manifest.sizeBytes / chunkSizeBytes)
       snapshots.push({
         name: record.name,
-        chunkSizeBytes: snap?.chunkBytes ?? record.chunkSizeBytes,
+        chunkSizeBytes,
         store: record.store,
         overflow: record.overflow,
-        cowPath: this.cowPath(record),
-        cowSizeBytes: (usage?.totalSectors ?? 0) * SECTOR_BYTES,
-        allocatedBytes: (usage?.allocatedSectors ?? 0) * SECTOR_BYTES,
-        metadataBytes: (usage?.metadataSectors ?? 0) * SECTOR_BYTES,
+        cowPath,
+        cowSizeBytes,
+        allocatedBytes,
+        metadataBytes,
+        cowCapacityBytes,
+        // As lvs: a COW holding only its header and metadata is 0 % full.
+        dataPercent: allocatedBytes === metadataBytes ? 0 : percent(allocatedBytes, cowCapacityBytes),
+        originPercent: percent(Math.max(0, allocatedBytes - metadataBytes) / chunkSizeBytes, originChunks),
         state: snap?.state ?? 'invalid',
       })
     }
@@ -454,12 +501,29 @@ export class Volume {
   }
 }
 
-/** Splits `VOL@SNAP` into its parts; `VOL` alone is the origin. */
+/** part / whole in percent with two decimals, never above 100. */
+function percent(part: number, whole: number): number {
+  if (whole <= 0) return 0
+  return Math.min(100, Math.round((10000 * part) / whole) / 100)
+}
+
+/** Free space (for unprivileged use) of the file system holding `path`; 0 when unknown. */
+async function freeBytesBeside(path: string): Promise<number> {
+  const fs = await statfs(dirname(path)).catch(() => null)
+  return fs ? fs.bavail * fs.bsize : 0
+}
+
+/**
+ * Splits `VOL@SNAP` into its parts; `VOL` alone is the origin. Only the last path component
+ * names a device, so directories above it may contain '@'; in that component, one '@' at most
+ * (snapshot names never contain one).
+ */
 export function parseDevice(spec: string): { volume: string; snapshot: string | null } {
-  const at = spec.lastIndexOf('@')
+  const slash = spec.lastIndexOf('/')
+  const at = spec.indexOf('@', slash + 1)
   if (at === -1) return { volume: spec, snapshot: null }
   const volume = spec.slice(0, at)
   const snapshot = spec.slice(at + 1)
-  if (!volume || !snapshot) throw badArgument(`bad device '${spec}': expected VOL or VOL@SNAP`)
+  if (!volume || !snapshot || snapshot.includes('@')) throw badArgument(`bad device '${spec}': expected VOL or VOL@SNAP`)
   return { volume, snapshot }
 }

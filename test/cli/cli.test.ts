@@ -167,10 +167,10 @@ describe('cli (offline)', { concurrency: 2 }, () => {
     await cliOk(['snapshot', `${vol}@po`, '--overflow', '--cow-size', '16K'])
     const table = (await cliOk(['list', vol])).toString('utf8').trimEnd().split('\n')
     assert.equal(table.length, 4, table.join('\n'))
-    assert.match(table[0]!, /^NAME\s+CHUNK\s+STORE\s+DATA%\s+COW\s+STATE$/)
-    assert.match(table[1]!, /^table\s+-\s+origin\s+-\s+1M\s+active$/)
-    assert.match(table[2]!, /^table@plain\s+4K\s+P\s+0\.00\s+\S+\s+active$/)
-    assert.match(table[3]!, /^table@po\s+4K\s+PO\s+0\.00\s+16K\s+active$/)
+    assert.match(table[0]!, /^NAME\s+CHUNK\s+STORE\s+DATA%\s+ORIGIN%\s+COW\s+STATE$/)
+    assert.match(table[1]!, /^table\s+-\s+origin\s+-\s+-\s+1M\s+active$/)
+    assert.match(table[2]!, /^table@plain\s+4K\s+P\s+0\.00\s+0\.00\s+\S+\s+active$/)
+    assert.match(table[3]!, /^table@po\s+4K\s+PO\s+0\.00\s+0\.00\s+16K\s+active$/)
 
     // The PO snapshot's COW has room for two data chunks: a bigger write to it is refused.
     const before = await fingerprint(vol)

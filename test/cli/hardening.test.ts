@@ -51,7 +51,7 @@ describe('hardening', () => {
     for (const dir of [sparse, copied]) {
       const v = await Volume.open(dir)
       try {
-        assert.equal(await modeOf(v.info().originPath), 0o600, `${dir}: origin`)
+        assert.equal(await modeOf((await v.info()).originPath), 0o600, `${dir}: origin`)
         await v.createSnapshot('s1', {})
         const cow = v.cowPath(v.record('s1'))
         assert.equal(await modeOf(cow), 0o600, `${dir}: new COW`)

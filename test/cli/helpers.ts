@@ -123,6 +123,9 @@ export interface SnapshotJson {
   cowSizeBytes: number
   allocatedBytes: number
   metadataBytes: number
+  cowCapacityBytes: number
+  dataPercent: number
+  originPercent: number
   state: string
 }
 
@@ -136,7 +139,20 @@ export interface ListJson {
 }
 
 const VOLUME_KEYS = ['name', 'path', 'sizeBytes', 'originPath', 'snapshots', 'merge']
-const SNAPSHOT_KEYS = ['name', 'chunkSizeBytes', 'store', 'overflow', 'cowPath', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes', 'state']
+const SNAPSHOT_KEYS = [
+  'name',
+  'chunkSizeBytes',
+  'store',
+  'overflow',
+  'cowPath',
+  'cowSizeBytes',
+  'allocatedBytes',
+  'metadataBytes',
+  'cowCapacityBytes',
+  'dataPercent',
+  'originPercent',
+  'state',
+]
 const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed']
 
 /** Parses `list --json` output and checks it has exactly the documented shape. */
@@ -154,8 +170,11 @@ export function parseList(stdout: Buffer): ListJson {
     assert.ok(s.store === 'persistent' || s.store === 'transient', `store ${String(s.store)}`)
     assert.equal(typeof s.overflow, 'boolean')
     assert.ok(typeof s.cowPath === 'string' && s.cowPath.startsWith('/'), `cowPath is absolute: ${String(s.cowPath)}`)
-    for (const k of ['chunkSizeBytes', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes']) {
+    for (const k of ['chunkSizeBytes', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes', 'cowCapacityBytes']) {
       assert.ok(Number.isSafeInteger(s[k]) && (s[k] as number) >= 0, `${k} = ${String(s[k])}`)
+    }
+    for (const k of ['dataPercent', 'originPercent']) {
+      assert.ok(typeof s[k] === 'number' && (s[k] as number) >= 0 && (s[k] as number) <= 100, `${k} = ${String(s[k])}`)
     }
     assert.ok(STATES.includes(s.state as string), `state ${String(s.state)}`)
   }

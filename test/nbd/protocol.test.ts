@@ -169,12 +169,14 @@ test('request: header parse matches the captured READ', () => {
     cookieHi: 0x11223344,
     cookieLo: 0x55667788,
     offset: 0,
+    offsetHi: 0,
+    offsetLo: 0,
     length: 4096,
   })
   const big = parseRequestHeader(requestBytes({ type: 0, offset: 2n ** 64n - 1n, length: 1 }))
   assert.ok(!('badMagic' in big) && big.offset >= 2 ** 64 - 2 ** 12, 'u64 offsets above 2^53 stay huge')
   const mid = parseRequestHeader(requestBytes({ type: 1, flags: 0x11, offset: 2 ** 40 + 12345, length: 7, cookie: 0xffffffffffffffffn }))
-  assert.deepEqual(mid, { flags: 0x11, type: 1, cookieHi: 0xffffffff, cookieLo: 0xffffffff, offset: 2 ** 40 + 12345, length: 7 })
+  assert.deepEqual(mid, { flags: 0x11, type: 1, cookieHi: 0xffffffff, cookieLo: 0xffffffff, offset: 2 ** 40 + 12345, offsetHi: 2 ** 8, offsetLo: 12345, length: 7 })
 })
 
 test('request: parser handles a pipelined stream split at every offset, and at every pair of offsets', () => {
@@ -189,10 +191,10 @@ test('request: parser handles a pipelined stream split at every offset, and at e
   assert.equal(expected.length, 4)
   assert.deepEqual(expected[1], {
     kind: 'request',
-    header: { flags: 1, type: 1, cookieHi: 0, cookieLo: 2, offset: 1000, length: 37 },
+    header: { flags: 1, type: 1, cookieHi: 0, cookieLo: 2, offset: 1000, offsetHi: 0, offsetLo: 1000, length: 37 },
     payload: payload.toString('hex'),
   })
-  assert.deepEqual(expected[2], { kind: 'request', header: { flags: 0, type: 1, cookieHi: 0, cookieLo: 3, offset: 0, length: 0 }, payload: '' }, 'zero-length WRITE has an empty payload')
+  assert.deepEqual(expected[2], { kind: 'request', header: { flags: 0, type: 1, cookieHi: 0, cookieLo: 3, offset: 0, offsetHi: 0, offsetLo: 0, length: 0 }, payload: '' }, 'zero-length WRITE has an empty payload')
   for (let a = 0; a <= stream.length; a++) {
     assert.deepEqual(simplify(feedRequests(stream, [a])), expected, `split at ${a}`)
     for (let b = a; b <= stream.length; b += 3) assert.deepEqual(simplify(feedRequests(stream, [a, b])), expected, `split at ${a},${b}`)
