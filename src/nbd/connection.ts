@@ -400,8 +400,9 @@ export class NbdConnection {
       tlsContext.handshake(plain, {
         secure: (secure, peer) => this.tlsEstablished(secure, peer),
         refused: (reason) => {
-          this.log.warn(`${this.label}: TLS client refused: ${reason}`)
-          plain.destroy()
+          // A handshake cut short by our own shutdown or handshake limit is not the client's doing.
+          if (this.phase !== 'closing') this.log.warn(`${this.label}: TLS client refused: ${reason}`)
+          this.hardClose()
         },
       })
     } catch (err) {
