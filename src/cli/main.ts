@@ -253,9 +253,12 @@ function buildProgram(): Command {
     .option('--listen <HOST:PORT>', 'TCP address', '127.0.0.1:10809')
     .option('--socket <PATH>', 'also listen on this Unix socket')
     .option('--read-only', 'export everything read-only')
-    .option('--tls-psk <FILE>', 'PSK file (username:hexkey lines)')
+    .option('--tls-psk <FILE>', 'PSK file (username:hexkey lines); only clients with one of its keys get in')
     .option('--tls-cert <FILE>', 'X.509 certificate (PEM)')
     .option('--tls-key <FILE>', 'X.509 private key (PEM)')
+    .option('--tls-ca <FILE>', 'CA certificates (PEM) that client certificates must be signed by; turns on --tls-verify-peer')
+    .option('--tls-verify-peer', 'admit only clients whose certificate the --tls-ca CA signed (default when --tls-ca is given)')
+    .option('--no-tls-verify-peer', 'do not ask clients for certificates, even with --tls-ca')
     .addOption(new Option('--tls <MODE>', 'TLS policy').choices(['off', 'allow', 'require']))
     .option(
       '--write-back <SIZE>',
@@ -263,6 +266,7 @@ function buildProgram(): Command {
       sizeArg('write-back size'),
     )
     .option('--handshake-limit <SECONDS>', 'drop a client that has not finished the NBD handshake after SECONDS (0: never)', intArg('handshake limit'), 10)
+    .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
       await serveVolumes(vols, parseServeFlags(opts))
     })
@@ -285,6 +289,23 @@ function buildProgram(): Command {
   return program
 }
 
+/** Who `serve` lets in under each TLS setup; docs/security.md says the same at more length. */
+const SERVE_TLS_HELP = `
+Who is authenticated (TLS is required once key material is given, unless --tls allow):
+  no TLS options        nobody: any client that can connect reads and writes
+  --tls-psk             only clients with a key from the psk file
+  --tls-psk + --tls-cert/--tls-key
+                        only clients with a key from the psk file (the certificate alone admits nobody)
+  --tls-cert/--tls-key  NOBODY: any TLS client gets in; the certificate only proves the server to
+                        clients (a warning is logged at startup)
+  --tls-cert/--tls-key + --tls-ca
+                        only clients with a certificate signed by the CA (verified by default;
+                        --no-tls-verify-peer turns that off)
+  --tls-psk + --tls-cert/--tls-key + --tls-ca
+                        clients with a key from the psk file or a certificate signed by the CA
+  --tls allow           plaintext clients too, unauthenticated
+`
+
 interface ServeFlags {
   listen: string
   socket?: string
@@ -292,6 +313,8 @@ interface ServeFlags {
   tlsPsk?: string
   tlsCert?: string
   tlsKey?: string
+  tlsCa?: string
+  tlsVerifyPeer?: boolean
   tls?: 'off' | 'allow' | 'require'
   writeBack?: number
   handshakeLimit?: number
@@ -303,6 +326,8 @@ function parseServeFlags(opts: ServeFlags) {
   const port = Number(m[2])
   if (port > 65535) throw new UsageError(`invalid port ${port}`)
   if ((opts.tlsCert === undefined) !== (opts.tlsKey === undefined)) throw new UsageError('--tls-cert and --tls-key go together')
+  if (opts.tlsVerifyPeer === true && opts.tlsCa === undefined) throw new UsageError('--tls-verify-peer needs --tls-ca (the CA that signs client certificates)')
+  if (opts.tlsCa !== undefined && opts.tlsCert === undefined) throw new UsageError('--tls-ca needs --tls-cert and --tls-key (client certificates are asked for in a certificate handshake)')
   return {
     host: (m[1] as string).replace(/^\[(.*)\]$/, '$1'),
     port,
@@ -310,6 +335,8 @@ function parseServeFlags(opts: ServeFlags) {
     readOnly: opts.readOnly === true,
     ...(opts.tlsPsk ? { tlsPsk: opts.tlsPsk } : {}),
     ...(opts.tlsCert ? { tlsCert: opts.tlsCert, tlsKey: opts.tlsKey as string } : {}),
+    ...(opts.tlsCa ? { tlsCa: opts.tlsCa } : {}),
+    ...(opts.tlsVerifyPeer === undefined ? {} : { tlsVerifyPeer: opts.tlsVerifyPeer }),
     ...(opts.tls ? { tls: opts.tls } : {}),
     ...(opts.writeBack === undefined ? {} : { writeBackBytes: opts.writeBack }),
     ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),

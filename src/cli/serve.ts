@@ -21,6 +21,9 @@ export interface ServeOptions {
   readonly tlsPsk?: string
   readonly tlsCert?: string
   readonly tlsKey?: string
+  /** CA for client certificates; verifying them is on by default with a CA. */
+  readonly tlsCa?: string
+  readonly tlsVerifyPeer?: boolean
   readonly tls?: 'off' | 'allow' | 'require'
   readonly writeBackBytes?: number
   readonly handshakeTimeoutMs?: number
@@ -59,6 +62,8 @@ async function loadServeTls(options: ServeOptions): Promise<NbdTlsOptions | unde
     ...(options.tlsPsk ? { pskFile: options.tlsPsk } : {}),
     ...(options.tlsCert ? { certFile: options.tlsCert } : {}),
     ...(options.tlsKey ? { keyFile: options.tlsKey } : {}),
+    ...(options.tlsCa ? { caFile: options.tlsCa } : {}),
+    ...(options.tlsVerifyPeer === undefined ? {} : { verifyPeer: options.tlsVerifyPeer }),
   }
   try {
     const tls = await loadTlsFiles(files)

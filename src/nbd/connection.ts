@@ -71,7 +71,7 @@ import {
   type Extent,
 } from './protocol/reply.js'
 import { RequestParser, offsetText, type RequestHeader } from './protocol/request.js'
-import type { TlsContext } from './tls.js'
+import { describePeer, type TlsContext, type TlsPeer } from './tls.js'
 
 export interface ConnectionLimits {
   /** Requests dispatched and not yet answered. */
@@ -136,7 +136,8 @@ export class NbdConnection {
   private requestParser: RequestParser | null = null
   private phase: Phase = 'client-flags'
   private noZeroes = false
-  private tlsActive = false
+  /** Who the client authenticated as, once TLS is up (null: plaintext so far). */
+  private tlsPeer: TlsPeer | null = null
   private structured = false
   /** Meta contexts chosen by the last SET_META_CONTEXT, by id, and the export they were for. */
   private contexts: string[] = []
@@ -312,7 +313,7 @@ export class NbdConnection {
       this.optionError(code, Rep.ERR_SHUTDOWN, 'server is shutting down')
       return
     }
-    const tlsRequired = this.options.tls?.mode === 'require' && !this.tlsActive
+    const tlsRequired = this.options.tls?.mode === 'require' && this.tlsPeer === null
     if (tlsRequired && code !== Option.STARTTLS) {
       if (code === Option.EXPORT_NAME) throw violation('EXPORT_NAME without TLS, which this server requires')
       this.optionError(code, Rep.ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first')
@@ -391,7 +392,7 @@ export class NbdConnection {
     const tlsContext = this.options.tls
     if (tlsContext === null) return this.optionError(Option.STARTTLS, Rep.ERR_UNSUP, 'TLS is not enabled on this server')
     if (data.length !== 0) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'STARTTLS takes no data')
-    if (this.tlsActive) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'TLS is already active')
+    if (this.tlsPeer !== null) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'TLS is already active')
     // The client must wait for our ACK before starting TLS, so bytes already here are garbage
     // (and could not be handed to the TLS layer, which reads the handle directly).
     if (this.queue.length > 0) throw violation('data after STARTTLS before the TLS handshake')
@@ -403,32 +404,43 @@ export class NbdConnection {
     plain.off('data', this.onData)
     plain.off('end', this.onEnd)
     plain.off('drain', this.onDrain)
-    let secure: TLSSocket
     try {
-      secure = tlsContext.upgrade(plain)
+      tlsContext.handshake(plain, {
+        secure: (secure, peer) => this.tlsEstablished(secure, peer),
+        refused: (reason) => {
+          // A handshake cut short by our own shutdown or handshake limit is not the client's doing.
+          if (this.phase !== 'closing') this.log.warn(`${this.label}: TLS client refused: ${reason}`)
+          this.hardClose()
+        },
+      })
     } catch (err) {
       this.log.error(`${this.label}: TLS setup failed: ${describeError(err)}`)
       this.hardClose()
+    }
+  }
+
+  private tlsEstablished(secure: TLSSocket, peer: TlsPeer): void {
+    if (this.phase !== 'starttls') {
+      // Shut down or dropped while the handshake ran.
+      secure.destroy()
       return
     }
+    this.log.debug(`${this.label}: TLS ${secure.getProtocol() ?? ''} established with ${describePeer(peer)}`)
     this.socket = secure
-    secure.on('secure', () => {
-      this.log.debug(`${this.label}: TLS ${secure.getProtocol() ?? ''} established`)
-      // STARTTLS forgets everything negotiated before it.
-      this.tlsActive = true
-      this.structured = false
-      this.contexts = []
-      this.contextExport = null
-      this.phase = 'options'
-      this.pump()
-    })
+    // STARTTLS forgets everything negotiated before it.
+    this.tlsPeer = peer
+    this.structured = false
+    this.contexts = []
+    this.contextExport = null
+    this.phase = 'options'
     secure.on('data', this.onData)
     secure.on('end', this.onEnd)
     secure.on('error', (err: Error) => {
       this.log.warn(`${this.label}: TLS error: ${describeError(err)}`)
-      plain.destroy()
+      this.rawSocket.destroy()
     })
     secure.on('drain', this.onDrain)
+    this.pump()
   }
 
   private optStructuredReply(data: Buffer): void {
@@ -504,7 +516,7 @@ export class NbdConnection {
     this.options.onExportServed(exp)
     this.log.info(
       `${this.label}: serving '${exp.name}' (${exp.device.sizeBytes} bytes, flags 0x${flags.toString(16)}` +
-        `${this.structured ? ', structured' : ''}${this.tlsActive ? ', tls' : ''})`,
+        `${this.structured ? ', structured' : ''}${this.tlsPeer ? `, tls, ${describePeer(this.tlsPeer)}` : ''})`,
     )
   }
 

@@ -107,6 +107,12 @@ export class NbdServer {
         ? { kind: 'unix', path: 'path' in options ? options.path : String(address) }
         : { kind: 'tcp', host: address.address, port: address.port }
     this.log.info(`nbd server listening on ${bound.kind === 'unix' ? bound.path : `${bound.host}:${bound.port}`}`)
+    if (this.servers.length === 1 && this.tls !== null) {
+      // Said once, loudly when it includes clients nobody authenticated.
+      const { who, anonymous } = this.tls.admits
+      if (anonymous) this.log.warn(`nbd server: TLS ${this.tls.mode}: clients are not authenticated; admitting ${who}`)
+      else this.log.info(`nbd server: TLS ${this.tls.mode}: admitting ${who}`)
+    }
     return bound
   }
 
