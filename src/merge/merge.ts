@@ -41,6 +41,7 @@
 import { EventEmitter } from 'node:events'
 import { SnapError, isSnapError } from '../errors.js'
 import type { Origin } from '../snapshot/origin.js'
+import { type Clock, systemClock } from '../util/clock.js'
 import { type Snapshot, settleAll } from '../snapshot/snapshot.js'
 import { type ChunkRange, MergeView, type MergeWindow, mergeFailedError } from './merge-view.js'
 
@@ -94,6 +95,8 @@ export interface MergeOptions {
    * change under the merge; exists so a test can prove it guards the relocation.
    */
   readonly unsafeSkipRelocation?: boolean
+  /** Time for the rate limit and the measured rate/ETA; the system clock by default. */
+  readonly clock?: Clock
 }
 
 /** Largest single read/write of the COW → origin copy. */
@@ -130,6 +133,7 @@ export class Merge extends EventEmitter<MergeEvents> {
   private readonly skipRelocation: boolean
   private readonly maxStepChunks: number
   private rate: number
+  private readonly clock: Clock
   private readonly totalChunks: number
   private doneChunks = 0
   private rateBaseTime = 0
@@ -151,6 +155,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     this.skipRelocation = options.unsafeSkipRelocation === true
     this.maxStepChunks = options.maxStepChunks ?? Infinity
     this.rate = checkRate(options.rateBytesPerSecond)
+    this.clock = options.clock ?? systemClock
     this.totalChunks = snapshot.table.size
     this.done = new Promise<void>((resolve, reject) => {
       this.resolveDone = resolve
@@ -188,7 +193,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     const cb = this.snapshot.chunkBytes
     const doneBytes = this.doneChunks * cb
     const totalBytes = this.totalChunks * cb
-    const elapsed = (performance.now() - this.rateBaseTime) / 1000
+    const elapsed = (this.clock.now() - this.rateBaseTime) / 1000
     const measured = elapsed > 0 ? (doneBytes - this.rateBaseBytes) / elapsed : 0
     const remaining = totalBytes - doneBytes
     let etaSeconds: number | null = null
@@ -252,16 +257,16 @@ export class Merge extends EventEmitter<MergeEvents> {
   /** Sleeps up to `ms` (forever if undefined), or until a control call kicks the loop. */
   private sleep(ms?: number): Promise<void> {
     return new Promise((resolve) => {
-      const timer = ms === undefined ? undefined : setTimeout(() => this.kick(), ms)
+      const cancel = ms === undefined ? undefined : this.clock.setTimer(ms, () => this.kick())
       this.wake = () => {
-        if (timer !== undefined) clearTimeout(timer)
+        cancel?.()
         resolve()
       }
     })
   }
 
   private resetRateBase(): void {
-    this.rateBaseTime = performance.now()
+    this.rateBaseTime = this.clock.now()
     this.rateBaseBytes = this.doneChunks * this.snapshot.chunkBytes
   }
 
@@ -269,7 +274,7 @@ export class Merge extends EventEmitter<MergeEvents> {
   private rateDelay(): number {
     if (this.rate <= 0) return 0
     const due = this.rateBaseTime + ((this.doneChunks * this.snapshot.chunkBytes - this.rateBaseBytes) / this.rate) * 1000
-    return due - performance.now()
+    return due - this.clock.now()
   }
 
   /**

@@ -21,6 +21,7 @@
 import type { Socket } from 'node:net'
 import type { TLSSocket } from 'node:tls'
 import { SnapError, isSnapError } from '../errors.js'
+import type { Clock } from '../util/clock.js'
 import { describeError, nbdErrnoFor } from './errno.js'
 import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
@@ -95,6 +96,7 @@ export interface ConnectionOptions {
   readonly onExportServed: (exp: NbdExport) => void
   /** A client still negotiating after this long is dropped (0: no limit). */
   readonly handshakeTimeoutMs: number
+  readonly clock: Clock
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -150,7 +152,7 @@ export class NbdConnection {
   /** The client half-closed its side (EOF). */
   private peerEnded = false
   private graceTimer: NodeJS.Timeout | undefined
-  private handshakeTimer: NodeJS.Timeout | undefined
+  private cancelHandshakeTimer: (() => void) | undefined
   private inFlight = 0
   private inFlightBytes = 0
   private writeBlocked = false
@@ -182,11 +184,14 @@ export class NbdConnection {
     const limit = this.options.handshakeTimeoutMs
     if (limit > 0) {
       // A client that connects and never finishes negotiating would hold its slot forever.
-      this.handshakeTimer = setTimeout(() => {
-        this.log.warn(`${this.label}: handshake not finished within ${limit} ms; disconnecting`)
-        this.hardClose()
-      }, limit)
-      this.handshakeTimer.unref()
+      this.cancelHandshakeTimer = this.options.clock.setTimer(
+        limit,
+        () => {
+          this.log.warn(`${this.label}: handshake not finished within ${limit} ms; disconnecting`)
+          this.hardClose()
+        },
+        { unref: true },
+      )
     }
     this.send(buildGreeting())
   }
@@ -245,7 +250,7 @@ export class NbdConnection {
   private readonly onClose = (): void => {
     this.phase = 'closed'
     clearTimeout(this.graceTimer)
-    clearTimeout(this.handshakeTimer)
+    this.cancelHandshakeTimer?.()
     this.queue.clear()
     this.log.debug(`${this.label}: closed`)
     this.resolveClosed()
@@ -512,7 +517,7 @@ export class NbdConnection {
     if (this.contextExport !== exp.name) this.contexts = []
     this.requestParser = new RequestParser(MAX_PAYLOAD_BYTES, this.queue, (n) => this.payloads.acquire(n))
     this.phase = 'transmission'
-    clearTimeout(this.handshakeTimer)
+    this.cancelHandshakeTimer?.()
     this.options.onExportServed(exp)
     this.log.info(
       `${this.label}: serving '${exp.name}' (${exp.device.sizeBytes} bytes, flags 0x${flags.toString(16)}` +

@@ -12,6 +12,7 @@
  */
 import net from 'node:net'
 import { badArgument } from '../errors.js'
+import { type Clock, systemClock } from '../util/clock.js'
 import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from './connection.js'
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
@@ -34,6 +35,8 @@ export interface NbdServerOptions {
   readonly closeTimeoutMs?: number
   /** How long a client may take from connecting to entering transmission (0: no limit). Default 10 s, as qemu-nbd. */
   readonly handshakeTimeoutMs?: number
+  /** Times the handshake limit; the system clock by default. */
+  readonly clock?: Clock
 }
 
 export type NbdListenOptions = { readonly host?: string; readonly port: number } | { readonly path: string }
@@ -52,6 +55,7 @@ export class NbdServer {
   private readonly limits: ConnectionLimits
   private readonly closeTimeoutMs: number
   private readonly handshakeTimeoutMs: number
+  private readonly clock: Clock
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -69,6 +73,7 @@ export class NbdServer {
     this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...options.limits }
     this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
+    this.clock = options.clock ?? systemClock
   }
 
   /** Number of clients currently connected. */
@@ -135,6 +140,7 @@ export class NbdServer {
       limits: this.limits,
       onExportServed: (exp) => this.served.add(exp),
       handshakeTimeoutMs: this.handshakeTimeoutMs,
+      clock: this.clock,
     })
     this.connections.add(connection)
     void connection.closed.then(() => this.connections.delete(connection))

@@ -16,6 +16,7 @@ import {
   cli,
   cliOk,
   fingerprint,
+  MERGE_PROGRESS_LINE,
   ok,
   parseList,
   pattern,
@@ -207,7 +208,8 @@ describe('cli (offline)', { concurrency: 2 }, () => {
     await cliOk(['write', vol, '--offset', '50001'], { input: pattern(200_000, 7) })
     const expected = Buffer.alloc(512 * 1024)
     a.copy(expected, 3)
-    ok(await cli(['merge', `${vol}@s`]), 'merge')
+    const merged = ok(await cli(['merge', `${vol}@s`]), 'merge', { stderr: MERGE_PROGRESS_LINE })
+    assert.match(merged.stderr, /merged (\d+)\/\1 chunks[^\n]*\n$/, 'the last progress line has every chunk merged')
     assertBytes(await cliOk(['read', vol]), expected, 'origin after the merge')
     const info = parseList(await cliOk(['list', vol, '--json']))
     assert.deepEqual(info.snapshots, [])

@@ -46,15 +46,27 @@ function show(r: CliResult): string {
   return `exit ${r.code}\n--- stderr ---\n${r.stderr}\n--- stdout ---\n${r.stdout.toString('utf8').slice(0, 2000)}`
 }
 
-/** The command succeeded (exit 0, nothing on stderr). */
-export function ok(r: CliResult, what = 'command'): CliResult {
+export interface OkOptions {
+  /** Lines the command may print on stderr (progress, notes); each line must match. Default: none. */
+  readonly stderr?: RegExp
+}
+
+/** What an offline `merge` (stderr not a terminal) prints as it goes: the one expected stderr of a success. */
+export const MERGE_PROGRESS_LINE = /^blocksnap: merged \d+\/\d+ chunks \(\d+\.\d MiB\/s\)$/
+
+/** The command succeeded: exit 0, and nothing on stderr but the lines `options.stderr` allows. */
+export function ok(r: CliResult, what = 'command', options: OkOptions = {}): CliResult {
   assert.equal(r.code, 0, `${what} failed:\n${show(r)}`)
+  const allowed = options.stderr
+  if (!allowed) assert.equal(r.stderr, '', `${what} succeeded but wrote on stderr:\n${show(r)}`)
+  else for (const line of r.stderr.split('\n').filter((l) => l !== '')) assert.match(line, allowed, `${what}: unexpected stderr line:\n${show(r)}`)
   return r
 }
 
-/** Runs a command that must succeed and returns its stdout. */
-export async function cliOk(args: readonly string[], options: { input?: Uint8Array } = {}): Promise<Buffer> {
-  return ok(await cli(args, options), `blocksnap ${args.join(' ')}`).stdout
+/** Runs a command that must succeed (see ok()) and returns its stdout. */
+export async function cliOk(args: readonly string[], options: { input?: Uint8Array } & OkOptions = {}): Promise<Buffer> {
+  const { stderr, ...runOptions } = options
+  return ok(await cli(args, runOptions), `blocksnap ${args.join(' ')}`, stderr ? { stderr } : {}).stdout
 }
 
 /** Exit code `code` and exactly one line `blocksnap: error: …` on stderr; no stack trace, no stdout. */
