@@ -5,6 +5,7 @@
  */
 import { pino } from 'pino'
 import { ControlServer } from '../control/control-server.js'
+import { type DeviceUsers, refuseIfOpen } from '../control/volume-ops.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { NbdServer } from '../nbd/server.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions } from '../nbd/tls.js'
@@ -24,10 +25,11 @@ export interface ServeOptions {
   readonly handshakeTimeoutMs?: number
 }
 
-function mergeHandlers(volume: Volume) {
+function mergeHandlers(volume: Volume, users: DeviceUsers) {
   return {
     merge: async (a: Record<string, unknown>) => {
       const rate = a.rate as number | undefined
+      if (volume.merge?.snapshot.snapshotName !== a.name) refuseIfOpen(volume, a.name as string, users, a.force === true)
       const merge = await volume.startMerge(a.name as string, rate === undefined ? {} : { rateBytesPerSecond: rate })
       return { state: merge.state, ...merge.progress() }
     },
@@ -72,6 +74,9 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   const tls = await loadServeTls(options)
   const names = new Set<string>()
   const volumes: Volume[] = []
+  // Control requests can arrive before the NBD server exists; nobody is connected then.
+  let nbd: NbdServer | null = null
+  const users: DeviceUsers = { clientsOf: (name) => nbd?.clientsOf(name) ?? 0 }
   const controls: ControlServer[] = []
   const cleanup = async () => {
     for (const c of controls) await c.close().catch(() => {})
@@ -83,20 +88,27 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       volumes.push(volume)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
-      const control = new ControlServer(volume, mergeHandlers(volume))
+      const control = new ControlServer(volume, mergeHandlers(volume, users), users)
       await control.listen()
       controls.push(control)
+      // Serving is asking for it: a merge interrupted earlier goes on, at the user's rate.
+      const resumed = await volume.resumeMerge()
+      if (resumed) {
+        const rate = volume.pendingMergeRate
+        log.info(`${volume.name}: resuming the merge of ${resumed.snapshot.snapshotName}${rate === null ? '' : ` at ${rate} bytes/s`}`)
+      }
     }
   } catch (err) {
     await cleanup()
     throw err
   }
-  const server = new NbdServer({
+  const server: NbdServer = new NbdServer({
     exports: new VolumeExports(volumes, { readOnly: options.readOnly }),
     logger: log.child({ component: 'nbd' }),
     ...(tls ? { tls } : {}),
     ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
   })
+  nbd = server
   let listening = `${options.host}:${options.port}`
   try {
     await server.listen({ host: options.host, port: options.port })

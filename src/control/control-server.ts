@@ -8,7 +8,7 @@ import { join } from 'node:path'
 import { SnapError, isSnapError } from '../errors.js'
 import type { Volume } from '../volume/volume.js'
 import { CONTROL_SOCKET, type ControlReply, type ControlRequest, lineSplitter } from './control-protocol.js'
-import { type VolumeOps, localOps } from './volume-ops.js'
+import { type DeviceUsers, type VolumeOps, localOps } from './volume-ops.js'
 
 export type ExtraHandler = (args: Record<string, unknown>) => Promise<unknown>
 
@@ -19,8 +19,8 @@ export class ControlServer {
   private readonly sockets = new Set<Socket>()
   readonly path: string
 
-  constructor(volume: Volume, extra: Record<string, ExtraHandler> = {}) {
-    this.ops = localOps(volume)
+  constructor(volume: Volume, extra: Record<string, ExtraHandler> = {}, users?: DeviceUsers) {
+    this.ops = localOps(volume, users)
     this.extra = new Map(Object.entries(extra))
     this.path = join(volume.dir, CONTROL_SOCKET)
     this.server = createServer((socket) => this.accept(socket))
@@ -77,7 +77,7 @@ export class ControlServer {
       case 'snapshot':
         return this.ops.snapshot(a.name as string, (a.options ?? {}) as never)
       case 'remove':
-        return this.ops.remove(a.name as string)
+        return this.ops.remove(a.name as string, { force: a.force === true })
       case 'import':
         return this.ops.importCow(a.name as string, a.cow as string, a.inPlace === true)
       case 'check':
