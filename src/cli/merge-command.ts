@@ -1,7 +1,9 @@
 /**
- * `blocksnap merge VOL@SNAP [--wait] [--rate N]`. Offline it runs in the foreground with a
- * progress bar on a TTY (Ctrl-C stops at a step boundary; rerunning resumes). On a served
- * volume it starts the merge in the server and returns, or with --wait follows its progress.
+ * `blocksnap merge VOL@SNAP [--wait] [--rate N] [--force]`. Offline it runs in the foreground
+ * with a progress bar on a TTY (Ctrl-C stops at a step boundary; rerunning resumes, at the rate
+ * recorded in the manifest unless --rate gives a new one). On a served volume it starts the
+ * merge in the server and returns, or with --wait follows its progress; a snapshot NBD clients
+ * have open is refused unless --force.
  */
 import cliProgress from 'cli-progress'
 import { type Command, InvalidArgumentError } from 'commander'

@@ -85,6 +85,8 @@ export class Volume {
   private closed = false
   /** The merge running on this volume, if any. */
   private runningMerge: Merge | null = null
+  /** The last manifest update in the chain (never rejects). */
+  private manifestUpdates: Promise<void> = Promise.resolve()
 
   private constructor(dir: string, manifest: Manifest, lock: VolumeLock, origin: Origin) {
     this.dir = dir
@@ -221,9 +223,19 @@ export class Volume {
     this.manifest = next
   }
 
+  /**
+   * Read-modify-write of the manifest, after every earlier one: a running merge's end (which
+   * drops its snapshot) and a rate change asked for meanwhile must not undo each other.
+   */
+  private updateManifest(change: (current: Manifest) => Manifest): Promise<void> {
+    const update = this.manifestUpdates.then(() => this.saveManifest(change(this.manifest)))
+    this.manifestUpdates = update.catch(() => {})
+    return update
+  }
+
   /** Records (or, with null, forgets) the pending merge and its rate limit (null: none). */
   async setPendingMerge(snapshot: string | null, rateBytesPerSecond: number | null = null): Promise<void> {
-    await this.saveManifest({ ...this.manifest, merge: snapshot === null ? null : { snapshot, rateBytesPerSecond } })
+    await this.updateManifest((m) => ({ ...m, merge: snapshot === null ? null : { snapshot, rateBytesPerSecond } }))
   }
 
   snapshot(name: string): Snapshot {
@@ -341,7 +353,7 @@ export class Volume {
   async dropMergedSnapshot(name: string): Promise<void> {
     const record = this.record(name)
     this.snapshotsByName.delete(name)
-    await this.saveManifest({ ...this.manifest, merge: null, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    await this.updateManifest((m) => ({ ...m, merge: null, snapshots: m.snapshots.filter((r) => r.name !== name) }))
     if (!isAbsolute(record.cowFile)) await unlink(this.cowPath(record)).catch(() => {})
   }
 
@@ -366,7 +378,9 @@ export class Volume {
     if (current && (current.state === 'running' || current.state === 'paused')) {
       if (options.rateBytesPerSecond !== undefined) {
         current.setRate(options.rateBytesPerSecond)
-        await this.setPendingMerge(name, options.rateBytesPerSecond || null)
+        const rateBytesPerSecond = options.rateBytesPerSecond || null
+        // Unless the merge ended meanwhile (its record is gone then).
+        await this.updateManifest((m) => (m.merge?.snapshot === name ? { ...m, merge: { snapshot: name, rateBytesPerSecond } } : m))
       }
       if (current.state === 'paused') current.resume()
       return current
