@@ -205,9 +205,10 @@ function buildProgram(): Command {
     .command('remove')
     .description('remove a snapshot and its COW file')
     .argument('<VOL@SNAP>')
-    .action(async (spec: string) => {
+    .option('--force', 'remove it even while NBD clients have it open (they get ESHUTDOWN)')
+    .action(async (spec: string, opts: { force?: boolean }) => {
       const { volume, snapshot } = snapshotRequired(spec)
-      await withVolume(volume, (ops) => ops.remove(snapshot))
+      await withVolume(volume, (ops) => ops.remove(snapshot, { force: opts.force === true }))
     })
 
   program

@@ -4,12 +4,14 @@
  * it cleanly: clients are drained, everything is flushed and committed, locks are released and
  * sockets removed.
  */
-import { pino } from 'pino'
+import { type Logger, pino } from 'pino'
 import { ControlServer } from '../control/control-server.js'
+import { type DeviceUsers, refuseIfOpen } from '../control/volume-ops.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { NbdServer } from '../nbd/server.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions } from '../nbd/tls.js'
 import { UnixSocketAddress, clearStaleSocket } from '../util/unix-socket.js'
+import type { Merge } from '../merge/merge.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
 
@@ -29,11 +31,25 @@ export interface ServeOptions {
   readonly handshakeTimeoutMs?: number
 }
 
-function mergeHandlers(volume: Volume) {
+/** Logs how each merge of `volume` ends, once per merge. */
+function mergeLogger(log: Logger, volume: Volume): (merge: Merge) => void {
+  const watched = new WeakSet<Merge>()
+  return (merge) => {
+    if (watched.has(merge)) return
+    watched.add(merge)
+    const name = merge.snapshot.snapshotName
+    merge.once('complete', () => log.info(`${volume.name}: merge of ${name} complete`))
+    merge.once('failed', (err) => log.error(`${volume.name}: merge of ${name} failed: ${err.message}`))
+  }
+}
+
+function mergeHandlers(volume: Volume, users: DeviceUsers, watch: (merge: Merge) => void) {
   return {
     merge: async (a: Record<string, unknown>) => {
       const rate = a.rate as number | undefined
+      if (volume.merge?.snapshot.snapshotName !== a.name) refuseIfOpen(volume, a.name as string, users, a.force === true)
       const merge = await volume.startMerge(a.name as string, rate === undefined ? {} : { rateBytesPerSecond: rate })
+      watch(merge)
       return { state: merge.state, ...merge.progress() }
     },
     'merge-status': async () => {
@@ -116,6 +132,9 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   const tls = await loadServeTls(options)
   const names = new Set<string>()
   const volumes: Volume[] = []
+  // Control requests can arrive before the NBD server exists; nobody is connected then.
+  let nbd: NbdServer | null = null
+  const users: DeviceUsers = { clientsOf: (name) => nbd?.clientsOf(name) ?? 0 }
   const controls: ControlServer[] = []
   const cleanup = async () => {
     for (const c of controls) await c.close().catch(() => {})
@@ -127,20 +146,29 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       volumes.push(volume)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
-      const control = new ControlServer(volume, mergeHandlers(volume), { readOnly: options.readOnly })
+      const watch = mergeLogger(log, volume)
+      const control = new ControlServer(volume, mergeHandlers(volume, users, watch), { readOnly: options.readOnly, users })
       await control.listen()
       controls.push(control)
+      // Serving is asking for it: a merge interrupted earlier goes on, at the user's rate.
+      const resumed = await volume.resumeMerge()
+      if (resumed) {
+        watch(resumed)
+        const rate = volume.pendingMergeRate
+        log.info(`${volume.name}: resuming the merge of ${resumed.snapshot.snapshotName}${rate === null ? '' : ` at ${rate} bytes/s`}`)
+      }
     }
   } catch (err) {
     await cleanup()
     throw err
   }
-  const server = new NbdServer({
+  const server: NbdServer = new NbdServer({
     exports: new VolumeExports(volumes, { readOnly: options.readOnly }),
     logger: log.child({ component: 'nbd' }),
     ...(tls ? { tls } : {}),
     ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
   })
+  nbd = server
   let listening = `${options.host}:${options.port}`
   let socketAddress: UnixSocketAddress | null = null
   try {

@@ -108,8 +108,8 @@ export class ControlClient implements VolumeOps {
   snapshot(name: string, options: object): Promise<void> {
     return this.call('snapshot', { name, options })
   }
-  remove(name: string): Promise<void> {
-    return this.call('remove', { name })
+  remove(name: string, options: { force?: boolean } = {}): Promise<void> {
+    return this.call('remove', { name, force: options.force === true })
   }
   importCow(name: string, cow: string, inPlace: boolean): Promise<void> {
     return this.call('import', { name, cow, inPlace })

@@ -18,13 +18,15 @@ import {
   sameVolume,
   volumeIdentity,
 } from './control-protocol.js'
-import { type VolumeOps, localOps } from './volume-ops.js'
+import { type DeviceUsers, type VolumeOps, localOps } from './volume-ops.js'
 
 export type ExtraHandler = (args: Record<string, unknown>) => Promise<unknown>
 
 export interface ControlServerOptions {
   /** Refuse the operations that change the volume (the server was started --read-only). */
   readonly readOnly?: boolean
+  /** Who has the volume's devices open over NBD (remove and merge refuse open snapshots). */
+  readonly users?: DeviceUsers
 }
 
 /** Operations that change the volume's data or its set of snapshots. */
@@ -48,7 +50,7 @@ export class ControlServer {
 
   constructor(volume: Volume, extra: Record<string, ExtraHandler> = {}, options: ControlServerOptions = {}) {
     this.volume = volume
-    this.ops = localOps(volume)
+    this.ops = localOps(volume, options.users)
     this.extra = new Map(Object.entries(extra))
     this.readOnly = options.readOnly === true
     this.path = join(volume.dir, CONTROL_SOCKET)
@@ -128,7 +130,7 @@ export class ControlServer {
       case 'snapshot':
         return this.ops.snapshot(a.name as string, (a.options ?? {}) as never)
       case 'remove':
-        return this.ops.remove(a.name as string)
+        return this.ops.remove(a.name as string, { force: a.force === true })
       case 'import':
         return this.ops.importCow(a.name as string, a.cow as string, a.inPlace === true)
       case 'check':

@@ -91,6 +91,12 @@ export interface MergeOptions {
   /** Caps the chunks merged per step (the rest is merged by the next steps). */
   readonly maxStepChunks?: number
   /**
+   * Runs once the table is empty and the snapshot detached, before the merge reports complete,
+   * so whoever waits for the end (done, 'complete') finds the owner's records already updated.
+   * If it fails, the merge fails with its error (the origin is fully merged regardless).
+   */
+  readonly onComplete?: () => Promise<void>
+  /**
    * TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
    * change under the merge; exists so a test can prove it guards the relocation.
    */
@@ -131,6 +137,7 @@ export class Merge extends EventEmitter<MergeEvents> {
   readonly stats: MergeStats = { steps: 0, relocationScans: 0, relocationWaits: 0 }
   private _state: MergeState = 'running'
   private readonly skipRelocation: boolean
+  private readonly onComplete: (() => Promise<void>) | undefined
   private readonly maxStepChunks: number
   private rate: number
   private readonly clock: Clock
@@ -153,6 +160,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     this.snapshot = snapshot
     this.view = view
     this.skipRelocation = options.unsafeSkipRelocation === true
+    this.onComplete = options.onComplete
     this.maxStepChunks = options.maxStepChunks ?? Infinity
     this.rate = checkRate(options.rateBytesPerSecond)
     this.clock = options.clock ?? systemClock
@@ -526,6 +534,14 @@ export class Merge extends EventEmitter<MergeEvents> {
     } catch {
       // The merge itself is complete; a close error of the emptied COW changes nothing.
     }
+    if (this.onComplete) {
+      try {
+        await this.onComplete()
+      } catch (err) {
+        this.fail(err)
+        return
+      }
+    }
     this.view.owner = null
     this._state = 'complete'
     this.detachSignal()
@@ -567,33 +583,41 @@ function refuse(message: string): SnapError {
 }
 
 /**
- * Starts (or, for a snapshot whose merge was stopped, failed or interrupted by a crash,
- * resumes) merging `snapshot` into `origin`. The snapshot's own I/O must be quiesced by the
- * caller (LVM suspends the snapshot device); origin I/O may continue throughout.
+ * Hands `snapshot` over to a merge without merging anything: the origin presents the merged view
+ * from now on (the kernel's snapshot-merge target is loaded), no chunk is copied. A volume
+ * reopened with a merge pending does this; startMerge later resumes on the same view. Returns
+ * the view already installed for `snapshot`, if any.
  */
-export async function startMerge(origin: Origin, snapshot: Snapshot, options: MergeOptions = {}): Promise<Merge> {
+export async function attachMergeView(origin: Origin, snapshot: Snapshot): Promise<MergeView> {
   if (!origin.snapshots.includes(snapshot)) {
     throw refuse(`${snapshot.snapshotName} is not a snapshot of this origin`)
   }
   if (!snapshot.store.supportsMerge) throw refuse('Snapshot exception store does not support snapshot-merge.')
   if (!snapshot.valid) throw refuse(`${snapshot.snapshotName} is invalid: can't merge`)
   const existing = origin.interceptor
-  let view: MergeView
   if (existing) {
-    if (!(existing instanceof MergeView) || existing.snapshot !== snapshot || existing.owner !== null) {
-      throw refuse('A snapshot is already merging.')
-    }
-    view = existing
-  } else {
-    view = new MergeView(origin, snapshot)
-    await origin.hold(async () => {
-      if (origin.interceptor) throw refuse('A snapshot is already merging.')
-      // Copies started by the snapshot's own writes must land before the handover.
-      await snapshot.drainPending()
-      snapshot.merging = true
-      origin.interceptor = view
-    })
+    if (!(existing instanceof MergeView) || existing.snapshot !== snapshot) throw refuse('A snapshot is already merging.')
+    return existing
   }
+  const view = new MergeView(origin, snapshot)
+  await origin.hold(async () => {
+    if (origin.interceptor) throw refuse('A snapshot is already merging.')
+    // Copies started by the snapshot's own writes must land before the handover.
+    await snapshot.drainPending()
+    snapshot.merging = true
+    origin.interceptor = view
+  })
+  return view
+}
+
+/**
+ * Starts (or, for a snapshot whose merge was stopped, failed or interrupted by a crash,
+ * resumes) merging `snapshot` into `origin`. The snapshot's own I/O must be quiesced by the
+ * caller (LVM suspends the snapshot device); origin I/O may continue throughout.
+ */
+export async function startMerge(origin: Origin, snapshot: Snapshot, options: MergeOptions = {}): Promise<Merge> {
+  const view = await attachMergeView(origin, snapshot)
+  if (view.owner !== null) throw refuse('A snapshot is already merging.')
   const merge = new Merge(origin, snapshot, view, options)
   view.owner = merge
   void merge.run()

@@ -173,6 +173,11 @@ export class NbdConnection {
     })
   }
 
+  /** The export this client is in transmission with (null in the handshake or once closing). */
+  get servedExport(): NbdExport | null {
+    return this.phase === 'transmission' ? this.exp : null
+  }
+
   /** Resolves once the socket is fully closed. */
   get closed(): Promise<void> {
     return this.closedPromise
@@ -651,6 +656,11 @@ export class NbdConnection {
       this.replyError(header, NbdErrno.ESHUTDOWN, 'server is shutting down')
       return
     }
+    const gone = this.exp?.withdrawn?.() ?? null
+    if (gone !== null) {
+      this.replyError(header, NbdErrno.ESHUTDOWN, gone)
+      return
+    }
     const refusal = this.validate(header)
     if (refusal !== null) {
       this.replyError(header, refusal[0], refusal[1])
@@ -693,8 +703,11 @@ export class NbdConnection {
       }
       this.replyOk(header)
     } catch (err) {
-      const errno = nbdErrnoFor(err, header.type)
-      const message = describeError(err)
+      // A request in flight when the export went away fails because it did (device closed or
+      // handed to a merge): the client is told to disconnect, not that its disk is bad.
+      const gone = exp.withdrawn?.() ?? null
+      const errno = gone !== null ? NbdErrno.ESHUTDOWN : nbdErrnoFor(err, header.type)
+      const message = gone ?? describeError(err)
       const level = errno === NbdErrno.EIO ? 'warn' : 'debug'
       this.log[level](`${this.label}: ${nameOfCommand(header.type)} ${header.offset}+${header.length} failed: ${message}`)
       this.replyError(header, errno, message, true)

@@ -81,6 +81,16 @@ export class NbdServer {
     return this.connections.size
   }
 
+  /** Clients in transmission with export `name` that has not gone away. */
+  clientsOf(name: string): number {
+    let n = 0
+    for (const connection of this.connections) {
+      const exp = connection.servedExport
+      if (exp !== null && exp.name === name && (exp.withdrawn?.() ?? null) === null) n++
+    }
+    return n
+  }
+
   /**
    * Starts listening; may be called more than once (e.g. TCP and a Unix socket). Port 0 picks
    * an ephemeral port, reported in the result.

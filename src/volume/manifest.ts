@@ -25,6 +25,11 @@ export interface SnapshotRecord {
 
 export interface MergeRecord {
   readonly snapshot: string
+  /**
+   * The user's rate limit in bytes/s, or null for none; a resumed merge runs at it. Manifests
+   * written before the field existed lack it (read as null).
+   */
+  readonly rateBytesPerSecond?: number | null
 }
 
 export interface Manifest {
@@ -68,6 +73,12 @@ function validateManifest(value: unknown, dir: string): Manifest {
       throw bad('bad snapshot record')
     }
     if (r.store !== 'persistent' && r.store !== 'transient') throw bad(`bad store for ${r.name}`)
+  }
+  if (m.merge !== null && m.merge !== undefined) {
+    const merge = m.merge as Record<string, unknown>
+    if (typeof merge.snapshot !== 'string') throw bad('bad merge record')
+    const rate = merge.rateBytesPerSecond
+    if (rate !== undefined && rate !== null && !(typeof rate === 'number' && Number.isFinite(rate) && rate > 0)) throw bad('bad merge rate')
   }
   return m as unknown as Manifest
 }

@@ -17,7 +17,7 @@ import { ExceptionEvents, defaultExceptionEvents } from '../snapshot/exception-e
 import { Origin } from '../snapshot/origin.js'
 import { Snapshot, type SnapshotState } from '../snapshot/snapshot.js'
 import type { ExceptionStore } from '../store/exception-store.js'
-import { type Merge, type MergeOptions, startMerge } from '../merge/merge.js'
+import { type Merge, type MergeOptions, attachMergeView, startMerge } from '../merge/merge.js'
 import { PersistentStore } from '../store/persistent-store.js'
 import { TransientStore } from '../store/transient-store.js'
 import { DEFAULT_CHUNK_BYTES, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
@@ -97,6 +97,8 @@ export class Volume {
   private closed = false
   /** The merge running on this volume, if any. */
   private runningMerge: Merge | null = null
+  /** The last manifest update in the chain (never rejects). */
+  private manifestUpdates: Promise<void> = Promise.resolve()
 
   private constructor(dir: string, manifest: Manifest, lock: VolumeLock, origin: Origin) {
     this.dir = dir
@@ -119,6 +121,11 @@ export class Volume {
 
   get pendingMerge(): string | null {
     return this.manifest.merge?.snapshot ?? null
+  }
+
+  /** The recorded merge's rate limit in bytes/s; null: none (or no merge pending). */
+  get pendingMergeRate(): number | null {
+    return this.manifest.merge?.rateBytesPerSecond ?? null
   }
 
   static async create(dirPath: string, options: CreateVolumeOptions): Promise<void> {
@@ -173,7 +180,7 @@ export class Volume {
       })
       const volume = new Volume(dir, manifest, lock, origin)
       await volume.attachRecorded()
-      await volume.resumeRecordedMerge()
+      await volume.presentRecordedMerge()
       return volume
     } catch (err) {
       if (originDev && !originDev.closed) await originDev.close()
@@ -229,8 +236,19 @@ export class Volume {
     this.manifest = next
   }
 
-  async setPendingMerge(snapshot: string | null): Promise<void> {
-    await this.saveManifest({ ...this.manifest, merge: snapshot === null ? null : { snapshot } })
+  /**
+   * Read-modify-write of the manifest, after every earlier one: a running merge's end (which
+   * drops its snapshot) and a rate change asked for meanwhile must not undo each other.
+   */
+  private updateManifest(change: (current: Manifest) => Manifest): Promise<void> {
+    const update = this.manifestUpdates.then(() => this.saveManifest(change(this.manifest)))
+    this.manifestUpdates = update.catch(() => {})
+    return update
+  }
+
+  /** Records (or, with null, forgets) the pending merge and its rate limit (null: none). */
+  async setPendingMerge(snapshot: string | null, rateBytesPerSecond: number | null = null): Promise<void> {
+    await this.updateManifest((m) => ({ ...m, merge: snapshot === null ? null : { snapshot, rateBytesPerSecond } }))
   }
 
   snapshot(name: string): Snapshot {
@@ -372,7 +390,7 @@ export class Volume {
   async dropMergedSnapshot(name: string): Promise<void> {
     const record = this.record(name)
     this.snapshotsByName.delete(name)
-    await this.saveManifest({ ...this.manifest, merge: null, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    await this.updateManifest((m) => ({ ...m, merge: null, snapshots: m.snapshots.filter((r) => r.name !== name) }))
     if (!isAbsolute(record.cowFile)) await unlink(this.cowPath(record)).catch(() => {})
   }
 
@@ -381,46 +399,87 @@ export class Volume {
   }
 
   /**
-   * Starts (or resumes) merging snapshot `name` into the origin. Recorded in the manifest first,
-   * so a volume reopened after a crash resumes the merge and presents the merged view at once.
+   * Starts (or resumes) merging snapshot `name` into the origin. Recorded in the manifest (with
+   * its rate limit) before the first chunk moves, so a volume reopened after a crash presents
+   * the merged view at once; the merge itself goes on only when asked to again (resumeMerge,
+   * or startMerge). Without `rateBytesPerSecond` a resumed merge keeps its recorded rate; with
+   * it the new rate is recorded (0: no limit). The returned merge's `done` settles only once
+   * the volume has forgotten a completed snapshot.
    */
-  async startMerge(name: string, options: MergeOptions = {}): Promise<Merge> {
+  async startMerge(name: string, options: Omit<MergeOptions, 'onComplete'> = {}): Promise<Merge> {
     const snap = this.snapshot(name)
     const current = this.runningMerge
     if (current && current.snapshot !== snap) {
       throw new SnapError('SNAP_MERGE_REFUSED', `snapshot '${current.snapshot.snapshotName}' is already merging`)
     }
     if (current && (current.state === 'running' || current.state === 'paused')) {
-      if (options.rateBytesPerSecond !== undefined) current.setRate(options.rateBytesPerSecond)
+      if (options.rateBytesPerSecond !== undefined) {
+        current.setRate(options.rateBytesPerSecond)
+        const rateBytesPerSecond = options.rateBytesPerSecond || null
+        // Unless the merge ended meanwhile (its record is gone then).
+        await this.updateManifest((m) => (m.merge?.snapshot === name ? { ...m, merge: { snapshot: name, rateBytesPerSecond } } : m))
+      }
       if (current.state === 'paused') current.resume()
       return current
     }
-    if (this.manifest.merge && this.manifest.merge.snapshot !== name) {
-      throw new SnapError('SNAP_MERGE_REFUSED', `snapshot '${this.manifest.merge.snapshot}' is already merging`)
+    const recorded = this.manifest.merge
+    if (recorded && recorded.snapshot !== name) {
+      throw new SnapError('SNAP_MERGE_REFUSED', `snapshot '${recorded.snapshot}' is already merging`)
     }
     if (this.record(name).store !== 'persistent') {
       throw new SnapError('SNAP_MERGE_REFUSED', 'Snapshot exception store does not support snapshot-merge.')
     }
-    const merge = await startMerge(this.origin, snap, options)
-    this.runningMerge = merge
-    if (!this.manifest.merge) await this.setPendingMerge(name)
-    merge.on('complete', () => {
-      void this.dropMergedSnapshot(name).finally(() => {
-        if (this.runningMerge === merge) this.runningMerge = null
+    const rate = options.rateBytesPerSecond === undefined ? (recorded?.rateBytesPerSecond ?? null) : options.rateBytesPerSecond || null
+    if (!recorded || (recorded.rateBytesPerSecond ?? null) !== rate) await this.setPendingMerge(name, rate)
+    let merge: Merge
+    try {
+      merge = await startMerge(this.origin, snap, {
+        ...options,
+        ...(rate === null ? {} : { rateBytesPerSecond: rate }),
+        // Inside the merge, before it reports complete: a waiter never sees it complete while
+        // the manifest still lists the snapshot.
+        onComplete: () => this.dropMergedSnapshot(name),
       })
-    })
+    } catch (err) {
+      // Refused before anything moved: a merge that never started must not stay recorded.
+      if (!recorded) await this.setPendingMerge(null)
+      throw err
+    }
+    this.runningMerge = merge
+    void merge.done.then(
+      () => {
+        if (this.runningMerge === merge && merge.state === 'complete') this.runningMerge = null
+      },
+      () => {},
+    )
     return merge
   }
 
-  private async resumeRecordedMerge(): Promise<void> {
+  /**
+   * Resumes the merge recorded in the manifest, at its recorded rate (what `serve` does at
+   * start); null when none is pending.
+   */
+  async resumeMerge(): Promise<Merge | null> {
+    const name = this.manifest.merge?.snapshot
+    if (!name) return null
+    return this.startMerge(name)
+  }
+
+  /**
+   * A merge is recorded: the origin presents the merged view (reads and writes go through it),
+   * but nothing is merged until someone resumes it: opening the volume for `list` or `read`
+   * must not move data, nor at a rate the user did not choose.
+   */
+  private async presentRecordedMerge(): Promise<void> {
     const name = this.manifest.merge?.snapshot
     if (!name) return
-    if (!this.snapshotsByName.has(name)) {
+    const snap = this.snapshotsByName.get(name)
+    if (!snap) {
       // The snapshot is gone (merge finished just before a crash): nothing left to merge.
       await this.setPendingMerge(null)
       return
     }
-    await this.startMerge(name)
+    await attachMergeView(this.origin, snap)
   }
 
   async info(): Promise<VolumeInfo> {
@@ -453,10 +512,12 @@ export class Volume {
     }
     const running = this.runningMerge
     const progress = running?.progress()
+    const pending = this.manifest.merge
+    // A pending merge nobody resumed yet: what is left of it.
     const merge = running && progress
       ? { snapshot: running.snapshot.snapshotName, doneChunks: progress.doneChunks, totalChunks: progress.totalChunks }
-      : this.manifest.merge
-        ? { snapshot: this.manifest.merge.snapshot, doneChunks: 0, totalChunks: 0 }
+      : pending
+        ? { snapshot: pending.snapshot, doneChunks: 0, totalChunks: this.snapshotsByName.get(pending.snapshot)?.table.size ?? 0 }
         : null
     return {
       name: this.name,
@@ -472,7 +533,8 @@ export class Volume {
   statusLine(snapshot: string | null): string {
     const sectors = Math.floor(this.manifest.sizeBytes / SECTOR_BYTES)
     if (!snapshot) {
-      const merging = this.runningMerge?.snapshot
+      const pending = this.manifest.merge?.snapshot
+      const merging = this.runningMerge?.snapshot ?? (pending === undefined ? undefined : this.snapshotsByName.get(pending))
       if (merging) return `0 ${sectors} snapshot-merge ${merging.statusText()}`
       return `0 ${sectors} snapshot-origin`
     }
