@@ -83,6 +83,10 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       volumes.push(volume)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
+      for (const r of volume.records) {
+        const broken = volume.broken(r.name)
+        if (broken !== null) log.warn(`${volume.name}@${r.name} is broken (${broken}): serving the rest; origin writes are refused with EPERM until it is repaired or removed with \`blocksnap remove ${volume.name}@${r.name} --force\``)
+      }
       const control = new ControlServer(volume, mergeHandlers(volume))
       await control.listen()
       controls.push(control)

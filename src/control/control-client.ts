@@ -6,7 +6,7 @@ import { join } from 'node:path'
 import { SnapError, type SnapErrorCode } from '../errors.js'
 import type { VolumeInfo } from '../volume/volume.js'
 import { CONTROL_SOCKET, type ControlReply, lineSplitter } from './control-protocol.js'
-import { IO_PIECE_BYTES, type VolumeOps } from './volume-ops.js'
+import { IO_PIECE_BYTES, type RemoveOptions, type VolumeOps } from './volume-ops.js'
 
 export class ControlClient implements VolumeOps {
   private readonly socket: Socket
@@ -65,8 +65,8 @@ export class ControlClient implements VolumeOps {
   snapshot(name: string, options: object): Promise<void> {
     return this.call('snapshot', { name, options })
   }
-  remove(name: string): Promise<void> {
-    return this.call('remove', { name })
+  remove(name: string, options: RemoveOptions = {}): Promise<void> {
+    return this.call('remove', { name, force: options.force === true })
   }
   importCow(name: string, cow: string, inPlace: boolean): Promise<void> {
     return this.call('import', { name, cow, inPlace })

@@ -77,7 +77,7 @@ export class ControlServer {
       case 'snapshot':
         return this.ops.snapshot(a.name as string, (a.options ?? {}) as never)
       case 'remove':
-        return this.ops.remove(a.name as string)
+        return this.ops.remove(a.name as string, { force: a.force === true })
       case 'import':
         return this.ops.importCow(a.name as string, a.cow as string, a.inPlace === true)
       case 'check':

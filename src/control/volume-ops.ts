@@ -11,11 +11,16 @@ import { checkCow } from '../volume/check.js'
 /** Largest piece moved in one control request (keeps JSON messages bounded). */
 export const IO_PIECE_BYTES = 4 * 1024 * 1024
 
+export interface RemoveOptions {
+  /** Remove even when NBD clients have it open, or when it is broken. */
+  readonly force?: boolean
+}
+
 export interface VolumeOps {
   list(): Promise<VolumeInfo>
   status(snapshot: string | null): Promise<string>
   snapshot(name: string, options: SnapshotCreateOptions): Promise<void>
-  remove(name: string): Promise<void>
+  remove(name: string, options?: RemoveOptions): Promise<void>
   importCow(name: string, cowFile: string, inPlace: boolean): Promise<void>
   check(name: string | null): Promise<{ clean: boolean; problems: string[] }>
   size(snapshot: string | null): Promise<number>
@@ -43,8 +48,8 @@ export function localOps(volume: Volume): VolumeOps {
     async snapshot(name, options) {
       await volume.createSnapshot(name, options)
     },
-    async remove(name) {
-      await volume.removeSnapshot(name)
+    async remove(name, options = {}) {
+      await volume.removeSnapshot(name, options.force ? { force: true } : {})
     },
     async importCow(name, cowFile, inPlace) {
       await volume.importSnapshot(name, cowFile, { inPlace })
@@ -54,8 +59,12 @@ export function localOps(volume: Volume): VolumeOps {
       const problems: string[] = []
       for (const n of names) {
         const record = volume.record(n)
+        const broken = volume.broken(n)
         if (record.store !== 'persistent') continue
-        for (const p of await checkCow(volume.cowPath(record), { originSizeBytes: volume.sizeBytes })) problems.push(`${n}: ${p}`)
+        const found = await checkCow(volume.cowPath(record), { originSizeBytes: volume.sizeBytes })
+        // A COW that failed to attach is a problem even when the file alone looks sound.
+        if (broken !== null && found.length === 0) found.push(`broken: ${broken}`)
+        for (const p of found) problems.push(`${n}: ${p}`)
       }
       return { clean: problems.length === 0, problems }
     },
