@@ -424,7 +424,8 @@ export class Volume {
 
   private async removeBrokenSnapshot(record: SnapshotRecord, reason: string, options: { keepCow?: boolean; force?: boolean }): Promise<void> {
     const name = record.name
-    const path = this.cowPath(record)
+    // Only a relative path that stays inside the volume is ours to delete ("../x.cow" is not).
+    const path = isAbsolute(record.cowFile) ? record.cowFile : join(this.dir, record.cowFile)
     const deletes = !options.keepCow && !isAbsolute(record.cowFile) && this.holds(path)
     if (!options.force) {
       throw new SnapError(

@@ -124,6 +124,7 @@ export interface SnapshotJson {
   allocatedBytes: number
   metadataBytes: number
   state: string
+  reason: string | null
 }
 
 export interface ListJson {
@@ -136,8 +137,8 @@ export interface ListJson {
 }
 
 const VOLUME_KEYS = ['name', 'path', 'sizeBytes', 'originPath', 'snapshots', 'merge']
-const SNAPSHOT_KEYS = ['name', 'chunkSizeBytes', 'store', 'overflow', 'cowPath', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes', 'state']
-const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed']
+const SNAPSHOT_KEYS = ['name', 'chunkSizeBytes', 'store', 'overflow', 'cowPath', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes', 'state', 'reason']
+const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed', 'broken']
 
 /** Parses `list --json` output and checks it has exactly the documented shape. */
 export function parseList(stdout: Buffer): ListJson {
@@ -158,6 +159,8 @@ export function parseList(stdout: Buffer): ListJson {
       assert.ok(Number.isSafeInteger(s[k]) && (s[k] as number) >= 0, `${k} = ${String(s[k])}`)
     }
     assert.ok(STATES.includes(s.state as string), `state ${String(s.state)}`)
+    // A reason exactly when the snapshot is broken.
+    assert.ok(s.state === 'broken' ? typeof s.reason === 'string' && s.reason !== '' : s.reason === null, `reason ${String(s.reason)} for state ${String(s.state)}`)
   }
   if (v.merge !== null) {
     const m = v.merge as Record<string, unknown>
