@@ -11,7 +11,9 @@ import { access, mkdtemp, open, readFile, rename, rm, truncate, unlink, writeFil
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
+import { VolumeExports } from '../../../src/cli/volume-exports.js'
 import { isSnapError } from '../../../src/errors.js'
+import { isRefused } from '../../../src/nbd/export.js'
 import type { Merge } from '../../../src/merge/merge.js'
 import { MANIFEST_FILE } from '../../../src/volume/manifest.js'
 import { Volume } from '../../../src/volume/volume.js'
@@ -121,6 +123,12 @@ describe('broken snapshot (Volume API)', () => {
         )
         assert.match(info.snapshots[1]?.reason ?? '', reason)
         assert.equal(volume.statusLine('bad'), `0 ${SECTORS} snapshot Broken`)
+        // Served: the rest is exported; the broken one is refused (NBD_REP_ERR_POLICY) with the reason.
+        const exports = new VolumeExports([volume])
+        assert.deepEqual(exports.list().map((e) => e.name), [`vol-${i}`, `vol-${i}@a`, `vol-${i}@c`])
+        const refused = exports.get(`vol-${i}@bad`)
+        assert.ok(isRefused(refused), 'the broken snapshot export is refused, not unknown')
+        assert.match(refused.refused, reason)
         assert.match(volume.statusLine('a'), /^0 2048 snapshot \d+\/\d+ \d+$/)
 
         // Everything refused leaves every byte where it was.
