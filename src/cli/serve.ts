@@ -87,6 +87,9 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
         const broken = volume.broken(r.name)
         if (broken !== null) log.warn(`${volume.name}@${r.name} is broken (${broken}): serving the rest; origin writes are refused with EPERM until it is repaired or removed with \`blocksnap remove ${volume.name}@${r.name} --force\``)
       }
+      if (volume.pendingMerge !== null && volume.merge === null) {
+        log.warn(`${volume.name}: the merge of ${volume.name}@${volume.pendingMerge} waits for the broken snapshots; origin reads fail (EIO) until then`)
+      }
       const control = new ControlServer(volume, mergeHandlers(volume))
       await control.listen()
       controls.push(control)
