@@ -115,11 +115,6 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     this.readRefusal = null
   }
 
-  /** Why writes are refused, or null when they are not. */
-  get writesRefused(): string | null {
-    return this.writeRefusal
-  }
-
   private checkWritable(): void {
     if (this.writeRefusal !== null) throw new SnapError('SNAP_READ_ONLY', this.writeRefusal)
   }

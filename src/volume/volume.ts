@@ -222,17 +222,14 @@ export class Volume {
     return this.brokenByName.get(name) ?? null
   }
 
-  /** Why origin writes and merges are refused: the first broken snapshot and the way out. */
-  private brokenRefusal(what: string): string | null {
+  /** Why origin writes and merges are refused: the first broken snapshot and the way out (null: none is). */
+  private brokenClause(): string | null {
     const first = this.brokenByName.entries().next()
     if (first.done) return null
     const [name, reason] = first.value
     const more = this.brokenByName.size - 1
     const others = more > 0 ? ` (and ${more} more broken snapshot${more === 1 ? '' : 's'})` : ''
-    return (
-      `${what} are refused: snapshot ${this.deviceName(name)} is broken (${reason})${others}; ` +
-      `repair it, or drop it with \`blocksnap remove ${this.deviceName(name)} --force\``
-    )
+    return `snapshot ${this.deviceName(name)} is broken (${reason})${others}; repair it, or drop it with \`blocksnap remove ${this.deviceName(name)} --force\``
   }
 
   /**
@@ -241,15 +238,12 @@ export class Volume {
    * holds a mix of merged and unmerged chunks.
    */
   private updateOriginRefusal(): void {
-    const writes = this.brokenRefusal('origin writes')
+    const broken = this.brokenClause()
     const pending = this.manifest.merge?.snapshot
-    if (writes === null) this.origin.allowIo()
+    if (broken === null) this.origin.allowIo()
     else if (pending && !this.runningMerge) {
-      this.origin.refuseIo(
-        `origin of ${this.name} is unreadable: its merge of ${this.deviceName(pending)} cannot resume: ` +
-          (this.brokenRefusal('merges') as string).replace(/^merges are refused: /, ''),
-      )
-    } else this.origin.refuseWrites(writes)
+      this.origin.refuseIo(`origin of ${this.name} is unreadable: its merge of ${this.deviceName(pending)} cannot resume: ${broken}`)
+    } else this.origin.refuseWrites(`origin writes are refused: ${broken}`)
   }
 
   /**
@@ -461,8 +455,8 @@ export class Volume {
    */
   async startMerge(name: string, options: MergeOptions = {}): Promise<Merge> {
     // Merging writes the origin, which the broken snapshots' views may still need.
-    const refusal = this.brokenRefusal('merges')
-    if (refusal !== null) throw new SnapError('SNAP_MERGE_REFUSED', refusal)
+    const broken = this.brokenClause()
+    if (broken !== null) throw new SnapError('SNAP_MERGE_REFUSED', `merges are refused: ${broken}`)
     const snap = this.snapshot(name)
     const current = this.runningMerge
     if (current && current.snapshot !== snap) {
