@@ -13,7 +13,7 @@ import { type VolumeOps, localOps } from '../control/volume-ops.js'
 import { Volume, parseDevice } from '../volume/volume.js'
 import { checkVolumeFiles } from '../volume/check.js'
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
-import { formatList } from './output.js'
+import { brokenWarnings, formatList } from './output.js'
 import { writeOutputFile } from './output-file.js'
 import { serveVolumes } from './serve.js'
 import { mergeCommand } from './merge-command.js'
@@ -147,8 +147,9 @@ function buildProgram(): Command {
     .argument('<DEVICE>')
     .action(async (spec: string) => {
       const { volume, snapshot } = deviceArg(spec)
-      const line = await withVolume(volume, (ops) => ops.status(snapshot))
+      const { line, info } = await withVolume(volume, async (ops) => ({ line: await ops.status(snapshot), info: await ops.list() }))
       process.stdout.write(`${line}\n`)
+      process.stderr.write(brokenWarnings(info, snapshot))
     })
 
   program
@@ -203,12 +204,12 @@ function buildProgram(): Command {
 
   program
     .command('remove')
-    .description('remove a snapshot and its COW file')
+    .description('remove a snapshot and its COW file (one outside the volume directory is kept)')
     .argument('<VOL@SNAP>')
-    .option('--force', 'remove it even while NBD clients have it open (they get ESHUTDOWN)')
+    .option('--force', 'remove even when NBD clients have it open, or when it is broken')
     .action(async (spec: string, opts: { force?: boolean }) => {
       const { volume, snapshot } = snapshotRequired(spec)
-      await withVolume(volume, (ops) => ops.remove(snapshot, { force: opts.force === true }))
+      await withVolume(volume, (ops) => ops.remove(snapshot, opts.force ? { force: true } : {}))
     })
 
   program

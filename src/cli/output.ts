@@ -31,5 +31,18 @@ export function formatList(info: VolumeInfo): string {
     rows.push([`${info.name}@${s.name}`, human(s.chunkSizeBytes), store, s.dataPercent.toFixed(2), s.originPercent.toFixed(2), human(s.cowSizeBytes), s.state])
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)))
-  return `${rows.map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n')}\n`
+  const table = `${rows.map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n')}\n`
+  const notes = info.snapshots.filter((s) => s.state === 'broken').map((s) => `${info.name}@${s.name}: broken: ${s.reason ?? 'unknown'}\n`)
+  return notes.length === 0 ? table : `${table}\n${notes.join('')}origin writes and merges are refused until the broken snapshots are repaired or removed (remove --force)\n`
+}
+
+/**
+ * Warning lines for `status`: the broken snapshot asked about, or for the origin every broken
+ * snapshot (they are why its writes are refused). Empty when there is nothing to say.
+ */
+export function brokenWarnings(info: VolumeInfo, snapshot: string | null): string {
+  return info.snapshots
+    .filter((s) => s.state === 'broken' && (snapshot === null || s.name === snapshot))
+    .map((s) => `blocksnap: warning: ${info.name}@${s.name} is broken: ${s.reason ?? 'unknown'}${snapshot === null ? '; origin writes are refused' : ''}\n`)
+    .join('')
 }

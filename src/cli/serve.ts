@@ -146,6 +146,13 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       volumes.push(volume)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
+      for (const r of volume.records) {
+        const broken = volume.broken(r.name)
+        if (broken !== null) log.warn(`${volume.name}@${r.name} is broken (${broken}): serving the rest; origin writes are refused with EPERM until it is repaired or removed with \`blocksnap remove ${volume.name}@${r.name} --force\``)
+      }
+      if (volume.pendingMerge !== null && volume.merge === null) {
+        log.warn(`${volume.name}: the merge of ${volume.name}@${volume.pendingMerge} waits for the broken snapshots; origin reads fail (EIO) until then`)
+      }
       const watch = mergeLogger(log, volume)
       const control = new ControlServer(volume, mergeHandlers(volume, users, watch), { readOnly: options.readOnly, users })
       await control.listen()

@@ -73,6 +73,8 @@ export class VolumeExports implements ExportProvider {
   }
 
   private snapshotExport(v: Volume, snapName: string): NbdExport | RefusedExport | undefined {
+    const broken = v.broken(snapName)
+    if (broken !== null) return { refused: `snapshot ${snapName} of ${v.name} is broken: ${broken}` }
     let snap: Snapshot
     try {
       snap = v.snapshot(snapName)

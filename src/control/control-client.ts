@@ -7,7 +7,7 @@ import { SnapError, type SnapErrorCode, isSnapError } from '../errors.js'
 import { UnixSocketAddress } from '../util/unix-socket.js'
 import type { VolumeInfo } from '../volume/volume.js'
 import { CONTROL_SOCKET, type ControlReply, HELLO, type VolumeIdentity, lineSplitter, sameVolume, volumeIdentity } from './control-protocol.js'
-import { IO_PIECE_BYTES, type VolumeOps } from './volume-ops.js'
+import { IO_PIECE_BYTES, type RemoveOptions, type VolumeOps } from './volume-ops.js'
 
 export class ControlClient implements VolumeOps {
   private readonly socket: Socket
@@ -108,7 +108,7 @@ export class ControlClient implements VolumeOps {
   snapshot(name: string, options: object): Promise<void> {
     return this.call('snapshot', { name, options })
   }
-  remove(name: string, options: { force?: boolean } = {}): Promise<void> {
+  remove(name: string, options: RemoveOptions = {}): Promise<void> {
     return this.call('remove', { name, force: options.force === true })
   }
   importCow(name: string, cow: string, inPlace: boolean): Promise<void> {

@@ -11,6 +11,11 @@ import { checkCow } from '../volume/check.js'
 /** Largest piece moved in one control request (keeps JSON messages bounded). */
 export const IO_PIECE_BYTES = 4 * 1024 * 1024
 
+export interface RemoveOptions {
+  /** Remove even when NBD clients have it open, or when it is broken. */
+  readonly force?: boolean
+}
+
 /** Who else has a device open: the NBD clients of a served volume (offline, nobody). */
 export interface DeviceUsers {
   /** Clients connected to export `exportName` (`VOL` or `VOL@SNAP`). */
@@ -38,7 +43,7 @@ export interface VolumeOps {
   list(): Promise<VolumeInfo>
   status(snapshot: string | null): Promise<string>
   snapshot(name: string, options: SnapshotCreateOptions): Promise<void>
-  remove(name: string, options?: { force?: boolean }): Promise<void>
+  remove(name: string, options?: RemoveOptions): Promise<void>
   importCow(name: string, cowFile: string, inPlace: boolean): Promise<void>
   check(name: string | null): Promise<{ clean: boolean; problems: string[] }>
   size(snapshot: string | null): Promise<number>
@@ -68,7 +73,7 @@ export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeO
     },
     async remove(name, options = {}) {
       refuseIfOpen(volume, name, users, options.force === true)
-      await volume.removeSnapshot(name)
+      await volume.removeSnapshot(name, options.force ? { force: true } : {})
     },
     async importCow(name, cowFile, inPlace) {
       await volume.importSnapshot(name, cowFile, { inPlace })
@@ -78,8 +83,12 @@ export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeO
       const problems: string[] = []
       for (const n of names) {
         const record = volume.record(n)
+        const broken = volume.broken(n)
         if (record.store !== 'persistent') continue
-        for (const p of await checkCow(volume.cowPath(record), { originSizeBytes: volume.sizeBytes })) problems.push(`${n}: ${p}`)
+        const found = await checkCow(volume.cowPath(record), { originSizeBytes: volume.sizeBytes })
+        // A COW that failed to attach is a problem even when the file alone looks sound.
+        if (broken !== null && found.length === 0) found.push(`broken: ${broken}`)
+        for (const p of found) problems.push(`${n}: ${p}`)
       }
       return { clean: problems.length === 0, problems }
     },

@@ -60,6 +60,8 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private gate: Deferred<void> | null = null // set while origin mutations are held
   private readonly held: HeldWrites
   private writeBackError: unknown = null // first failure of a held write, reported by the next flush
+  private writeRefusal: string | null = null // why writes and discards are refused, if they are
+  private readRefusal: string | null = null // why reads are refused, if they are
   interceptor: OriginInterceptor | null = null
 
   constructor(device: BlockDevice, options: OriginOptions = {}) {
@@ -88,6 +90,33 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
 
   statusText(): string {
     return ''
+  }
+
+  // ---- refusing I/O ------------------------------------------------------------------------
+
+  /**
+   * Refuses writes and discards (SNAP_READ_ONLY, whose message is `reason`) until allowIo().
+   * The owner uses it when a write would change data some view it cannot update still needs,
+   * e.g. a snapshot whose COW could not be attached. The capabilities stay writable: the
+   * refusal is a state that ends, not a property of the device.
+   */
+  refuseWrites(reason: string): void {
+    this.writeRefusal = reason
+  }
+
+  /** Refuses reads as well as writes (SNAP_IO, `reason`): the device does not hold what the origin presents. */
+  refuseIo(reason: string): void {
+    this.writeRefusal = reason
+    this.readRefusal = reason
+  }
+
+  allowIo(): void {
+    this.writeRefusal = null
+    this.readRefusal = null
+  }
+
+  private checkWritable(): void {
+    if (this.writeRefusal !== null) throw new SnapError('SNAP_READ_ONLY', this.writeRefusal)
   }
 
   // ---- snapshot life cycle ---------------------------------------------------------------
@@ -344,6 +373,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   // ---- BlockDevice hooks -------------------------------------------------------------------
 
   protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
+    if (this.readRefusal !== null) throw new SnapError('SNAP_IO', this.readRefusal)
     const interceptor = this.interceptor
     if (interceptor) return interceptor.readInto(target, offset)
     if (this.held.size === 0) return this.device.readInto(target, offset)
@@ -353,6 +383,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    this.checkWritable()
     for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
       const interceptor = this.interceptor
@@ -370,6 +401,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   protected override async _discard(offset: number, length: number): Promise<void> {
+    this.checkWritable()
     for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
       const interceptor = this.interceptor

@@ -8,7 +8,7 @@
  * exist only while this process has the volume open, and are dropped at the next open.
  */
 import { mkdir, rm, stat, statfs, unlink } from 'node:fs/promises'
-import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
+import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
 import { type ImageFile, copyImage, identityOfPath, statImage } from '../device/image-file.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
@@ -58,6 +58,9 @@ export interface SnapshotCreateOptions {
   readonly usageThresholdBytes?: number
 }
 
+/** A snapshot's state in a listing: a Snapshot's own, or `broken` when its COW could not be attached. */
+export type SnapshotListState = SnapshotState | 'broken'
+
 export interface SnapshotInfo {
   readonly name: string
   readonly chunkSizeBytes: number
@@ -76,7 +79,9 @@ export interface SnapshotInfo {
   readonly dataPercent: number
   /** Share of the origin's chunks copied into the COW: 0 to 100. */
   readonly originPercent: number
-  readonly state: SnapshotState
+  readonly state: SnapshotListState
+  /** Why the snapshot is broken (state `broken`); null otherwise. */
+  readonly reason: string | null
 }
 
 export interface VolumeInfo {
@@ -94,6 +99,12 @@ export class Volume {
   private manifest: Manifest
   private readonly lock: VolumeLock
   private readonly snapshotsByName = new Map<string, Snapshot>()
+  /**
+   * Recorded snapshots whose COW could not be attached (corrupt, truncated, missing), with the
+   * reason. They stay in the manifest, since the COW may be repairable; while any exists the
+   * origin refuses writes and merges, which would change data their views need.
+   */
+  private readonly brokenByName = new Map<string, string>()
   private closed = false
   /** The merge running on this volume, if any. */
   private runningMerge: Merge | null = null
@@ -181,6 +192,7 @@ export class Volume {
       const volume = new Volume(dir, manifest, lock, origin)
       await volume.attachRecorded()
       await volume.presentRecordedMerge()
+      volume.updateOriginRefusal()
       return volume
     } catch (err) {
       if (originDev && !originDev.closed) await originDev.close()
@@ -197,15 +209,78 @@ export class Volume {
         await unlink(this.cowPath(record)).catch(() => {})
         continue
       }
-      const snap = await this.openSnapshot(record, false)
-      this.snapshotsByName.set(record.name, snap)
       kept.push(record)
+      try {
+        this.snapshotsByName.set(record.name, await this.openSnapshot(record, false))
+      } catch (err) {
+        // One bad COW must not take the origin and the other snapshots down with it.
+        this.brokenByName.set(record.name, this.brokenReason(record, err))
+      }
     }
     if (kept.length !== this.manifest.snapshots.length) await this.saveManifest({ ...this.manifest, snapshots: kept })
   }
 
   cowPath(record: SnapshotRecord): string {
     return isAbsolute(record.cowFile) ? record.cowFile : join(this.dir, record.cowFile)
+  }
+
+  /** One line on why `record`'s COW could not be attached, naming the file as `VOL/snapshots/x.cow`. */
+  private brokenReason(record: SnapshotRecord, err: unknown): string {
+    const where = isAbsolute(record.cowFile) ? record.cowFile : join(this.name, record.cowFile)
+    if (isSnapError(err, 'SNAP_NOT_FOUND')) return `COW file ${where} is missing`
+    const message = err instanceof Error ? err.message : String(err)
+    return `${message.replace(/^invalid or corrupt snapshot: /, '')} in ${where}`
+  }
+
+  /** `VOL@SNAP`, as messages name a snapshot. */
+  private deviceName(snapshot: string): string {
+    return `${this.name}@${snapshot}`
+  }
+
+  /** The reason snapshot `name` is broken, or null when it is not (or does not exist). */
+  broken(name: string): string | null {
+    return this.brokenByName.get(name) ?? null
+  }
+
+  /** Why origin writes and merges are refused: the first broken snapshot and the way out (null: none is). */
+  private brokenClause(): string | null {
+    const first = this.brokenByName.entries().next()
+    if (first.done) return null
+    const [name, reason] = first.value
+    const more = this.brokenByName.size - 1
+    const others = more > 0 ? ` (and ${more} more broken snapshot${more === 1 ? '' : 's'})` : ''
+    return `snapshot ${this.deviceName(name)} is broken (${reason})${others}; repair it, or drop it with \`blocksnap remove ${this.deviceName(name)} --force\``
+  }
+
+  /**
+   * Puts the origin in the state the broken snapshots call for: writes refused while any
+   * exists; reads refused too while a recorded merge cannot resume, since the device then
+   * holds a mix of merged and unmerged chunks.
+   */
+  private updateOriginRefusal(): void {
+    const broken = this.brokenClause()
+    const pending = this.manifest.merge?.snapshot
+    if (broken === null) this.origin.allowIo()
+    else if (pending && !this.runningMerge) {
+      this.origin.refuseIo(`origin of ${this.name} is unreadable: its merge of ${this.deviceName(pending)} cannot resume: ${broken}`)
+    } else this.origin.refuseWrites(`origin writes are refused: ${broken}`)
+  }
+
+  /**
+   * A new snapshot reads unsaved chunks from the origin device, which holds a partly merged
+   * mix while a recorded merge waits for broken snapshots to be dealt with.
+   */
+  private checkOriginPresentable(): void {
+    const pending = this.manifest.merge?.snapshot
+    if (pending && !this.runningMerge && this.brokenByName.size > 0) {
+      throw new SnapError('SNAP_BUSY', `cannot add a snapshot: ${this.name}'s merge of ${this.deviceName(pending)} waits for the broken snapshots to be repaired or removed`)
+    }
+  }
+
+  /** Whether `path` lies inside the volume directory (files outside are never deleted). */
+  private holds(path: string): boolean {
+    const rel = relative(this.dir, resolve(path))
+    return rel !== '' && !isAbsolute(rel) && rel !== '..' && !rel.startsWith(`..${sep}`)
   }
 
   private async openSnapshot(record: SnapshotRecord, create: boolean): Promise<Snapshot> {
@@ -216,7 +291,7 @@ export class Volume {
     try {
       // A recorded persistent snapshot always has a header: never re-initialise a truncated or zeroed COW.
       if (!create && record.store === 'persistent' && (cow.sizeBytes < SECTOR_BYTES || decodeHeader(await cow.read(0, SECTOR_BYTES)).kind !== 'existing')) {
-        throw new SnapError('SNAP_CORRUPT_METADATA', `${path} has no snapshot header (truncated or overwritten)`)
+        throw new SnapError('SNAP_CORRUPT_METADATA', `no snapshot header (truncated or overwritten)`, { details: { path } })
       }
       store =
         record.store === 'persistent'
@@ -253,6 +328,8 @@ export class Volume {
 
   snapshot(name: string): Snapshot {
     const snap = this.snapshotsByName.get(name)
+    const broken = this.brokenByName.get(name)
+    if (broken !== undefined) throw new SnapError('SNAP_CORRUPT_METADATA', `snapshot ${this.deviceName(name)} is broken: ${broken}`)
     if (!snap) throw new SnapError('SNAP_NOT_FOUND', `no snapshot '${name}' in volume ${this.name}`)
     return snap
   }
@@ -270,6 +347,7 @@ export class Volume {
 
   async createSnapshot(name: string, options: SnapshotCreateOptions = {}): Promise<Snapshot> {
     checkSnapshotName(name)
+    this.checkOriginPresentable()
     if (this.manifest.snapshots.some((r) => r.name === name)) {
       throw new SnapError('SNAP_EXISTS', `snapshot '${name}' already exists in volume ${this.name}`)
     }
@@ -372,8 +450,15 @@ export class Volume {
     }
   }
 
-  async removeSnapshot(name: string, options: { keepCow?: boolean } = {}): Promise<void> {
+  /**
+   * Removes snapshot `name` and deletes its COW file if it lies inside the volume. A broken
+   * snapshot is removed only with `force` (its COW may be repairable); that also drops a merge
+   * of it that could not resume, leaving the origin with the chunks merged so far.
+   */
+  async removeSnapshot(name: string, options: { keepCow?: boolean; force?: boolean } = {}): Promise<void> {
     const record = this.record(name)
+    const broken = this.brokenByName.get(name)
+    if (broken !== undefined) return this.removeBrokenSnapshot(record, broken, options)
     if (this.runningMerge?.snapshot.snapshotName === name || this.manifest.merge?.snapshot === name) {
       throw new SnapError('SNAP_BUSY', `snapshot '${name}' is being merged`)
     }
@@ -384,6 +469,28 @@ export class Volume {
     }
     await this.saveManifest({ ...this.manifest, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
     if (!options.keepCow && !isAbsolute(record.cowFile)) await unlink(this.cowPath(record)).catch(() => {})
+  }
+
+  private async removeBrokenSnapshot(record: SnapshotRecord, reason: string, options: { keepCow?: boolean; force?: boolean }): Promise<void> {
+    const name = record.name
+    // Only a relative path that stays inside the volume is ours to delete ("../x.cow" is not).
+    const path = isAbsolute(record.cowFile) ? record.cowFile : join(this.dir, record.cowFile)
+    const deletes = !options.keepCow && !isAbsolute(record.cowFile) && this.holds(path)
+    if (!options.force) {
+      throw new SnapError(
+        'SNAP_CORRUPT_METADATA',
+        `snapshot ${this.deviceName(name)} is broken (${reason}); its COW file may be repairable, so it is kept: ` +
+          `\`blocksnap remove ${this.deviceName(name)} --force\` drops it${deletes ? ` and deletes ${path}` : ''}`,
+      )
+    }
+    const merge = this.manifest.merge?.snapshot === name ? null : this.manifest.merge
+    await this.saveManifest({ ...this.manifest, merge, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    this.brokenByName.delete(name)
+    if (deletes) await unlink(path).catch(() => {})
+    // The last broken snapshot gone, a recorded merge of a healthy one is presented again; it
+    // moves on when asked (`merge VOL@SNAP`, or `serve` at its next start), as after any open.
+    if (this.brokenByName.size === 0 && merge && !this.runningMerge) await this.presentRecordedMerge()
+    this.updateOriginRefusal()
   }
 
   /** Forgets a snapshot whose merge completed (its COW holds no exceptions any more). */
@@ -407,6 +514,9 @@ export class Volume {
    * the volume has forgotten a completed snapshot.
    */
   async startMerge(name: string, options: Omit<MergeOptions, 'onComplete'> = {}): Promise<Merge> {
+    // Merging writes the origin, which the broken snapshots' views may still need.
+    const broken = this.brokenClause()
+    if (broken !== null) throw new SnapError('SNAP_MERGE_REFUSED', `merges are refused: ${broken}`)
     const snap = this.snapshot(name)
     const current = this.runningMerge
     if (current && current.snapshot !== snap) {
@@ -461,7 +571,8 @@ export class Volume {
    */
   async resumeMerge(): Promise<Merge | null> {
     const name = this.manifest.merge?.snapshot
-    if (!name) return null
+    // A merge waiting for broken snapshots stays recorded (startMerge would refuse it).
+    if (!name || this.brokenByName.size > 0) return null
     return this.startMerge(name)
   }
 
@@ -473,6 +584,8 @@ export class Volume {
   private async presentRecordedMerge(): Promise<void> {
     const name = this.manifest.merge?.snapshot
     if (!name) return
+    // Left recorded: it resumes once the broken snapshots are repaired or removed.
+    if (this.brokenByName.size > 0) return
     const snap = this.snapshotsByName.get(name)
     if (!snap) {
       // The snapshot is gone (merge finished just before a crash): nothing left to merge.
@@ -486,6 +599,7 @@ export class Volume {
     const snapshots: SnapshotInfo[] = []
     for (const record of this.manifest.snapshots) {
       const snap = this.snapshotsByName.get(record.name)
+      const broken = this.brokenByName.get(record.name)
       const usage = snap?.usage()
       const chunkSizeBytes = snap?.chunkBytes ?? record.chunkSizeBytes
       const cowSizeBytes = (usage?.totalSectors ?? 0) * SECTOR_BYTES
@@ -507,7 +621,8 @@ export class Volume {
         // As lvs: a COW holding only its header and metadata is 0 % full.
         dataPercent: allocatedBytes === metadataBytes ? 0 : percent(allocatedBytes, cowCapacityBytes),
         originPercent: percent(Math.max(0, allocatedBytes - metadataBytes) / chunkSizeBytes, originChunks),
-        state: snap?.state ?? 'invalid',
+        state: broken !== undefined ? 'broken' : (snap?.state ?? 'invalid'),
+        reason: broken ?? null,
       })
     }
     const running = this.runningMerge
@@ -538,6 +653,8 @@ export class Volume {
       if (merging) return `0 ${sectors} snapshot-merge ${merging.statusText()}`
       return `0 ${sectors} snapshot-origin`
     }
+    // No kernel word for a COW that never loaded (dm refuses the table): one that says so.
+    if (this.brokenByName.has(snapshot)) return `0 ${sectors} snapshot Broken`
     const snap = this.snapshot(snapshot)
     if (snap.merging) return `0 ${sectors} snapshot Invalid`
     return `0 ${sectors} snapshot ${snap.statusText()}`

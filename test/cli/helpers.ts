@@ -139,6 +139,7 @@ export interface SnapshotJson {
   dataPercent: number
   originPercent: number
   state: string
+  reason: string | null
 }
 
 export interface ListJson {
@@ -164,8 +165,9 @@ const SNAPSHOT_KEYS = [
   'dataPercent',
   'originPercent',
   'state',
+  'reason',
 ]
-const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed']
+const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed', 'broken']
 
 /** Parses `list --json` output and checks it has exactly the documented shape. */
 export function parseList(stdout: Buffer): ListJson {
@@ -189,6 +191,8 @@ export function parseList(stdout: Buffer): ListJson {
       assert.ok(typeof s[k] === 'number' && (s[k] as number) >= 0 && (s[k] as number) <= 100, `${k} = ${String(s[k])}`)
     }
     assert.ok(STATES.includes(s.state as string), `state ${String(s.state)}`)
+    // A reason exactly when the snapshot is broken.
+    assert.ok(s.state === 'broken' ? typeof s.reason === 'string' && s.reason !== '' : s.reason === null, `reason ${String(s.reason)} for state ${String(s.state)}`)
   }
   if (v.merge !== null) {
     const m = v.merge as Record<string, unknown>
