@@ -94,9 +94,9 @@ describe('cli: a broken snapshot is isolated', { concurrency: 1 }, () => {
       ],
     )
     const table = (await cliOk(['list', vol])).toString()
-    assert.match(table, /^vm@bad\s+4K\s+P\s+\S+\s+\S+\s+broken$/m)
+    assert.match(table, /^vm@bad\s+4K\s+P\s+\S+\s+\S+\s+\S+\s+broken$/m)
     assert.match(table, new RegExp(`^vm@bad: broken: ${escape(reason)}$`, 'm'))
-    const status = ok(await cli(['status', `${vol}@bad`]), 'status vm@bad')
+    const status = ok(await cli(['status', `${vol}@bad`]), 'status vm@bad', { stderr: /^blocksnap: warning: vm@bad is broken: / })
     assert.equal(status.stdout.toString(), `0 ${SECTORS} snapshot Broken\n`)
     assert.equal(status.stderr, `blocksnap: warning: vm@bad is broken: ${reason}\n`)
     const checked = await cli(['check', vol])
