@@ -19,13 +19,18 @@
  *   until then, so snapshots and their copies cannot tell; origin reads overlay the held bytes,
  *   flushes wait for them, and a held write counts as a mutation until it lands, so creating a
  *   snapshot or starting a merge still sees every acknowledged write on the device.
+ * - Out of space: when a snapshot's copy cannot get space (its pending exception settles with
+ *   SNAP_NO_SPACE), the origin write that needed it fails with SNAP_NO_SPACE and does not reach
+ *   the device at all, even when other copies it needed succeeded (those chunks are saved with
+ *   data equal to the origin's, which the write left as it was). Nothing is invalidated. A
+ *   held write in that case is dropped: its bytes never land, and the next flush fails.
  */
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
 import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
 import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
 import { type HeldWrite, HeldWrites } from './held-writes.js'
-import type { PendingException } from './pending-exception.js'
+import type { PendingException, PendingOutcome } from './pending-exception.js'
 import type { OriginBacking, Snapshot } from './snapshot.js'
 import { settleAll } from './snapshot.js'
 
@@ -180,8 +185,8 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    * One pass of the kernel's origin_write without a bio over [offset, offset+length): creates
    * and starts pending exceptions where needed. Returns what to wait for (empty: all saved).
    */
-  triggerExceptions(offset: number, length: number): { waits: Array<Promise<boolean>>; invalidations: Array<Promise<void>> } {
-    const waits: Array<Promise<boolean>> = []
+  triggerExceptions(offset: number, length: number): { waits: Array<PendingException['done']>; invalidations: Array<Promise<void>> } {
+    const waits: Array<PendingException['done']> = []
     const invalidations: Array<Promise<void>> = []
     if (this.list.length === 0) return { waits, invalidations }
     const step = this.minChunkBytes()
@@ -235,13 +240,28 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     for (const [s, batch] of batches) s.startCopies(batch, { start, data })
   }
 
-  /** Returns once every snapshot holds the old data of [offset, offset+length). */
+  /**
+   * Returns once every snapshot holds the old data of [offset, offset+length). Throws
+   * SNAP_NO_SPACE, once every copy it started has settled, when one could not get space.
+   */
   async protect(offset: number, length: number): Promise<void> {
     for (;;) {
       const { waits, invalidations } = this.triggerExceptions(offset, length)
       if (invalidations.length > 0) await Promise.all(invalidations)
       if (waits.length === 0) return
-      await Promise.all(waits)
+      this.refuseWithoutSpace(await Promise.all(waits), offset, length)
+    }
+  }
+
+  /** Throws if a copy the write at [offset, offset+length) waited for ran out of space. */
+  private refuseWithoutSpace(outcomes: readonly PendingOutcome[], offset: number, length: number): void {
+    for (const outcome of outcomes) {
+      if (outcome instanceof SnapError) {
+        throw new SnapError('SNAP_NO_SPACE', `${this.name}: write of ${length} bytes at ${offset} refused, nothing written: ${outcome.message}`, {
+          cause: outcome,
+          details: { ...outcome.details, offset, length },
+        })
+      }
     }
   }
 
@@ -309,14 +329,14 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private async land(
     write: HeldWrite,
     earlier: readonly HeldWrite[],
-    waits: Array<Promise<boolean>>,
+    waits: Array<PendingException['done']>,
     invalidations: Array<Promise<void>>,
     endMutation: () => void,
   ): Promise<void> {
     try {
       if (invalidations.length > 0) await Promise.all(invalidations)
-      if (waits.length === 1) await waits[0]
-      else if (waits.length > 1) await Promise.all(waits)
+      // A copy without space drops the write: its bytes never land, the next flush fails.
+      if (waits.length > 0) this.refuseWithoutSpace(await Promise.all(waits), write.offset, write.data.length)
       await this.protect(write.offset, write.data.length)
       for (const w of earlier) await w.landed
       await this.device.write(write.data, write.offset)

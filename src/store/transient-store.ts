@@ -1,9 +1,10 @@
 /**
  * TransientStore: the kernel's N store. Data chunks go to the COW device from chunk 0 upwards;
  * the table lives only in memory, so nothing survives a restart and merging is not possible.
+ * A copy abandoned for want of space leaves its chunk unused.
  */
 import type { BlockDevice } from '../device/block-device.js'
-import { SnapError, noSpace } from '../errors.js'
+import { SnapError, asSnapError, noSpace } from '../errors.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
 import { CowGrowth } from './cow-growth.js'
@@ -23,8 +24,9 @@ export class TransientStore implements ExceptionStore {
   private _valid = true
   private nextFreeBytes = 0
   private readonly growth: CowGrowth
-  private readonly committer = new InOrderCommitter((_e, ok) => {
-    if (!ok) this._valid = false
+  private readonly committer = new InOrderCommitter((_e, kind) => {
+    if (kind === 'abandoned') return Promise.resolve(false)
+    if (kind === 'failed') this._valid = false
     return Promise.resolve(this._valid)
   })
 
@@ -56,12 +58,26 @@ export class TransientStore implements ExceptionStore {
     return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
   }
 
-  whenSpaceReady(): Promise<void> {
-    return this.growth.ready
+  async whenSpaceReady(e: PreparedException): Promise<void> {
+    if (!this.growable) return
+    const needed = (e.newChunk + 1) * this.chunkBytes
+    this.growth.request(needed) // again: an earlier step for it may have failed
+    if (this.growth.covers(needed)) return
+    try {
+      await this.growth.ready
+    } catch (err) {
+      if (!this.growth.covers(needed)) throw asSnapError(err, `growing the COW device to ${needed} bytes`)
+    }
+    if (!this.growth.covers(needed)) throw noSpace(`COW device could not grow to ${needed} bytes`)
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {
-    return this.committer.commit(e, ok)
+    return this.committer.commit(e, ok ? 'copied' : 'failed')
+  }
+
+  /** Nothing to record: the chunk stays an unused hole in the COW file. */
+  async abandonException(e: PreparedException): Promise<void> {
+    await this.committer.commit(e, 'abandoned')
   }
 
   mergeEntries(): number {
