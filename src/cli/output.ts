@@ -33,3 +33,18 @@ export function formatList(info: VolumeInfo): string {
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)))
   return `${rows.map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n')}\n`
 }
+
+/**
+ * Warning lines for snapshots a command broke as a side effect (a fixed-size COW that filled
+ * up: the write succeeded, as in the kernel, but the snapshot is gone or refuses writes).
+ */
+export function snapshotWarnings(volume: string, before: VolumeInfo, after: VolumeInfo): string[] {
+  const lines: string[] = []
+  for (const s of after.snapshots) {
+    const was = before.snapshots.find((b) => b.name === s.name)?.state
+    if (was === undefined || was === s.state) continue
+    if (s.state === 'invalid') lines.push(`blocksnap: warning: snapshot ${volume}@${s.name} is now invalid: ${s.invalidReason ?? 'invalidated'}`)
+    else if (s.state === 'overflow') lines.push(`blocksnap: warning: snapshot ${volume}@${s.name} has overflowed: COW full; writes to it are refused`)
+  }
+  return lines
+}

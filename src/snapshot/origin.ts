@@ -25,6 +25,7 @@
  *   data equal to the origin's, which the write left as it was). Nothing is invalidated. A
  *   held write in that case is dropped: its bytes never land, and the next flush fails.
  */
+import { EventEmitter } from 'node:events'
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
 import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
@@ -65,7 +66,13 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private gate: Deferred<void> | null = null // set while origin mutations are held
   private readonly held: HeldWrites
   private writeBackError: unknown = null // first failure of a held write, reported by the next flush
+  private readonly unforward = new Map<Snapshot, () => void>()
   interceptor: OriginInterceptor | null = null
+  /**
+   * What happens to the attached snapshots, for whoever owns the origin (serve logs it):
+   * 'invalidated' (snapshot, reason), 'no-space' (snapshot, error), 'space-restored' (snapshot).
+   */
+  readonly notices = new EventEmitter()
 
   constructor(device: BlockDevice, options: OriginOptions = {}) {
     super(device.sizeBytes, options.name ?? 'origin')
@@ -114,7 +121,25 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       while (at < this.list.length && (this.list[at] as Snapshot).chunkBytes >= snapshot.chunkBytes) at++
       this.list.splice(at, 0, snapshot)
       snapshot.active = true
+      this.forwardNotices(snapshot)
     })
+  }
+
+  private forwardNotices(snapshot: Snapshot): void {
+    const events = ['invalidated', 'no-space', 'space-restored'] as const
+    const handlers = events.map((event) => {
+      const handler = (detail?: unknown) => this.notices.emit(event, snapshot, detail)
+      snapshot.emitter.on(event, handler)
+      return [event, handler] as const
+    })
+    this.unforward.set(snapshot, () => {
+      for (const [event, handler] of handlers) snapshot.emitter.off(event, handler)
+    })
+  }
+
+  private stopNotices(snapshot: Snapshot): void {
+    this.unforward.get(snapshot)?.()
+    this.unforward.delete(snapshot)
   }
 
   /** Detaches `snapshot` (after its copies in flight finish) and closes it. */
@@ -125,6 +150,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       this.list.splice(at, 1)
       snapshot.active = false
       await snapshot.drainPending()
+      this.stopNotices(snapshot)
     })
     await snapshot.close()
   }
@@ -403,6 +429,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       const snapshots = this.list
       this.list = []
       await settleAll(snapshots.map((s) => s.close()))
+      for (const s of snapshots) this.stopNotices(s)
     })
     await this.device.flush().catch(() => {})
     await this.device.close()

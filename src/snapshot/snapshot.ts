@@ -35,6 +35,10 @@ import { ExceptionTable } from './exception-table.js'
 import type { ExceptionEvents } from './exception-events.js'
 import { PendingException, type PendingOutcome } from './pending-exception.js'
 
+/** Invalidation reasons (the kernel logs "Unable to allocate exception." and "Error reading/writing."). */
+export const COW_FULL = 'COW full'
+export const COW_IO_ERROR = 'COW I/O error'
+
 /** Copies in flight above which new writes wait (kernel snapshot_cow_threshold). */
 export const COW_THRESHOLD = 2048
 
@@ -128,7 +132,7 @@ export class Snapshot extends BaseBlockDevice {
     return this._overflowed
   }
 
-  /** Why this process invalidated the snapshot (the kernel's message), null if it did not. */
+  /** Why this process invalidated the snapshot (COW_FULL, COW_IO_ERROR), null if it did not. */
   get invalidationReason(): string | null {
     return this.invalidReason
   }
@@ -226,7 +230,7 @@ export class Snapshot extends BaseBlockDevice {
         pe = this.newPending(chunk)
       } catch (err) {
         if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
-        invalidations.push(this.invalidate('Unable to allocate exception.'))
+        invalidations.push(this.invalidate(COW_FULL))
         return null
       }
     }
@@ -309,7 +313,7 @@ export class Snapshot extends BaseBlockDevice {
     const committed = await this.store.commitException(pe.prepared, copyOk)
     let success = false
     if (!copyOk || !committed) {
-      await this.invalidate('Error reading/writing.')
+      await this.invalidate(COW_IO_ERROR)
     } else if (this._valid) {
       this.table.insert(pe.chunk, pe.newChunk)
       await this.trackedReads.drain(pe.chunk)
@@ -517,7 +521,7 @@ export class Snapshot extends BaseBlockDevice {
             if (this._valid) this._overflowed = true
             throw new SnapError('SNAP_OVERFLOW', `${this.name} overflowed: unable to allocate exception`)
           }
-          await this.invalidate('Unable to allocate exception.')
+          await this.invalidate(COW_FULL)
           throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW device is full`)
         }
         if (data.length === chunkBytes) {

@@ -65,6 +65,8 @@ export interface SnapshotInfo {
   readonly allocatedBytes: number
   readonly metadataBytes: number
   readonly state: SnapshotState
+  /** Why it became invalid while this process had it open ('COW full', 'COW I/O error'). */
+  readonly invalidReason?: string
 }
 
 export interface VolumeInfo {
@@ -401,6 +403,7 @@ export class Volume {
         allocatedBytes: (usage?.allocatedSectors ?? 0) * SECTOR_BYTES,
         metadataBytes: (usage?.metadataSectors ?? 0) * SECTOR_BYTES,
         state: snap?.state ?? 'invalid',
+        ...(snap?.invalidationReason ? { invalidReason: snap.invalidationReason } : {}),
       })
     }
     const running = this.runningMerge
