@@ -10,6 +10,7 @@ import assert from 'node:assert/strict'
 import { describe, it } from 'node:test'
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import { isSnapError } from '../../src/errors.js'
+import { startMerge } from '../../src/merge/merge.js'
 import { ExceptionEvents } from '../../src/snapshot/exception-events.js'
 import { Origin } from '../../src/snapshot/origin.js'
 import { Snapshot } from '../../src/snapshot/snapshot.js'
@@ -233,6 +234,31 @@ describe('no space: a grow-on-demand COW on a full file system', () => {
     await s.snap.write(data, 128 * KiB + 512)
     s.model.set(data, 128 * KiB + 512)
     await checkViews(rig, 'snapshot written')
+    await rig.origin.close()
+  })
+
+  it('merge: relocation into a snapshot without space fails the merge step (resumable), not the other snapshot', async () => {
+    const rig = await makeRig(14, 1 * MiB)
+    const m = await addSnap(rig, 'm', 'P', 4 * KiB, new FileSystemSpace())
+    const random = new Random(15)
+    for (const offset of [0, 200 * KiB, 700 * KiB]) assert.equal(await originWrite(rig, random.bytes(64 * KiB), offset), 'ok')
+    const space = new FileSystemSpace()
+    const o = await addSnap(rig, 'o', 'P', 4 * KiB, space)
+    space.leaveFree(0)
+    const first = await startMerge(rig.origin, m.snap)
+    await assert.rejects(first.done, (err: unknown) => isSnapError(err) && /no space/.test(err.message))
+    assert.equal(first.state, 'failed')
+    assert.equal(o.snap.state, 'active', 'the snapshot without space is not invalidated')
+    assert.ok(Buffer.from(await o.snap.read(0, 1 * MiB)).equals(o.model), 'its view is intact')
+    assert.ok(Buffer.from(await rig.origin.read(0, 1 * MiB)).equals(m.model), 'the origin presents the merged view')
+    space.limitBytes = Infinity
+    const second = await startMerge(rig.origin, m.snap)
+    await second.done
+    assert.equal(second.state, 'complete')
+    assert.ok(Buffer.from(await rig.origin.read(0, 1 * MiB)).equals(m.model), 'origin rolled back')
+    assert.ok(rig.originBase.readSync(0, 1 * MiB).every((b, i) => b === m.model[i]), 'on the device too')
+    assert.equal(o.snap.state, 'active')
+    assert.ok(Buffer.from(await o.snap.read(0, 1 * MiB)).equals(o.model), 'the other snapshot kept its view')
     await rig.origin.close()
   })
 
