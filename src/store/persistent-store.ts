@@ -67,6 +67,7 @@ export class PersistentStore implements ExceptionStore {
   private _valid = true
   private loaded = false
   private nextFree = FIRST_DATA_CHUNK
+  private recordedEnd = FIRST_DATA_CHUNK // nextFree as if only recorded exceptions had been allocated
   private currentArea = 0
   private currentCommitted = 0 // entries already placed in `area`
   private area: Uint8Array
@@ -232,6 +233,7 @@ export class PersistentStore implements ExceptionStore {
     }
     if (nextFree % stride === 1) nextFree++
     this.nextFree = nextFree
+    this.recordedEnd = nextFree
   }
 
   prepareException(oldChunk: number): PreparedException {
@@ -293,12 +295,16 @@ export class PersistentStore implements ExceptionStore {
   /** Called in allocation order. */
   private record(e: PreparedException, kind: CommitKind): Promise<boolean> {
     if (kind === 'abandoned') {
-      // No entry: the chunk stays an unreferenced hole. The batch may now be complete.
+      // No entry: the chunk stays an unreferenced hole, handed out again when nothing allocated
+      // after it is still outstanding (so a full file system does not leak chunks on every
+      // retry). The batch may now be complete.
       this.pendingCount--
+      if (this.pendingCount === 0) this.nextFree = this.recordedEnd
       this.kick()
       return Promise.resolve(false)
     }
     if (kind === 'failed') this._valid = false
+    this.recordedEnd = Math.max(this.recordedEnd, nextDataChunk(this.layout, e.newChunk))
     writeEntry(this.area, this.currentCommitted, e.oldChunk, e.newChunk)
     this.currentCommitted++
     this.pendingCount--

@@ -23,9 +23,17 @@ export class TransientStore implements ExceptionStore {
   private readonly growable: boolean
   private _valid = true
   private nextFreeBytes = 0
+  private recordedEndBytes = 0 // nextFreeBytes as if only recorded exceptions had been allocated
+  private outstanding = 0 // prepared, not yet released by the committer
   private readonly growth: CowGrowth
-  private readonly committer = new InOrderCommitter((_e, kind) => {
-    if (kind === 'abandoned') return Promise.resolve(false)
+  private readonly committer = new InOrderCommitter((e, kind) => {
+    this.outstanding--
+    if (kind === 'abandoned') {
+      // Its chunk is handed out again once nothing allocated after it is outstanding.
+      if (this.outstanding === 0) this.nextFreeBytes = this.recordedEndBytes
+      return Promise.resolve(false)
+    }
+    this.recordedEndBytes = Math.max(this.recordedEndBytes, (e.newChunk + 1) * this.chunkBytes)
     if (kind === 'failed') this._valid = false
     return Promise.resolve(this._valid)
   })
@@ -55,6 +63,7 @@ export class TransientStore implements ExceptionStore {
     }
     const newChunk = this.nextFreeBytes / this.chunkBytes
     this.nextFreeBytes = needed
+    this.outstanding++
     return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
   }
 

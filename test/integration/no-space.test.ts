@@ -114,6 +114,7 @@ describe('no space: a grow-on-demand COW on a full file system', () => {
       await checkViews(rig, 'warm-up')
 
       space.leaveFree(0)
+      const usage = s.snap.usage()
       const data = random.bytes(256 * KiB)
       const offset = 1 * MiB + 512 // not chunk aligned: partial chunks at both ends
       await assert.rejects(rig.origin.write(data, offset), (err: unknown) => {
@@ -128,6 +129,7 @@ describe('no space: a grow-on-demand COW on a full file system', () => {
       // Again, while still full: the same answer, still nothing invalidated.
       assert.equal(await originWrite(rig, data, offset), 'no-space')
       await checkViews(rig, 'after the second ENOSPC')
+      assert.equal(s.snap.usage().allocatedSectors, usage.allocatedSectors, 'abandoned chunks are handed out again, not leaked')
 
       space.limitBytes = Infinity
       assert.equal(await originWrite(rig, data, offset), 'ok')
