@@ -26,14 +26,14 @@
 import { EventEmitter } from 'node:events'
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
 import { WriteCombiner } from '../device/write-combiner.js'
-import { SnapError, isSnapError, noSpace } from '../errors.js'
+import { SnapError, isSnapError } from '../errors.js'
 import { ExceptionList } from '../format/exception-list.js'
 import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
 import { SECTOR_BYTES } from '../units.js'
 import { ChunkTracker } from './chunk-tracker.js'
 import { ExceptionTable } from './exception-table.js'
 import type { ExceptionEvents } from './exception-events.js'
-import { PendingException, type PendingOutcome } from './pending-exception.js'
+import { PendingException } from './pending-exception.js'
 
 /** Invalidation reasons (the kernel logs "Unable to allocate exception." and "Error reading/writing."). */
 export const COW_FULL = 'COW full'
