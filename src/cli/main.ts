@@ -13,7 +13,7 @@ import { type VolumeOps, localOps } from '../control/volume-ops.js'
 import { Volume, parseDevice } from '../volume/volume.js'
 import { checkVolumeFiles } from '../volume/check.js'
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
-import { brokenWarnings, formatList } from './output.js'
+import { brokenWarnings, formatList, snapshotWarnings } from './output.js'
 import { writeOutputFile } from './output-file.js'
 import { serveVolumes } from './serve.js'
 import { mergeCommand } from './merge-command.js'
@@ -195,8 +195,10 @@ function buildProgram(): Command {
       }
       const data = opts.input !== undefined ? await readFile(opts.input) : await readStdin()
       await withVolume(volume, async (ops) => {
+        const before = await ops.list()
         await ops.write(snapshot, opts.offset, data)
         await ops.flush(snapshot)
+        for (const line of snapshotWarnings(volume, before, await ops.list())) process.stderr.write(`${line}\n`)
       })
     })
 

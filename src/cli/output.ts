@@ -46,3 +46,18 @@ export function brokenWarnings(info: VolumeInfo, snapshot: string | null): strin
     .map((s) => `blocksnap: warning: ${info.name}@${s.name} is broken: ${s.reason ?? 'unknown'}${snapshot === null ? '; origin writes are refused' : ''}\n`)
     .join('')
 }
+
+/**
+ * Warning lines for snapshots a command broke as a side effect (a fixed-size COW that filled
+ * up: the write succeeded, as in the kernel, but the snapshot is gone or refuses writes).
+ */
+export function snapshotWarnings(volume: string, before: VolumeInfo, after: VolumeInfo): string[] {
+  const lines: string[] = []
+  for (const s of after.snapshots) {
+    const was = before.snapshots.find((b) => b.name === s.name)?.state
+    if (was === undefined || was === s.state) continue
+    if (s.state === 'invalid') lines.push(`blocksnap: warning: snapshot ${volume}@${s.name} is now invalid: ${s.reason ?? 'invalidated'}`)
+    else if (s.state === 'overflow') lines.push(`blocksnap: warning: snapshot ${volume}@${s.name} has overflowed: COW full; writes to it are refused`)
+  }
+  return lines
+}

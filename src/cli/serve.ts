@@ -12,6 +12,7 @@ import { NbdServer } from '../nbd/server.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions } from '../nbd/tls.js'
 import { UnixSocketAddress, clearStaleSocket } from '../util/unix-socket.js'
 import type { Merge } from '../merge/merge.js'
+import type { Snapshot } from '../snapshot/snapshot.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
 
@@ -59,6 +60,36 @@ function mergeHandlers(volume: Volume, users: DeviceUsers, watch: (merge: Merge)
       return { state: merge.state, snapshot: merge.snapshot.snapshotName, ...merge.progress(), failure }
     },
   }
+}
+
+/**
+ * Logs what happens to a volume's snapshots: a COW out of space on its file system (origin
+ * writes needing a copy into it fail with ENOSPC, nothing is invalidated), space back, and
+ * invalidation (a fixed-size COW that filled up, or an I/O error).
+ */
+function logSnapshotNotices(volume: Volume, log: Logger): void {
+  const cowPath = (snap: Snapshot, err?: SnapError): string => {
+    const path = err?.details?.path
+    if (typeof path === 'string') return path
+    try {
+      return volume.cowPath(volume.record(snap.snapshotName))
+    } catch {
+      return 'its COW file'
+    }
+  }
+  const notices = volume.origin.notices
+  notices.on('no-space', (snap: Snapshot, err: SnapError) => {
+    log.warn(
+      `volume ${volume.name}, snapshot ${snap.snapshotName}: no space on the file system holding ${cowPath(snap, err)}; ` +
+        `origin writes that need a copy into it fail with ENOSPC until space is freed, the snapshot stays valid (${err.message})`,
+    )
+  })
+  notices.on('space-restored', (snap: Snapshot) => {
+    log.info(`volume ${volume.name}, snapshot ${snap.snapshotName}: copies into ${cowPath(snap)} succeed again`)
+  })
+  notices.on('invalidated', (snap: Snapshot, reason: string) => {
+    log.warn(`volume ${volume.name}, snapshot ${snap.snapshotName} is now invalid: ${reason} (${cowPath(snap)})`)
+  })
 }
 
 /**
@@ -144,6 +175,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     for (const p of paths) {
       const volume = await Volume.open(p, options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes })
       volumes.push(volume)
+      logSnapshotNotices(volume, log)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
       for (const r of volume.records) {

@@ -466,6 +466,9 @@ export class Merge extends EventEmitter<MergeEvents> {
   private async relocate(ranges: readonly StepRange[]): Promise<void> {
     const events = this.origin.events
     const cb = this.snapshot.chunkBytes
+    // A copy that could not get space fails the step (nothing is invalidated); retrying it in
+    // this loop would spin for as long as the file system stays full.
+    let noSpace: SnapError | null = null
     for (;;) {
       const seen = events.done
       let pending = false
@@ -474,6 +477,11 @@ export class Merge extends EventEmitter<MergeEvents> {
         const scan = this.origin.triggerExceptions(r.firstChunk * cb, r.count * cb)
         this.stats.relocationScans++
         if (scan.waits.length > 0) pending = true
+        for (const wait of scan.waits) {
+          void wait.then((outcome) => {
+            if (outcome instanceof SnapError) noSpace ??= outcome
+          })
+        }
         invalidations.push(...scan.invalidations)
       }
       // A snapshot whose COW filled up is invalidated; the merge goes on once that is durable.
@@ -481,6 +489,7 @@ export class Merge extends EventEmitter<MergeEvents> {
       if (!pending) return
       this.stats.relocationWaits++
       await events.waitForChange(seen)
+      if (noSpace) throw noSpace
     }
   }
 

@@ -80,7 +80,10 @@ export interface SnapshotInfo {
   /** Share of the origin's chunks copied into the COW: 0 to 100. */
   readonly originPercent: number
   readonly state: SnapshotListState
-  /** Why the snapshot is broken (state `broken`); null otherwise. */
+  /**
+   * Why the snapshot is broken (state `broken`), or why it became invalid while this process had
+   * it open ('COW full', 'COW I/O error'); null otherwise.
+   */
   readonly reason: string | null
 }
 
@@ -622,7 +625,7 @@ export class Volume {
         dataPercent: allocatedBytes === metadataBytes ? 0 : percent(allocatedBytes, cowCapacityBytes),
         originPercent: percent(Math.max(0, allocatedBytes - metadataBytes) / chunkSizeBytes, originChunks),
         state: broken !== undefined ? 'broken' : (snap?.state ?? 'invalid'),
-        reason: broken ?? null,
+        reason: broken ?? snap?.invalidationReason ?? null,
       })
     }
     const running = this.runningMerge
