@@ -4,7 +4,8 @@
  * Node cannot punch holes portably, so discard writes zeros, except that a discard reaching the
  * end of the file truncates and re-extends it, which leaves the tail sparse on every filesystem.
  */
-import { open as openFile, unlink, type FileHandle } from 'node:fs/promises'
+import { constants } from 'node:fs'
+import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 
@@ -14,6 +15,8 @@ export interface FileDeviceOptions {
   readonly create?: number
   /** Allow resize() (grow-on-demand COW files). */
   readonly resizable?: boolean
+  /** Refuse a symbolic link as the last path component (ELOOP) instead of opening its target. */
+  readonly noFollow?: boolean
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
@@ -39,7 +42,8 @@ export class FileDevice extends BaseBlockDevice {
     }
     let handle: FileHandle
     try {
-      handle = await openFile(path, create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+')
+      const flags = create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+'
+      handle = await openFile(path, options.noFollow ? openFlags(flags) | constants.O_NOFOLLOW : flags)
     } catch (err) {
       throw openError(err, path)
     }
@@ -66,6 +70,19 @@ export class FileDevice extends BaseBlockDevice {
       if (create !== undefined) await unlink(path).catch(() => {})
       throw asSnapError(err, `file ${path}: open`, { path })
     }
+  }
+
+  /**
+   * The path of the file this device has open, resolved through the open descriptor (Linux
+   * /proc), so it names the file actually opened even if links changed after open().
+   */
+  async openedPath(): Promise<string> {
+    return realpath(`/proc/self/fd/${this.handle.fd}`).catch(() => realpath(this.path))
+  }
+
+  /** True if the open file is a regular file (not a FIFO, socket or device). */
+  async isRegularFile(): Promise<boolean> {
+    return (await this.handle.stat()).isFile()
   }
 
   protected override async _readInto(target: Uint8Array, offset: number): Promise<void> {
@@ -142,6 +159,11 @@ export class FileDevice extends BaseBlockDevice {
       done += bytesWritten
     }
   }
+}
+
+function openFlags(flags: 'wx+' | 'r' | 'r+'): number {
+  if (flags === 'wx+') return constants.O_RDWR | constants.O_CREAT | constants.O_EXCL
+  return flags === 'r' ? constants.O_RDONLY : constants.O_RDWR
 }
 
 function openError(err: unknown, path: string): SnapError {

@@ -7,8 +7,9 @@
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
  * exist only while this process has the volume open, and are dropped at the next open.
  */
-import { copyFile, mkdir, rm, stat, unlink } from 'node:fs/promises'
-import { basename, isAbsolute, join, resolve } from 'node:path'
+import { constants } from 'node:fs'
+import { copyFile, mkdir, rm, stat } from 'node:fs/promises'
+import { basename, join, resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
 import { decodeHeader } from '../format/header.js'
@@ -20,11 +21,22 @@ import { type Merge, type MergeOptions, startMerge } from '../merge/merge.js'
 import { PersistentStore } from '../store/persistent-store.js'
 import { TransientStore } from '../store/transient-store.js'
 import { DEFAULT_CHUNK_BYTES, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
-import { type Manifest, type SnapshotRecord, type StoreName, MANIFEST_VERSION, readManifest, writeManifest } from './manifest.js'
+import {
+  type Manifest,
+  type SnapshotRecord,
+  type StoreName,
+  MANIFEST_VERSION,
+  SNAPSHOT_DIR,
+  cowPathOf,
+  isExternal,
+  readManifest,
+  writeManifest,
+} from './manifest.js'
+import { openVolumeFile, removeVolumeFile, resolveInside } from './volume-files.js'
 import { VolumeLock } from './volume-lock.js'
 
+export { SNAPSHOT_DIR }
 export const ORIGIN_FILE = 'origin.img'
-export const SNAPSHOT_DIR = 'snapshots'
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/
 
@@ -149,7 +161,7 @@ export class Volume {
     const lock = await VolumeLock.acquire(dir)
     let originDev: FileDevice | null = null
     try {
-      originDev = await FileDevice.open(join(dir, manifest.originFile))
+      originDev = await openVolumeFile(dir, manifest.originFile)
       if (originDev.sizeBytes !== manifest.sizeBytes) {
         throw new SnapError('SNAP_CORRUPT_METADATA', `origin image is ${originDev.sizeBytes} bytes, manifest says ${manifest.sizeBytes}`)
       }
@@ -174,7 +186,7 @@ export class Volume {
     for (const record of this.manifest.snapshots) {
       if (record.store === 'transient') {
         // Its table died with the process that made it.
-        await unlink(this.cowPath(record)).catch(() => {})
+        if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile)
         continue
       }
       const snap = await this.openSnapshot(record, false)
@@ -185,13 +197,14 @@ export class Volume {
   }
 
   cowPath(record: SnapshotRecord): string {
-    return isAbsolute(record.cowFile) ? record.cowFile : join(this.dir, record.cowFile)
+    return cowPathOf(this.dir, record)
   }
 
   private async openSnapshot(record: SnapshotRecord, create: boolean): Promise<Snapshot> {
     const growable = record.cowSizeBytes === null
     const path = this.cowPath(record)
-    const cow = await FileDevice.open(path, create ? { create: record.cowSizeBytes ?? 0, resizable: growable } : { resizable: growable })
+    const options = create ? { create: record.cowSizeBytes ?? 0, resizable: growable } : { resizable: growable }
+    const cow = isExternal(record) ? await FileDevice.open(path, options) : await openVolumeFile(this.dir, record.cowFile, options)
     let store: ExceptionStore
     try {
       // A recorded persistent snapshot always has a header: never re-initialise a truncated or zeroed COW.
@@ -262,13 +275,12 @@ export class Volume {
       cowSizeBytes,
       createdAt: new Date().toISOString(),
     }
-    const path = this.cowPath(record)
-    await unlink(path).catch(() => {}) // leftover of a crash between file creation and manifest write
+    await removeVolumeFile(this.dir, record.cowFile) // leftover of a crash between file creation and manifest write
     let snap: Snapshot
     try {
       snap = await this.openSnapshot(record, true)
     } catch (err) {
-      await unlink(path).catch(() => {})
+      await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
       throw err
     }
     this.snapshotsByName.set(name, snap)
@@ -301,15 +313,20 @@ export class Volume {
       store: 'persistent',
       overflow: false,
       cowFile: options.inPlace ? source : join(SNAPSHOT_DIR, `${name}.cow`),
+      ...(options.inPlace ? { external: true as const } : {}),
       cowSizeBytes: st.size,
       createdAt: new Date().toISOString(),
     }
-    if (!options.inPlace) await copyFile(source, this.cowPath(record))
+    if (!isExternal(record)) {
+      await removeVolumeFile(this.dir, record.cowFile)
+      // Exclusive: never copy through a link planted at the destination.
+      await copyFile(source, await resolveInside(this.dir, record.cowFile, false), constants.COPYFILE_EXCL)
+    }
     let snap: Snapshot
     try {
       snap = await this.openSnapshot(record, false)
     } catch (err) {
-      if (!options.inPlace) await unlink(this.cowPath(record)).catch(() => {})
+      if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
       throw err
     }
     this.snapshotsByName.set(name, snap)
@@ -328,7 +345,7 @@ export class Volume {
       this.snapshotsByName.delete(name)
     }
     await this.saveManifest({ ...this.manifest, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
-    if (!options.keepCow && !isAbsolute(record.cowFile)) await unlink(this.cowPath(record)).catch(() => {})
+    if (!options.keepCow && !isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
   /** Forgets a snapshot whose merge completed (its COW holds no exceptions any more). */
@@ -336,7 +353,7 @@ export class Volume {
     const record = this.record(name)
     this.snapshotsByName.delete(name)
     await this.saveManifest({ ...this.manifest, merge: null, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
-    if (!isAbsolute(record.cowFile)) await unlink(this.cowPath(record)).catch(() => {})
+    if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
   get merge(): Merge | null {
@@ -367,11 +384,14 @@ export class Volume {
     const merge = await startMerge(this.origin, snap, options)
     this.runningMerge = merge
     if (!this.manifest.merge) await this.setPendingMerge(name)
-    merge.on('complete', () => {
+    const drop = () => {
       void this.dropMergedSnapshot(name).finally(() => {
         if (this.runningMerge === merge) this.runningMerge = null
       })
-    })
+    }
+    // A small merge can complete while the manifest is written, before a listener could see it.
+    if (merge.state === 'complete') drop()
+    else merge.once('complete', drop)
     return merge
   }
 
