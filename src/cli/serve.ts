@@ -22,6 +22,8 @@ export interface ServeOptions {
   readonly tls?: 'off' | 'allow' | 'require'
   readonly writeBackBytes?: number
   readonly handshakeTimeoutMs?: number
+  readonly maxConnections?: number
+  readonly maxPendingBytes?: number
 }
 
 function mergeHandlers(volume: Volume) {
@@ -96,6 +98,8 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     logger: log.child({ component: 'nbd' }),
     ...(tls ? { tls } : {}),
     ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
+    ...(options.maxConnections === undefined ? {} : { maxConnections: options.maxConnections }),
+    ...(options.maxPendingBytes === undefined ? {} : { maxPendingBytes: options.maxPendingBytes }),
   })
   let listening = `${options.host}:${options.port}`
   try {

@@ -68,6 +68,14 @@ export class RequestParser {
     return this.queue.length
   }
 
+  /**
+   * The length of the WRITE payload now arriving (its header is read, the payload is not
+   * complete); 0 when none is, or when an oversized one is being drained.
+   */
+  get awaitedPayloadBytes(): number {
+    return this.pending !== null && this.skipRemaining === 0 ? this.pending.length : 0
+  }
+
   next(): RequestEvent | null {
     if (this.pending === null) {
       const raw = this.queue.take(REQUEST_HEADER_BYTES)
