@@ -13,6 +13,9 @@ import { BaseBlockDevice, type DeviceCapabilities } from '../../src/device/block
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import { staticExports } from '../../src/nbd/export.js'
 import { DEFAULT_MAX_CONNECTIONS } from '../../src/nbd/server.js'
+import { ByteQueue } from '../../src/nbd/protocol/byte-queue.js'
+import { RequestParser } from '../../src/nbd/protocol/request.js'
+import { requestBytes } from '../support/nbd-bytes.js'
 import { RawNbdClient } from '../support/nbd-raw-client.js'
 import { logsAreClean, startTestServer } from '../support/nbd-test-server.js'
 import { Random } from '../support/random.js'
@@ -199,4 +202,22 @@ test('a client whose payload is arriving when its connection ends gives back wha
   } finally {
     await srv.close()
   }
+})
+
+test('a payload still arriving is copied as it comes: received chunks are not kept for its length', () => {
+  const queue = new ByteQueue()
+  const parser = new RequestParser(32 * MiB, queue)
+  const payload = new Random(5).bytes(4 * MiB)
+  const frame = requestBytes({ type: CMD_WRITE, cookie: 3, offset: 8192, length: payload.length }, payload)
+  const pieceBytes = 64 * KiB
+  let event = null
+  for (let at = 0; at < frame.length; at += pieceBytes) {
+    assert.equal(event, null, 'no request before its last byte')
+    queue.push(frame.subarray(at, at + pieceBytes))
+    event = parser.next()
+    assert.ok(queue.length < pieceBytes, `${queue.length} bytes left queued after ${at + pieceBytes} received`)
+  }
+  assert.ok(event !== null && event.kind === 'request')
+  assert.equal(event.header.offset, 8192)
+  assert.deepEqual(event.payload, Buffer.from(payload))
 })
