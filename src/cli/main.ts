@@ -3,7 +3,7 @@
  * A command on a volume that `blocksnap serve` owns is sent over the volume's control socket and
  * carried out by the server; otherwise the command opens the volume itself.
  */
-import { readFile, writeFile, mkdir, stat } from 'node:fs/promises'
+import { readFile, mkdir, stat } from 'node:fs/promises'
 import { resolve } from 'node:path'
 import { Command, CommanderError, Option } from 'commander'
 import { SnapError, isSnapError } from '../errors.js'
@@ -13,7 +13,8 @@ import { type VolumeOps, localOps } from '../control/volume-ops.js'
 import { Volume, parseDevice } from '../volume/volume.js'
 import { checkVolumeFiles } from '../volume/check.js'
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
-import { formatList } from './output.js'
+import { brokenWarnings, formatList, snapshotWarnings } from './output.js'
+import { writeOutputFile } from './output-file.js'
 import { serveVolumes } from './serve.js'
 import { mergeCommand } from './merge-command.js'
 
@@ -162,8 +163,9 @@ function buildProgram(): Command {
     .argument('<DEVICE>')
     .action(async (spec: string) => {
       const { volume, snapshot } = deviceArg(spec)
-      const line = await withVolume(volume, (ops) => ops.status(snapshot))
+      const { line, info } = await withVolume(volume, async (ops) => ({ line: await ops.status(snapshot), info: await ops.list() }))
       process.stdout.write(`${line}\n`)
+      process.stderr.write(brokenWarnings(info, snapshot))
     })
 
   program
@@ -175,20 +177,25 @@ function buildProgram(): Command {
     .option('--output <FILE>', 'write to FILE instead of stdout')
     .action(async (spec: string, opts: { offset: number; length?: number; output?: string }) => {
       const { volume, snapshot } = deviceArg(spec)
-      await withVolume(volume, async (ops) => {
-        const size = await ops.size(snapshot)
-        const length = opts.length ?? Math.max(0, size - opts.offset)
-        if (opts.offset + length > size) {
-          throw new SnapError('SNAP_OUT_OF_RANGE', `range ${opts.offset}+${length} is beyond the end (${size} bytes)`)
-        }
-        if (opts.output) await writeFile(opts.output, '')
-        const piece = 4 * 1024 * 1024
-        for (let done = 0; done < length; done += piece) {
-          const data = await ops.read(snapshot, opts.offset + done, Math.min(piece, length - done))
-          if (opts.output) await writeFile(opts.output, data, { flag: 'a' })
-          else if (!process.stdout.write(data)) await new Promise((r) => process.stdout.once('drain', r))
-        }
-      })
+      const readAll = (write: (data: Uint8Array) => Promise<void>) =>
+        withVolume(volume, async (ops) => {
+          const size = await ops.size(snapshot)
+          const length = opts.length ?? Math.max(0, size - opts.offset)
+          if (opts.offset + length > size) {
+            throw new SnapError('SNAP_OUT_OF_RANGE', `range ${opts.offset}+${length} is beyond the end (${size} bytes)`)
+          }
+          const piece = 4 * 1024 * 1024
+          for (let done = 0; done < length; done += piece) {
+            await write(await ops.read(snapshot, opts.offset + done, Math.min(piece, length - done)))
+          }
+        })
+      if (opts.output !== undefined) {
+        await writeOutputFile(opts.output, readAll)
+      } else {
+        await readAll(async (data) => {
+          if (!process.stdout.write(data)) await new Promise((r) => process.stdout.once('drain', r))
+        })
+      }
     })
 
   program
@@ -204,8 +211,10 @@ function buildProgram(): Command {
       }
       const data = opts.input !== undefined ? await readFile(opts.input) : await readStdin()
       await withVolume(volume, async (ops) => {
+        const before = await ops.list()
         await ops.write(snapshot, opts.offset, data)
         await ops.flush(snapshot)
+        for (const line of snapshotWarnings(volume, before, await ops.list())) process.stderr.write(`${line}\n`)
       })
     })
 
@@ -213,11 +222,12 @@ function buildProgram(): Command {
 
   program
     .command('remove')
-    .description('remove a snapshot and its COW file')
+    .description('remove a snapshot and its COW file (one outside the volume directory is kept)')
     .argument('<VOL@SNAP>')
-    .action(async (spec: string) => {
+    .option('--force', 'remove even when NBD clients have it open, or when it is broken')
+    .action(async (spec: string, opts: { force?: boolean }) => {
       const { volume, snapshot } = snapshotRequired(spec)
-      await withVolume(volume, (ops) => ops.remove(snapshot))
+      await withVolume(volume, (ops) => ops.remove(snapshot, opts.force ? { force: true } : {}))
     })
 
   program
@@ -263,9 +273,12 @@ function buildProgram(): Command {
     .option('--listen <HOST:PORT>', 'TCP address', '127.0.0.1:10809')
     .option('--socket <PATH>', 'also listen on this Unix socket')
     .option('--read-only', 'export everything read-only')
-    .option('--tls-psk <FILE>', 'PSK file (username:hexkey lines)')
+    .option('--tls-psk <FILE>', 'PSK file (username:hexkey lines); only clients with one of its keys get in')
     .option('--tls-cert <FILE>', 'X.509 certificate (PEM)')
     .option('--tls-key <FILE>', 'X.509 private key (PEM)')
+    .option('--tls-ca <FILE>', 'CA certificates (PEM) that client certificates must be signed by; turns on --tls-verify-peer')
+    .option('--tls-verify-peer', 'admit only clients whose certificate the --tls-ca CA signed (default when --tls-ca is given)')
+    .option('--no-tls-verify-peer', 'do not ask clients for certificates, even with --tls-ca')
     .addOption(new Option('--tls <MODE>', 'TLS policy').choices(['off', 'allow', 'require']))
     .option(
       '--write-back <SIZE>',
@@ -280,6 +293,7 @@ function buildProgram(): Command {
       positiveSizeArg('max pending'),
       256 * 1024 * 1024,
     )
+    .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
       await serveVolumes(vols, parseServeFlags(opts))
     })
@@ -302,6 +316,23 @@ function buildProgram(): Command {
   return program
 }
 
+/** Who `serve` lets in under each TLS setup; docs/security.md says the same at more length. */
+const SERVE_TLS_HELP = `
+Who is authenticated (TLS is required once key material is given, unless --tls allow):
+  no TLS options        nobody: any client that can connect reads and writes
+  --tls-psk             only clients with a key from the psk file
+  --tls-psk + --tls-cert/--tls-key
+                        only clients with a key from the psk file (the certificate alone admits nobody)
+  --tls-cert/--tls-key  NOBODY: any TLS client gets in; the certificate only proves the server to
+                        clients (a warning is logged at startup)
+  --tls-cert/--tls-key + --tls-ca
+                        only clients with a certificate signed by the CA (verified by default;
+                        --no-tls-verify-peer turns that off)
+  --tls-psk + --tls-cert/--tls-key + --tls-ca
+                        clients with a key from the psk file or a certificate signed by the CA
+  --tls allow           plaintext clients too, unauthenticated
+`
+
 interface ServeFlags {
   listen: string
   socket?: string
@@ -309,6 +340,8 @@ interface ServeFlags {
   tlsPsk?: string
   tlsCert?: string
   tlsKey?: string
+  tlsCa?: string
+  tlsVerifyPeer?: boolean
   tls?: 'off' | 'allow' | 'require'
   writeBack?: number
   handshakeLimit?: number
@@ -322,6 +355,8 @@ function parseServeFlags(opts: ServeFlags) {
   const port = Number(m[2])
   if (port > 65535) throw new UsageError(`invalid port ${port}`)
   if ((opts.tlsCert === undefined) !== (opts.tlsKey === undefined)) throw new UsageError('--tls-cert and --tls-key go together')
+  if (opts.tlsVerifyPeer === true && opts.tlsCa === undefined) throw new UsageError('--tls-verify-peer needs --tls-ca (the CA that signs client certificates)')
+  if (opts.tlsCa !== undefined && opts.tlsCert === undefined) throw new UsageError('--tls-ca needs --tls-cert and --tls-key (client certificates are asked for in a certificate handshake)')
   return {
     host: (m[1] as string).replace(/^\[(.*)\]$/, '$1'),
     port,
@@ -329,6 +364,8 @@ function parseServeFlags(opts: ServeFlags) {
     readOnly: opts.readOnly === true,
     ...(opts.tlsPsk ? { tlsPsk: opts.tlsPsk } : {}),
     ...(opts.tlsCert ? { tlsCert: opts.tlsCert, tlsKey: opts.tlsKey as string } : {}),
+    ...(opts.tlsCa ? { tlsCa: opts.tlsCa } : {}),
+    ...(opts.tlsVerifyPeer === undefined ? {} : { tlsVerifyPeer: opts.tlsVerifyPeer }),
     ...(opts.tls ? { tls: opts.tls } : {}),
     ...(opts.writeBack === undefined ? {} : { writeBackBytes: opts.writeBack }),
     ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),

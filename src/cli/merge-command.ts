@@ -1,7 +1,9 @@
 /**
- * `blocksnap merge VOL@SNAP [--wait] [--rate N]`. Offline it runs in the foreground with a
- * progress bar on a TTY (Ctrl-C stops at a step boundary; rerunning resumes). On a served
- * volume it starts the merge in the server and returns, or with --wait follows its progress.
+ * `blocksnap merge VOL@SNAP [--wait] [--rate N] [--force]`. Offline it runs in the foreground
+ * with a progress bar on a TTY (Ctrl-C stops at a step boundary; rerunning resumes, at the rate
+ * recorded in the manifest unless --rate gives a new one). On a served volume it starts the
+ * merge in the server and returns, or with --wait follows its progress; a snapshot NBD clients
+ * have open is refused unless --force.
  */
 import cliProgress from 'cli-progress'
 import { type Command, InvalidArgumentError } from 'commander'
@@ -58,6 +60,7 @@ function reporter(): Reporter {
 }
 
 async function offlineMerge(volumePath: string, snapshot: string, rate: number | undefined): Promise<void> {
+  // Nobody else can have the snapshot open offline (a server would own the volume): --force is moot.
   const volume = await Volume.open(volumePath)
   const report = reporter()
   let interrupted = false
@@ -81,8 +84,8 @@ async function offlineMerge(volumePath: string, snapshot: string, rate: number |
   }
 }
 
-async function liveMerge(client: ControlClient, snapshot: string, rate: number | undefined, wait: boolean): Promise<void> {
-  await client.call('merge', rate === undefined ? { name: snapshot } : { name: snapshot, rate })
+async function liveMerge(client: ControlClient, snapshot: string, rate: number | undefined, wait: boolean, force: boolean): Promise<void> {
+  await client.call('merge', { name: snapshot, force, ...(rate === undefined ? {} : { rate }) })
   if (!wait) return
   const report = reporter()
   try {
@@ -105,17 +108,18 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
     .description('merge a snapshot back into its origin (roll the origin back to it)')
     .argument('<VOL@SNAP>')
     .option('--wait', 'on a served volume, wait for the merge to finish')
-    .option('--rate <BYTES_PER_SECOND>', 'limit the merge rate', (t: string) => {
-      if (!/^\d+$/.test(t) || Number(t) <= 0) throw new InvalidArgumentError(`invalid rate '${t}'`)
+    .option('--rate <BYTES_PER_SECOND>', 'limit the merge rate, kept for when the merge resumes (0: no limit)', (t: string) => {
+      if (!/^\d+$/.test(t) || !Number.isSafeInteger(Number(t))) throw new InvalidArgumentError(`invalid rate '${t}'`)
       return Number(t)
     })
-    .action(async (spec: string, opts: { wait?: boolean; rate?: number }) => {
-      const { volume, snapshot } = parseDevice(spec)
+    .option('--force', 'merge it even while NBD clients have the snapshot open (they get ESHUTDOWN)')
+    .action(async (spec: string, opts: { wait?: boolean; rate?: number; force?: boolean }) => {
+      const { volume, snapshot } = usageOnBadDevice(spec)
       if (!snapshot) throw new InvalidArgumentError(`expected VOL@SNAP, got '${spec}'`)
       const client = await ControlClient.connect(resolve(volume))
       if (client) {
         try {
-          await liveMerge(client, snapshot, opts.rate, opts.wait === true)
+          await liveMerge(client, snapshot, opts.rate, opts.wait === true, opts.force === true)
         } finally {
           client.close()
         }
@@ -123,4 +127,13 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
       }
       await offlineMerge(volume, snapshot, opts.rate)
     })
+}
+
+/** A malformed device name is a usage error (exit 2), as for every other command. */
+function usageOnBadDevice(spec: string): ReturnType<typeof parseDevice> {
+  try {
+    return parseDevice(spec)
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message)
+  }
 }

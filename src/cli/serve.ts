@@ -1,13 +1,18 @@
 /**
  * `blocksnap serve`: owns the volumes, exports them over NBD, and carries out other blocksnap
- * commands live through each volume's control socket. SIGINT/SIGTERM stop it cleanly: clients
- * are drained, everything is flushed and committed, locks are released.
+ * commands live through each volume's control socket. SIGHUP, SIGINT, SIGQUIT and SIGTERM stop
+ * it cleanly: clients are drained, everything is flushed and committed, locks are released and
+ * sockets removed.
  */
-import { pino } from 'pino'
+import { type Logger, pino } from 'pino'
 import { ControlServer } from '../control/control-server.js'
+import { type DeviceUsers, refuseIfOpen } from '../control/volume-ops.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { NbdServer } from '../nbd/server.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions } from '../nbd/tls.js'
+import { UnixSocketAddress, clearStaleSocket } from '../util/unix-socket.js'
+import type { Merge } from '../merge/merge.js'
+import type { Snapshot } from '../snapshot/snapshot.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
 
@@ -19,6 +24,9 @@ export interface ServeOptions {
   readonly tlsPsk?: string
   readonly tlsCert?: string
   readonly tlsKey?: string
+  /** CA for client certificates; verifying them is on by default with a CA. */
+  readonly tlsCa?: string
+  readonly tlsVerifyPeer?: boolean
   readonly tls?: 'off' | 'allow' | 'require'
   readonly writeBackBytes?: number
   readonly handshakeTimeoutMs?: number
@@ -26,11 +34,25 @@ export interface ServeOptions {
   readonly maxPendingBytes?: number
 }
 
-function mergeHandlers(volume: Volume) {
+/** Logs how each merge of `volume` ends, once per merge. */
+function mergeLogger(log: Logger, volume: Volume): (merge: Merge) => void {
+  const watched = new WeakSet<Merge>()
+  return (merge) => {
+    if (watched.has(merge)) return
+    watched.add(merge)
+    const name = merge.snapshot.snapshotName
+    merge.once('complete', () => log.info(`${volume.name}: merge of ${name} complete`))
+    merge.once('failed', (err) => log.error(`${volume.name}: merge of ${name} failed: ${err.message}`))
+  }
+}
+
+function mergeHandlers(volume: Volume, users: DeviceUsers, watch: (merge: Merge) => void) {
   return {
     merge: async (a: Record<string, unknown>) => {
       const rate = a.rate as number | undefined
+      if (volume.merge?.snapshot.snapshotName !== a.name) refuseIfOpen(volume, a.name as string, users, a.force === true)
       const merge = await volume.startMerge(a.name as string, rate === undefined ? {} : { rateBytesPerSecond: rate })
+      watch(merge)
       return { state: merge.state, ...merge.progress() }
     },
     'merge-status': async () => {
@@ -40,6 +62,36 @@ function mergeHandlers(volume: Volume) {
       return { state: merge.state, snapshot: merge.snapshot.snapshotName, ...merge.progress(), failure }
     },
   }
+}
+
+/**
+ * Logs what happens to a volume's snapshots: a COW out of space on its file system (origin
+ * writes needing a copy into it fail with ENOSPC, nothing is invalidated), space back, and
+ * invalidation (a fixed-size COW that filled up, or an I/O error).
+ */
+function logSnapshotNotices(volume: Volume, log: Logger): void {
+  const cowPath = (snap: Snapshot, err?: SnapError): string => {
+    const path = err?.details?.path
+    if (typeof path === 'string') return path
+    try {
+      return volume.cowPath(volume.record(snap.snapshotName))
+    } catch {
+      return 'its COW file'
+    }
+  }
+  const notices = volume.origin.notices
+  notices.on('no-space', (snap: Snapshot, err: SnapError) => {
+    log.warn(
+      `volume ${volume.name}, snapshot ${snap.snapshotName}: no space on the file system holding ${cowPath(snap, err)}; ` +
+        `origin writes that need a copy into it fail with ENOSPC until space is freed, the snapshot stays valid (${err.message})`,
+    )
+  })
+  notices.on('space-restored', (snap: Snapshot) => {
+    log.info(`volume ${volume.name}, snapshot ${snap.snapshotName}: copies into ${cowPath(snap)} succeed again`)
+  })
+  notices.on('invalidated', (snap: Snapshot, reason: string) => {
+    log.warn(`volume ${volume.name}, snapshot ${snap.snapshotName} is now invalid: ${reason} (${cowPath(snap)})`)
+  })
 }
 
 /**
@@ -59,6 +111,8 @@ async function loadServeTls(options: ServeOptions): Promise<NbdTlsOptions | unde
     ...(options.tlsPsk ? { pskFile: options.tlsPsk } : {}),
     ...(options.tlsCert ? { certFile: options.tlsCert } : {}),
     ...(options.tlsKey ? { keyFile: options.tlsKey } : {}),
+    ...(options.tlsCa ? { caFile: options.tlsCa } : {}),
+    ...(options.tlsVerifyPeer === undefined ? {} : { verifyPeer: options.tlsVerifyPeer }),
   }
   try {
     const tls = await loadTlsFiles(files)
@@ -69,11 +123,51 @@ async function loadServeTls(options: ServeOptions): Promise<NbdTlsOptions | unde
   }
 }
 
+/** Every signal that asks a daemon to stop; nbdkit treats them alike too. */
+const STOP_SIGNALS: readonly NodeJS.Signals[] = ['SIGHUP', 'SIGINT', 'SIGQUIT', 'SIGTERM']
+
+/**
+ * Watches the stop signals for the whole life of the server, startup included. The first one
+ * starts the shutdown; any later one is logged and ignored, so a second Ctrl-C cannot cut the
+ * drain and flush short. The handlers stay installed until the process exits (signal handlers
+ * do not keep Node alive), so a signal during the last steps of exit does no harm either.
+ */
+class StopSignals {
+  /** Resolves with the name of the first stop signal. */
+  readonly received: Promise<NodeJS.Signals>
+  private first: NodeJS.Signals | null = null
+
+  constructor(log: { info(msg: string): void; warn(msg: string): void }) {
+    let resolve!: (signal: NodeJS.Signals) => void
+    this.received = new Promise((r) => {
+      resolve = r
+    })
+    for (const signal of STOP_SIGNALS) {
+      process.on(signal, () => {
+        if (this.first !== null) {
+          log.warn(`${signal}: already stopping after ${this.first}; ignored`)
+          return
+        }
+        this.first = signal
+        log.info(`${signal}: stopping`)
+        resolve(signal)
+      })
+    }
+  }
+}
+
 export async function serveVolumes(paths: string[], options: ServeOptions, extra: { printHelp?: boolean } = {}): Promise<void> {
-  const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, pino.destination(2))
+  const destination = pino.destination(2)
+  // stderr may be a terminal that hung up (SIGHUP): losing log lines must not stop the shutdown.
+  destination.on('error', () => {})
+  const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, destination)
+  const signals = new StopSignals(log)
   const tls = await loadServeTls(options)
   const names = new Set<string>()
   const volumes: Volume[] = []
+  // Control requests can arrive before the NBD server exists; nobody is connected then.
+  let nbd: NbdServer | null = null
+  const users: DeviceUsers = { clientsOf: (name) => nbd?.clientsOf(name) ?? 0 }
   const controls: ControlServer[] = []
   const cleanup = async () => {
     for (const c of controls) await c.close().catch(() => {})
@@ -83,17 +177,33 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     for (const p of paths) {
       const volume = await Volume.open(p, options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes })
       volumes.push(volume)
+      logSnapshotNotices(volume, log)
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
-      const control = new ControlServer(volume, mergeHandlers(volume))
+      for (const r of volume.records) {
+        const broken = volume.broken(r.name)
+        if (broken !== null) log.warn(`${volume.name}@${r.name} is broken (${broken}): serving the rest; origin writes are refused with EPERM until it is repaired or removed with \`blocksnap remove ${volume.name}@${r.name} --force\``)
+      }
+      if (volume.pendingMerge !== null && volume.merge === null) {
+        log.warn(`${volume.name}: the merge of ${volume.name}@${volume.pendingMerge} waits for the broken snapshots; origin reads fail (EIO) until then`)
+      }
+      const watch = mergeLogger(log, volume)
+      const control = new ControlServer(volume, mergeHandlers(volume, users, watch), { readOnly: options.readOnly, users })
       await control.listen()
       controls.push(control)
+      // Serving is asking for it: a merge interrupted earlier goes on, at the user's rate.
+      const resumed = await volume.resumeMerge()
+      if (resumed) {
+        watch(resumed)
+        const rate = volume.pendingMergeRate
+        log.info(`${volume.name}: resuming the merge of ${resumed.snapshot.snapshotName}${rate === null ? '' : ` at ${rate} bytes/s`}`)
+      }
     }
   } catch (err) {
     await cleanup()
     throw err
   }
-  const server = new NbdServer({
+  const server: NbdServer = new NbdServer({
     exports: new VolumeExports(volumes, { readOnly: options.readOnly }),
     logger: log.child({ component: 'nbd' }),
     ...(tls ? { tls } : {}),
@@ -101,17 +211,23 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     ...(options.maxConnections === undefined ? {} : { maxConnections: options.maxConnections }),
     ...(options.maxPendingBytes === undefined ? {} : { maxPendingBytes: options.maxPendingBytes }),
   })
+  nbd = server
   let listening = `${options.host}:${options.port}`
+  let socketAddress: UnixSocketAddress | null = null
   try {
     await server.listen({ host: options.host, port: options.port })
     if (options.socket) {
       listening = options.socket
-      await server.listen({ path: options.socket })
+      // A server killed outright leaves its socket file behind; qemu-nbd and nbdkit reuse the path too.
+      await clearStaleSocket(options.socket, 'socket')
+      socketAddress = await UnixSocketAddress.of(options.socket)
+      await server.listen({ path: socketAddress.bindPath })
     }
   } catch (err) {
     await server.close().catch(() => {})
+    await socketAddress?.release()
     await cleanup()
-    throw new SnapError('SNAP_BUSY', `cannot listen on ${listening}: ${(err as Error).message}`)
+    throw isSnapError(err) ? err : new SnapError('SNAP_BUSY', `cannot listen on ${listening}: ${(err as Error).message}`)
   }
   const where = `${options.host}:${options.port}`
   log.info(`serving ${volumes.map((v) => v.name).join(', ')} on ${where}${options.socket ? ` and ${options.socket}` : ''}`)
@@ -140,19 +256,9 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       ].join('\n'),
     )
   }
-  await new Promise<void>((resolve) => {
-    let stopping = false
-    const stop = (signal: string) => {
-      if (stopping) return
-      stopping = true
-      log.info(`${signal}: stopping`)
-      void (async () => {
-        await server.close().catch((err) => log.error(`closing NBD server: ${(err as Error).message}`))
-        await cleanup()
-        resolve()
-      })()
-    }
-    process.once('SIGINT', () => stop('SIGINT'))
-    process.once('SIGTERM', () => stop('SIGTERM'))
-  })
+  await signals.received
+  await server.close().catch((err) => log.error(`closing NBD server: ${(err as Error).message}`))
+  await socketAddress?.release() // after the close: libuv removes the socket file by its bound name
+  await cleanup()
+  log.info('stopped')
 }

@@ -73,6 +73,8 @@ export class VolumeExports implements ExportProvider {
   }
 
   private snapshotExport(v: Volume, snapName: string): NbdExport | RefusedExport | undefined {
+    const broken = v.broken(snapName)
+    if (broken !== null) return { refused: `snapshot ${snapName} of ${v.name} is broken: ${broken}` }
     let snap: Snapshot
     try {
       snap = v.snapshot(snapName)
@@ -80,8 +82,9 @@ export class VolumeExports implements ExportProvider {
       return undefined
     }
     if (snap.merging) return { refused: `snapshot ${snapName} is being merged into ${v.name}` }
+    const name = `${v.name}@${snapName}`
     return {
-      name: `${v.name}@${snapName}`,
+      name,
       description: `blocksnap snapshot ${snapName} of ${v.name} (chunk ${snap.chunkBytes} bytes)`,
       device: snap,
       readOnly: this.readOnly,
@@ -89,6 +92,13 @@ export class VolumeExports implements ExportProvider {
       fastZero: false,
       blockStatus: async (context, offset, length) =>
         context === EXCEPTIONS_CONTEXT ? snapshotExtents(snap, offset, length) : [{ length, flags: 0 }],
+      // The Snapshot object is this export's identity: one removed (and maybe recreated under
+      // the same name) or merged is gone for the clients that opened it.
+      withdrawn: () => {
+        if (!snap.active) return `export '${name}' is gone: the snapshot was ${snap.merging ? `merged into ${v.name}` : 'removed'}`
+        if (snap.merging) return `export '${name}' is gone: the snapshot is being merged into ${v.name}`
+        return null
+      },
     }
   }
 }

@@ -3,10 +3,11 @@
  */
 import { type Socket, createConnection } from 'node:net'
 import { join } from 'node:path'
-import { SnapError, type SnapErrorCode } from '../errors.js'
+import { SnapError, type SnapErrorCode, isSnapError } from '../errors.js'
+import { UnixSocketAddress } from '../util/unix-socket.js'
 import type { VolumeInfo } from '../volume/volume.js'
-import { CONTROL_SOCKET, type ControlReply, lineSplitter } from './control-protocol.js'
-import { IO_PIECE_BYTES, type VolumeOps } from './volume-ops.js'
+import { CONTROL_SOCKET, type ControlReply, HELLO, type VolumeIdentity, lineSplitter, sameVolume, volumeIdentity } from './control-protocol.js'
+import { IO_PIECE_BYTES, type RemoveOptions, type VolumeOps } from './volume-ops.js'
 
 export class ControlClient implements VolumeOps {
   private readonly socket: Socket
@@ -35,13 +36,55 @@ export class ControlClient implements VolumeOps {
     socket.on('error', failAll)
   }
 
-  /** Connects to the server owning `dir`; null when nothing listens there. */
+  /**
+   * Connects to the server owning `dir` and confirms that it owns exactly that volume; null when
+   * nothing listens there (the caller opens the volume itself). A socket this user may not
+   * reach, or one served for another volume, is refused with one line.
+   */
   static async connect(dir: string): Promise<ControlClient | null> {
-    return new Promise((resolve) => {
-      const socket = createConnection(join(dir, CONTROL_SOCKET))
-      socket.once('connect', () => resolve(new ControlClient(socket)))
-      socket.once('error', () => resolve(null))
-    })
+    const path = join(dir, CONTROL_SOCKET)
+    let address: UnixSocketAddress
+    try {
+      address = await UnixSocketAddress.of(path)
+    } catch (err) {
+      if (isSnapError(err, 'SNAP_NOT_FOUND')) return null // no such directory: opening the volume says so
+      throw err
+    }
+    let socket: Socket | null
+    try {
+      socket = await new Promise<Socket | null>((resolve, reject) => {
+        const s = createConnection(address.bindPath)
+        s.once('connect', () => resolve(s))
+        s.once('error', (err: NodeJS.ErrnoException) => {
+          if (err.code === 'EACCES' || err.code === 'EPERM') {
+            reject(new SnapError('SNAP_BUSY', `permission denied on ${path}: this user may not use the server of volume ${dir}`, { details: { path } }))
+          } else resolve(null) // ENOENT: not served; ECONNREFUSED: a dead server's stale socket
+        })
+      })
+    } finally {
+      await address.release()
+    }
+    if (!socket) return null
+    const client = new ControlClient(socket)
+    try {
+      await client.confirm(dir, path)
+    } catch (err) {
+      client.close()
+      throw err
+    }
+    return client
+  }
+
+  /** HELLO: the server must own the very directory `dir` names. */
+  private async confirm(dir: string, path: string): Promise<void> {
+    const wanted = await volumeIdentity(dir)
+    const served = await this.call<VolumeIdentity>(HELLO, { dev: wanted.dev, ino: wanted.ino })
+    if (!served || typeof served !== 'object' || !sameVolume(served, wanted)) {
+      const other = served && typeof served.dir === 'string' ? ` (it serves ${served.dir})` : ''
+      throw new SnapError('SNAP_BUSY', `${path} is the control socket of another volume${other}; refusing to send it a command for ${dir}`, {
+        details: { path },
+      })
+    }
   }
 
   call<T>(op: string, args: Record<string, unknown> = {}): Promise<T> {
@@ -65,8 +108,8 @@ export class ControlClient implements VolumeOps {
   snapshot(name: string, options: object): Promise<void> {
     return this.call('snapshot', { name, options })
   }
-  remove(name: string): Promise<void> {
-    return this.call('remove', { name })
+  remove(name: string, options: RemoveOptions = {}): Promise<void> {
+    return this.call('remove', { name, force: options.force === true })
   }
   importCow(name: string, cow: string, inPlace: boolean): Promise<void> {
     return this.call('import', { name, cow, inPlace })

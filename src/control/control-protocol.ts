@@ -2,8 +2,35 @@
  * Control socket protocol: one JSON object per line in each direction over a Unix socket in the
  * volume directory. Requests {id, op, args}; replies {id, ok: true, result} or
  * {id, ok: false, error: {code, message}}. Binary payloads travel as base64 strings.
+ *
+ * The first request is always HELLO carrying the identity of the volume the client means; the
+ * server answers with the identity of the volume it owns and carries out nothing else on a
+ * connection whose HELLO did not match. A socket reached by a wrong path (a symlink, a moved
+ * directory) thus never takes a command meant for another volume.
  */
+import { stat } from 'node:fs/promises'
+
 export const CONTROL_SOCKET = 'control.sock'
+export const HELLO = 'hello'
+
+/**
+ * Which volume a directory is: its device and inode, the same whatever path names it (no
+ * manifest field needed, and a copied directory is another volume). `dir` is for messages only.
+ */
+export interface VolumeIdentity {
+  readonly dev: string
+  readonly ino: string
+  readonly dir: string
+}
+
+export async function volumeIdentity(dir: string): Promise<VolumeIdentity> {
+  const st = await stat(dir, { bigint: true })
+  return { dev: st.dev.toString(), ino: st.ino.toString(), dir }
+}
+
+export function sameVolume(a: Pick<VolumeIdentity, 'dev' | 'ino'>, b: Pick<VolumeIdentity, 'dev' | 'ino'>): boolean {
+  return a.dev === b.dev && a.ino === b.ino
+}
 
 export interface ControlRequest {
   readonly id: number

@@ -6,52 +6,92 @@ import { unlink } from 'node:fs/promises'
 import { type Server, type Socket, createServer } from 'node:net'
 import { join } from 'node:path'
 import { SnapError, isSnapError } from '../errors.js'
+import { UnixSocketAddress, clearStaleSocket } from '../util/unix-socket.js'
 import type { Volume } from '../volume/volume.js'
-import { CONTROL_SOCKET, type ControlReply, type ControlRequest, lineSplitter } from './control-protocol.js'
-import { type VolumeOps, localOps } from './volume-ops.js'
+import {
+  CONTROL_SOCKET,
+  type ControlReply,
+  type ControlRequest,
+  HELLO,
+  type VolumeIdentity,
+  lineSplitter,
+  sameVolume,
+  volumeIdentity,
+} from './control-protocol.js'
+import { type DeviceUsers, type VolumeOps, localOps } from './volume-ops.js'
 
 export type ExtraHandler = (args: Record<string, unknown>) => Promise<unknown>
 
+export interface ControlServerOptions {
+  /** Refuse the operations that change the volume (the server was started --read-only). */
+  readonly readOnly?: boolean
+  /** Who has the volume's devices open over NBD (remove and merge refuse open snapshots). */
+  readonly users?: DeviceUsers
+}
+
+/** Operations that change the volume's data or its set of snapshots. */
+const MUTATIONS: ReadonlySet<string> = new Set(['write', 'snapshot', 'remove', 'import', 'merge'])
+
+/** A client connection: whether its HELLO named this server's volume. */
+interface Connection {
+  identified: boolean
+}
+
 export class ControlServer {
   private readonly server: Server
+  private readonly volume: Volume
   private readonly ops: VolumeOps
   private readonly extra: Map<string, ExtraHandler>
+  private readonly readOnly: boolean
   private readonly sockets = new Set<Socket>()
+  private identity: VolumeIdentity | null = null
+  private address: UnixSocketAddress | null = null
   readonly path: string
 
-  constructor(volume: Volume, extra: Record<string, ExtraHandler> = {}) {
-    this.ops = localOps(volume)
+  constructor(volume: Volume, extra: Record<string, ExtraHandler> = {}, options: ControlServerOptions = {}) {
+    this.volume = volume
+    this.ops = localOps(volume, options.users)
     this.extra = new Map(Object.entries(extra))
+    this.readOnly = options.readOnly === true
     this.path = join(volume.dir, CONTROL_SOCKET)
     this.server = createServer((socket) => this.accept(socket))
   }
 
   async listen(): Promise<void> {
-    await unlink(this.path).catch(() => {}) // a stale socket from a crashed server
-    await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject)
-      this.server.listen(this.path, () => {
-        this.server.off('error', reject)
-        resolve()
+    this.identity = await volumeIdentity(this.volume.dir)
+    await clearStaleSocket(this.path, 'control socket') // a stale socket from a crashed server
+    const address = await UnixSocketAddress.of(this.path)
+    try {
+      await new Promise<void>((resolve, reject) => {
+        this.server.once('error', reject)
+        this.server.listen(address.bindPath, () => {
+          this.server.off('error', reject)
+          resolve()
+        })
       })
-    })
+    } catch (err) {
+      await address.release()
+      throw new SnapError('SNAP_BUSY', `cannot listen on ${this.path}: ${(err as Error).message}`, { cause: err })
+    }
+    this.address = address
   }
 
   private accept(socket: Socket): void {
     this.sockets.add(socket)
+    const connection: Connection = { identified: false }
     socket.on('close', () => this.sockets.delete(socket))
     socket.on('error', () => socket.destroy())
     socket.on(
       'data',
       lineSplitter((line) => {
-        void this.handle(line).then((reply) => {
+        void this.handle(line, connection).then((reply) => {
           if (!socket.destroyed) socket.write(`${JSON.stringify(reply)}\n`)
         })
       }),
     )
   }
 
-  private async handle(line: string): Promise<ControlReply> {
+  private async handle(line: string, connection: Connection): Promise<ControlReply> {
     let request: ControlRequest
     try {
       request = JSON.parse(line) as ControlRequest
@@ -59,12 +99,25 @@ export class ControlServer {
       return { id: -1, ok: false, error: { code: 'SNAP_BAD_ARGUMENT', message: 'control request is not JSON' } }
     }
     try {
-      return { id: request.id, ok: true, result: await this.dispatch(request.op, request.args ?? {}) }
+      const args = request.args ?? {}
+      if (request.op === HELLO) return { id: request.id, ok: true, result: this.hello(args, connection) }
+      if (!connection.identified) throw new SnapError('SNAP_BAD_ARGUMENT', `control connection to ${this.path} has not named this volume`)
+      if (this.readOnly && MUTATIONS.has(request.op)) {
+        throw new SnapError('SNAP_READ_ONLY', `volume ${this.volume.name} is served read-only: ${request.op} refused`)
+      }
+      return { id: request.id, ok: true, result: await this.dispatch(request.op, args) }
     } catch (err) {
       const code = isSnapError(err) ? err.code : 'SNAP_IO'
       const message = err instanceof Error ? err.message : String(err)
       return { id: request.id, ok: false, error: { code, message } }
     }
+  }
+
+  /** Answers with the volume this server owns; the connection may go on only if the client meant it. */
+  private hello(args: Record<string, unknown>, connection: Connection): VolumeIdentity {
+    const identity = this.identity as VolumeIdentity
+    connection.identified = sameVolume(identity, { dev: String(args.dev), ino: String(args.ino) })
+    return identity
   }
 
   private async dispatch(op: string, a: Record<string, unknown>): Promise<unknown> {
@@ -77,7 +130,7 @@ export class ControlServer {
       case 'snapshot':
         return this.ops.snapshot(a.name as string, (a.options ?? {}) as never)
       case 'remove':
-        return this.ops.remove(a.name as string)
+        return this.ops.remove(a.name as string, { force: a.force === true })
       case 'import':
         return this.ops.importCow(a.name as string, a.cow as string, a.inPlace === true)
       case 'check':
@@ -103,6 +156,10 @@ export class ControlServer {
   async close(): Promise<void> {
     for (const s of this.sockets) s.destroy()
     await new Promise<void>((resolve) => this.server.close(() => resolve()))
+    // libuv unlinked the socket by its bind path, which may go through the directory handle:
+    // only now may that handle close.
+    await this.address?.release()
+    this.address = null
     await unlink(this.path).catch(() => {})
   }
 }

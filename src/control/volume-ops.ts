@@ -11,11 +11,39 @@ import { checkCow } from '../volume/check.js'
 /** Largest piece moved in one control request (keeps JSON messages bounded). */
 export const IO_PIECE_BYTES = 4 * 1024 * 1024
 
+export interface RemoveOptions {
+  /** Remove even when NBD clients have it open, or when it is broken. */
+  readonly force?: boolean
+}
+
+/** Who else has a device open: the NBD clients of a served volume (offline, nobody). */
+export interface DeviceUsers {
+  /** Clients connected to export `exportName` (`VOL` or `VOL@SNAP`). */
+  clientsOf(exportName: string): number
+}
+
+export const NO_USERS: DeviceUsers = { clientsOf: () => 0 }
+
+/**
+ * Refuses to take snapshot `name` away (remove, merge) from NBD clients that have it open, as
+ * LVM refuses to remove an open LV; `force` takes it anyway (its clients then get ESHUTDOWN).
+ */
+export function refuseIfOpen(volume: Volume, name: string, users: DeviceUsers, force: boolean): void {
+  if (force) return
+  const exportName = `${volume.name}@${name}`
+  const clients = users.clientsOf(exportName)
+  if (clients === 0) return
+  throw new SnapError(
+    'SNAP_BUSY',
+    `snapshot ${exportName} is open by ${clients} NBD client${clients === 1 ? '' : 's'} (export ${exportName}); use --force`,
+  )
+}
+
 export interface VolumeOps {
   list(): Promise<VolumeInfo>
   status(snapshot: string | null): Promise<string>
   snapshot(name: string, options: SnapshotCreateOptions): Promise<void>
-  remove(name: string): Promise<void>
+  remove(name: string, options?: RemoveOptions): Promise<void>
   importCow(name: string, cowFile: string, inPlace: boolean): Promise<void>
   check(name: string | null): Promise<{ clean: boolean; problems: string[] }>
   size(snapshot: string | null): Promise<number>
@@ -24,7 +52,7 @@ export interface VolumeOps {
   flush(snapshot: string | null): Promise<void>
 }
 
-export function localOps(volume: Volume): VolumeOps {
+export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeOps {
   const checkRange = (offset: number, length: number) => {
     if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
       throw badArgument(`bad range offset=${offset} length=${length}`)
@@ -43,8 +71,9 @@ export function localOps(volume: Volume): VolumeOps {
     async snapshot(name, options) {
       await volume.createSnapshot(name, options)
     },
-    async remove(name) {
-      await volume.removeSnapshot(name)
+    async remove(name, options = {}) {
+      refuseIfOpen(volume, name, users, options.force === true)
+      await volume.removeSnapshot(name, options.force ? { force: true } : {})
     },
     async importCow(name, cowFile, inPlace) {
       await volume.importSnapshot(name, cowFile, { inPlace })
@@ -54,8 +83,12 @@ export function localOps(volume: Volume): VolumeOps {
       const problems: string[] = []
       for (const n of names) {
         const record = volume.record(n)
+        const broken = volume.broken(n)
         if (record.store !== 'persistent') continue
-        for (const p of await checkCow(volume.cowPath(record), { originSizeBytes: volume.sizeBytes })) problems.push(`${n}: ${p}`)
+        const found = await checkCow(volume.cowPath(record), { originSizeBytes: volume.sizeBytes })
+        // A COW that failed to attach is a problem even when the file alone looks sound.
+        if (broken !== null && found.length === 0) found.push(`broken: ${broken}`)
+        for (const p of found) problems.push(`${n}: ${p}`)
       }
       return { clean: problems.length === 0, problems }
     },

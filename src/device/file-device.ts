@@ -1,17 +1,23 @@
 /**
- * A regular file (or disk image) as a BlockDevice, using positional I/O on one FileHandle.
+ * A regular file (or disk image) or a block device as a BlockDevice, using positional I/O on one
+ * FileHandle.
  *
  * Node cannot punch holes portably, so discard writes zeros, except that a discard reaching the
- * end of the file truncates and re-extends it, which leaves the tail sparse on every filesystem.
+ * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
+ * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
 import { constants } from 'node:fs'
 import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
+import { blockDeviceSizeBytes } from './block-device-size.js'
 
 export interface FileDeviceOptions {
   readonly readOnly?: boolean
-  /** Create the file exclusively with this size (sparse); fails with SNAP_EXISTS if it exists. */
+  /**
+   * Create the file exclusively with this size (sparse); fails with SNAP_EXISTS if it exists.
+   * The new file is 0600: it holds a disk's data, which is no business of other local users.
+   */
   readonly create?: number
   /** Allow resize() (grow-on-demand COW files). */
   readonly resizable?: boolean
@@ -20,17 +26,22 @@ export interface FileDeviceOptions {
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
+/** Mode of files created by open({create}); the umask can only narrow it. */
+const CREATED_FILE_MODE = 0o600
 
 export class FileDevice extends BaseBlockDevice {
   readonly capabilities: DeviceCapabilities
   readonly path: string
   private readonly handle: FileHandle
+  /** A block device cannot be truncated: discard always writes zeros. */
+  private readonly truncatable: boolean
 
-  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities) {
+  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean) {
     super(sizeBytes, `file ${path}`)
     this.handle = handle
     this.path = path
     this.capabilities = capabilities
+    this.truncatable = truncatable
   }
 
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
@@ -43,17 +54,21 @@ export class FileDevice extends BaseBlockDevice {
     let handle: FileHandle
     try {
       const flags = create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+'
-      handle = await openFile(path, options.noFollow ? openFlags(flags) | constants.O_NOFOLLOW : flags)
+      handle = await openFile(path, options.noFollow ? openFlags(flags) | constants.O_NOFOLLOW : flags, CREATED_FILE_MODE)
     } catch (err) {
       throw openError(err, path)
     }
     try {
       let sizeBytes: number
+      let block = false
       if (create !== undefined) {
         await handle.truncate(create)
         sizeBytes = create
       } else {
-        sizeBytes = (await handle.stat()).size
+        const st = await handle.stat({ bigint: true })
+        block = st.isBlockDevice()
+        if (!st.isFile() && !block) throw badArgument(`${path} is not a regular file or block device`)
+        sizeBytes = block ? await blockDeviceSizeBytes(st.rdev, path) : Number(st.size)
       }
       const capabilities: DeviceCapabilities = {
         writable: !readOnly,
@@ -61,9 +76,9 @@ export class FileDevice extends BaseBlockDevice {
         fua: true,
         discard: true,
         // A read-only handle cannot be truncated, so resize needs write access too.
-        resize: options.resizable === true && !readOnly,
+        resize: options.resizable === true && !readOnly && !block,
       }
-      return new FileDevice(handle, path, sizeBytes, capabilities)
+      return new FileDevice(handle, path, sizeBytes, capabilities, !block)
     } catch (err) {
       await handle.close().catch(() => {})
       // Do not leave a half-made file behind after an exclusive create we own.
@@ -78,11 +93,6 @@ export class FileDevice extends BaseBlockDevice {
    */
   async openedPath(): Promise<string> {
     return realpath(`/proc/self/fd/${this.handle.fd}`).catch(() => realpath(this.path))
-  }
-
-  /** True if the open file is a regular file (not a FIFO, socket or device). */
-  async isRegularFile(): Promise<boolean> {
-    return (await this.handle.stat()).isFile()
   }
 
   protected override async _readInto(target: Uint8Array, offset: number): Promise<void> {
@@ -119,7 +129,7 @@ export class FileDevice extends BaseBlockDevice {
 
   protected override async _discard(offset: number, length: number): Promise<void> {
     try {
-      if (offset + length >= this._sizeBytes) {
+      if (this.truncatable && offset + length >= this._sizeBytes) {
         await this.handle.truncate(offset)
         await this.handle.truncate(this._sizeBytes)
         return

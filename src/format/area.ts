@@ -18,14 +18,21 @@ export interface ExceptionEntry {
 
 const TWO_32 = 2 ** 32
 
-/** Returns `hi`, the high word of the u64 at byte `at`, once it is known to fit in 53 bits. */
-function checkHighWord(hi: number, at: number, what: string): number {
-  if (hi >= 0x200000) throw corrupt(`${what} at byte ${at} does not fit in 53 bits`, { offset: at })
+/**
+ * Returns `hi`, the high word of the u64 (`hi`, `lo`) at byte `at`, once it is known to fit in 53
+ * bits; the error quotes the value exactly (as a bigint: a Number would round it).
+ */
+function checkHighWord(hi: number, lo: number, at: number, what: string): number {
+  if (hi >= 0x200000) {
+    const value = (BigInt(hi) << 32n) | BigInt(lo)
+    throw corrupt(`${what} ${value} at byte ${at} does not fit in 53 bits`, { offset: at })
+  }
   return hi
 }
 
 function readU64(view: DataView, at: number, what: string): number {
-  return checkHighWord(view.getUint32(at + 4, true), at, what) * TWO_32 + view.getUint32(at, true)
+  const lo = view.getUint32(at, true)
+  return checkHighWord(view.getUint32(at + 4, true), lo, at, what) * TWO_32 + lo
 }
 
 function writeU64(view: DataView, at: number, value: number): void {
@@ -85,9 +92,10 @@ export function decodeAreaInto(area: Uint8Array, out: ExceptionList): number {
     const nHi = view.getUint32(at + 12, true)
     if (nLo === 0 && nHi === 0) return i
     // same checks, in the same order, as decodeArea's readU64 calls
-    checkHighWord(nHi, at + 8, 'new_chunk')
-    const oHi = checkHighWord(view.getUint32(at + 4, true), at, 'old_chunk')
-    out.pushWords(view.getUint32(at, true), oHi, nLo, nHi)
+    checkHighWord(nHi, nLo, at + 8, 'new_chunk')
+    const oLo = view.getUint32(at, true)
+    const oHi = checkHighWord(view.getUint32(at + 4, true), oLo, at, 'old_chunk')
+    out.pushWords(oLo, oHi, nLo, nHi)
   }
   return capacity
 }

@@ -41,6 +41,7 @@
 import { EventEmitter } from 'node:events'
 import { SnapError, isSnapError } from '../errors.js'
 import type { Origin } from '../snapshot/origin.js'
+import { type Clock, systemClock } from '../util/clock.js'
 import { type Snapshot, settleAll } from '../snapshot/snapshot.js'
 import { type ChunkRange, MergeView, type MergeWindow, mergeFailedError } from './merge-view.js'
 
@@ -90,10 +91,18 @@ export interface MergeOptions {
   /** Caps the chunks merged per step (the rest is merged by the next steps). */
   readonly maxStepChunks?: number
   /**
+   * Runs once the table is empty and the snapshot detached, before the merge reports complete,
+   * so whoever waits for the end (done, 'complete') finds the owner's records already updated.
+   * If it fails, the merge fails with its error (the origin is fully merged regardless).
+   */
+  readonly onComplete?: () => Promise<void>
+  /**
    * TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
    * change under the merge; exists so a test can prove it guards the relocation.
    */
   readonly unsafeSkipRelocation?: boolean
+  /** Time for the rate limit and the measured rate/ETA; the system clock by default. */
+  readonly clock?: Clock
 }
 
 /** Largest single read/write of the COW → origin copy. */
@@ -128,8 +137,10 @@ export class Merge extends EventEmitter<MergeEvents> {
   readonly stats: MergeStats = { steps: 0, relocationScans: 0, relocationWaits: 0 }
   private _state: MergeState = 'running'
   private readonly skipRelocation: boolean
+  private readonly onComplete: (() => Promise<void>) | undefined
   private readonly maxStepChunks: number
   private rate: number
+  private readonly clock: Clock
   private readonly totalChunks: number
   private doneChunks = 0
   private rateBaseTime = 0
@@ -149,8 +160,10 @@ export class Merge extends EventEmitter<MergeEvents> {
     this.snapshot = snapshot
     this.view = view
     this.skipRelocation = options.unsafeSkipRelocation === true
+    this.onComplete = options.onComplete
     this.maxStepChunks = options.maxStepChunks ?? Infinity
     this.rate = checkRate(options.rateBytesPerSecond)
+    this.clock = options.clock ?? systemClock
     this.totalChunks = snapshot.table.size
     this.done = new Promise<void>((resolve, reject) => {
       this.resolveDone = resolve
@@ -188,7 +201,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     const cb = this.snapshot.chunkBytes
     const doneBytes = this.doneChunks * cb
     const totalBytes = this.totalChunks * cb
-    const elapsed = (performance.now() - this.rateBaseTime) / 1000
+    const elapsed = (this.clock.now() - this.rateBaseTime) / 1000
     const measured = elapsed > 0 ? (doneBytes - this.rateBaseBytes) / elapsed : 0
     const remaining = totalBytes - doneBytes
     let etaSeconds: number | null = null
@@ -252,16 +265,16 @@ export class Merge extends EventEmitter<MergeEvents> {
   /** Sleeps up to `ms` (forever if undefined), or until a control call kicks the loop. */
   private sleep(ms?: number): Promise<void> {
     return new Promise((resolve) => {
-      const timer = ms === undefined ? undefined : setTimeout(() => this.kick(), ms)
+      const cancel = ms === undefined ? undefined : this.clock.setTimer(ms, () => this.kick())
       this.wake = () => {
-        if (timer !== undefined) clearTimeout(timer)
+        cancel?.()
         resolve()
       }
     })
   }
 
   private resetRateBase(): void {
-    this.rateBaseTime = performance.now()
+    this.rateBaseTime = this.clock.now()
     this.rateBaseBytes = this.doneChunks * this.snapshot.chunkBytes
   }
 
@@ -269,7 +282,7 @@ export class Merge extends EventEmitter<MergeEvents> {
   private rateDelay(): number {
     if (this.rate <= 0) return 0
     const due = this.rateBaseTime + ((this.doneChunks * this.snapshot.chunkBytes - this.rateBaseBytes) / this.rate) * 1000
-    return due - performance.now()
+    return due - this.clock.now()
   }
 
   /**
@@ -453,6 +466,9 @@ export class Merge extends EventEmitter<MergeEvents> {
   private async relocate(ranges: readonly StepRange[]): Promise<void> {
     const events = this.origin.events
     const cb = this.snapshot.chunkBytes
+    // A copy that could not get space fails the step (nothing is invalidated); retrying it in
+    // this loop would spin for as long as the file system stays full.
+    let noSpace: SnapError | null = null
     for (;;) {
       const seen = events.done
       let pending = false
@@ -461,6 +477,11 @@ export class Merge extends EventEmitter<MergeEvents> {
         const scan = this.origin.triggerExceptions(r.firstChunk * cb, r.count * cb)
         this.stats.relocationScans++
         if (scan.waits.length > 0) pending = true
+        for (const wait of scan.waits) {
+          void wait.then((outcome) => {
+            if (outcome instanceof SnapError) noSpace ??= outcome
+          })
+        }
         invalidations.push(...scan.invalidations)
       }
       // A snapshot whose COW filled up is invalidated; the merge goes on once that is durable.
@@ -468,6 +489,7 @@ export class Merge extends EventEmitter<MergeEvents> {
       if (!pending) return
       this.stats.relocationWaits++
       await events.waitForChange(seen)
+      if (noSpace) throw noSpace
     }
   }
 
@@ -521,6 +543,14 @@ export class Merge extends EventEmitter<MergeEvents> {
     } catch {
       // The merge itself is complete; a close error of the emptied COW changes nothing.
     }
+    if (this.onComplete) {
+      try {
+        await this.onComplete()
+      } catch (err) {
+        this.fail(err)
+        return
+      }
+    }
     this.view.owner = null
     this._state = 'complete'
     this.detachSignal()
@@ -562,33 +592,41 @@ function refuse(message: string): SnapError {
 }
 
 /**
- * Starts (or, for a snapshot whose merge was stopped, failed or interrupted by a crash,
- * resumes) merging `snapshot` into `origin`. The snapshot's own I/O must be quiesced by the
- * caller (LVM suspends the snapshot device); origin I/O may continue throughout.
+ * Hands `snapshot` over to a merge without merging anything: the origin presents the merged view
+ * from now on (the kernel's snapshot-merge target is loaded), no chunk is copied. A volume
+ * reopened with a merge pending does this; startMerge later resumes on the same view. Returns
+ * the view already installed for `snapshot`, if any.
  */
-export async function startMerge(origin: Origin, snapshot: Snapshot, options: MergeOptions = {}): Promise<Merge> {
+export async function attachMergeView(origin: Origin, snapshot: Snapshot): Promise<MergeView> {
   if (!origin.snapshots.includes(snapshot)) {
     throw refuse(`${snapshot.snapshotName} is not a snapshot of this origin`)
   }
   if (!snapshot.store.supportsMerge) throw refuse('Snapshot exception store does not support snapshot-merge.')
   if (!snapshot.valid) throw refuse(`${snapshot.snapshotName} is invalid: can't merge`)
   const existing = origin.interceptor
-  let view: MergeView
   if (existing) {
-    if (!(existing instanceof MergeView) || existing.snapshot !== snapshot || existing.owner !== null) {
-      throw refuse('A snapshot is already merging.')
-    }
-    view = existing
-  } else {
-    view = new MergeView(origin, snapshot)
-    await origin.hold(async () => {
-      if (origin.interceptor) throw refuse('A snapshot is already merging.')
-      // Copies started by the snapshot's own writes must land before the handover.
-      await snapshot.drainPending()
-      snapshot.merging = true
-      origin.interceptor = view
-    })
+    if (!(existing instanceof MergeView) || existing.snapshot !== snapshot) throw refuse('A snapshot is already merging.')
+    return existing
   }
+  const view = new MergeView(origin, snapshot)
+  await origin.hold(async () => {
+    if (origin.interceptor) throw refuse('A snapshot is already merging.')
+    // Copies started by the snapshot's own writes must land before the handover.
+    await snapshot.drainPending()
+    snapshot.merging = true
+    origin.interceptor = view
+  })
+  return view
+}
+
+/**
+ * Starts (or, for a snapshot whose merge was stopped, failed or interrupted by a crash,
+ * resumes) merging `snapshot` into `origin`. The snapshot's own I/O must be quiesced by the
+ * caller (LVM suspends the snapshot device); origin I/O may continue throughout.
+ */
+export async function startMerge(origin: Origin, snapshot: Snapshot, options: MergeOptions = {}): Promise<Merge> {
+  const view = await attachMergeView(origin, snapshot)
+  if (view.owner !== null) throw refuse('A snapshot is already merging.')
   const merge = new Merge(origin, snapshot, view, options)
   view.owner = merge
   void merge.run()

@@ -23,6 +23,7 @@
 import type { Socket } from 'node:net'
 import type { TLSSocket } from 'node:tls'
 import { SnapError, isSnapError } from '../errors.js'
+import type { Clock } from '../util/clock.js'
 import { describeError, nbdErrnoFor } from './errno.js'
 import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
@@ -73,8 +74,8 @@ import {
   buildSimpleReply,
   type Extent,
 } from './protocol/reply.js'
-import { RequestParser, type RequestHeader } from './protocol/request.js'
-import type { TlsContext } from './tls.js'
+import { RequestParser, offsetText, type RequestHeader } from './protocol/request.js'
+import { describePeer, type TlsContext, type TlsPeer } from './tls.js'
 
 export interface ConnectionLimits {
   /** Requests dispatched and not yet answered. */
@@ -102,6 +103,7 @@ export interface ConnectionOptions {
   readonly pending: PendingBytes
   /** Buffers for large WRITE payloads, shared by the server's connections. */
   readonly payloads: PayloadPool
+  readonly clock: Clock
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -121,6 +123,14 @@ const ZERO_PIECE_BYTES = 1024 * 1024
 /** A client broke a MUST of the protocol: the only answer is to drop its connection. */
 const violation = (message: string) => new SnapError('NBD_PROTOCOL', message)
 
+/** Longest client-chosen export name quoted in logs and errors. */
+const SHOWN_NAME_CHARS = 64
+
+/** A client-chosen name as logs show it: a client may send 64 KiB names, once per connection. */
+export function shownName(name: string): string {
+  return name.length <= SHOWN_NAME_CHARS ? name : `${name.slice(0, SHOWN_NAME_CHARS)}…`
+}
+
 export class NbdConnection {
   readonly id: number
   private socket: Socket
@@ -134,7 +144,8 @@ export class NbdConnection {
   private requestParser: RequestParser | null = null
   private phase: Phase = 'client-flags'
   private noZeroes = false
-  private tlsActive = false
+  /** Who the client authenticated as, once TLS is up (null: plaintext so far). */
+  private tlsPeer: TlsPeer | null = null
   private structured = false
   /** Meta contexts chosen by the last SET_META_CONTEXT, by id, and the export they were for. */
   private contexts: string[] = []
@@ -147,7 +158,7 @@ export class NbdConnection {
   /** The client half-closed its side (EOF). */
   private peerEnded = false
   private graceTimer: NodeJS.Timeout | undefined
-  private handshakeTimer: NodeJS.Timeout | undefined
+  private cancelHandshakeTimer: (() => void) | undefined
   private inFlight = 0
   private inFlightBytes = 0
   /** Held in `pending` for the WRITE whose payload is arriving (0: none). */
@@ -171,6 +182,11 @@ export class NbdConnection {
     })
   }
 
+  /** The export this client is in transmission with (null in the handshake or once closing). */
+  get servedExport(): NbdExport | null {
+    return this.phase === 'transmission' ? this.exp : null
+  }
+
   /** Resolves once the socket is fully closed. */
   get closed(): Promise<void> {
     return this.closedPromise
@@ -182,11 +198,14 @@ export class NbdConnection {
     const limit = this.options.handshakeTimeoutMs
     if (limit > 0) {
       // A client that connects and never finishes negotiating would hold its slot forever.
-      this.handshakeTimer = setTimeout(() => {
-        this.log.warn(`${this.label}: handshake not finished within ${limit} ms; disconnecting`)
-        this.hardClose()
-      }, limit)
-      this.handshakeTimer.unref()
+      this.cancelHandshakeTimer = this.options.clock.setTimer(
+        limit,
+        () => {
+          this.log.warn(`${this.label}: handshake not finished within ${limit} ms; disconnecting`)
+          this.hardClose()
+        },
+        { unref: true },
+      )
     }
     this.send(buildGreeting())
   }
@@ -247,7 +266,7 @@ export class NbdConnection {
     this.dropAssembling()
     if (this.waitingForRoom) this.options.pending.cancel(this.onRoom)
     clearTimeout(this.graceTimer)
-    clearTimeout(this.handshakeTimer)
+    this.cancelHandshakeTimer?.()
     this.queue.clear()
     this.log.debug(`${this.label}: closed`)
     this.resolveClosed()
@@ -320,7 +339,7 @@ export class NbdConnection {
       this.optionError(code, Rep.ERR_SHUTDOWN, 'server is shutting down')
       return
     }
-    const tlsRequired = this.options.tls?.mode === 'require' && !this.tlsActive
+    const tlsRequired = this.options.tls?.mode === 'require' && this.tlsPeer === null
     if (tlsRequired && code !== Option.STARTTLS) {
       if (code === Option.EXPORT_NAME) throw violation('EXPORT_NAME without TLS, which this server requires')
       this.optionError(code, Rep.ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first')
@@ -380,8 +399,8 @@ export class NbdConnection {
     const name = data.toString('utf8')
     const exp = this.resolveExport(name)
     // EXPORT_NAME cannot carry an error: closing is the only answer.
-    if (exp === undefined) throw violation(`EXPORT_NAME for unknown export '${name}'`)
-    if (isRefused(exp)) throw violation(`EXPORT_NAME for refused export '${name}': ${exp.refused}`)
+    if (exp === undefined) throw violation(`EXPORT_NAME for unknown export '${shownName(name)}'`)
+    if (isRefused(exp)) throw violation(`EXPORT_NAME for refused export '${shownName(name)}': ${exp.refused}`)
     const flags = this.computeFlags(exp)
     this.send(buildExportNameReply(exp.device.sizeBytes, flags, this.noZeroes))
     this.enterTransmission(exp, flags)
@@ -399,7 +418,7 @@ export class NbdConnection {
     const tlsContext = this.options.tls
     if (tlsContext === null) return this.optionError(Option.STARTTLS, Rep.ERR_UNSUP, 'TLS is not enabled on this server')
     if (data.length !== 0) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'STARTTLS takes no data')
-    if (this.tlsActive) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'TLS is already active')
+    if (this.tlsPeer !== null) return this.optionError(Option.STARTTLS, Rep.ERR_INVALID, 'TLS is already active')
     // The client must wait for our ACK before starting TLS, so bytes already here are garbage
     // (and could not be handed to the TLS layer, which reads the handle directly).
     if (this.queue.length > 0) throw violation('data after STARTTLS before the TLS handshake')
@@ -411,32 +430,43 @@ export class NbdConnection {
     plain.off('data', this.onData)
     plain.off('end', this.onEnd)
     plain.off('drain', this.onDrain)
-    let secure: TLSSocket
     try {
-      secure = tlsContext.upgrade(plain)
+      tlsContext.handshake(plain, {
+        secure: (secure, peer) => this.tlsEstablished(secure, peer),
+        refused: (reason) => {
+          // A handshake cut short by our own shutdown or handshake limit is not the client's doing.
+          if (this.phase !== 'closing') this.log.warn(`${this.label}: TLS client refused: ${reason}`)
+          this.hardClose()
+        },
+      })
     } catch (err) {
       this.log.error(`${this.label}: TLS setup failed: ${describeError(err)}`)
       this.hardClose()
+    }
+  }
+
+  private tlsEstablished(secure: TLSSocket, peer: TlsPeer): void {
+    if (this.phase !== 'starttls') {
+      // Shut down or dropped while the handshake ran.
+      secure.destroy()
       return
     }
+    this.log.debug(`${this.label}: TLS ${secure.getProtocol() ?? ''} established with ${describePeer(peer)}`)
     this.socket = secure
-    secure.on('secure', () => {
-      this.log.debug(`${this.label}: TLS ${secure.getProtocol() ?? ''} established`)
-      // STARTTLS forgets everything negotiated before it.
-      this.tlsActive = true
-      this.structured = false
-      this.contexts = []
-      this.contextExport = null
-      this.phase = 'options'
-      this.pump()
-    })
+    // STARTTLS forgets everything negotiated before it.
+    this.tlsPeer = peer
+    this.structured = false
+    this.contexts = []
+    this.contextExport = null
+    this.phase = 'options'
     secure.on('data', this.onData)
     secure.on('end', this.onEnd)
     secure.on('error', (err: Error) => {
       this.log.warn(`${this.label}: TLS error: ${describeError(err)}`)
-      plain.destroy()
+      this.rawSocket.destroy()
     })
     secure.on('drain', this.onDrain)
+    this.pump()
   }
 
   private optStructuredReply(data: Buffer): void {
@@ -450,7 +480,7 @@ export class NbdConnection {
     const request = parseInfoRequest(data)
     if ('error' in request) return this.optionError(code, Rep.ERR_INVALID, request.error)
     const exp = this.resolveExport(request.name)
-    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${request.name}'`)
+    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${shownName(request.name)}'`)
     if (isRefused(exp)) return this.optionError(code, Rep.ERR_POLICY, exp.refused)
     // INFO and GO compute the same answer from the same state, so they always agree.
     const flags = this.computeFlags(exp)
@@ -480,7 +510,7 @@ export class NbdConnection {
     const request = parseMetaContextRequest(data)
     if ('error' in request) return this.optionError(code, Rep.ERR_INVALID, request.error)
     const exp = this.resolveExport(request.name)
-    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${request.name}'`)
+    if (exp === undefined) return this.optionError(code, Rep.ERR_UNKNOWN, `no export named '${shownName(request.name)}'`)
     if (isRefused(exp)) return this.optionError(code, Rep.ERR_POLICY, exp.refused)
     const available = this.contextsOf(exp)
     const chosen: string[] = []
@@ -508,11 +538,11 @@ export class NbdConnection {
     if (this.contextExport !== exp.name) this.contexts = []
     this.requestParser = new RequestParser(MAX_PAYLOAD_BYTES, this.queue, (n) => this.options.payloads.acquire(n))
     this.phase = 'transmission'
-    clearTimeout(this.handshakeTimer)
+    this.cancelHandshakeTimer?.()
     this.options.onExportServed(exp)
     this.log.info(
       `${this.label}: serving '${exp.name}' (${exp.device.sizeBytes} bytes, flags 0x${flags.toString(16)}` +
-        `${this.structured ? ', structured' : ''}${this.tlsActive ? ', tls' : ''})`,
+        `${this.structured ? ', structured' : ''}${this.tlsPeer ? `, tls, ${describePeer(this.tlsPeer)}` : ''})`,
     )
   }
 
@@ -653,7 +683,7 @@ export class NbdConnection {
     const size = exp.device.sizeBytes
     if (offset + length > size) {
       const errno = type === Command.WRITE || type === Command.WRITE_ZEROES ? NbdErrno.ENOSPC : NbdErrno.EINVAL
-      return [errno, `range ${offset}+${length} is beyond the end of the export (${size} bytes)`]
+      return [errno, `range ${offsetText(header)}+${length} is beyond the end of the export (${size} bytes)`]
     }
     if ((type === Command.READ || type === Command.WRITE) && length > MAX_PAYLOAD_BYTES) {
       return [NbdErrno.EINVAL, `${nameOfCommand(type)} of ${length} bytes exceeds the maximum payload ${MAX_PAYLOAD_BYTES}`]
@@ -668,6 +698,11 @@ export class NbdConnection {
   private async handleRequest(header: RequestHeader, payload: Buffer | null): Promise<void> {
     if (this.shuttingDown) {
       this.replyError(header, NbdErrno.ESHUTDOWN, 'server is shutting down')
+      return
+    }
+    const gone = this.exp?.withdrawn?.() ?? null
+    if (gone !== null) {
+      this.replyError(header, NbdErrno.ESHUTDOWN, gone)
       return
     }
     const refusal = this.validate(header)
@@ -712,8 +747,11 @@ export class NbdConnection {
       }
       this.replyOk(header)
     } catch (err) {
-      const errno = nbdErrnoFor(err, header.type)
-      const message = describeError(err)
+      // A request in flight when the export went away fails because it did (device closed or
+      // handed to a merge): the client is told to disconnect, not that its disk is bad.
+      const gone = exp.withdrawn?.() ?? null
+      const errno = gone !== null ? NbdErrno.ESHUTDOWN : nbdErrnoFor(err, header.type)
+      const message = gone ?? describeError(err)
       const level = errno === NbdErrno.EIO ? 'warn' : 'debug'
       this.log[level](`${this.label}: ${nameOfCommand(header.type)} ${header.offset}+${header.length} failed: ${message}`)
       this.replyError(header, errno, message, true)
@@ -782,7 +820,7 @@ export class NbdConnection {
 
   private replyError(header: RequestHeader, errno: number, message: string, logged = false): void {
     if (!logged) {
-      this.log.debug(`${this.label}: ${nameOfCommand(header.type)} ${header.offset}+${header.length} -> ${nameOfErrno(errno)}: ${message}`)
+      this.log.debug(`${this.label}: ${nameOfCommand(header.type)} ${offsetText(header)}+${header.length} -> ${nameOfErrno(errno)}: ${message}`)
     }
     this.send(
       this.structured

@@ -1,7 +1,8 @@
 /**
  * What the server serves. The provider is consulted at every handshake (LIST, INFO, GO,
  * EXPORT_NAME, META_CONTEXT), so exports may appear and disappear while the server runs; a
- * connection already in transmission keeps the export object it was given.
+ * connection already in transmission keeps the export object it was given, and learns that it
+ * went away through `withdrawn()`.
  */
 import type { BlockDevice } from '../device/block-device.js'
 
@@ -32,6 +33,12 @@ export interface NbdExport {
    * copy-outs, which is exactly the slow path the flag asks us to refuse.
    */
   readonly fastZero?: boolean
+  /**
+   * Why the export has gone away (a snapshot removed or handed to a merge), or null while it is
+   * served. Asked before every request: once gone, every command on a connection to it gets
+   * ESHUTDOWN, so a client never reads stale data nor a stale block-status map.
+   */
+  withdrawn?(): string | null
 }
 
 /** An export that exists but may not be served to this client (NBD_REP_ERR_POLICY). */

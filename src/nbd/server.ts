@@ -17,6 +17,7 @@
  */
 import net from 'node:net'
 import { badArgument } from '../errors.js'
+import { type Clock, systemClock } from '../util/clock.js'
 import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from './connection.js'
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
@@ -50,6 +51,8 @@ export interface NbdServerOptions {
   readonly closeTimeoutMs?: number
   /** How long a client may take from connecting to entering transmission (0: no limit). Default 10 s, as qemu-nbd. */
   readonly handshakeTimeoutMs?: number
+  /** Times the handshake limit; the system clock by default. */
+  readonly clock?: Clock
 }
 
 /**
@@ -80,6 +83,7 @@ export class NbdServer {
   private readonly limits: ConnectionLimits
   private readonly closeTimeoutMs: number
   private readonly handshakeTimeoutMs: number
+  private readonly clock: Clock
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -99,6 +103,7 @@ export class NbdServer {
     this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...options.limits }
     this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
+    this.clock = options.clock ?? systemClock
   }
 
   /** Number of clients currently connected. */
@@ -114,6 +119,16 @@ export class NbdServer {
   /** Bytes in free WRITE payload buffers kept for reuse. */
   get pooledBytes(): number {
     return this.payloads.freeBytes
+  }
+
+  /** Clients in transmission with export `name` that has not gone away. */
+  clientsOf(name: string): number {
+    let n = 0
+    for (const connection of this.connections) {
+      const exp = connection.servedExport
+      if (exp !== null && exp.name === name && (exp.withdrawn?.() ?? null) === null) n++
+    }
+    return n
   }
 
   /**
@@ -147,6 +162,12 @@ export class NbdServer {
         ? { kind: 'unix', path: 'path' in options ? options.path : String(address) }
         : { kind: 'tcp', host: address.address, port: address.port }
     this.log.info(`nbd server listening on ${bound.kind === 'unix' ? bound.path : `${bound.host}:${bound.port}`}`)
+    if (this.servers.length === 1 && this.tls !== null) {
+      // Said once, loudly when it includes clients nobody authenticated.
+      const { who, anonymous } = this.tls.admits
+      if (anonymous) this.log.warn(`nbd server: TLS ${this.tls.mode}: clients are not authenticated; admitting ${who}`)
+      else this.log.info(`nbd server: TLS ${this.tls.mode}: admitting ${who}`)
+    }
     return bound
   }
 
@@ -171,6 +192,7 @@ export class NbdServer {
       handshakeTimeoutMs: this.handshakeTimeoutMs,
       pending: this.pending,
       payloads: this.payloads,
+      clock: this.clock,
     })
     this.connections.add(connection)
     void connection.closed.then(() => {

@@ -19,13 +19,19 @@
  *   until then, so snapshots and their copies cannot tell; origin reads overlay the held bytes,
  *   flushes wait for them, and a held write counts as a mutation until it lands, so creating a
  *   snapshot or starting a merge still sees every acknowledged write on the device.
+ * - Out of space: when a snapshot's copy cannot get space (its pending exception settles with
+ *   SNAP_NO_SPACE), the origin write that needed it fails with SNAP_NO_SPACE and does not reach
+ *   the device at all, even when other copies it needed succeeded (those chunks are saved with
+ *   data equal to the origin's, which the write left as it was). Nothing is invalidated. A
+ *   held write in that case is dropped: its bytes never land, and the next flush fails.
  */
+import { EventEmitter } from 'node:events'
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
 import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
 import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
 import { type HeldWrite, HeldWrites } from './held-writes.js'
-import type { PendingException } from './pending-exception.js'
+import type { PendingException, PendingOutcome } from './pending-exception.js'
 import type { OriginBacking, Snapshot } from './snapshot.js'
 import { settleAll } from './snapshot.js'
 
@@ -60,7 +66,15 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private gate: Deferred<void> | null = null // set while origin mutations are held
   private readonly held: HeldWrites
   private writeBackError: unknown = null // first failure of a held write, reported by the next flush
+  private writeRefusal: string | null = null // why writes and discards are refused, if they are
+  private readRefusal: string | null = null // why reads are refused, if they are
+  private readonly unforward = new Map<Snapshot, () => void>()
   interceptor: OriginInterceptor | null = null
+  /**
+   * What happens to the attached snapshots, for whoever owns the origin (serve logs it):
+   * 'invalidated' (snapshot, reason), 'no-space' (snapshot, error), 'space-restored' (snapshot).
+   */
+  readonly notices = new EventEmitter()
 
   constructor(device: BlockDevice, options: OriginOptions = {}) {
     super(device.sizeBytes, options.name ?? 'origin')
@@ -90,6 +104,33 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     return ''
   }
 
+  // ---- refusing I/O ------------------------------------------------------------------------
+
+  /**
+   * Refuses writes and discards (SNAP_READ_ONLY, whose message is `reason`) until allowIo().
+   * The owner uses it when a write would change data some view it cannot update still needs,
+   * e.g. a snapshot whose COW could not be attached. The capabilities stay writable: the
+   * refusal is a state that ends, not a property of the device.
+   */
+  refuseWrites(reason: string): void {
+    this.writeRefusal = reason
+  }
+
+  /** Refuses reads as well as writes (SNAP_IO, `reason`): the device does not hold what the origin presents. */
+  refuseIo(reason: string): void {
+    this.writeRefusal = reason
+    this.readRefusal = reason
+  }
+
+  allowIo(): void {
+    this.writeRefusal = null
+    this.readRefusal = null
+  }
+
+  private checkWritable(): void {
+    if (this.writeRefusal !== null) throw new SnapError('SNAP_READ_ONLY', this.writeRefusal)
+  }
+
   // ---- snapshot life cycle ---------------------------------------------------------------
 
   /**
@@ -109,7 +150,25 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       while (at < this.list.length && (this.list[at] as Snapshot).chunkBytes >= snapshot.chunkBytes) at++
       this.list.splice(at, 0, snapshot)
       snapshot.active = true
+      this.forwardNotices(snapshot)
     })
+  }
+
+  private forwardNotices(snapshot: Snapshot): void {
+    const events = ['invalidated', 'no-space', 'space-restored'] as const
+    const handlers = events.map((event) => {
+      const handler = (detail?: unknown) => this.notices.emit(event, snapshot, detail)
+      snapshot.emitter.on(event, handler)
+      return [event, handler] as const
+    })
+    this.unforward.set(snapshot, () => {
+      for (const [event, handler] of handlers) snapshot.emitter.off(event, handler)
+    })
+  }
+
+  private stopNotices(snapshot: Snapshot): void {
+    this.unforward.get(snapshot)?.()
+    this.unforward.delete(snapshot)
   }
 
   /** Detaches `snapshot` (after its copies in flight finish) and closes it. */
@@ -120,6 +179,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       this.list.splice(at, 1)
       snapshot.active = false
       await snapshot.drainPending()
+      this.stopNotices(snapshot)
     })
     await snapshot.close()
   }
@@ -180,8 +240,8 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    * One pass of the kernel's origin_write without a bio over [offset, offset+length): creates
    * and starts pending exceptions where needed. Returns what to wait for (empty: all saved).
    */
-  triggerExceptions(offset: number, length: number): { waits: Array<Promise<boolean>>; invalidations: Array<Promise<void>> } {
-    const waits: Array<Promise<boolean>> = []
+  triggerExceptions(offset: number, length: number): { waits: Array<PendingException['done']>; invalidations: Array<Promise<void>> } {
+    const waits: Array<PendingException['done']> = []
     const invalidations: Array<Promise<void>> = []
     if (this.list.length === 0) return { waits, invalidations }
     const step = this.minChunkBytes()
@@ -235,13 +295,28 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     for (const [s, batch] of batches) s.startCopies(batch, { start, data })
   }
 
-  /** Returns once every snapshot holds the old data of [offset, offset+length). */
+  /**
+   * Returns once every snapshot holds the old data of [offset, offset+length). Throws
+   * SNAP_NO_SPACE, once every copy it started has settled, when one could not get space.
+   */
   async protect(offset: number, length: number): Promise<void> {
     for (;;) {
       const { waits, invalidations } = this.triggerExceptions(offset, length)
       if (invalidations.length > 0) await Promise.all(invalidations)
       if (waits.length === 0) return
-      await Promise.all(waits)
+      this.refuseWithoutSpace(await Promise.all(waits), offset, length)
+    }
+  }
+
+  /** Throws if a copy the write at [offset, offset+length) waited for ran out of space. */
+  private refuseWithoutSpace(outcomes: readonly PendingOutcome[], offset: number, length: number): void {
+    for (const outcome of outcomes) {
+      if (outcome instanceof SnapError) {
+        throw new SnapError('SNAP_NO_SPACE', `${this.name}: write of ${length} bytes at ${offset} refused, nothing written: ${outcome.message}`, {
+          cause: outcome,
+          details: { ...outcome.details, offset, length },
+        })
+      }
     }
   }
 
@@ -309,14 +384,14 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private async land(
     write: HeldWrite,
     earlier: readonly HeldWrite[],
-    waits: Array<Promise<boolean>>,
+    waits: Array<PendingException['done']>,
     invalidations: Array<Promise<void>>,
     endMutation: () => void,
   ): Promise<void> {
     try {
       if (invalidations.length > 0) await Promise.all(invalidations)
-      if (waits.length === 1) await waits[0]
-      else if (waits.length > 1) await Promise.all(waits)
+      // A copy without space drops the write: its bytes never land, the next flush fails.
+      if (waits.length > 0) this.refuseWithoutSpace(await Promise.all(waits), write.offset, write.data.length)
       await this.protect(write.offset, write.data.length)
       for (const w of earlier) await w.landed
       await this.device.write(write.data, write.offset)
@@ -344,6 +419,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   // ---- BlockDevice hooks -------------------------------------------------------------------
 
   protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
+    if (this.readRefusal !== null) throw new SnapError('SNAP_IO', this.readRefusal)
     const interceptor = this.interceptor
     if (interceptor) return interceptor.readInto(target, offset)
     if (this.held.size === 0) return this.device.readInto(target, offset)
@@ -353,6 +429,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    this.checkWritable()
     for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
       const interceptor = this.interceptor
@@ -370,6 +447,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   protected override async _discard(offset: number, length: number): Promise<void> {
+    this.checkWritable()
     for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
       const interceptor = this.interceptor
@@ -383,6 +461,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       const snapshots = this.list
       this.list = []
       await settleAll(snapshots.map((s) => s.close()))
+      for (const s of snapshots) this.stopNotices(s)
     })
     await this.device.flush().catch(() => {})
     await this.device.close()

@@ -14,6 +14,12 @@
  *   store's allocation-order commit never stalls.
  * - Invalidation is permanent; the header write (persistent stores) is awaited before the
  *   origin write that caused it proceeds.
+ * - A copy that cannot get space (a grow-on-demand COW on a full file system: SNAP_NO_SPACE)
+ *   invalidates nothing: the exception is abandoned (the store records nothing), the chunk
+ *   stays unsaved, and the pending exception settles with the error, which the write that
+ *   needed the copy then fails with. A COW of fixed size that is full is the kernel's case and
+ *   still invalidates (PO: overflows on snapshot writes). 'no-space' is emitted when copies
+ *   start failing so, 'space-restored' when one succeeds again.
  * - JavaScript is single threaded: the only hazard is an await between a lookup and the action
  *   that depends on it. Lookups and pending-table inserts happen without an await in between.
  */
@@ -28,6 +34,10 @@ import { ChunkTracker } from './chunk-tracker.js'
 import { ExceptionTable } from './exception-table.js'
 import type { ExceptionEvents } from './exception-events.js'
 import { PendingException } from './pending-exception.js'
+
+/** Invalidation reasons (the kernel logs "Unable to allocate exception." and "Error reading/writing."). */
+export const COW_FULL = 'COW full'
+export const COW_IO_ERROR = 'COW I/O error'
 
 /** Copies in flight above which new writes wait (kernel snapshot_cow_threshold). */
 export const COW_THRESHOLD = 2048
@@ -91,6 +101,8 @@ export class Snapshot extends BaseBlockDevice {
   private throttleWaiters: Array<() => void> = []
   private readonly usageThresholdBytes: number | undefined
   private thresholdFired = false
+  private outOfSpace = false // the last copy that ended failed for want of space
+  private invalidReason: string | null = null
   private backing: OriginBacking | null = null
 
   constructor(options: SnapshotOptions) {
@@ -118,6 +130,11 @@ export class Snapshot extends BaseBlockDevice {
 
   get overflowed(): boolean {
     return this._overflowed
+  }
+
+  /** Why this process invalidated the snapshot (COW_FULL, COW_IO_ERROR), null if it did not. */
+  get invalidationReason(): string | null {
+    return this.invalidReason
   }
 
   get state(): SnapshotState {
@@ -213,7 +230,7 @@ export class Snapshot extends BaseBlockDevice {
         pe = this.newPending(chunk)
       } catch (err) {
         if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
-        invalidations.push(this.invalidate('Unable to allocate exception.'))
+        invalidations.push(this.invalidate(COW_FULL))
         return null
       }
     }
@@ -260,18 +277,18 @@ export class Snapshot extends BaseBlockDevice {
     const chunkBytes = this.chunkBytes
     const first = run[0] as PendingException
     const [start, end] = this.copySpan(run)
-    let ok = true
+    let copied: CopyResult = true
     try {
       await this.store.whenSpaceReady((run[run.length - 1] as PendingException).prepared)
       const data = source
         ? (await source.data).subarray(start - source.start, end - source.start)
         : await this.origin.device.read(start, end - start)
       await this.copyWriter.write(data, first.newChunk * chunkBytes)
-    } catch {
-      ok = false
+    } catch (err) {
+      copied = copyFailure(err)
     }
     // All at once: the store's group commit waits until every prepared exception is handed over.
-    await Promise.all(run.map((pe) => this.finishPending(pe, ok)))
+    await Promise.all(run.map((pe) => this.finishPending(pe, copied)))
   }
 
   private newPending(chunk: number): PendingException {
@@ -288,13 +305,15 @@ export class Snapshot extends BaseBlockDevice {
   }
 
   /** Commit, publish and release a pending exception (kernel: pending_complete). */
-  private async finishPending(pe: PendingException, copyOk: boolean): Promise<void> {
+  private async finishPending(pe: PendingException, copied: CopyResult): Promise<void> {
     this.inProgress--
     this.wakeThrottled()
+    if (copied instanceof SnapError) return this.abandonPending(pe, copied)
+    const copyOk = copied
     const committed = await this.store.commitException(pe.prepared, copyOk)
     let success = false
     if (!copyOk || !committed) {
-      await this.invalidate('Error reading/writing.')
+      await this.invalidate(COW_IO_ERROR)
     } else if (this._valid) {
       this.table.insert(pe.chunk, pe.newChunk)
       await this.trackedReads.drain(pe.chunk)
@@ -303,13 +322,37 @@ export class Snapshot extends BaseBlockDevice {
     this.pending.delete(pe.chunk)
     this.origin.events.completed()
     pe.settle(success)
-    if (success) this.checkThreshold()
+    if (success) {
+      this.checkThreshold()
+      if (this.outOfSpace) {
+        this.outOfSpace = false
+        this.emitter.emit('space-restored')
+      }
+    }
+  }
+
+  /**
+   * The copy could not get space: hand the chunk back to the store unrecorded and settle with
+   * the error. The chunk stays unsaved, so the next write that needs it copies it again.
+   */
+  private async abandonPending(pe: PendingException, err: SnapError): Promise<void> {
+    await this.store.abandonException(pe.prepared)
+    this.pending.delete(pe.chunk)
+    const failure = this.noSpaceError(err)
+    if (!this.outOfSpace) {
+      this.outOfSpace = true
+      this.emitter.emit('no-space', failure)
+    }
+    // Settled before the global counter moves, so a merge woken by it sees the error.
+    pe.settle(failure)
+    this.origin.events.completed()
   }
 
   /** Permanently invalidates the snapshot; resolves once that is durable. */
   invalidate(reason: string): Promise<void> {
     if (this.invalidation) return this.invalidation
     this._valid = false
+    this.invalidReason = reason
     this.invalidation = this.store.dropSnapshot()
     this.emitter.emit('invalidated', reason)
     return this.invalidation
@@ -318,6 +361,14 @@ export class Snapshot extends BaseBlockDevice {
   /** Marks the snapshot invalid in memory only (handover source: its header stays valid). */
   markInvalidInMemory(): void {
     this._valid = false
+  }
+
+  /** The error writes that needed an abandoned copy fail with: names the snapshot and the cause. */
+  private noSpaceError(cause: SnapError): SnapError {
+    return new SnapError('SNAP_NO_SPACE', `no space to save a chunk of snapshot ${this.snapshotName}: ${cause.message}`, {
+      cause,
+      details: { ...cause.details, snapshot: this.snapshotName },
+    })
   }
 
   private checkThreshold(): void {
@@ -470,27 +521,31 @@ export class Snapshot extends BaseBlockDevice {
             if (this._valid) this._overflowed = true
             throw new SnapError('SNAP_OVERFLOW', `${this.name} overflowed: unable to allocate exception`)
           }
-          await this.invalidate('Unable to allocate exception.')
+          await this.invalidate(COW_FULL)
           throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW device is full`)
         }
         if (data.length === chunkBytes) {
           // Whole-chunk write to a fresh exception: the write itself is the copy, no origin read.
           pe.started = true
           this.inProgress++
-          let ok = true
+          let copied: CopyResult = true
           try {
             await this.store.whenSpaceReady(pe.prepared)
             await this.store.cow.write(data, pe.newChunk * chunkBytes)
-          } catch {
-            ok = false
+          } catch (err) {
+            copied = copyFailure(err)
           }
-          await this.finishPending(pe, ok)
-          if (!(await pe.done)) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW write failed`)
+          await this.finishPending(pe, copied)
+          const outcome = await pe.done
+          if (outcome instanceof SnapError) throw outcome
+          if (!outcome) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW write failed`)
           return
         }
       }
       if (!pe.started) this.startCopy(pe)
-      if (!(await pe.done)) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: copy failed`)
+      const outcome = await pe.done
+      if (outcome instanceof SnapError) throw outcome
+      if (!outcome) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: copy failed`)
       this.checkUsable(true)
       newChunk = this.table.lookup(chunk)
       if (newChunk === -1) throw new SnapError('SNAP_INVALID', `${this.name}: chunk ${chunk} lost its exception`)
@@ -553,6 +608,13 @@ export class Snapshot extends BaseBlockDevice {
     await this.drainPending()
     await this.store.close()
   }
+}
+
+/** How a copy went: true (landed), false (I/O error), or the SNAP_NO_SPACE error that stopped it. */
+type CopyResult = boolean | SnapError
+
+function copyFailure(err: unknown): CopyResult {
+  return isSnapError(err, 'SNAP_NO_SPACE') ? err : false
 }
 
 /** Waits for every job, then rethrows the first failure (no unobserved rejections). */

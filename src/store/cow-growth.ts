@@ -1,35 +1,73 @@
 /**
  * Grow-on-demand COW devices: allocation happens synchronously, so the device is extended in
  * the background, in steps (at least 1 MiB or an eighth of the current size) so that a stream of
- * allocations costs few resizes. Resizes are chained; `ready` resolves once every growth asked
- * for so far has happened.
+ * allocations costs few resizes. Resizes are chained; `ready` settles once every growth asked
+ * for so far has been tried.
+ *
+ * A step can fail for want of space (the file system is full). The failure is not sticky: the
+ * next request tries again, so allocations succeed once space returns. Callers ask
+ * `covers(bytes)` whether the space they need is really there, rather than trusting `ready`,
+ * which also reports failures of steps they do not depend on.
+ *
+ * `prepare` (optional) runs after each resize, for the range [from, to) the step newly covers;
+ * a persistent store writes its future metadata areas there, so that the file system allocates
+ * their blocks now, while a failure can still be answered by failing the copy that needed them.
  */
 import type { BlockDevice } from '../device/block-device.js'
+
+export type GrowthPrepare = (fromBytes: number, toBytes: number) => Promise<void>
 
 export class CowGrowth {
   private readonly cow: BlockDevice
   private readonly alignBytes: () => number
-  private targetBytes = 0
+  private readonly prepare: GrowthPrepare | null
+  private targetBytes = 0 // highest size asked for (lowered again when a step fails)
+  private coveredBytes: number // [0, coveredBytes) is sized and prepared
   private pending: Promise<void> = Promise.resolve()
 
-  /** `alignBytes` is read at each request: a persistent store may adopt its header's chunk size. */
-  constructor(cow: BlockDevice, alignBytes: () => number) {
+  /**
+   * `alignBytes` is read at each request: a persistent store may adopt its header's chunk size.
+   * `coveredBytes`: how much of the device needs no preparing (default: all of it).
+   */
+  constructor(cow: BlockDevice, alignBytes: () => number, options: { prepare?: GrowthPrepare; coveredBytes?: number } = {}) {
     this.cow = cow
     this.alignBytes = alignBytes
+    this.prepare = options.prepare ?? null
+    this.coveredBytes = options.coveredBytes ?? cow.sizeBytes
   }
 
-  /** Makes sure the device will be at least `minBytes` long. */
+  /** Where preparing starts from now on (a persistent store sets it once its table is read). */
+  setCovered(bytes: number): void {
+    this.coveredBytes = bytes
+    this.targetBytes = Math.min(this.targetBytes, bytes)
+  }
+
+  /** Makes sure the device will be at least `minBytes` long (and prepared that far). */
   request(minBytes: number): void {
-    if (minBytes <= this.targetBytes) return
+    if (minBytes <= this.targetBytes || minBytes <= this.coveredBytes) return
     const step = Math.max(1024 * 1024, Math.floor(this.cow.sizeBytes / 8))
     const align = this.alignBytes()
     const target = Math.ceil((minBytes + step) / align) * align
     this.targetBytes = target
-    this.pending = this.pending.then(async () => {
+    const run = this.pending.catch(() => {}).then(async () => {
+      if (this.coveredBytes >= target) return
       if (this.cow.sizeBytes < target) await this.cow.resize(target)
+      if (this.prepare) await this.prepare(this.coveredBytes, target)
+      this.coveredBytes = target
     })
+    // A failed step is tried again by the next request that needs it.
+    run.catch(() => {
+      this.targetBytes = Math.min(this.targetBytes, this.coveredBytes)
+    })
+    this.pending = run
   }
 
+  /** Whether [0, bytes) is sized and prepared. */
+  covers(bytes: number): boolean {
+    return bytes <= this.coveredBytes
+  }
+
+  /** Settles once every step asked for so far has run; rejects when the last one failed. */
   get ready(): Promise<void> {
     return this.pending
   }

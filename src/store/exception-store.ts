@@ -53,13 +53,22 @@ export interface ExceptionStore {
   readMetadataInto?(into: ExceptionList): Promise<{ valid: boolean }>
   /** Allocates a COW chunk for `oldChunk`. Throws SNAP_NO_SPACE when the COW is full. */
   prepareException(oldChunk: number): PreparedException
-  /** Resolves once any growth of the COW needed for `e`'s chunk has happened. */
+  /**
+   * Resolves once any growth of the COW needed for `e`'s chunk has happened. Rejects with
+   * SNAP_NO_SPACE when a grow-on-demand COW cannot get the space (the file system is full):
+   * the caller then abandons `e`.
+   */
   whenSpaceReady(e: PreparedException): Promise<void>
   /**
    * Records `e` (ok = its data copy succeeded). Resolves true when the exception is durable
    * (persistent) or recorded (transient); false when the store is or became invalid.
    */
   commitException(e: PreparedException, ok: boolean): Promise<boolean>
+  /**
+   * Hands `e` back unrecorded, in place of commitException, when its copy could not get space:
+   * no entry is written, the store stays valid, and its chunk is never referenced (a hole).
+   */
+  abandonException(e: PreparedException): Promise<void>
   /**
    * The next entries to merge: runs covering the K entries before table index `endIndex` (the
    * table's end when absent), possibly over several metadata areas (newest run first,

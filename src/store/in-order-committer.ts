@@ -5,9 +5,12 @@
  */
 import type { PreparedException } from './exception-store.js'
 
+/** How a prepared exception ended: its copy landed, failed (I/O), or was given up for want of space. */
+export type CommitKind = 'copied' | 'failed' | 'abandoned'
+
 interface Parked {
   readonly e: PreparedException
-  readonly ok: boolean
+  readonly kind: CommitKind
   readonly settle: (result: Promise<boolean>) => void
 }
 
@@ -16,9 +19,9 @@ export class InOrderCommitter {
   private nextToRelease = 0 // lowest sequence not yet released
   private readonly parked = new Map<number, Parked>()
 
-  private readonly release: (e: PreparedException, ok: boolean) => Promise<boolean>
+  private readonly release: (e: PreparedException, kind: CommitKind) => Promise<boolean>
 
-  constructor(release: (e: PreparedException, ok: boolean) => Promise<boolean>) {
+  constructor(release: (e: PreparedException, kind: CommitKind) => Promise<boolean>) {
     this.release = release
   }
 
@@ -26,9 +29,9 @@ export class InOrderCommitter {
     return this.nextSequence++
   }
 
-  commit(e: PreparedException, ok: boolean): Promise<boolean> {
+  commit(e: PreparedException, kind: CommitKind): Promise<boolean> {
     return new Promise<boolean>((resolve) => {
-      this.parked.set(e.sequence, { e, ok, settle: (result) => resolve(result) })
+      this.parked.set(e.sequence, { e, kind, settle: (result) => resolve(result) })
       this.drain()
     })
   }
@@ -39,7 +42,7 @@ export class InOrderCommitter {
       if (!next) return
       this.parked.delete(this.nextToRelease)
       this.nextToRelease++
-      next.settle(this.release(next.e, next.ok))
+      next.settle(this.release(next.e, next.kind))
     }
   }
 }

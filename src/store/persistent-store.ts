@@ -19,7 +19,15 @@
  * - Invalidation rewrites the header with valid = 0 and flushes it: a crash must not bring an
  *   invalidated snapshot back as valid after the origin moved on.
  * - Growable COWs (grow-on-demand files) never fail allocation for space; they extend the device
- *   in steps before the data chunk or the next area is written.
+ *   in steps before the data chunk or the next area is written, and write zeros to each future
+ *   metadata area as the growth reaches it. When the file system is full, a step fails and so
+ *   does every copy that needed it (whenSpaceReady throws SNAP_NO_SPACE); the snapshot layer
+ *   then abandons those exceptions: no entry is written, the chunk is left as an unreferenced
+ *   hole (the kernel leaves the same holes after a crash; a reopen reuses them). Since every
+ *   area is physically written before an entry that needs it is committed, committing
+ *   overwrites blocks the file system already holds and does not need new space (on file
+ *   systems that overwrite in place; a copy-on-write file system can still fail it, and that
+ *   is an I/O error like any other).
  */
 import type { BlockDevice } from '../device/block-device.js'
 import { SnapError, asSnapError, corrupt, noSpace } from '../errors.js'
@@ -30,7 +38,7 @@ import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChu
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
 import { CowGrowth } from './cow-growth.js'
-import { InOrderCommitter } from './in-order-committer.js'
+import { type CommitKind, InOrderCommitter } from './in-order-committer.js'
 
 export interface PersistentStoreOptions {
   /** Chunk size for a new COW; 0 or absent: take it from the header, or 16 KiB (kernel default). */
@@ -59,6 +67,7 @@ export class PersistentStore implements ExceptionStore {
   private _valid = true
   private loaded = false
   private nextFree = FIRST_DATA_CHUNK
+  private recordedEnd = FIRST_DATA_CHUNK // nextFree as if only recorded exceptions had been allocated
   private currentArea = 0
   private currentCommitted = 0 // entries already placed in `area`
   private area: Uint8Array
@@ -81,8 +90,8 @@ export class PersistentStore implements ExceptionStore {
     checkChunkSizeBytes(chunkBytes)
     this.layout = layoutFor(chunkBytes)
     this.area = new Uint8Array(chunkBytes)
-    this.committer = new InOrderCommitter((e, ok) => this.record(e, ok))
-    this.growth = new CowGrowth(cow, () => this.layout.chunkBytes)
+    this.committer = new InOrderCommitter((e, kind) => this.record(e, kind))
+    this.growth = new CowGrowth(cow, () => this.layout.chunkBytes, { prepare: (from, to) => this.zeroFutureAreas(from, to) })
   }
 
   get chunkBytes(): number {
@@ -113,11 +122,13 @@ export class PersistentStore implements ExceptionStore {
       // An empty grow-on-demand file is a brand-new COW; anything else this small is not a COW.
       if (!this.growable || this.cow.sizeBytes !== 0) throw corrupt('COW device is too small to hold a header')
       await this.initialise()
+      this.growth.setCovered(this.nextFree * this.layout.chunkBytes)
       return { valid: true }
     }
     const decoded = decodeHeader(await this.readCow(0, 512))
     if (decoded.kind === 'new') {
       await this.initialise()
+      this.growth.setCovered(this.nextFree * this.layout.chunkBytes)
       return { valid: true }
     }
     const headerChunkBytes = decoded.chunkSizeSectors * SECTOR_BYTES
@@ -133,6 +144,9 @@ export class PersistentStore implements ExceptionStore {
       return { valid: false }
     }
     await this.readExceptions(list, visit)
+    // Areas after the current one may lie in blocks the file system never allocated (a sparse
+    // file): they are written again as allocation reaches them.
+    this.growth.setCovered(Math.min(this.cow.sizeBytes, (areaChunk(this.layout, this.currentArea) + 1) * this.layout.chunkBytes))
     return { valid: true }
   }
 
@@ -219,35 +233,78 @@ export class PersistentStore implements ExceptionStore {
     }
     if (nextFree % stride === 1) nextFree++
     this.nextFree = nextFree
+    this.recordedEnd = nextFree
   }
 
   prepareException(oldChunk: number): PreparedException {
     const { chunkBytes } = this.layout
     const newChunk = this.nextFree
-    const neededBytes = (newChunk + 1) * chunkBytes
-    if (neededBytes > this.cow.sizeBytes) {
-      if (!this.growable) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
-      // The last data chunk of an area is followed by the next area, which is zeroed when the
-      // area fills: cover it too.
-      const nextIsArea = isMetadataChunk(this.layout, newChunk + 1)
-      this.growth.request(nextIsArea ? neededBytes + chunkBytes : neededBytes)
-    }
+    if (!this.growable && (newChunk + 1) * chunkBytes > this.cow.sizeBytes) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
     this.nextFree = nextDataChunk(this.layout, newChunk)
     this.pendingCount++
-    return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
+    const e = { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
+    if (this.growable) this.growth.request(this.spaceNeededBytes(e))
+    return e
   }
 
-  whenSpaceReady(_e: PreparedException): Promise<void> {
-    return this.growth.ready
+  /**
+   * Bytes that must exist, and areas that must be written, before `e` may commit: its chunk,
+   * and the area right after it when it is the last of its area (that area is zeroed when the
+   * current one fills, and an entry of any chunk up to here may be the one that fills it).
+   */
+  private spaceNeededBytes(e: PreparedException): number {
+    const { chunkBytes } = this.layout
+    return (isMetadataChunk(this.layout, e.newChunk + 1) ? e.newChunk + 2 : e.newChunk + 1) * chunkBytes
+  }
+
+  async whenSpaceReady(e: PreparedException): Promise<void> {
+    if (!this.growable) return
+    const needed = this.spaceNeededBytes(e)
+    this.growth.request(needed)
+    if (this.growth.covers(needed)) return
+    try {
+      await this.growth.ready
+    } catch (err) {
+      if (!this.growth.covers(needed)) throw asSnapError(err, `growing the COW device to ${needed} bytes`)
+    }
+    if (!this.growth.covers(needed)) throw noSpace(`COW device could not grow to ${needed} bytes`)
+  }
+
+  /** Writes zeros to the metadata areas after the current one that lie in [fromBytes, toBytes). */
+  private async zeroFutureAreas(fromBytes: number, toBytes: number): Promise<void> {
+    const { chunkBytes, stride } = this.layout
+    let area = Math.max(this.currentArea + 1, Math.ceil((fromBytes / chunkBytes - 1) / stride))
+    const zeros = new Uint8Array(chunkBytes)
+    for (; (areaChunk(this.layout, area) + 1) * chunkBytes <= toBytes; area++) {
+      try {
+        await this.writeCow(zeros, areaChunk(this.layout, area) * chunkBytes)
+      } catch (err) {
+        throw asSnapError(err, `writing COW metadata area ${area}`)
+      }
+    }
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {
-    return this.committer.commit(e, ok)
+    return this.committer.commit(e, ok ? 'copied' : 'failed')
+  }
+
+  async abandonException(e: PreparedException): Promise<void> {
+    await this.committer.commit(e, 'abandoned')
   }
 
   /** Called in allocation order. */
-  private record(e: PreparedException, ok: boolean): Promise<boolean> {
-    if (!ok) this._valid = false
+  private record(e: PreparedException, kind: CommitKind): Promise<boolean> {
+    if (kind === 'abandoned') {
+      // No entry: the chunk stays an unreferenced hole, handed out again when nothing allocated
+      // after it is still outstanding (so a full file system does not leak chunks on every
+      // retry). The batch may now be complete.
+      this.pendingCount--
+      if (this.pendingCount === 0) this.nextFree = this.recordedEnd
+      this.kick()
+      return Promise.resolve(false)
+    }
+    if (kind === 'failed') this._valid = false
+    this.recordedEnd = Math.max(this.recordedEnd, nextDataChunk(this.layout, e.newChunk))
     writeEntry(this.area, this.currentCommitted, e.oldChunk, e.newChunk)
     this.currentCommitted++
     this.pendingCount--
@@ -285,7 +342,9 @@ export class PersistentStore implements ExceptionStore {
     const { chunkBytes } = this.layout
     try {
       if (!this._valid) return false
-      await this.growth.ready
+      // Every entry's copy waited for the space it needed; a failed growth step since then
+      // belongs to copies that were abandoned.
+      await this.growth.ready.catch(() => {})
       // The area after each sealed one is zeroed before the flush, even when this batch rewrites
       // it: the batch's area writes may reach the disk in any order, and a reader that finds a
       // full area must meet either zeros or our entries after it, never stale bytes.

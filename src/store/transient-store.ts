@@ -1,9 +1,10 @@
 /**
  * TransientStore: the kernel's N store. Data chunks go to the COW device from chunk 0 upwards;
  * the table lives only in memory, so nothing survives a restart and merging is not possible.
+ * A copy abandoned for want of space leaves its chunk unused.
  */
 import type { BlockDevice } from '../device/block-device.js'
-import { SnapError, noSpace } from '../errors.js'
+import { SnapError, asSnapError, noSpace } from '../errors.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
 import { CowGrowth } from './cow-growth.js'
@@ -22,9 +23,18 @@ export class TransientStore implements ExceptionStore {
   private readonly growable: boolean
   private _valid = true
   private nextFreeBytes = 0
+  private recordedEndBytes = 0 // nextFreeBytes as if only recorded exceptions had been allocated
+  private outstanding = 0 // prepared, not yet released by the committer
   private readonly growth: CowGrowth
-  private readonly committer = new InOrderCommitter((_e, ok) => {
-    if (!ok) this._valid = false
+  private readonly committer = new InOrderCommitter((e, kind) => {
+    this.outstanding--
+    if (kind === 'abandoned') {
+      // Its chunk is handed out again once nothing allocated after it is outstanding.
+      if (this.outstanding === 0) this.nextFreeBytes = this.recordedEndBytes
+      return Promise.resolve(false)
+    }
+    this.recordedEndBytes = Math.max(this.recordedEndBytes, (e.newChunk + 1) * this.chunkBytes)
+    if (kind === 'failed') this._valid = false
     return Promise.resolve(this._valid)
   })
 
@@ -53,15 +63,30 @@ export class TransientStore implements ExceptionStore {
     }
     const newChunk = this.nextFreeBytes / this.chunkBytes
     this.nextFreeBytes = needed
+    this.outstanding++
     return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
   }
 
-  whenSpaceReady(): Promise<void> {
-    return this.growth.ready
+  async whenSpaceReady(e: PreparedException): Promise<void> {
+    if (!this.growable) return
+    const needed = (e.newChunk + 1) * this.chunkBytes
+    this.growth.request(needed) // again: an earlier step for it may have failed
+    if (this.growth.covers(needed)) return
+    try {
+      await this.growth.ready
+    } catch (err) {
+      if (!this.growth.covers(needed)) throw asSnapError(err, `growing the COW device to ${needed} bytes`)
+    }
+    if (!this.growth.covers(needed)) throw noSpace(`COW device could not grow to ${needed} bytes`)
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {
-    return this.committer.commit(e, ok)
+    return this.committer.commit(e, ok ? 'copied' : 'failed')
+  }
+
+  /** Nothing to record: the chunk stays an unused hole in the COW file. */
+  async abandonException(e: PreparedException): Promise<void> {
+    await this.committer.commit(e, 'abandoned')
   }
 
   mergeEntries(): number {

@@ -13,7 +13,20 @@ import { cowPathOf, isExternal, readManifest } from './manifest.js'
 import { resolveInside } from './volume-files.js'
 import { MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SECTOR_BYTES, isPowerOfTwo } from '../units.js'
 
-export async function checkCow(path: string, options: { originSizeBytes?: number } = {}): Promise<string[]> {
+/** check lists at most this many problems per COW: a COW for another origin fails every entry. */
+export const MAX_PROBLEMS = 100
+
+export interface CheckCowOptions {
+  /** Entries must address chunks of an origin this large (unchecked when absent). */
+  readonly originSizeBytes?: number
+  /**
+   * Report a header marked invalid (default true). Import leaves it out: an invalidated snapshot
+   * is adopted as it is, like the kernel loads it, while a COW that does not fit is refused.
+   */
+  readonly reportInvalid?: boolean
+}
+
+export async function checkCow(path: string, options: CheckCowOptions = {}): Promise<string[]> {
   let dev: FileDevice
   try {
     dev = await FileDevice.open(path, { readOnly: true })
@@ -21,6 +34,13 @@ export async function checkCow(path: string, options: { originSizeBytes?: number
     return [`cannot open ${path}: ${(err as Error).message}`]
   }
   const problems: string[] = []
+  let more = false
+  /** Records a problem; false once the cap is reached and the scan should stop. */
+  const report = (problem: string): boolean => {
+    if (problems.length < MAX_PROBLEMS) problems.push(problem)
+    else more = true
+    return !more
+  }
   try {
     if (dev.sizeBytes < 512) return [`${path} is too small to hold a header (${dev.sizeBytes} bytes)`]
     let header
@@ -30,47 +50,49 @@ export async function checkCow(path: string, options: { originSizeBytes?: number
       return [isSnapError(err) ? err.message : String(err)]
     }
     if (header.kind === 'new') return ['header is empty: the COW was never initialised']
-    if (header.version !== FORMAT_VERSION) problems.push(`unsupported format version ${header.version}`)
+    if (header.version !== FORMAT_VERSION) report(`unsupported format version ${header.version}`)
     const chunkBytes = header.chunkSizeSectors * SECTOR_BYTES
     if (!isPowerOfTwo(chunkBytes) || chunkBytes < MIN_CHUNK_BYTES || chunkBytes > MAX_CHUNK_BYTES) {
-      problems.push(`unsupported chunk size ${header.chunkSizeSectors} sectors`)
+      report(`unsupported chunk size ${header.chunkSizeSectors} sectors`)
       return problems
     }
-    if (!header.valid) problems.push('snapshot is marked invalid')
+    if (!header.valid && options.reportInvalid !== false) report('snapshot is marked invalid')
     const layout = layoutFor(chunkBytes)
     const cowChunks = Math.floor(dev.sizeBytes / chunkBytes)
     const originChunks = options.originSizeBytes === undefined ? Infinity : Math.ceil(options.originSizeBytes / chunkBytes)
     const seenOld = new Set<number>()
     const seenNew = new Set<number>()
-    for (let k = 0; ; k++) {
+    scan: for (let k = 0; ; k++) {
       const at = areaChunk(layout, k)
       if (at >= cowChunks) {
-        problems.push(`metadata area ${k} (chunk ${at}) is missing: the file ends before it`)
+        report(`metadata area ${k} (chunk ${at}) is missing: the file ends before it`)
         break
       }
       let area
       try {
         area = decodeArea(await dev.read(at * chunkBytes, chunkBytes))
       } catch (err) {
-        problems.push(`metadata area ${k}: ${(err as Error).message}`)
+        report(`metadata area ${k}: ${(err as Error).message}`)
         break
       }
-      area.entries.forEach(({ oldChunk, newChunk }, i) => {
+      for (const [i, { oldChunk, newChunk }] of area.entries.entries()) {
         const where = `area ${k} entry ${i}`
-        if (newChunk >= cowChunks) problems.push(`${where}: COW chunk ${newChunk} is beyond the end of the file`)
-        else if (isMetadataChunk(layout, newChunk)) problems.push(`${where}: COW chunk ${newChunk} is a metadata chunk`)
-        if (oldChunk >= originChunks) problems.push(`${where}: origin chunk ${oldChunk} is beyond the end of the origin`)
-        if (seenOld.has(oldChunk)) problems.push(`${where}: origin chunk ${oldChunk} appears twice`)
-        if (seenNew.has(newChunk)) problems.push(`${where}: COW chunk ${newChunk} is used twice`)
+        const found: string[] = []
+        if (newChunk >= cowChunks) found.push(`${where}: COW chunk ${newChunk} is beyond the end of the file`)
+        else if (isMetadataChunk(layout, newChunk)) found.push(`${where}: COW chunk ${newChunk} is a metadata chunk`)
+        if (oldChunk >= originChunks) found.push(`${where}: origin chunk ${oldChunk} is beyond the end of the origin (${originChunks} chunks)`)
+        if (seenOld.has(oldChunk)) found.push(`${where}: origin chunk ${oldChunk} appears twice`)
+        if (seenNew.has(newChunk)) found.push(`${where}: COW chunk ${newChunk} is used twice`)
+        for (const problem of found) if (!report(problem)) break scan
         seenOld.add(oldChunk)
         seenNew.add(newChunk)
-      })
+      }
       if (!area.full) break
-      if (problems.length > 100) break
     }
   } finally {
     await dev.close()
   }
+  if (more) problems.push(`more problems not listed (check stops after ${MAX_PROBLEMS})`)
   return problems
 }
 

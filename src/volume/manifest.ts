@@ -43,6 +43,11 @@ export interface SnapshotRecord {
 
 export interface MergeRecord {
   readonly snapshot: string
+  /**
+   * The user's rate limit in bytes/s, or null for none; a resumed merge runs at it. Manifests
+   * written before the field existed lack it (read as null).
+   */
+  readonly rateBytesPerSecond?: number | null
 }
 
 export interface Manifest {
@@ -102,6 +107,12 @@ function validateManifest(value: unknown, dir: string): Manifest {
   if (!isPlainName(m.originFile)) throw bad(`originFile ${JSON.stringify(m.originFile)} is not a file name inside the volume directory`)
   if (!Array.isArray(m.snapshots)) throw bad('bad snapshots')
   const snapshots = (m.snapshots as unknown[]).map((s) => validateRecord(s, bad))
+  if (m.merge !== null && m.merge !== undefined) {
+    const merge = m.merge as Record<string, unknown>
+    if (typeof merge.snapshot !== 'string') throw bad('bad merge record')
+    const rate = merge.rateBytesPerSecond
+    if (rate !== undefined && rate !== null && !(typeof rate === 'number' && Number.isFinite(rate) && rate > 0)) throw bad('bad merge rate')
+  }
   return { ...(m as unknown as Manifest), snapshots }
 }
 

@@ -8,7 +8,7 @@
  *   the resolved path is then opened with O_NOFOLLOW, and the descriptor's own path (/proc) is
  *   checked again, which catches a link swapped in between. A link that stays inside the
  *   directory is fine.
- * - Only regular files are accepted: a FIFO would hang the reader, a device is not ours.
+ * - FileDevice itself accepts only regular files and block devices (a FIFO would hang the reader).
  * - Removal resolves the parent directory only: unlink never follows the last component.
  */
 import { realpath, unlink } from 'node:fs/promises'
@@ -37,7 +37,7 @@ export async function resolveInside(dir: string, relPath: string, whole: boolean
   return resolved
 }
 
-/** Opens (or creates) the volume's file `relPath`; it must be a regular file inside `dir`. */
+/** Opens (or creates) the volume's file `relPath`, which must lie inside `dir`. */
 export async function openVolumeFile(dir: string, relPath: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
   const path = join(dir, relPath)
   let resolved: string
@@ -62,7 +62,6 @@ export async function openVolumeFile(dir: string, relPath: string, options: File
   try {
     const opened = await dev.openedPath()
     if (!isInside(await realpath(dir), opened)) throw outside(path, opened)
-    if (!(await dev.isRegularFile())) throw new SnapError('SNAP_CORRUPT_METADATA', `${path} is not a regular file`, { details: { path } })
   } catch (err) {
     await dev.close().catch(() => {})
     throw err

@@ -7,17 +7,17 @@
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
  * exist only while this process has the volume open, and are dropped at the next open.
  */
-import { constants } from 'node:fs'
-import { copyFile, mkdir, rm, stat } from 'node:fs/promises'
-import { basename, join, resolve } from 'node:path'
+import { mkdir, rm, stat, statfs } from 'node:fs/promises'
+import { basename, dirname, join, resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
+import { type ImageFile, copyImage, identityOfPath, statImage } from '../device/image-file.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
 import { decodeHeader } from '../format/header.js'
 import { ExceptionEvents, defaultExceptionEvents } from '../snapshot/exception-events.js'
 import { Origin } from '../snapshot/origin.js'
 import { Snapshot, type SnapshotState } from '../snapshot/snapshot.js'
 import type { ExceptionStore } from '../store/exception-store.js'
-import { type Merge, type MergeOptions, startMerge } from '../merge/merge.js'
+import { type Merge, type MergeOptions, attachMergeView, startMerge } from '../merge/merge.js'
 import { PersistentStore } from '../store/persistent-store.js'
 import { TransientStore } from '../store/transient-store.js'
 import { DEFAULT_CHUNK_BYTES, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
@@ -32,8 +32,10 @@ import {
   readManifest,
   writeManifest,
 } from './manifest.js'
+import { copyPrivate } from './private-copy.js'
 import { openVolumeFile, removeVolumeFile, resolveInside } from './volume-files.js'
 import { VolumeLock } from './volume-lock.js'
+import { MAX_PROBLEMS, checkCow } from './check.js'
 
 export { SNAPSHOT_DIR }
 export const ORIGIN_FILE = 'origin.img'
@@ -67,6 +69,9 @@ export interface SnapshotCreateOptions {
   readonly usageThresholdBytes?: number
 }
 
+/** A snapshot's state in a listing: a Snapshot's own, or `broken` when its COW could not be attached. */
+export type SnapshotListState = SnapshotState | 'broken'
+
 export interface SnapshotInfo {
   readonly name: string
   readonly chunkSizeBytes: number
@@ -76,7 +81,21 @@ export interface SnapshotInfo {
   readonly cowSizeBytes: number
   readonly allocatedBytes: number
   readonly metadataBytes: number
-  readonly state: SnapshotState
+  /**
+   * What the COW can hold: its size when fixed; for a grow-on-demand COW, its size now plus the
+   * free space of its file system (what it could still grow into).
+   */
+  readonly cowCapacityBytes: number
+  /** The COW's fill, allocated against capacity (lvs Data%): 0 to 100. */
+  readonly dataPercent: number
+  /** Share of the origin's chunks copied into the COW: 0 to 100. */
+  readonly originPercent: number
+  readonly state: SnapshotListState
+  /**
+   * Why the snapshot is broken (state `broken`), or why it became invalid while this process had
+   * it open ('COW full', 'COW I/O error'); null otherwise.
+   */
+  readonly reason: string | null
 }
 
 export interface VolumeInfo {
@@ -94,9 +113,17 @@ export class Volume {
   private manifest: Manifest
   private readonly lock: VolumeLock
   private readonly snapshotsByName = new Map<string, Snapshot>()
+  /**
+   * Recorded snapshots whose COW could not be attached (corrupt, truncated, missing), with the
+   * reason. They stay in the manifest, since the COW may be repairable; while any exists the
+   * origin refuses writes and merges, which would change data their views need.
+   */
+  private readonly brokenByName = new Map<string, string>()
   private closed = false
   /** The merge running on this volume, if any. */
   private runningMerge: Merge | null = null
+  /** The last manifest update in the chain (never rejects). */
+  private manifestUpdates: Promise<void> = Promise.resolve()
 
   private constructor(dir: string, manifest: Manifest, lock: VolumeLock, origin: Origin) {
     this.dir = dir
@@ -121,6 +148,11 @@ export class Volume {
     return this.manifest.merge?.snapshot ?? null
   }
 
+  /** The recorded merge's rate limit in bytes/s; null: none (or no merge pending). */
+  get pendingMergeRate(): number | null {
+    return this.manifest.merge?.rateBytesPerSecond ?? null
+  }
+
   static async create(dirPath: string, options: CreateVolumeOptions): Promise<void> {
     const dir = resolve(dirPath)
     const exists = await stat(dir).then(
@@ -129,10 +161,10 @@ export class Volume {
     )
     if (exists) throw new SnapError('SNAP_EXISTS', `${dir} already exists`, { details: { path: dir } })
     let sizeBytes: number
+    let image: ImageFile | null = null
     if (options.fromImage !== undefined) {
-      const st = await stat(options.fromImage).catch(() => null)
-      if (!st || !st.isFile()) throw new SnapError('SNAP_NOT_FOUND', `image ${options.fromImage} does not exist`)
-      sizeBytes = st.size
+      image = await statImage(options.fromImage, 'image')
+      sizeBytes = image.sizeBytes
     } else {
       sizeBytes = options.sizeBytes ?? 0
     }
@@ -142,8 +174,9 @@ export class Volume {
     await mkdir(dir, { recursive: false })
     try {
       await mkdir(join(dir, SNAPSHOT_DIR))
-      if (options.fromImage !== undefined) {
-        await copyFile(options.fromImage, join(dir, ORIGIN_FILE))
+      if (options.fromImage !== undefined && image) {
+        const from = options.fromImage
+        await copyPrivate(join(dir, ORIGIN_FILE), (temp) => copyImage(from, image, temp))
       } else {
         const dev = await FileDevice.open(join(dir, ORIGIN_FILE), { create: sizeBytes })
         await dev.close()
@@ -172,7 +205,8 @@ export class Volume {
       })
       const volume = new Volume(dir, manifest, lock, origin)
       await volume.attachRecorded()
-      await volume.resumeRecordedMerge()
+      await volume.presentRecordedMerge()
+      volume.updateOriginRefusal()
       return volume
     } catch (err) {
       if (originDev && !originDev.closed) await originDev.close()
@@ -189,15 +223,72 @@ export class Volume {
         if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile)
         continue
       }
-      const snap = await this.openSnapshot(record, false)
-      this.snapshotsByName.set(record.name, snap)
       kept.push(record)
+      try {
+        this.snapshotsByName.set(record.name, await this.openSnapshot(record, false))
+      } catch (err) {
+        // One bad COW must not take the origin and the other snapshots down with it.
+        this.brokenByName.set(record.name, this.brokenReason(record, err))
+      }
     }
     if (kept.length !== this.manifest.snapshots.length) await this.saveManifest({ ...this.manifest, snapshots: kept })
   }
 
   cowPath(record: SnapshotRecord): string {
     return cowPathOf(this.dir, record)
+  }
+
+  /** One line on why `record`'s COW could not be attached, naming the file as `VOL/snapshots/x.cow`. */
+  private brokenReason(record: SnapshotRecord, err: unknown): string {
+    const where = isExternal(record) ? record.cowFile : join(this.name, record.cowFile)
+    if (isSnapError(err, 'SNAP_NOT_FOUND')) return `COW file ${where} is missing`
+    const message = err instanceof Error ? err.message : String(err)
+    return `${message.replace(/^invalid or corrupt snapshot: /, '')} in ${where}`
+  }
+
+  /** `VOL@SNAP`, as messages name a snapshot. */
+  private deviceName(snapshot: string): string {
+    return `${this.name}@${snapshot}`
+  }
+
+  /** The reason snapshot `name` is broken, or null when it is not (or does not exist). */
+  broken(name: string): string | null {
+    return this.brokenByName.get(name) ?? null
+  }
+
+  /** Why origin writes and merges are refused: the first broken snapshot and the way out (null: none is). */
+  private brokenClause(): string | null {
+    const first = this.brokenByName.entries().next()
+    if (first.done) return null
+    const [name, reason] = first.value
+    const more = this.brokenByName.size - 1
+    const others = more > 0 ? ` (and ${more} more broken snapshot${more === 1 ? '' : 's'})` : ''
+    return `snapshot ${this.deviceName(name)} is broken (${reason})${others}; repair it, or drop it with \`blocksnap remove ${this.deviceName(name)} --force\``
+  }
+
+  /**
+   * Puts the origin in the state the broken snapshots call for: writes refused while any
+   * exists; reads refused too while a recorded merge cannot resume, since the device then
+   * holds a mix of merged and unmerged chunks.
+   */
+  private updateOriginRefusal(): void {
+    const broken = this.brokenClause()
+    const pending = this.manifest.merge?.snapshot
+    if (broken === null) this.origin.allowIo()
+    else if (pending && !this.runningMerge) {
+      this.origin.refuseIo(`origin of ${this.name} is unreadable: its merge of ${this.deviceName(pending)} cannot resume: ${broken}`)
+    } else this.origin.refuseWrites(`origin writes are refused: ${broken}`)
+  }
+
+  /**
+   * A new snapshot reads unsaved chunks from the origin device, which holds a partly merged
+   * mix while a recorded merge waits for broken snapshots to be dealt with.
+   */
+  private checkOriginPresentable(): void {
+    const pending = this.manifest.merge?.snapshot
+    if (pending && !this.runningMerge && this.brokenByName.size > 0) {
+      throw new SnapError('SNAP_BUSY', `cannot add a snapshot: ${this.name}'s merge of ${this.deviceName(pending)} waits for the broken snapshots to be repaired or removed`)
+    }
   }
 
   private async openSnapshot(record: SnapshotRecord, create: boolean): Promise<Snapshot> {
@@ -209,7 +300,7 @@ export class Volume {
     try {
       // A recorded persistent snapshot always has a header: never re-initialise a truncated or zeroed COW.
       if (!create && record.store === 'persistent' && (cow.sizeBytes < SECTOR_BYTES || decodeHeader(await cow.read(0, SECTOR_BYTES)).kind !== 'existing')) {
-        throw new SnapError('SNAP_CORRUPT_METADATA', `${path} has no snapshot header (truncated or overwritten)`)
+        throw new SnapError('SNAP_CORRUPT_METADATA', `no snapshot header (truncated or overwritten)`, { details: { path } })
       }
       store =
         record.store === 'persistent'
@@ -229,12 +320,25 @@ export class Volume {
     this.manifest = next
   }
 
-  async setPendingMerge(snapshot: string | null): Promise<void> {
-    await this.saveManifest({ ...this.manifest, merge: snapshot === null ? null : { snapshot } })
+  /**
+   * Read-modify-write of the manifest, after every earlier one: a running merge's end (which
+   * drops its snapshot) and a rate change asked for meanwhile must not undo each other.
+   */
+  private updateManifest(change: (current: Manifest) => Manifest): Promise<void> {
+    const update = this.manifestUpdates.then(() => this.saveManifest(change(this.manifest)))
+    this.manifestUpdates = update.catch(() => {})
+    return update
+  }
+
+  /** Records (or, with null, forgets) the pending merge and its rate limit (null: none). */
+  async setPendingMerge(snapshot: string | null, rateBytesPerSecond: number | null = null): Promise<void> {
+    await this.updateManifest((m) => ({ ...m, merge: snapshot === null ? null : { snapshot, rateBytesPerSecond } }))
   }
 
   snapshot(name: string): Snapshot {
     const snap = this.snapshotsByName.get(name)
+    const broken = this.brokenByName.get(name)
+    if (broken !== undefined) throw new SnapError('SNAP_CORRUPT_METADATA', `snapshot ${this.deviceName(name)} is broken: ${broken}`)
     if (!snap) throw new SnapError('SNAP_NOT_FOUND', `no snapshot '${name}' in volume ${this.name}`)
     return snap
   }
@@ -252,6 +356,7 @@ export class Volume {
 
   async createSnapshot(name: string, options: SnapshotCreateOptions = {}): Promise<Snapshot> {
     checkSnapshotName(name)
+    this.checkOriginPresentable()
     if (this.manifest.snapshots.some((r) => r.name === name)) {
       throw new SnapError('SNAP_EXISTS', `snapshot '${name}' already exists in volume ${this.name}`)
     }
@@ -288,15 +393,19 @@ export class Volume {
     return snap
   }
 
-  /** Adopts a kernel-format persistent COW made for this origin. */
+  /**
+   * Adopts a kernel-format persistent COW made for this origin (a file or a block device). Refused
+   * when the COW already backs a snapshot of this volume (two snapshots writing one COW corrupt
+   * each other) and when its geometry or exceptions do not fit the origin (check's bounds check).
+   */
   async importSnapshot(name: string, cowFile: string, options: { inPlace?: boolean } = {}): Promise<Snapshot> {
     checkSnapshotName(name)
     if (this.manifest.snapshots.some((r) => r.name === name)) {
       throw new SnapError('SNAP_EXISTS', `snapshot '${name}' already exists in volume ${this.name}`)
     }
     const source = resolve(cowFile)
-    const st = await stat(source).catch(() => null)
-    if (!st || !st.isFile()) throw new SnapError('SNAP_NOT_FOUND', `COW file ${cowFile} does not exist`)
+    const image = await statImage(source, 'COW')
+    await this.refuseCowInUse(source, image.identity)
     const probe = await FileDevice.open(source, { readOnly: true })
     let chunkSizeBytes: number
     try {
@@ -307,6 +416,12 @@ export class Volume {
     } finally {
       await probe.close()
     }
+    const problems = await checkCow(source, { originSizeBytes: this.sizeBytes, reportInvalid: false })
+    if (problems.length > 0) {
+      const count = problems.length > MAX_PROBLEMS ? `at least ${MAX_PROBLEMS}` : String(problems.length)
+      const more = problems.length > 1 ? ` (${count} problems)` : ''
+      throw new SnapError('SNAP_CORRUPT_METADATA', `COW ${cowFile} does not fit volume ${this.name}: ${problems[0]}${more}`)
+    }
     const record: SnapshotRecord = {
       name,
       chunkSizeBytes,
@@ -314,14 +429,11 @@ export class Volume {
       overflow: false,
       cowFile: options.inPlace ? source : join(SNAPSHOT_DIR, `${name}.cow`),
       ...(options.inPlace ? { external: true as const } : {}),
-      cowSizeBytes: st.size,
+      cowSizeBytes: image.sizeBytes,
       createdAt: new Date().toISOString(),
     }
-    if (!isExternal(record)) {
-      await removeVolumeFile(this.dir, record.cowFile)
-      // Exclusive: never copy through a link planted at the destination.
-      await copyFile(source, await resolveInside(this.dir, record.cowFile, false), constants.COPYFILE_EXCL)
-    }
+    // Into the volume's own snapshots/ directory, never through a link that leads out of it.
+    if (!isExternal(record)) await copyPrivate(await resolveInside(this.dir, record.cowFile, false), (temp) => copyImage(source, image, temp))
     let snap: Snapshot
     try {
       snap = await this.openSnapshot(record, false)
@@ -334,8 +446,29 @@ export class Volume {
     return snap
   }
 
-  async removeSnapshot(name: string, options: { keepCow?: boolean } = {}): Promise<void> {
+  /** Throws when `path` (storage `identity`) is the origin or a COW of this volume. */
+  private async refuseCowInUse(path: string, identity: string): Promise<void> {
+    const originPath = join(this.dir, this.manifest.originFile)
+    if (path === originPath || (await identityOfPath(originPath)) === identity) {
+      throw badArgument(`${path} is the origin of volume ${this.name}`)
+    }
+    for (const record of this.manifest.snapshots) {
+      const used = this.cowPath(record)
+      if (path === used || (await identityOfPath(used)) === identity) {
+        throw new SnapError('SNAP_BUSY', `COW ${path} is already used by snapshot '${record.name}' of volume ${this.name}`)
+      }
+    }
+  }
+
+  /**
+   * Removes snapshot `name` and deletes its COW file if it lies inside the volume. A broken
+   * snapshot is removed only with `force` (its COW may be repairable); that also drops a merge
+   * of it that could not resume, leaving the origin with the chunks merged so far.
+   */
+  async removeSnapshot(name: string, options: { keepCow?: boolean; force?: boolean } = {}): Promise<void> {
     const record = this.record(name)
+    const broken = this.brokenByName.get(name)
+    if (broken !== undefined) return this.removeBrokenSnapshot(record, broken, options)
     if (this.runningMerge?.snapshot.snapshotName === name || this.manifest.merge?.snapshot === name) {
       throw new SnapError('SNAP_BUSY', `snapshot '${name}' is being merged`)
     }
@@ -348,11 +481,33 @@ export class Volume {
     if (!options.keepCow && !isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
+  private async removeBrokenSnapshot(record: SnapshotRecord, reason: string, options: { keepCow?: boolean; force?: boolean }): Promise<void> {
+    const name = record.name
+    // Only the volume's own COW is ours to delete, never an external one.
+    const path = this.cowPath(record)
+    const deletes = !options.keepCow && !isExternal(record)
+    if (!options.force) {
+      throw new SnapError(
+        'SNAP_CORRUPT_METADATA',
+        `snapshot ${this.deviceName(name)} is broken (${reason}); its COW file may be repairable, so it is kept: ` +
+          `\`blocksnap remove ${this.deviceName(name)} --force\` drops it${deletes ? ` and deletes ${path}` : ''}`,
+      )
+    }
+    const merge = this.manifest.merge?.snapshot === name ? null : this.manifest.merge
+    await this.saveManifest({ ...this.manifest, merge, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    this.brokenByName.delete(name)
+    if (deletes) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
+    // The last broken snapshot gone, a recorded merge of a healthy one is presented again; it
+    // moves on when asked (`merge VOL@SNAP`, or `serve` at its next start), as after any open.
+    if (this.brokenByName.size === 0 && merge && !this.runningMerge) await this.presentRecordedMerge()
+    this.updateOriginRefusal()
+  }
+
   /** Forgets a snapshot whose merge completed (its COW holds no exceptions any more). */
   async dropMergedSnapshot(name: string): Promise<void> {
     const record = this.record(name)
     this.snapshotsByName.delete(name)
-    await this.saveManifest({ ...this.manifest, merge: null, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    await this.updateManifest((m) => ({ ...m, merge: null, snapshots: m.snapshots.filter((r) => r.name !== name) }))
     if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
@@ -361,74 +516,133 @@ export class Volume {
   }
 
   /**
-   * Starts (or resumes) merging snapshot `name` into the origin. Recorded in the manifest first,
-   * so a volume reopened after a crash resumes the merge and presents the merged view at once.
+   * Starts (or resumes) merging snapshot `name` into the origin. Recorded in the manifest (with
+   * its rate limit) before the first chunk moves, so a volume reopened after a crash presents
+   * the merged view at once; the merge itself goes on only when asked to again (resumeMerge,
+   * or startMerge). Without `rateBytesPerSecond` a resumed merge keeps its recorded rate; with
+   * it the new rate is recorded (0: no limit). The returned merge's `done` settles only once
+   * the volume has forgotten a completed snapshot.
    */
-  async startMerge(name: string, options: MergeOptions = {}): Promise<Merge> {
+  async startMerge(name: string, options: Omit<MergeOptions, 'onComplete'> = {}): Promise<Merge> {
+    // Merging writes the origin, which the broken snapshots' views may still need.
+    const broken = this.brokenClause()
+    if (broken !== null) throw new SnapError('SNAP_MERGE_REFUSED', `merges are refused: ${broken}`)
     const snap = this.snapshot(name)
     const current = this.runningMerge
     if (current && current.snapshot !== snap) {
       throw new SnapError('SNAP_MERGE_REFUSED', `snapshot '${current.snapshot.snapshotName}' is already merging`)
     }
     if (current && (current.state === 'running' || current.state === 'paused')) {
-      if (options.rateBytesPerSecond !== undefined) current.setRate(options.rateBytesPerSecond)
+      if (options.rateBytesPerSecond !== undefined) {
+        current.setRate(options.rateBytesPerSecond)
+        const rateBytesPerSecond = options.rateBytesPerSecond || null
+        // Unless the merge ended meanwhile (its record is gone then).
+        await this.updateManifest((m) => (m.merge?.snapshot === name ? { ...m, merge: { snapshot: name, rateBytesPerSecond } } : m))
+      }
       if (current.state === 'paused') current.resume()
       return current
     }
-    if (this.manifest.merge && this.manifest.merge.snapshot !== name) {
-      throw new SnapError('SNAP_MERGE_REFUSED', `snapshot '${this.manifest.merge.snapshot}' is already merging`)
+    const recorded = this.manifest.merge
+    if (recorded && recorded.snapshot !== name) {
+      throw new SnapError('SNAP_MERGE_REFUSED', `snapshot '${recorded.snapshot}' is already merging`)
     }
     if (this.record(name).store !== 'persistent') {
       throw new SnapError('SNAP_MERGE_REFUSED', 'Snapshot exception store does not support snapshot-merge.')
     }
-    const merge = await startMerge(this.origin, snap, options)
-    this.runningMerge = merge
-    if (!this.manifest.merge) await this.setPendingMerge(name)
-    const drop = () => {
-      void this.dropMergedSnapshot(name).finally(() => {
-        if (this.runningMerge === merge) this.runningMerge = null
+    const rate = options.rateBytesPerSecond === undefined ? (recorded?.rateBytesPerSecond ?? null) : options.rateBytesPerSecond || null
+    if (!recorded || (recorded.rateBytesPerSecond ?? null) !== rate) await this.setPendingMerge(name, rate)
+    let merge: Merge
+    try {
+      merge = await startMerge(this.origin, snap, {
+        ...options,
+        ...(rate === null ? {} : { rateBytesPerSecond: rate }),
+        // Inside the merge, before it reports complete: a waiter never sees it complete while
+        // the manifest still lists the snapshot.
+        onComplete: () => this.dropMergedSnapshot(name),
       })
+    } catch (err) {
+      // Refused before anything moved: a merge that never started must not stay recorded.
+      if (!recorded) await this.setPendingMerge(null)
+      throw err
     }
-    // A small merge can complete while the manifest is written, before a listener could see it.
-    if (merge.state === 'complete') drop()
-    else merge.once('complete', drop)
+    this.runningMerge = merge
+    void merge.done.then(
+      () => {
+        if (this.runningMerge === merge && merge.state === 'complete') this.runningMerge = null
+      },
+      () => {},
+    )
     return merge
   }
 
-  private async resumeRecordedMerge(): Promise<void> {
+  /**
+   * Resumes the merge recorded in the manifest, at its recorded rate (what `serve` does at
+   * start); null when none is pending.
+   */
+  async resumeMerge(): Promise<Merge | null> {
+    const name = this.manifest.merge?.snapshot
+    // A merge waiting for broken snapshots stays recorded (startMerge would refuse it).
+    if (!name || this.brokenByName.size > 0) return null
+    return this.startMerge(name)
+  }
+
+  /**
+   * A merge is recorded: the origin presents the merged view (reads and writes go through it),
+   * but nothing is merged until someone resumes it: opening the volume for `list` or `read`
+   * must not move data, nor at a rate the user did not choose.
+   */
+  private async presentRecordedMerge(): Promise<void> {
     const name = this.manifest.merge?.snapshot
     if (!name) return
-    if (!this.snapshotsByName.has(name)) {
+    // Left recorded: it resumes once the broken snapshots are repaired or removed.
+    if (this.brokenByName.size > 0) return
+    const snap = this.snapshotsByName.get(name)
+    if (!snap) {
       // The snapshot is gone (merge finished just before a crash): nothing left to merge.
       await this.setPendingMerge(null)
       return
     }
-    await this.startMerge(name)
+    await attachMergeView(this.origin, snap)
   }
 
-  info(): VolumeInfo {
+  async info(): Promise<VolumeInfo> {
     const snapshots: SnapshotInfo[] = []
     for (const record of this.manifest.snapshots) {
       const snap = this.snapshotsByName.get(record.name)
+      const broken = this.brokenByName.get(record.name)
       const usage = snap?.usage()
+      const chunkSizeBytes = snap?.chunkBytes ?? record.chunkSizeBytes
+      const cowSizeBytes = (usage?.totalSectors ?? 0) * SECTOR_BYTES
+      const allocatedBytes = (usage?.allocatedSectors ?? 0) * SECTOR_BYTES
+      const metadataBytes = (usage?.metadataSectors ?? 0) * SECTOR_BYTES
+      const cowPath = this.cowPath(record)
+      const cowCapacityBytes = record.cowSizeBytes === null ? cowSizeBytes + (await freeBytesBeside(cowPath)) : cowSizeBytes
+      const originChunks = Math.ceil(this.manifest.sizeBytes / chunkSizeBytes)
       snapshots.push({
         name: record.name,
-        chunkSizeBytes: snap?.chunkBytes ?? record.chunkSizeBytes,
+        chunkSizeBytes,
         store: record.store,
         overflow: record.overflow,
-        cowPath: this.cowPath(record),
-        cowSizeBytes: (usage?.totalSectors ?? 0) * SECTOR_BYTES,
-        allocatedBytes: (usage?.allocatedSectors ?? 0) * SECTOR_BYTES,
-        metadataBytes: (usage?.metadataSectors ?? 0) * SECTOR_BYTES,
-        state: snap?.state ?? 'invalid',
+        cowPath,
+        cowSizeBytes,
+        allocatedBytes,
+        metadataBytes,
+        cowCapacityBytes,
+        // As lvs: a COW holding only its header and metadata is 0 % full.
+        dataPercent: allocatedBytes === metadataBytes ? 0 : percent(allocatedBytes, cowCapacityBytes),
+        originPercent: percent(Math.max(0, allocatedBytes - metadataBytes) / chunkSizeBytes, originChunks),
+        state: broken !== undefined ? 'broken' : (snap?.state ?? 'invalid'),
+        reason: broken ?? snap?.invalidationReason ?? null,
       })
     }
     const running = this.runningMerge
     const progress = running?.progress()
+    const pending = this.manifest.merge
+    // A pending merge nobody resumed yet: what is left of it.
     const merge = running && progress
       ? { snapshot: running.snapshot.snapshotName, doneChunks: progress.doneChunks, totalChunks: progress.totalChunks }
-      : this.manifest.merge
-        ? { snapshot: this.manifest.merge.snapshot, doneChunks: 0, totalChunks: 0 }
+      : pending
+        ? { snapshot: pending.snapshot, doneChunks: 0, totalChunks: this.snapshotsByName.get(pending.snapshot)?.table.size ?? 0 }
         : null
     return {
       name: this.name,
@@ -444,10 +658,13 @@ export class Volume {
   statusLine(snapshot: string | null): string {
     const sectors = Math.floor(this.manifest.sizeBytes / SECTOR_BYTES)
     if (!snapshot) {
-      const merging = this.runningMerge?.snapshot
+      const pending = this.manifest.merge?.snapshot
+      const merging = this.runningMerge?.snapshot ?? (pending === undefined ? undefined : this.snapshotsByName.get(pending))
       if (merging) return `0 ${sectors} snapshot-merge ${merging.statusText()}`
       return `0 ${sectors} snapshot-origin`
     }
+    // No kernel word for a COW that never loaded (dm refuses the table): one that says so.
+    if (this.brokenByName.has(snapshot)) return `0 ${sectors} snapshot Broken`
     const snap = this.snapshot(snapshot)
     if (snap.merging) return `0 ${sectors} snapshot Invalid`
     return `0 ${sectors} snapshot ${snap.statusText()}`
@@ -473,12 +690,29 @@ export class Volume {
   }
 }
 
-/** Splits `VOL@SNAP` into its parts; `VOL` alone is the origin. */
+/** part / whole in percent with two decimals, never above 100. */
+function percent(part: number, whole: number): number {
+  if (whole <= 0) return 0
+  return Math.min(100, Math.round((10000 * part) / whole) / 100)
+}
+
+/** Free space (for unprivileged use) of the file system holding `path`; 0 when unknown. */
+async function freeBytesBeside(path: string): Promise<number> {
+  const fs = await statfs(dirname(path)).catch(() => null)
+  return fs ? fs.bavail * fs.bsize : 0
+}
+
+/**
+ * Splits `VOL@SNAP` into its parts; `VOL` alone is the origin. Only the last path component
+ * names a device, so directories above it may contain '@'; in that component, one '@' at most
+ * (snapshot names never contain one).
+ */
 export function parseDevice(spec: string): { volume: string; snapshot: string | null } {
-  const at = spec.lastIndexOf('@')
+  const slash = spec.lastIndexOf('/')
+  const at = spec.indexOf('@', slash + 1)
   if (at === -1) return { volume: spec, snapshot: null }
   const volume = spec.slice(0, at)
   const snapshot = spec.slice(at + 1)
-  if (!volume || !snapshot) throw badArgument(`bad device '${spec}': expected VOL or VOL@SNAP`)
+  if (!volume || !snapshot || snapshot.includes('@')) throw badArgument(`bad device '${spec}': expected VOL or VOL@SNAP`)
   return { volume, snapshot }
 }

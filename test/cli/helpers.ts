@@ -4,7 +4,7 @@
  * one-line error contract, and fingerprint files to prove a failed command changed nothing.
  */
 import assert from 'node:assert/strict'
-import { execFile } from 'node:child_process'
+import { execFile, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { readFile, readdir } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
@@ -46,15 +46,27 @@ function show(r: CliResult): string {
   return `exit ${r.code}\n--- stderr ---\n${r.stderr}\n--- stdout ---\n${r.stdout.toString('utf8').slice(0, 2000)}`
 }
 
-/** The command succeeded (exit 0, nothing on stderr). */
-export function ok(r: CliResult, what = 'command'): CliResult {
+export interface OkOptions {
+  /** Lines the command may print on stderr (progress, notes); each line must match. Default: none. */
+  readonly stderr?: RegExp
+}
+
+/** What an offline `merge` (stderr not a terminal) prints as it goes: the one expected stderr of a success. */
+export const MERGE_PROGRESS_LINE = /^blocksnap: merged \d+\/\d+ chunks \(\d+\.\d MiB\/s\)$/
+
+/** The command succeeded: exit 0, and nothing on stderr but the lines `options.stderr` allows. */
+export function ok(r: CliResult, what = 'command', options: OkOptions = {}): CliResult {
   assert.equal(r.code, 0, `${what} failed:\n${show(r)}`)
+  const allowed = options.stderr
+  if (!allowed) assert.equal(r.stderr, '', `${what} succeeded but wrote on stderr:\n${show(r)}`)
+  else for (const line of r.stderr.split('\n').filter((l) => l !== '')) assert.match(line, allowed, `${what}: unexpected stderr line:\n${show(r)}`)
   return r
 }
 
-/** Runs a command that must succeed and returns its stdout. */
-export async function cliOk(args: readonly string[], options: { input?: Uint8Array } = {}): Promise<Buffer> {
-  return ok(await cli(args, options), `blocksnap ${args.join(' ')}`).stdout
+/** Runs a command that must succeed (see ok()) and returns its stdout. */
+export async function cliOk(args: readonly string[], options: { input?: Uint8Array } & OkOptions = {}): Promise<Buffer> {
+  const { stderr, ...runOptions } = options
+  return ok(await cli(args, runOptions), `blocksnap ${args.join(' ')}`, stderr ? { stderr } : {}).stdout
 }
 
 /** Exit code `code` and exactly one line `blocksnap: error: …` on stderr; no stack trace, no stdout. */
@@ -71,14 +83,14 @@ export function sha256(data: Uint8Array): string {
   return createHash('sha256').update(data).digest('hex')
 }
 
-/** relative path → sha256 for every file under `dir` (lock files excluded: they come and go). */
+/** relative path → sha256 for every file under `dir` (the lock file excluded: it holds the owner's PID while a command runs). */
 export async function fingerprint(dir: string): Promise<Map<string, string>> {
   const out = new Map<string, string>()
   const walk = async (d: string): Promise<void> => {
     for (const entry of await readdir(d, { withFileTypes: true })) {
       const p = join(d, entry.name)
       if (entry.isDirectory()) await walk(p)
-      else if (entry.isFile()) out.set(relative(dir, p), sha256(await readFile(p)))
+      else if (entry.isFile() && entry.name !== 'lock') out.set(relative(dir, p), sha256(await readFile(p)))
     }
   }
   await walk(dir)
@@ -123,7 +135,11 @@ export interface SnapshotJson {
   cowSizeBytes: number
   allocatedBytes: number
   metadataBytes: number
+  cowCapacityBytes: number
+  dataPercent: number
+  originPercent: number
   state: string
+  reason: string | null
 }
 
 export interface ListJson {
@@ -136,8 +152,22 @@ export interface ListJson {
 }
 
 const VOLUME_KEYS = ['name', 'path', 'sizeBytes', 'originPath', 'snapshots', 'merge']
-const SNAPSHOT_KEYS = ['name', 'chunkSizeBytes', 'store', 'overflow', 'cowPath', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes', 'state']
-const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed']
+const SNAPSHOT_KEYS = [
+  'name',
+  'chunkSizeBytes',
+  'store',
+  'overflow',
+  'cowPath',
+  'cowSizeBytes',
+  'allocatedBytes',
+  'metadataBytes',
+  'cowCapacityBytes',
+  'dataPercent',
+  'originPercent',
+  'state',
+  'reason',
+]
+const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed', 'broken']
 
 /** Parses `list --json` output and checks it has exactly the documented shape. */
 export function parseList(stdout: Buffer): ListJson {
@@ -154,10 +184,15 @@ export function parseList(stdout: Buffer): ListJson {
     assert.ok(s.store === 'persistent' || s.store === 'transient', `store ${String(s.store)}`)
     assert.equal(typeof s.overflow, 'boolean')
     assert.ok(typeof s.cowPath === 'string' && s.cowPath.startsWith('/'), `cowPath is absolute: ${String(s.cowPath)}`)
-    for (const k of ['chunkSizeBytes', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes']) {
+    for (const k of ['chunkSizeBytes', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes', 'cowCapacityBytes']) {
       assert.ok(Number.isSafeInteger(s[k]) && (s[k] as number) >= 0, `${k} = ${String(s[k])}`)
     }
+    for (const k of ['dataPercent', 'originPercent']) {
+      assert.ok(typeof s[k] === 'number' && (s[k] as number) >= 0 && (s[k] as number) <= 100, `${k} = ${String(s[k])}`)
+    }
     assert.ok(STATES.includes(s.state as string), `state ${String(s.state)}`)
+    // A reason exactly when the snapshot is broken.
+    assert.ok(s.state === 'broken' ? typeof s.reason === 'string' && s.reason !== '' : s.reason === null, `reason ${String(s.reason)} for state ${String(s.state)}`)
   }
   if (v.merge !== null) {
     const m = v.merge as Record<string, unknown>
@@ -179,4 +214,11 @@ export function persistentStatus(chunkBytes: number, exceptions: number): { allo
   const currentArea = Math.floor(exceptions / perArea)
   const nextFree = 1 + (currentArea + 1) + exceptions
   return { allocated: nextFree * chunkSectors, metadata: (currentArea + 2) * chunkSectors }
+}
+
+/** True when nobody holds the volume's lock (a flock on VOL/lock; the file itself stays). */
+export function volumeLockFree(vol: string): boolean {
+  const probe = spawnSync('flock', ['--nonblock', '--conflict-exit-code', '75', join(vol, 'lock'), 'true'])
+  if (probe.status !== 0 && probe.status !== 75) throw new Error(`flock probe failed: ${probe.stderr?.toString() ?? probe.error}`)
+  return probe.status === 0
 }

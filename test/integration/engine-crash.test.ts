@@ -14,7 +14,8 @@ import { Origin } from '../../src/snapshot/origin.js'
 import type { Snapshot } from '../../src/snapshot/snapshot.js'
 import { CrashRecorder } from '../support/crash-recorder.js'
 import { FaultyDevice } from '../support/faulty-device.js'
-import { Random } from '../support/random.js'
+import { Random, streamSeed } from '../support/random.js'
+import { Scheduler } from '../support/scheduler.js'
 import { type SnapshotSpec, makeSnapshot } from '../support/engine-stack.js'
 
 const ORIGIN_BYTES = 96 * 1024 + 512
@@ -36,17 +37,19 @@ interface SyncPoint {
   views: Map<string, { sync: Uint8Array; since: Array<{ start: number; data: Uint8Array }> }>
 }
 
-function delayed(dev: BlockDevice, random: Random): FaultyDevice {
-  const f = new FaultyDevice(dev)
-  f.setDelay(() => (random.chance(0.6) ? 0 : random.int(3)))
+/** Completes in the order `scheduler` picks (the recorder logs in application order). */
+function delayed(dev: BlockDevice, scheduler: Scheduler, name: string): FaultyDevice {
+  const f = new FaultyDevice(dev, name)
+  f.setGate(scheduler)
   return f
 }
 
 async function recordTrace(seed: number) {
-  const random = new Random(seed)
+  const random = new Random(streamSeed(seed, 'operations'))
+  const scheduler = new Scheduler(seed, { slowReadChance: 0 })
   const recorder = new CrashRecorder()
   const originBase = MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES))
-  const origin = new Origin(delayed(recorder.device('origin', originBase), random), { events: new ExceptionEvents() })
+  const origin = new Origin(delayed(recorder.device('origin', originBase), scheduler, 'origin'), { events: new ExceptionEvents() })
   const snaps = new Map<string, Snapshot>()
   const cowBases = new Map<string, MemoryDevice>()
   const models = new Map<string, ViewModel>()
@@ -55,7 +58,7 @@ async function recordTrace(seed: number) {
   for (const spec of SPECS) {
     const base = new MemoryDevice(spec.cowBytes)
     cowBases.set(spec.name, base)
-    const snap = makeSnapshot(spec, delayed(recorder.device(spec.name, base), random))
+    const snap = makeSnapshot(spec, delayed(recorder.device(spec.name, base), scheduler, spec.name))
     await origin.addSnapshot(snap)
     snaps.set(spec.name, snap)
     const current = (models.get('origin') as ViewModel).current

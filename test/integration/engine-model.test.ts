@@ -1,14 +1,21 @@
 /**
  * Model-based randomized test of the engine: an origin with several snapshots of different
  * chunk sizes and store kinds, hit by batches of concurrent reads and writes (random byte
- * offsets and lengths, chunk-spanning, random completion delays), flushes, live snapshot
- * creation, removal and reopen. The model is one plain byte array per view.
+ * offsets and lengths, chunk-spanning), flushes, live snapshot creation in the middle of a
+ * batch, removal and reopen. The model is one plain byte array per view.
+ *
+ * One Scheduler per trace decides the completion order of every device operation, from its
+ * own stream of the seed; the operations come from another stream. A printed seed replays
+ * exactly, which the replay test checks.
  */
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import type { BlockDevice } from '../../src/device/block-device.js'
-import { Random } from '../support/random.js'
+import { createHash } from 'node:crypto'
+import { COW_THRESHOLD } from '../../src/snapshot/snapshot.js'
+import { Random, streamSeed } from '../support/random.js'
+import { Scheduler } from '../support/scheduler.js'
 import { type SnapshotSpec, type Stack, type StoreKind, addSnapshot, newStack, reopen } from '../support/engine-stack.js'
 
 const ORIGIN_BYTES = 192 * 1024 + 1536 // not a multiple of any chunk size above 512 (§11.7)
@@ -37,39 +44,46 @@ async function checkAllViews(stack: Stack, model: Map<string, Uint8Array>, seed:
   }
 }
 
-async function runTrace(seed: number, steps: number): Promise<number> {
-  const random = new Random(seed)
+interface TraceResult {
+  readonly ops: number
+  /** Snapshots created while origin writes issued before them were still in flight. */
+  readonly createdUnderLoad: number
+  /** Origin writes in flight at those creations, in all. */
+  readonly writesInFlightAtCreation: number
+  /** sha256 over every view's final bytes. */
+  readonly finalHash: string
+}
+
+async function runTrace(seed: number, steps: number, scheduler = new Scheduler(seed)): Promise<TraceResult> {
+  const random = new Random(streamSeed(seed, 'operations'))
   const originBase = MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES))
-  let stack = newStack(originBase, random)
+  let stack = newStack(originBase, scheduler)
   const model = new Map<string, Uint8Array>([['origin', originBase.readSync(0, ORIGIN_BYTES)]])
   let serial = 0
   let ops = 0
+  let createdUnderLoad = 0
+  let writesInFlightAtCreation = 0
 
-  const createSnapshot = async (kind?: StoreKind, chunkBytes?: number) => {
-    const spec: SnapshotSpec = {
-      name: `s${serial++}`,
-      kind: kind ?? random.pick(KINDS),
-      chunkBytes: chunkBytes ?? random.pick(CHUNK_SIZES),
-      cowBytes: 4 * 1024 * 1024,
-    }
-    await addSnapshot(stack, spec, random)
+  const nextSpec = (kind?: StoreKind, chunkBytes?: number): SnapshotSpec => ({
+    name: `s${serial++}`,
+    kind: kind ?? random.pick(KINDS),
+    chunkBytes: chunkBytes ?? random.pick(CHUNK_SIZES),
+    cowBytes: 4 * 1024 * 1024,
+  })
+  const createSnapshot = async (spec: SnapshotSpec) => {
+    await addSnapshot(stack, spec, scheduler)
     model.set(spec.name, (model.get('origin') as Uint8Array).slice())
   }
   // At least three snapshots with different chunk sizes from the start.
-  await createSnapshot('P', 4096)
-  await createSnapshot('PO', 65536)
-  await createSnapshot('N', 512)
+  await createSnapshot(nextSpec('P', 4096))
+  await createSnapshot(nextSpec('PO', 65536))
+  await createSnapshot(nextSpec('N', 512))
 
   for (let step = 0; step < steps; step++) {
     const roll = random.next()
-    if (roll < 0.04 && stack.snapshots.size < 6) {
-      // Live creation while a batch of origin writes is in flight: writes completed before the
-      // snapshot is in it; the writes in flight either are in it or not, per piece, so the test
-      // only checks chunks the concurrent writes did not touch... simpler: wait for them first.
-      await createSnapshot()
-      continue
-    }
-    if (roll < 0.06 && stack.snapshots.size > 3) {
+    // Live creation in the middle of a batch (below), while its earlier writes are in flight.
+    const liveSpec = roll < 0.06 && stack.snapshots.size < 6 ? nextSpec() : null
+    if (!liveSpec && roll < 0.08 && stack.snapshots.size > 3) {
       const name = random.pick([...stack.snapshots.keys()])
       const snap = stack.snapshots.get(name)
       if (snap) await stack.origin.removeSnapshot(snap)
@@ -79,8 +93,8 @@ async function runTrace(seed: number, steps: number): Promise<number> {
       model.delete(name)
       continue
     }
-    if (roll < 0.08) {
-      const reopened = await reopen(stack, random)
+    if (!liveSpec && roll < 0.1) {
+      const reopened = await reopen(stack, scheduler)
       stack = reopened.stack
       for (const name of reopened.dropped) model.delete(name)
       await checkAllViews(stack, model, seed, step)
@@ -91,7 +105,24 @@ async function runTrace(seed: number, steps: number): Promise<number> {
     const claimed: Range[] = []
     const size = 1 + random.int(12)
     const views = [...model.keys()]
-    for (let i = 0; i < size; i++) {
+    const creationAt = liveSpec ? random.int(size + 1) : -1
+    let creation: Promise<unknown> | null = null
+    let originWritesIssued = 0
+    for (let i = 0; i <= size; i++) {
+      if (i === creationAt && liveSpec) {
+        // Origin.addSnapshot holds new origin mutations and drains the ones in flight: every
+        // origin write issued so far (each entered its mutation synchronously, see below) is in
+        // the snapshot, every one issued from here on is not. So the new view's model is the
+        // origin model as it stands at this call.
+        const inFlight = originWritesIssued
+        creation = addSnapshot(stack, liveSpec, scheduler)
+        model.set(liveSpec.name, (model.get('origin') as Uint8Array).slice())
+        if (inFlight > 0) {
+          createdUnderLoad++
+          writesInFlightAtCreation += inFlight
+        }
+      }
+      if (i === size) break
       const view = random.chance(0.5) ? 'origin' : random.pick(views)
       const length = random.chance(0.3) ? 1 + random.int(200) : 1 + random.int(70000)
       const start = random.int(ORIGIN_BYTES - length + 1)
@@ -101,11 +132,16 @@ async function runTrace(seed: number, steps: number): Promise<number> {
       const dev: BlockDevice = view === 'origin' ? stack.origin : (stack.snapshots.get(view) as BlockDevice)
       const viewModel = model.get(view) as Uint8Array
       ops++
-      if (random.chance(0.55)) {
+      const kind = random.next()
+      // An origin write over the copy throttle waits before it enters its mutation, so which side
+      // of a live creation it lands on would be open: the model only issues writes that enter.
+      const throttled = view === 'origin' && stack.origin.snapshots.some((s) => s.copiesInFlight > COW_THRESHOLD)
+      if (kind < 0.55 && !throttled) {
         const data = random.bytes(length)
         viewModel.set(data, start)
+        if (view === 'origin') originWritesIssued++
         batch.push(dev.write(data, start, { fua: random.chance(0.1) }))
-      } else if (random.chance(0.9)) {
+      } else if (kind < 0.95) {
         const expected = viewModel.slice(start, start + length)
         batch.push(
           dev.read(start, length).then((actual) => {
@@ -119,19 +155,58 @@ async function runTrace(seed: number, steps: number): Promise<number> {
       }
     }
     await Promise.all(batch)
+    if (creation) {
+      await creation
+      // Check the new view at once, before later batches blur it.
+      const snap = stack.snapshots.get((liveSpec as SnapshotSpec).name) as BlockDevice
+      const actual = await snap.read(0, ORIGIN_BYTES)
+      const expected = model.get((liveSpec as SnapshotSpec).name) as Uint8Array
+      if (Buffer.compare(Buffer.from(actual), Buffer.from(expected)) !== 0) {
+        let at = 0
+        while (actual[at] === expected[at]) at++
+        assert.fail(`seed ${seed} step ${step}: snapshot ${(liveSpec as SnapshotSpec).name} created under load differs from the model at byte ${at}`)
+      }
+    }
     if (step % 10 === 9) await checkAllViews(stack, model, seed, step)
   }
   await checkAllViews(stack, model, seed, steps)
   for (const s of stack.snapshots.values()) assert.ok(s.valid, `seed ${seed}: snapshot ${s.snapshotName} became invalid`)
+  const hash = createHash('sha256')
+  for (const [view, bytes] of [...model].sort(([a], [b]) => (a < b ? -1 : 1))) hash.update(view).update(bytes)
   await stack.origin.close()
-  return ops
+  return { ops, createdUnderLoad, writesInFlightAtCreation, finalHash: hash.digest('hex') }
 }
 
 const SEEDS = Array.from({ length: 20 }, (_, i) => i + 1)
 
 test('engine model: concurrent random I/O on an origin with mixed snapshots matches the model', async () => {
   let ops = 0
-  for (const seed of SEEDS) ops += await runTrace(seed, 80)
+  let createdUnderLoad = 0
+  let inFlight = 0
+  for (const seed of SEEDS) {
+    const r = await runTrace(seed, 80)
+    ops += r.ops
+    createdUnderLoad += r.createdUnderLoad
+    inFlight += r.writesInFlightAtCreation
+  }
+  console.log(`# engine model: ${SEEDS.length} seeds, ${ops} concurrent operations, ${createdUnderLoad} snapshots created over ${inFlight} origin writes in flight`)
   assert.ok(ops > 6000, `only ${ops} operations ran`)
-  console.log(`# engine model: ${SEEDS.length} seeds, ${ops} concurrent operations`)
+  assert.ok(createdUnderLoad >= SEEDS.length, `only ${createdUnderLoad} snapshots were created while origin writes were in flight`)
+})
+
+test('engine model: a seed replays exactly (same device completion order, same bytes); another seed does not', async () => {
+  const run = async (seed: number) => {
+    const scheduler = new Scheduler(seed, { record: true })
+    const result = await runTrace(seed, 30, scheduler)
+    return { trace: scheduler.trace, digest: scheduler.digest, finalHash: result.finalHash }
+  }
+  const first = await run(7)
+  const again = await run(7)
+  const other = await run(8)
+  assert.ok(first.trace.length > 1000, `only ${first.trace.length} device completions`)
+  assert.deepEqual(again.trace, first.trace, 'seed 7 replayed a different completion order')
+  assert.equal(again.digest, first.digest)
+  assert.equal(again.finalHash, first.finalHash, 'seed 7 replayed to different bytes')
+  assert.notEqual(other.digest, first.digest, 'seeds 7 and 8 gave the same completion order')
+  assert.notEqual(other.finalHash, first.finalHash, 'seeds 7 and 8 gave the same bytes')
 })

@@ -326,9 +326,14 @@ test('invariant 34: with more than COW_THRESHOLD copies in flight new origin wri
   await origin.addSnapshot(snap)
   let release!: () => void
   const gate = new Promise<void>((resolve) => (release = resolve))
+  // Copies in flight each time a copy starts (its read of the origin), over the whole test.
   let maxInFlight = 0
+  let copiesStarted = 0
   originDev.setDelay((op) => {
-    if (op === 'read') maxInFlight = Math.max(maxInFlight, snap.copiesInFlight)
+    if (op === 'read') {
+      copiesStarted++
+      maxInFlight = Math.max(maxInFlight, snap.copiesInFlight)
+    }
     return 0
   })
   // Hold every copy until released, then check the threshold was respected.
@@ -337,11 +342,19 @@ test('invariant 34: with more than COW_THRESHOLD copies in flight new origin wri
     await gate
     return holdReads(t, o)
   }
-  const writes = Array.from({ length: COW_THRESHOLD + 20 }, (_, c) => origin.write(filled(1, 1), c * 4 * KiB))
-  await new Promise((r) => setTimeout(r, 50))
-  assert.ok(snap.copiesInFlight <= COW_THRESHOLD + 1, `copies in flight: ${snap.copiesInFlight}`)
+  let writesDone = 0
+  const writes = Array.from({ length: COW_THRESHOLD + 20 }, (_, c) => origin.write(filled(1, 1), c * 4 * KiB).then(() => writesDone++))
+  // Every copy waits at the gate, so the engine is idle after a few turns of the event loop.
+  for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r))
+  // A write starts its copy while at most COW_THRESHOLD are in flight: the threshold + 1 copies
+  // run, the other 19 writes wait for one to finish.
+  assert.equal(snap.copiesInFlight, COW_THRESHOLD + 1, 'copies in flight while held')
+  assert.equal(copiesStarted, COW_THRESHOLD + 1, 'copies started while held')
+  assert.equal(writesDone, 0)
   release()
   await Promise.all(writes)
+  assert.equal(copiesStarted, COW_THRESHOLD + 20)
+  assert.equal(maxInFlight, COW_THRESHOLD + 1, 'the waiting writes never pushed the copies in flight past the threshold + 1')
   assert.equal(snap.table.size, COW_THRESHOLD + 20)
 })
 

@@ -1,7 +1,7 @@
 /**
  * Merge control and edge cases: refusals (invariants 39, 40, 50), status numbers (§8.9,
  * invariants 43, 51), failure handling (§8.7, invariant 49), pause/stop/resume (§8.6,
- * invariant 47), rate limit measured from progress events.
+ * invariant 47), the rate limiter's arithmetic on an injected clock.
  */
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
@@ -14,7 +14,9 @@ import { Origin } from '../../src/snapshot/origin.js'
 import type { Snapshot } from '../../src/snapshot/snapshot.js'
 import { type SnapshotSpec, addSnapshot, makeSnapshot, newStack } from '../support/engine-stack.js'
 import { FaultyDevice } from '../support/faulty-device.js'
+import { ManualClock } from '../support/manual-clock.js'
 import { Random } from '../support/random.js'
+import { Scheduler } from '../support/scheduler.js'
 import { assertSameBytes } from './merge-support.js'
 
 const KiB = 1024
@@ -277,9 +279,10 @@ test('failure: copy/flush/commit errors fail the held writes of the step, set Me
 
 test('pause, stop and AbortSignal take effect at step boundaries; resume continues from the end of the table', async () => {
   const random = new Random(5)
+  const scheduler = new Scheduler(5)
   const originBytes = 512 * KiB
-  const stack = newStack(MemoryDevice.fromBytes(random.bytes(originBytes)), random)
-  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, random)
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(originBytes)), scheduler)
+  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, scheduler)
   await scatterWrites(stack.origin, random, 60)
   const expected = await m.read(0, originBytes)
 
@@ -290,7 +293,9 @@ test('pause, stop and AbortSignal take effect at step boundaries; resume continu
   assert.equal(merge.window, null, 'paused between steps')
   const steps = merge.stats.steps
   const remaining = m.table.size
-  await new Promise((r) => setTimeout(r, 40))
+  // A paused merge issues no I/O: once the turns in flight are done, the devices stay idle.
+  for (let i = 0; i < 100; i++) await new Promise((r) => setImmediate(r))
+  assert.equal(scheduler.waiting, 0, 'device operations pending while paused')
   assert.equal(merge.stats.steps, steps, 'no step while paused')
   assertSameBytes(await stack.origin.read(0, originBytes), expected, 'merged view while paused')
   merge.resume()
@@ -316,56 +321,70 @@ test('pause, stop and AbortSignal take effect at step boundaries; resume continu
   await stack.origin.close()
 })
 
-test('rate limit: bytes/s measured from progress events stays within 25% of the limit over a multi-second merge', async () => {
+test('rate limit: on an injected clock the merge sleeps exactly until bytes/s is back at the limit; progress reports that rate and its ETA', async () => {
   const random = new Random(6)
+  const scheduler = new Scheduler(6)
   const originBytes = 1024 * KiB
-  const stack = newStack(MemoryDevice.fromBytes(random.bytes(originBytes)), random)
-  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 2048 * KiB }, random)
-  await addSnapshot(stack, { name: 'o', kind: 'P', chunkBytes: 16 * KiB, cowBytes: 2048 * KiB }, random)
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(originBytes)), scheduler)
+  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 2048 * KiB }, scheduler)
+  await addSnapshot(stack, { name: 'o', kind: 'P', chunkBytes: 16 * KiB, cowBytes: 2048 * KiB }, scheduler)
   await scatterWrites(stack.origin, random, 150)
   const expected = await m.read(0, originBytes)
-  const limit = 240 * KiB // 600 KiB at 240 KiB/s: 2.5 s
-  const merge = await startMerge(stack.origin, m, { rateBytesPerSecond: limit })
-  const events: Array<{ t: number; p: MergeProgress }> = []
-  merge.on('progress', (p) => events.push({ t: performance.now(), p }))
-  // Some origin I/O runs alongside.
-  const io = (async () => {
-    while (merge.state === 'running') {
-      await stack.origin.read(random.int(originBytes - 4096), 4096)
-      await new Promise((r) => setTimeout(r, 5))
-    }
-  })()
+  const clock = new ManualClock(5000)
+  const limit = 240 * KiB // 600 KiB at 240 KiB/s: 2.5 s of clock time, none of it waited for
+  const merge = await startMerge(stack.origin, m, { rateBytesPerSecond: limit, clock })
+  const totalBytes = merge.progress().totalBytes
+  assert.equal(totalBytes, 150 * 4 * KiB)
+  const stepBytes: number[] = []
+  merge.on('window', (w) => stepBytes.push(w.count * 4 * KiB))
+  let sleeps = 0
+  for (;;) {
+    const asleep = await Promise.race([merge.done.then(() => false), clock.whenPending().then(() => true)])
+    if (!asleep) break
+    sleeps++
+    const p = merge.progress()
+    const elapsedMs = (clock.nextDueMs() as number) - 5000
+    // The wake-up is due exactly when the bytes done so far are at the limit.
+    assert.ok(Math.abs(elapsedMs - (p.doneBytes / limit) * 1000) < 1e-6, `sleep ${sleeps}: due at ${elapsedMs} ms with ${p.doneBytes} bytes done`)
+    clock.advanceToNext()
+    // Woken at that moment, the measured rate is the limit and the ETA is what remains at it.
+    const woken = merge.progress()
+    assert.ok(Math.abs(woken.rateBytesPerSecond - limit) < 1e-6, `sleep ${sleeps}: reported rate ${woken.rateBytesPerSecond}`)
+    assert.ok(Math.abs((woken.etaSeconds as number) - (totalBytes - woken.doneBytes) / limit) < 1e-9, `sleep ${sleeps}: ETA ${woken.etaSeconds}`)
+    // Origin reads go on between steps and see the merged view.
+    const at = random.int(originBytes - 4096)
+    assertSameBytes(await stack.origin.read(at, 4096), expected.subarray(at, at + 4096), `origin read at ${at} during the merge`)
+  }
   await merge.done
-  await io
-  const first = events[0]
-  const last = events.at(-1)
-  assert.ok(first && last && events.length > 100, `only ${events.length} progress events`)
-  const seconds = (last.t - first.t) / 1000
-  const rate = (last.p.doneBytes - first.p.doneBytes) / seconds
-  console.log(`rate limit: ${Math.round(rate / KiB)} KiB/s measured over ${seconds.toFixed(2)} s (limit ${limit / KiB} KiB/s)`)
-  assert.ok(seconds > 2, `merge took only ${seconds} s`)
-  assert.ok(Math.abs(rate - limit) <= 0.25 * limit, `rate ${rate} B/s is not within 25% of ${limit}`)
-  assert.equal(last.p.doneChunks, last.p.totalChunks)
-  assert.equal(last.p.etaSeconds, 0)
-  const mid = events[Math.floor(events.length / 2)] as { p: MergeProgress }
-  assert.ok(mid.p.etaSeconds !== null && mid.p.etaSeconds > 0.5 && mid.p.etaSeconds < 3, `mid-merge ETA ${mid.p.etaSeconds}`)
-  assert.ok(Math.abs(mid.p.rateBytesPerSecond - limit) <= 0.25 * limit, `reported rate ${mid.p.rateBytesPerSecond}`)
+  const last = merge.progress()
+  assert.equal(last.doneBytes, totalBytes)
+  assert.equal(last.etaSeconds, 0)
+  // A step merges at most 20 ms worth of the limit (at least one chunk): here one chunk each.
+  assert.ok(stepBytes.every((b) => b === 4 * KiB), `step sizes ${stepBytes}`)
+  // The whole merge took exactly its bytes at the limit of clock time (2.5 s), and none of it
+  // was spent on the wall clock.
+  assert.ok(sleeps > 50, `only ${sleeps} rate waits`)
+  assert.ok(Math.abs(clock.now() - 5000 - (totalBytes / limit) * 1000) < 1e-6, `merge ended at ${clock.now() - 5000} ms of clock time`)
   assertSameBytes(await stack.origin.read(0, originBytes), expected, 'origin after the merge')
   await stack.origin.close()
 })
 
-test('setRate: lifting the limit lets a slow merge finish at once', async () => {
+test('setRate: lifting the limit lets a slow merge finish at once, with no clock time passing', async () => {
   const random = new Random(8)
   const stack = newStack(MemoryDevice.fromBytes(random.bytes(256 * KiB)), null)
   const m: Snapshot = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 512 * KiB }, null)
   await scatterWrites(stack.origin, random, 40)
-  const merge = await startMerge(stack.origin, m, { rateBytesPerSecond: 4 * KiB })
-  await new Promise((r) => setTimeout(r, 30))
-  assert.ok(merge.stats.steps <= 2, `${merge.stats.steps} steps at 4 KiB/s`)
-  const started = performance.now()
+  const clock = new ManualClock()
+  const merge = await startMerge(stack.origin, m, { rateBytesPerSecond: 4 * KiB, clock })
+  await clock.whenPending()
+  // Two overlapping steps of one chunk, then a wait of 2 s for the 8 KiB done at 4 KiB/s.
+  assert.equal(merge.stats.steps, 2)
+  assert.equal(clock.nextDueMs(), 2000)
   merge.setRate(0)
-  await merge.done
-  assert.ok(performance.now() - started < 1000)
+  for (let i = 0; i < 1000 && merge.state === 'running'; i++) await new Promise((r) => setImmediate(r))
   assert.equal(merge.state, 'complete')
+  assert.equal(clock.now(), 0, 'the clock never moved')
+  assert.equal(clock.pending, 0, 'the rate wait was cancelled')
+  await merge.done
   await stack.origin.close()
 })

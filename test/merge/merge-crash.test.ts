@@ -1,7 +1,7 @@
 /**
  * Crash tests for the merge (reference §8.8, invariant 48). A merge of a persistent snapshot
- * runs on devices recorded by one CrashRecorder (origin and every COW, random completion
- * delays), with other persistent snapshots of mixed chunk sizes. For each cut point the disks
+ * runs on devices recorded by one CrashRecorder (origin and every COW, completing in the order
+ * a seeded Scheduler picks), with other persistent snapshots of mixed chunk sizes. For each cut point the disks
  * are rebuilt as a power failure could leave them (unflushed writes dropped, or a random subset
  * kept with the last one torn at a sector boundary), the origin and its snapshots are reopened,
  * the merge is started again, and then:
@@ -20,6 +20,7 @@ import { CrashRecorder } from '../support/crash-recorder.js'
 import { type SnapshotSpec, addSnapshot, makeSnapshot, newStack } from '../support/engine-stack.js'
 import { FaultyDevice } from '../support/faulty-device.js'
 import { Random } from '../support/random.js'
+import { Scheduler } from '../support/scheduler.js'
 import { assertSameBytes } from './merge-support.js'
 
 const KiB = 1024
@@ -85,8 +86,9 @@ async function runCrashCase(c: CrashCase): Promise<{ cuts: number; replays: numb
   const recorder = new CrashRecorder()
   const recOrigin = recorder.device('origin', originImage)
   const recCows = new Map<string, BlockDevice>()
-  for (const spec of c.specs) recCows.set(spec.name, delayed(recorder.device(spec.name, cowImages.get(spec.name) as MemoryDevice), random))
-  const live = await openStack(delayed(recOrigin, random), recCows, c.specs)
+  const scheduler = new Scheduler(c.seed, { slowReadChance: 0 })
+  for (const spec of c.specs) recCows.set(spec.name, delayed(recorder.device(spec.name, cowImages.get(spec.name) as MemoryDevice), scheduler, spec.name))
+  const live = await openStack(delayed(recOrigin, scheduler, 'origin'), recCows, c.specs)
   for (const spec of c.specs) assertSameBytes(await (live.snaps.get(spec.name) as Snapshot).read(0, c.originBytes), models.get(spec.name) as Uint8Array, `${what}: reopened ${spec.name} before merge`)
   const options = c.maxStepChunks === undefined ? {} : { maxStepChunks: c.maxStepChunks }
   const merge = await startMerge(live.origin, live.snaps.get('m') as Snapshot, options)
@@ -143,10 +145,10 @@ async function runCrashCase(c: CrashCase): Promise<{ cuts: number; replays: numb
   return { cuts, replays, events: total }
 }
 
-/** Random completion order for the recorded run (the recorder logs in application order). */
-function delayed(dev: BlockDevice, random: Random): BlockDevice {
-  const faulty = new FaultyDevice(dev)
-  faulty.setDelay(() => (random.chance(0.5) ? 0 : random.int(3)))
+/** Completion order for the recorded run picked by `scheduler` (the recorder logs in application order). */
+function delayed(dev: BlockDevice, scheduler: Scheduler, name: string): BlockDevice {
+  const faulty = new FaultyDevice(dev, name)
+  faulty.setGate(scheduler)
   return faulty
 }
 

@@ -9,6 +9,7 @@ import { MemoryDevice } from '../../src/device/memory-device.js'
 import { startMerge } from '../../src/merge/merge.js'
 import type { PendingException } from '../../src/snapshot/pending-exception.js'
 import { Random } from '../support/random.js'
+import { Scheduler } from '../support/scheduler.js'
 import { type Stack, addSnapshot, makeSnapshot, newStack } from '../support/engine-stack.js'
 import { Origin } from '../../src/snapshot/origin.js'
 import type { Snapshot } from '../../src/snapshot/snapshot.js'
@@ -24,8 +25,9 @@ const ORIGIN_BYTES = 512 * KiB
  */
 async function scenario(seed: number): Promise<{ stack: Stack; before: Map<string, Uint8Array>; expectedOrigin: Uint8Array }> {
   const random = new Random(seed)
-  const stack = newStack(MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES)), random)
-  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 16 * KiB, cowBytes: 1024 * KiB }, random)
+  const scheduler = new Scheduler(seed)
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES)), scheduler)
+  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 16 * KiB, cowBytes: 1024 * KiB }, scheduler)
   const expectedOrigin = await stack.origin.read(0, ORIGIN_BYTES)
   for (let i = 0; i < 8; i++) {
     const at = random.int(ORIGIN_BYTES - 6000)
@@ -33,8 +35,8 @@ async function scenario(seed: number): Promise<{ stack: Stack; before: Map<strin
   }
   await stack.origin.flush() // the writes may be answered before their copies commit (write-back)
   assert.ok(m.table.size >= 8)
-  await addSnapshot(stack, { name: 's4', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 2048 * KiB }, random)
-  await addSnapshot(stack, { name: 's64', kind: 'N', chunkBytes: 64 * KiB, cowBytes: 2048 * KiB }, random)
+  await addSnapshot(stack, { name: 's4', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 2048 * KiB }, scheduler)
+  await addSnapshot(stack, { name: 's64', kind: 'N', chunkBytes: 64 * KiB, cowBytes: 2048 * KiB }, scheduler)
   const before = new Map<string, Uint8Array>()
   for (const name of ['s4', 's64']) before.set(name, await (stack.snapshots.get(name) as Snapshot).read(0, ORIGIN_BYTES))
   return { stack, before, expectedOrigin }
@@ -82,7 +84,8 @@ test('relocation: the merge sleeps on the global done counter and rescans; it ne
     return real(offset, length)
   }
   const merge = await startMerge(stack.origin, m)
-  await new Promise((r) => setTimeout(r, 30))
+  // The devices are plain memory: without the wait, the merge would be done within these turns.
+  for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r))
   assert.equal(merge.stats.steps, 0, 'the merge must wait while a scan reports pending work')
   assert.equal(calls, 1)
   // A completion in an unrelated snapshot of another origin bumps the global counter: rescan.
@@ -97,13 +100,14 @@ test('relocation: the merge sleeps on the global done counter and rescans; it ne
 
 test('relocation: a non-merging snapshot whose COW fills up becomes Invalid and the merge goes on (invariant 46)', async () => {
   const random = new Random(11)
-  const stack = newStack(MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES)), random)
-  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, random)
+  const scheduler = new Scheduler(11)
+  const stack = newStack(MemoryDevice.fromBytes(random.bytes(ORIGIN_BYTES)), scheduler)
+  const m = await addSnapshot(stack, { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 1024 * KiB }, scheduler)
   const expectedOrigin = await stack.origin.read(0, ORIGIN_BYTES)
   await stack.origin.write(random.bytes(200 * KiB), 100 * KiB)
   // Room for a header, one metadata area and 4 data chunks: relocation of 50 chunks overflows it.
-  const tiny = await addSnapshot(stack, { name: 'tiny', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 6 * 4 * KiB }, random)
-  const roomy = await addSnapshot(stack, { name: 'roomy', kind: 'PO', chunkBytes: 8 * KiB, cowBytes: 2048 * KiB }, random)
+  const tiny = await addSnapshot(stack, { name: 'tiny', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 6 * 4 * KiB }, scheduler)
+  const roomy = await addSnapshot(stack, { name: 'roomy', kind: 'PO', chunkBytes: 8 * KiB, cowBytes: 2048 * KiB }, scheduler)
   const roomyBefore = await roomy.read(0, ORIGIN_BYTES)
   const merge = await startMerge(stack.origin, m)
   await merge.done

@@ -4,6 +4,7 @@
  * parsers are fed every possible split of their input.
  */
 import assert from 'node:assert/strict'
+import { readFileSync } from 'node:fs'
 import { test } from 'node:test'
 import { ByteQueue } from '../../src/nbd/protocol/byte-queue.js'
 import { Command, MAX_OPTION_DATA_BYTES, NbdErrno, Rep, nameOfCommand, nameOfOption } from '../../src/nbd/protocol/constants.js'
@@ -169,12 +170,14 @@ test('request: header parse matches the captured READ', () => {
     cookieHi: 0x11223344,
     cookieLo: 0x55667788,
     offset: 0,
+    offsetHi: 0,
+    offsetLo: 0,
     length: 4096,
   })
   const big = parseRequestHeader(requestBytes({ type: 0, offset: 2n ** 64n - 1n, length: 1 }))
   assert.ok(!('badMagic' in big) && big.offset >= 2 ** 64 - 2 ** 12, 'u64 offsets above 2^53 stay huge')
   const mid = parseRequestHeader(requestBytes({ type: 1, flags: 0x11, offset: 2 ** 40 + 12345, length: 7, cookie: 0xffffffffffffffffn }))
-  assert.deepEqual(mid, { flags: 0x11, type: 1, cookieHi: 0xffffffff, cookieLo: 0xffffffff, offset: 2 ** 40 + 12345, length: 7 })
+  assert.deepEqual(mid, { flags: 0x11, type: 1, cookieHi: 0xffffffff, cookieLo: 0xffffffff, offset: 2 ** 40 + 12345, offsetHi: 2 ** 8, offsetLo: 12345, length: 7 })
 })
 
 test('request: parser handles a pipelined stream split at every offset, and at every pair of offsets', () => {
@@ -189,10 +192,10 @@ test('request: parser handles a pipelined stream split at every offset, and at e
   assert.equal(expected.length, 4)
   assert.deepEqual(expected[1], {
     kind: 'request',
-    header: { flags: 1, type: 1, cookieHi: 0, cookieLo: 2, offset: 1000, length: 37 },
+    header: { flags: 1, type: 1, cookieHi: 0, cookieLo: 2, offset: 1000, offsetHi: 0, offsetLo: 1000, length: 37 },
     payload: payload.toString('hex'),
   })
-  assert.deepEqual(expected[2], { kind: 'request', header: { flags: 0, type: 1, cookieHi: 0, cookieLo: 3, offset: 0, length: 0 }, payload: '' }, 'zero-length WRITE has an empty payload')
+  assert.deepEqual(expected[2], { kind: 'request', header: { flags: 0, type: 1, cookieHi: 0, cookieLo: 3, offset: 0, offsetHi: 0, offsetLo: 0, length: 0 }, payload: '' }, 'zero-length WRITE has an empty payload')
   for (let a = 0; a <= stream.length; a++) {
     assert.deepEqual(simplify(feedRequests(stream, [a])), expected, `split at ${a}`)
     for (let b = a; b <= stream.length; b += 3) assert.deepEqual(simplify(feedRequests(stream, [a, b])), expected, `split at ${a},${b}`)
@@ -313,18 +316,46 @@ test('block status: normalizeExtents trims, merges, caps REQ_ONE and falls back 
   assert.deepEqual(normalizeExtents([{ length: 512, flags: 2 }], 4096, false), [{ length: 512, flags: 2 }], 'short answers are allowed')
 })
 
-test('errno: every SnapError code maps to a legal NBD errno, write-type out-of-range is ENOSPC', () => {
-  const legal = new Set<number>(Object.values(NbdErrno))
-  const codes: SnapErrorCode[] = [
-    'SNAP_CLOSED', 'SNAP_OUT_OF_RANGE', 'SNAP_READ_ONLY', 'SNAP_NOT_SUPPORTED', 'SNAP_IO', 'SNAP_NO_SPACE', 'SNAP_INVALID',
-    'SNAP_OVERFLOW', 'SNAP_CORRUPT_METADATA', 'SNAP_BAD_FORMAT_VERSION', 'SNAP_BAD_CHUNK_SIZE', 'SNAP_BAD_ARGUMENT',
-    'SNAP_MERGE_FAILED', 'SNAP_MERGE_REFUSED', 'SNAP_BUSY', 'SNAP_ABORTED', 'SNAP_NOT_FOUND', 'SNAP_EXISTS', 'NBD_PROTOCOL',
-  ]
-  for (const code of codes) {
+/** Reference §8 (the NBD spec's error values): the only values a server may send. */
+const SPEC_ERRNOS: ReadonlyMap<string, number> = new Map([
+  ['EPERM', 1],
+  ['EIO', 5],
+  ['ENOMEM', 12],
+  ['EINVAL', 22],
+  ['ENOSPC', 28],
+  ['EOVERFLOW', 75],
+  ['ENOTSUP', 95],
+  ['ESHUTDOWN', 108],
+])
+
+/** Every SnapErrorCode, read from the union in src/errors.ts, so a code added later is covered too. */
+function snapErrorCodes(): SnapErrorCode[] {
+  const source = readFileSync(new URL('../../src/errors.ts', import.meta.url), 'utf8')
+  const union = source.slice(source.indexOf('export type SnapErrorCode'), source.indexOf('\n\n', source.indexOf('export type SnapErrorCode')))
+  return [...union.matchAll(/\|\s*'([A-Z_]+)'/g)].map((m) => m[1] as SnapErrorCode)
+}
+
+test('errno: every SnapError code maps to an NBD errno the spec allows for that command, write-type out-of-range is ENOSPC', () => {
+  assert.deepEqual(new Map(Object.entries(NbdErrno)), SPEC_ERRNOS, 'NbdErrno against the spec table')
+  const allowed = new Set(SPEC_ERRNOS.values())
+  const codes = snapErrorCodes()
+  for (const code of ['SNAP_CLOSED', 'SNAP_IO', 'SNAP_MERGE_FAILED', 'NBD_PROTOCOL'] as const) assert.ok(codes.includes(code), `parsed codes lack ${code}`)
+  const errors: unknown[] = codes.map((code) => new SnapError(code, 'x'))
+  for (const errno of ['ENOSPC', 'EDQUOT', 'EFBIG', 'EROFS', 'EPERM', 'EACCES', 'EINVAL', 'EIO', 'ENOENT']) errors.push(Object.assign(new Error(errno), { code: errno }))
+  errors.push(new TypeError('bug'), 'not even an Error', undefined)
+  for (const err of errors) {
     for (const command of Object.values(Command)) {
-      assert.ok(legal.has(nbdErrnoFor(new SnapError(code, 'x'), command)), `${code} on ${nameOfCommand(command)}`)
+      const errno = nbdErrnoFor(err, command)
+      const what = `${String((err as { code?: string } | undefined)?.code ?? err)} on ${nameOfCommand(command)}: ${errno}`
+      assert.ok(allowed.has(errno), `${what} is not an NBD error value`)
+      // ENOMEM: SHOULD NOT be used; EOVERFLOW: only for oversized requests, which no error becomes.
+      assert.ok(errno !== SPEC_ERRNOS.get('ENOMEM') && errno !== SPEC_ERRNOS.get('EOVERFLOW'), `${what}: reserved value`)
+      // ENOTSUP: only for WRITE_ZEROES (FAST_ZERO).
+      if (errno === SPEC_ERRNOS.get('ENOTSUP')) assert.equal(command, Command.WRITE_ZEROES, what)
     }
   }
+  // The spec: servers SHOULD map EDQUOT and EFBIG to ENOSPC.
+  for (const errno of ['EDQUOT', 'EFBIG']) assert.equal(nbdErrnoFor(Object.assign(new Error(errno), { code: errno }), Command.WRITE), 28, errno)
   const e = (code: SnapErrorCode) => new SnapError(code, 'x')
   assert.equal(nbdErrnoFor(e('SNAP_OUT_OF_RANGE'), Command.READ), NbdErrno.EINVAL)
   assert.equal(nbdErrnoFor(e('SNAP_OUT_OF_RANGE'), Command.WRITE), NbdErrno.ENOSPC)

@@ -1,6 +1,7 @@
 /**
  * Test helpers that assemble an origin with snapshots over memory devices (optionally wrapped
- * in FaultyDevice for random completion delays), and reopen it from the same bytes.
+ * in FaultyDevice, with one Scheduler deciding the completion order of every device's
+ * operations), and reopen it from the same bytes.
  */
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import type { BlockDevice } from '../../src/device/block-device.js'
@@ -10,7 +11,7 @@ import { Snapshot } from '../../src/snapshot/snapshot.js'
 import { PersistentStore } from '../../src/store/persistent-store.js'
 import { TransientStore } from '../../src/store/transient-store.js'
 import { FaultyDevice } from './faulty-device.js'
-import type { Random } from './random.js'
+import type { Scheduler } from './scheduler.js'
 
 export type StoreKind = 'P' | 'PO' | 'N'
 
@@ -30,15 +31,11 @@ export interface Stack {
   readonly events: ExceptionEvents
 }
 
-export function wrap(base: MemoryDevice, random: Random | null, maxDelayMs = 2): BlockDevice {
-  if (!random) return base
-  const dev = new FaultyDevice(base)
-  // Mostly short delays, with an occasional slow operation so that races between a slow read
-  // and a whole copy-and-commit cycle really happen.
-  dev.setDelay((op) => {
-    if (op === 'read' && random.chance(0.03)) return 10 + random.int(10)
-    return random.chance(0.5) ? 0 : random.int(maxDelayMs + 1)
-  })
+/** `base` with its operations completing when `scheduler` releases them (as is without one). */
+export function wrap(base: BlockDevice, scheduler: Scheduler | null, name: string): BlockDevice {
+  if (!scheduler) return base
+  const dev = new FaultyDevice(base, name)
+  dev.setGate(scheduler)
   return dev
 }
 
@@ -50,10 +47,10 @@ export function makeSnapshot(spec: SnapshotSpec, cow: BlockDevice): Snapshot {
   return new Snapshot({ name: spec.name, store, overflow: spec.kind === 'PO' })
 }
 
-export function newStack(originBase: MemoryDevice, random: Random | null): Stack {
+export function newStack(originBase: MemoryDevice, scheduler: Scheduler | null): Stack {
   const events = new ExceptionEvents()
   return {
-    origin: new Origin(wrap(originBase, random), { events }),
+    origin: new Origin(wrap(originBase, scheduler, 'origin'), { events }),
     originBase,
     snapshots: new Map(),
     cowBases: new Map(),
@@ -62,9 +59,9 @@ export function newStack(originBase: MemoryDevice, random: Random | null): Stack
   }
 }
 
-export async function addSnapshot(stack: Stack, spec: SnapshotSpec, random: Random | null, cowBase?: MemoryDevice): Promise<Snapshot> {
+export async function addSnapshot(stack: Stack, spec: SnapshotSpec, scheduler: Scheduler | null, cowBase?: MemoryDevice): Promise<Snapshot> {
   const base = cowBase ?? new MemoryDevice(spec.cowBytes)
-  const snap = makeSnapshot(spec, wrap(base, random))
+  const snap = makeSnapshot(spec, wrap(base, scheduler, spec.name))
   await stack.origin.addSnapshot(snap)
   stack.snapshots.set(spec.name, snap)
   stack.cowBases.set(spec.name, base)
@@ -76,20 +73,20 @@ export async function addSnapshot(stack: Stack, spec: SnapshotSpec, random: Rand
  * Closes the stack and opens a new one over copies of the same bytes. Transient snapshots do
  * not survive (their names are returned as dropped).
  */
-export async function reopen(stack: Stack, random: Random | null): Promise<{ stack: Stack; dropped: string[] }> {
+export async function reopen(stack: Stack, scheduler: Scheduler | null): Promise<{ stack: Stack; dropped: string[] }> {
   await stack.origin.flush()
   for (const s of stack.snapshots.values()) await s.flush()
   const originImage = stack.originBase.clone()
   const cowImages = new Map([...stack.cowBases].map(([name, base]) => [name, base.clone()]))
   await stack.origin.close()
-  const next = newStack(originImage, random)
+  const next = newStack(originImage, scheduler)
   const dropped: string[] = []
   for (const [name, spec] of stack.specs) {
     if (spec.kind === 'N') {
       dropped.push(name)
       continue
     }
-    await addSnapshot(next, spec, random, cowImages.get(name))
+    await addSnapshot(next, spec, scheduler, cowImages.get(name))
   }
   return { stack: next, dropped }
 }

@@ -1,7 +1,9 @@
 /**
  * A BlockDevice wrapper that fails chosen operations and delays others, so tests can drive error
  * paths and random completion order without a real flaky disk. A failed operation never reaches
- * the wrapped device: the test can then check exactly what did land.
+ * the wrapped device: the test can then check exactly what did land. Randomized tests hand the
+ * completion order to a CompletionGate (scheduler.ts) instead of wall-clock delays, so a seed
+ * replays exactly.
  */
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../../src/device/block-device.js'
 import { ioError } from '../../src/errors.js'
@@ -19,6 +21,11 @@ export type FaultSpec = ((offset: number, length: number) => boolean) | { readon
 
 export type DelayFn = (op: FaultOp, offset: number, length: number) => number
 
+/** Decides when each operation may run: the returned promise resolves at its turn. */
+export interface CompletionGate {
+  admit(device: string, op: FaultOp, offset: number, length: number): Promise<void>
+}
+
 interface FaultRule {
   readonly matches: (offset: number, length: number) => boolean
   remaining: number
@@ -28,6 +35,7 @@ export class FaultyDevice extends BaseBlockDevice {
   readonly next: BlockDevice
   private readonly rules: Record<FaultOp, FaultRule[]> = { read: [], write: [], flush: [], discard: [] }
   private delay: DelayFn | null = null
+  private gate: CompletionGate | null = null
   private injectedCount = 0
 
   constructor(next: BlockDevice, name = 'faulty device') {
@@ -67,6 +75,11 @@ export class FaultyDevice extends BaseBlockDevice {
   /** Milliseconds to hold each operation before it runs; null removes the delay. */
   setDelay(fn: DelayFn | null): void {
     this.delay = fn
+  }
+
+  /** Every operation waits for its turn at `gate` (instead of any delay); null removes it. */
+  setGate(gate: CompletionGate | null): void {
+    this.gate = gate
   }
 
   protected override async _readInto(target: Uint8Array, offset: number): Promise<void> {
@@ -138,6 +151,7 @@ export class FaultyDevice extends BaseBlockDevice {
   }
 
   private async wait(op: FaultOp, offset: number, length: number): Promise<void> {
+    if (this.gate) return this.gate.admit(this.name, op, offset, length)
     if (!this.delay) return
     const ms = this.delay(op, offset, length)
     // Even a zero delay yields to the event loop so other operations can overtake this one.

@@ -134,3 +134,85 @@ export async function makeSelfSignedPki(dir: string): Promise<void> {
   ])
   await writeFile(join(dir, 'ca-cert.pem'), await readFile(join(dir, 'server-cert.pem')))
 }
+
+/** A CA, a server certificate it signed, and client certificate directories in libnbd/qemu layout. */
+export interface CaPki {
+  /** The server's files: server-cert.pem and server-key.pem (for localhost and 127.0.0.1), ca-cert.pem. */
+  readonly serverCert: string
+  readonly serverKey: string
+  readonly caCert: string
+  /**
+   * Client certificate directories for libnbd's tls-certificates=DIR and qemu's
+   * tls-creds-x509 dir=DIR: each holds ca-cert.pem (to verify the server) and, except
+   * noCertDir, client-cert.pem and client-key.pem.
+   */
+  readonly clientDir: string // a client certificate the CA signed
+  readonly noCertDir: string // no client certificate
+  readonly selfSignedDir: string // a self-signed client certificate
+  readonly otherCaDir: string // a client certificate another CA signed
+}
+
+/**
+ * The impostors carry the real CA's name (as subject, or as issuer), so clients that only send a
+ * certificate whose issuer the server names (gnutls) send them, and the server must check the
+ * signature rather than the name.
+ */
+const CA_SUBJECT = '/CN=blocksnap test CA'
+
+const PKI_CONFIG = `[req]
+distinguished_name = dn
+[dn]
+[ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:localhost,IP:127.0.0.1
+[client]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+`
+
+/** Makes `dir` a small PKI (EC P-256 keys, valid two days) with openssl; see CaPki. */
+export async function makeCaPki(dir: string): Promise<CaPki> {
+  await mkdir(dir)
+  const config = join(dir, 'openssl.cnf')
+  await writeFile(config, PKI_CONFIG)
+  const issue = async (name: string, subject: string, extensions: string, issuer?: string) => {
+    await runOk('openssl', [
+      'req', '-config', config, '-x509', '-extensions', extensions, '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1',
+      '-nodes', '-days', '2', '-subj', subject, '-keyout', join(dir, `${name}-key.pem`), '-out', join(dir, `${name}-cert.pem`),
+      ...(issuer ? ['-CA', join(dir, `${issuer}-cert.pem`), '-CAkey', join(dir, `${issuer}-key.pem`)] : []),
+    ])
+  }
+  await issue('ca', CA_SUBJECT, 'ca')
+  await issue('other-ca', CA_SUBJECT, 'ca')
+  await issue('server', '/CN=localhost', 'server', 'ca')
+  await issue('client', '/CN=alice', 'client', 'ca')
+  await issue('self-signed', CA_SUBJECT, 'client')
+  await issue('other-client', '/CN=eve', 'client', 'other-ca')
+  const caCert = await readFile(join(dir, 'ca-cert.pem'))
+  const clientDir = async (name: string, certName?: string) => {
+    const d = join(dir, name)
+    await mkdir(d)
+    await writeFile(join(d, 'ca-cert.pem'), caCert)
+    if (certName !== undefined) {
+      await writeFile(join(d, 'client-cert.pem'), await readFile(join(dir, `${certName}-cert.pem`)))
+      await writeFile(join(d, 'client-key.pem'), await readFile(join(dir, `${certName}-key.pem`)))
+    }
+    return d
+  }
+  return {
+    serverCert: join(dir, 'server-cert.pem'),
+    serverKey: join(dir, 'server-key.pem'),
+    caCert: join(dir, 'ca-cert.pem'),
+    clientDir: await clientDir('client', 'client'),
+    noCertDir: await clientDir('no-cert'),
+    selfSignedDir: await clientDir('self-signed-client', 'self-signed'),
+    otherCaDir: await clientDir('other-ca-client', 'other-client'),
+  }
+}

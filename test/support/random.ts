@@ -56,3 +56,13 @@ export class Random {
     return this.next() < p
   }
 }
+
+/**
+ * The seed of an independent stream named `stream` derived from `seed` (FNV-1a over both), so
+ * one printed seed replays every stream of a test and no stream's draws shift another's.
+ */
+export function streamSeed(seed: number, stream: string): number {
+  let h = Math.imul(0x811c9dc5 ^ (seed >>> 0), 0x01000193)
+  for (let i = 0; i < stream.length; i++) h = Math.imul(h ^ stream.charCodeAt(i), 0x01000193)
+  return h >>> 0
+}

@@ -16,12 +16,15 @@ export interface ServeExit {
 export class ServeProcess {
   readonly child: ChildProcess
   readonly exit: Promise<ServeExit>
+  /** Resolves once the process exited and its stderr is fully read into `log`. */
+  readonly closed: Promise<void>
   /** Everything the server wrote to stderr so far (pino JSON lines at level info). */
   log = ''
 
   private constructor(child: ChildProcess) {
     this.child = child
     this.exit = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })))
+    this.closed = new Promise((resolve) => child.once('close', () => resolve()))
     child.stderr?.on('data', (d: Buffer) => {
       this.log += d.toString('utf8')
     })
@@ -33,6 +36,24 @@ export class ServeProcess {
 
   alive(): boolean {
     return this.child.exitCode === null && this.child.signalCode === null
+  }
+
+  /** Resolves once the log matches `pattern`; rejects (with the log) if the server exits first. */
+  waitForLog(pattern: RegExp): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        if (!pattern.test(this.log)) return false
+        this.child.stderr?.off('data', check)
+        resolve()
+        return true
+      }
+      if (check()) return
+      this.child.stderr?.on('data', check)
+      void this.closed.then(async () => {
+        if (check()) return
+        reject(new Error(`blocksnap serve exited (${JSON.stringify(await this.exit)}) before logging ${pattern}:\n${this.log}`))
+      })
+    })
   }
 
   /** Starts `blocksnap serve ...args`; rejects with the log if it exits or is not up in time. */

@@ -5,7 +5,9 @@
  * - The cookie is kept as two u32 halves: it is opaque, only echoed, and bigint would allocate on
  *   every request.
  * - Offsets are read as hi * 2^32 + lo. Above 2^53 they lose precision but stay above 2^53, and
- *   no device is that large, so range checks remain exact without bigint.
+ *   no device is that large, so range checks remain exact without bigint. The two halves are
+ *   kept as well, so an error message can quote the offset the client sent exactly
+ *   (offsetText).
  * - WRITE payloads up to `maxPayloadBytes` are returned whole. Larger ones are drained as they
  *   arrive, never buffered, and reported as `dropped` so the connection can answer an error and
  *   stay in sync with the stream (what nbdkit, qemu-nbd and nbd-server all do).
@@ -25,7 +27,15 @@ export interface RequestHeader {
   readonly cookieHi: number
   readonly cookieLo: number
   readonly offset: number
+  /** The offset's u32 halves, exact where `offset` rounds (above 2^53). */
+  readonly offsetHi: number
+  readonly offsetLo: number
   readonly length: number
+}
+
+/** The request's offset in decimal, exact at any size (error paths only: it allocates a bigint). */
+export function offsetText(header: RequestHeader): string {
+  return ((BigInt(header.offsetHi) << 32n) | BigInt(header.offsetLo)).toString()
 }
 
 export type RequestEvent =
@@ -44,6 +54,8 @@ export function parseRequestHeader(raw: Uint8Array): RequestHeader | { readonly 
     cookieHi: buf.readUInt32BE(8),
     cookieLo: buf.readUInt32BE(12),
     offset: readU64(buf, 16),
+    offsetHi: buf.readUInt32BE(16),
+    offsetLo: buf.readUInt32BE(20),
     length: buf.readUInt32BE(24),
   }
 }
