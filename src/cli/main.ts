@@ -49,6 +49,22 @@ function intArg(what: string) {
   }
 }
 
+function positiveArg(what: string) {
+  return (text: string): number => {
+    const n = intArg(what)(text)
+    if (n === 0) throw new UsageError(`invalid ${what} '${text}' (at least 1)`)
+    return n
+  }
+}
+
+function positiveSizeArg(what: string) {
+  return (text: string): number => {
+    const n = sizeArg(what)(text)
+    if (n <= 0) throw new UsageError(`invalid ${what} '${text}' (more than 0 bytes)`)
+    return n
+  }
+}
+
 /** Runs `fn` on the volume: live through its server if it is served, else by opening it. */
 export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>): Promise<T> {
   const dir = resolve(volumePath)
@@ -270,6 +286,13 @@ function buildProgram(): Command {
       sizeArg('write-back size'),
     )
     .option('--handshake-limit <SECONDS>', 'drop a client that has not finished the NBD handshake after SECONDS (0: never)', intArg('handshake limit'), 10)
+    .option('--max-connections <N>', 'serve at most N clients at once; more are closed before the handshake', positiveArg('max connections'), 16)
+    .option(
+      '--max-pending <SIZE>',
+      'stop reading requests while unanswered ones hold SIZE of payloads and read buffers, across all clients (one request may go over)',
+      positiveSizeArg('max pending'),
+      256 * 1024 * 1024,
+    )
     .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
       await serveVolumes(vols, parseServeFlags(opts))
@@ -322,6 +345,8 @@ interface ServeFlags {
   tls?: 'off' | 'allow' | 'require'
   writeBack?: number
   handshakeLimit?: number
+  maxConnections?: number
+  maxPending?: number
 }
 
 function parseServeFlags(opts: ServeFlags) {
@@ -344,6 +369,8 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.tls ? { tls: opts.tls } : {}),
     ...(opts.writeBack === undefined ? {} : { writeBackBytes: opts.writeBack }),
     ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),
+    ...(opts.maxConnections === undefined ? {} : { maxConnections: opts.maxConnections }),
+    ...(opts.maxPending === undefined ? {} : { maxPendingBytes: opts.maxPending }),
   }
 }
 

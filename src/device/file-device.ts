@@ -6,7 +6,8 @@
  * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
  * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
-import { open as openFile, unlink, type FileHandle } from 'node:fs/promises'
+import { constants } from 'node:fs'
+import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 import { blockDeviceSizeBytes } from './block-device-size.js'
@@ -20,6 +21,8 @@ export interface FileDeviceOptions {
   readonly create?: number
   /** Allow resize() (grow-on-demand COW files). */
   readonly resizable?: boolean
+  /** Refuse a symbolic link as the last path component (ELOOP) instead of opening its target. */
+  readonly noFollow?: boolean
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
@@ -50,7 +53,8 @@ export class FileDevice extends BaseBlockDevice {
     }
     let handle: FileHandle
     try {
-      handle = await openFile(path, create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+', CREATED_FILE_MODE)
+      const flags = create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+'
+      handle = await openFile(path, options.noFollow ? openFlags(flags) | constants.O_NOFOLLOW : flags, CREATED_FILE_MODE)
     } catch (err) {
       throw openError(err, path)
     }
@@ -81,6 +85,14 @@ export class FileDevice extends BaseBlockDevice {
       if (create !== undefined) await unlink(path).catch(() => {})
       throw asSnapError(err, `file ${path}: open`, { path })
     }
+  }
+
+  /**
+   * The path of the file this device has open, resolved through the open descriptor (Linux
+   * /proc), so it names the file actually opened even if links changed after open().
+   */
+  async openedPath(): Promise<string> {
+    return realpath(`/proc/self/fd/${this.handle.fd}`).catch(() => realpath(this.path))
   }
 
   protected override async _readInto(target: Uint8Array, offset: number): Promise<void> {
@@ -157,6 +169,11 @@ export class FileDevice extends BaseBlockDevice {
       done += bytesWritten
     }
   }
+}
+
+function openFlags(flags: 'wx+' | 'r' | 'r+'): number {
+  if (flags === 'wx+') return constants.O_RDWR | constants.O_CREAT | constants.O_EXCL
+  return flags === 'r' ? constants.O_RDONLY : constants.O_RDWR
 }
 
 function openError(err: unknown, path: string): SnapError {
