@@ -81,6 +81,8 @@ export interface JsWorkResults {
 interface Baseline {
   recordedAt: string
   commit: string
+  /** Tree id of src/ (git rev-parse HEAD:src), and whether src/ had uncommitted changes: which engine was measured. */
+  srcTree: string
   node: string
   measuredMiB: number
   method: string
@@ -204,9 +206,14 @@ function readBaseline(): Baseline | null {
   return existsSync(BASELINE_PATH) ? (JSON.parse(readFileSync(BASELINE_PATH, 'utf8')) as Baseline) : null
 }
 
-function commitNow(): string {
-  const r = run('git', ['-C', BENCH_DIR, 'log', '-1', '--format=%h %s'], { allowFail: true })
+function git(...argv: string[]): string {
+  const r = run('git', ['-C', BENCH_DIR, ...argv], { allowFail: true })
   return r.status === 0 ? r.stdout.trim() : 'unknown'
+}
+
+function srcTree(): string {
+  const dirty = git('status', '--porcelain', '--', '../src') !== ''
+  return `${git('rev-parse', '--short', 'HEAD:src')}${dirty ? ' (with uncommitted changes)' : ''}`
 }
 
 const jsWork = (results: Results) => results.jsWork as JsWorkResults | null
@@ -243,7 +250,7 @@ function section(results: Results): string[] {
   if (!r) return []
   const baseline = r.baseline
   const lines = ['## JavaScript work per MiB of first-touch (in-process)', '']
-  lines.push(`${r.method}; ${r.measuredMiB} MiB per case. Baseline: ${baseline ? `${baseline.commit}, recorded ${baseline.recordedAt}` : 'none recorded'}.`)
+  lines.push(`Method: ${r.method}; ${r.measuredMiB} MiB per case. Baseline: ${baseline ? `${baseline.commit}, recorded ${baseline.recordedAt}` : 'none recorded'}.`)
   lines.push('')
   lines.push('| Config | Pattern | Promises/MiB | × fewer | Heap KiB/MiB | × fewer | Other async resources/MiB |')
   lines.push('| --- | --- | --- | --- | --- | --- | --- |')
@@ -270,7 +277,7 @@ export const jsWorkSuite: Suite = {
     log(`JavaScript work per MiB of first-touch, ${measuredMiB} MiB per case`)
     const cases = await measureJsWork(ctx, measuredMiB)
     if (ctx.argv.includes('--record-js-baseline')) {
-      const baseline: Baseline = { recordedAt: new Date().toISOString(), commit: commitNow(), node: process.version, measuredMiB, method: METHOD, cases }
+      const baseline: Baseline = { recordedAt: new Date().toISOString(), commit: git('log', '-1', '--format=%h %s'), srcTree: srcTree(), node: process.version, measuredMiB, method: METHOD, cases }
       writeFileSync(BASELINE_PATH, JSON.stringify(baseline, null, 1) + '\n')
       log(`  baseline written to ${BASELINE_PATH}`)
     }
