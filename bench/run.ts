@@ -11,7 +11,9 @@
  *
  * Suites (--only; all by default): see suites/index.ts — standard, firsttouch, snapread, merge,
  * scale, big, jswork. `--only` with `--no-write` is the quick check of one suite: results go
- * to a file beside the scratch directory and BENCHMARKS.md is left alone.
+ * to a file beside the scratch directory and BENCHMARKS.md is left alone. Suites' own options:
+ * jswork --js-mib N (MiB per case, default 32) and --record-js-baseline (rewrites
+ * bench/baseline-js-work.json from this run).
  *
  * Ratios are only ever taken between figures of the same round, and rounds interleave every
  * server, so a load spike elsewhere on the machine lands on both sides of most ratios. Each fio
