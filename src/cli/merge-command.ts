@@ -3,13 +3,11 @@
  * progress bar on a TTY (Ctrl-C stops at a step boundary; rerunning resumes). On a served
  * volume it starts the merge in the server and returns, or with --wait follows its progress.
  */
-import cliProgress from 'cli-progress'
 import { type Command, InvalidArgumentError } from 'commander'
 import { SnapError } from '../errors.js'
-import { ControlClient } from '../control/control-client.js'
+import type { ControlClient } from '../control/control-client.js'
 import type { VolumeOps } from '../control/volume-ops.js'
 import type { MergeProgress } from '../merge/merge.js'
-import { Volume, parseDevice } from '../volume/volume.js'
 import { resolve } from 'node:path'
 
 type WithVolume = <T>(path: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>) => Promise<T>
@@ -19,8 +17,10 @@ interface Reporter {
   stop(): void
 }
 
-function reporter(): Reporter {
+// Imported when the command runs, not when the CLI starts (see main.ts).
+async function reporter(): Promise<Reporter> {
   if (process.stderr.isTTY) {
+    const { default: cliProgress } = await import('cli-progress')
     const bar = new cliProgress.SingleBar(
       {
         stream: process.stderr,
@@ -58,8 +58,9 @@ function reporter(): Reporter {
 }
 
 async function offlineMerge(volumePath: string, snapshot: string, rate: number | undefined): Promise<void> {
+  const { Volume } = await import('../volume/volume.js')
   const volume = await Volume.open(volumePath)
-  const report = reporter()
+  const report = await reporter()
   let interrupted = false
   const onSigint = () => {
     interrupted = true
@@ -84,7 +85,7 @@ async function offlineMerge(volumePath: string, snapshot: string, rate: number |
 async function liveMerge(client: ControlClient, snapshot: string, rate: number | undefined, wait: boolean): Promise<void> {
   await client.call('merge', rate === undefined ? { name: snapshot } : { name: snapshot, rate })
   if (!wait) return
-  const report = reporter()
+  const report = await reporter()
   try {
     for (;;) {
       const s = await client.call<{ state: string; failure?: string | null } & MergeProgress>('merge-status')
@@ -110,8 +111,9 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
       return Number(t)
     })
     .action(async (spec: string, opts: { wait?: boolean; rate?: number }) => {
-      const { volume, snapshot } = usageOnBadDevice(spec)
+      const { volume, snapshot } = await usageOnBadDevice(spec)
       if (!snapshot) throw new InvalidArgumentError(`expected VOL@SNAP, got '${spec}'`)
+      const { ControlClient } = await import('../control/control-client.js')
       const client = await ControlClient.connect(resolve(volume))
       if (client) {
         try {
@@ -126,7 +128,8 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
 }
 
 /** A malformed device name is a usage error (exit 2), as for every other command. */
-function usageOnBadDevice(spec: string): ReturnType<typeof parseDevice> {
+async function usageOnBadDevice(spec: string): Promise<{ volume: string; snapshot: string | null }> {
+  const { parseDevice } = await import('../volume/volume.js')
   try {
     return parseDevice(spec)
   } catch (err) {

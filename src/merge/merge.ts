@@ -91,7 +91,7 @@ export interface MergeOptions {
   /** Caps the chunks merged per step (the rest is merged by the next steps). */
   readonly maxStepChunks?: number
   /**
-   * TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
+   * @internal TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
    * change under the merge; exists so a test can prove it guards the relocation.
    */
   readonly unsafeSkipRelocation?: boolean

@@ -60,6 +60,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private gate: Deferred<void> | null = null // set while origin mutations are held
   private readonly held: HeldWrites
   private writeBackError: unknown = null // first failure of a held write, reported by the next flush
+  /** @internal Installed by merge/ while a merge runs. */
   interceptor: OriginInterceptor | null = null
 
   constructor(device: BlockDevice, options: OriginOptions = {}) {
