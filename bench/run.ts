@@ -5,7 +5,7 @@
  * machine) and bench/results.json.
  *
  *   npm run bench [-- --runtime 5] [--rounds 2] [--size 512M] [--max 1e7] [--open 1e7]
- *                   [--full (exception table up to 1e8)] [--only standard,firsttouch,snapread,merge,scale,big]
+ *                   [--full (exception table up to 1e8)] [--only startup,standard,firsttouch,snapread,merge,scale,big]
  *                   [--profile DIR (blocksnap servers run with --cpu-prof into DIR)] [--no-write]
  *
  * Ratios are only ever taken between figures of the same round, and rounds interleave every
@@ -29,6 +29,7 @@ import { PersistentStore } from '../src/store/persistent-store.js'
 import { Volume } from '../src/volume/volume.js'
 import { freePort } from '../test/support/free-port.js'
 import { permuter } from './permuter.js'
+import { type StartupResult, startupBench } from './startup.js'
 
 const HERE = dirname(fileURLToPath(import.meta.url))
 const ROOT = resolve(HERE, '..')
@@ -61,7 +62,7 @@ function parseArgs(argv: string[]): Args {
     const unit = { '': 1, K: KiB, M: MiB, G: GiB, T: TiB }[(m[2] ?? '').toUpperCase() as '' | 'K' | 'M' | 'G' | 'T']
     return Number(m[1]) * unit
   }
-  const all = ['standard', 'firsttouch', 'snapread', 'merge', 'scale', 'big']
+  const all = ['startup', 'standard', 'firsttouch', 'snapread', 'merge', 'scale', 'big']
   const only = get('--only')
   return {
     runtime: Number(get('--runtime') ?? 5),
@@ -206,7 +207,7 @@ const startQemuOverlay = async (base: string, overlay: string, fresh = true) => 
 let profileSeq = 0
 const startBlocksnap = async (dir: string, label = 'blocksnap') => {
   const port = await freePort()
-  // The launcher is a shell script (it sizes the I/O thread pool); it passes BLOCKSNAP_NODE_FLAGS to node.
+  // bin/blocksnap runs the compiled CLI (which sizes the I/O thread pool) with BLOCKSNAP_NODE_FLAGS as node flags.
   const profileOptions = args.profile
     ? `--cpu-prof --cpu-prof-dir=${args.profile} --cpu-prof-name=${label.replace(/[^A-Za-z0-9]+/g, '_')}-${++profileSeq}.cpuprofile`
     : undefined
@@ -406,6 +407,7 @@ interface Results {
   exceptionTable: Record<string, unknown> | null
   open: Record<string, unknown> | null
   big: Record<string, unknown> | null
+  startup: StartupResult | null
   totalSeconds: number
 }
 
@@ -419,6 +421,7 @@ const results: Results = {
   exceptionTable: null,
   open: null,
   big: null,
+  startup: null,
   totalSeconds: 0,
 }
 
@@ -757,8 +760,8 @@ function machine(): Record<string, unknown> {
     nbdkit: v('nbdkit', ['--version']),
     qemu: v('qemu-img', ['--version']),
     filesystem: v('sh', ['-c', `df -T ${WORK} | tail -1 | awk '{print $2}'`]),
-    // What bin/blocksnap gives the servers (it sizes the pool when UV_THREADPOOL_SIZE is unset).
-    uvThreadpoolSize: process.env.UV_THREADPOOL_SIZE ?? `${Math.min(16, Math.max(1, cpus().length - 1))} (bin/blocksnap default: cores - 1)`,
+    // What the blocksnap command gives the servers (it sizes the pool when UV_THREADPOOL_SIZE is unset).
+    uvThreadpoolSize: process.env.UV_THREADPOOL_SIZE ?? `${Math.min(16, Math.max(1, cpus().length - 1))} (blocksnap default: cores - 1)`,
   }
 }
 
@@ -876,6 +879,22 @@ function build(): { md: string; floors: Array<Record<string, unknown>> } {
       })
     }
   }
+  if (results.startup) {
+    const st = results.startup
+    const ms = (x: number) => `${fmt(x * 1000, 0)} ms`
+    for (const [what, floor, ratios, seconds] of [
+      ['Start-up: `blocksnap --version` vs `node -e 0`', 3, st.versionRatios, st.versionSeconds],
+      ['Start-up: `blocksnap list VOL` vs `node -e 0`', 4, st.listRatios, st.listSeconds],
+    ] as const) {
+      rows.push({
+        what: `${what} (issue 16; ${st.rounds} rounds)`,
+        floor: `≤ ${floor}`,
+        ok: (x) => x <= floor,
+        ratios: [...ratios],
+        raw: `${ms(seconds)} vs ${ms(st.nodeSeconds)} (medians)`,
+      })
+    }
+  }
   const floors = rows.map((r) => ({
     what: r.what,
     floor: r.floor,
@@ -896,12 +915,14 @@ function build(): { md: string; floors: Array<Record<string, unknown>> } {
   lines.push(`Machine: ${m.nproc} vCPU (${m.cpu}), ${m.memGiB} GiB RAM, Linux ${m.kernel}, ${m.filesystem}; Node ${m.node}; ${m.fio}; ${m.nbdkit}; ${m.qemu}.`)
   lines.push(`Origin ${args.size / MiB} MiB; fio jobs ${args.runtime} s each; whole run ${fmt(results.totalSeconds / 60, 1)} min.`)
   lines.push('')
-  lines.push('## Floors (issue 7)')
+  lines.push('## Floors (issue 7; start-up: issue 16)')
   lines.push('')
   lines.push('| Measure | Floor | Ratio: median [rounds] | Raw | Met |')
   lines.push('| --- | --- | --- | --- | --- |')
   for (const f of floors) {
-    const ratios = f.ratios.length > 1 ? ` [${f.ratios.map((x) => fmt(x)).join(', ')}]` : ''
+    // Many rounds (start-up) show as their range, a few as every round.
+    const ratios =
+      f.ratios.length > 6 ? ` [${fmt(Math.min(...f.ratios))}–${fmt(Math.max(...f.ratios))}]` : f.ratios.length > 1 ? ` [${f.ratios.map((x) => fmt(x)).join(', ')}]` : ''
     lines.push(`| ${f.what} | ${f.floor} | ${fmt(f.median)}${ratios} | ${f.raw} | ${f.met === null ? 'n/a' : f.met ? 'yes' : '**no**'} |`)
   }
   lines.push('')
@@ -983,6 +1004,10 @@ async function main(): Promise<void> {
     process.exit(130)
   })
   try {
+    if (args.only.has('startup')) {
+      log('start-up: node -e 0, blocksnap --version, blocksnap list VOL, in turn')
+      results.startup = startupBench()
+    }
     makeBase(BASE, args.size)
     syncAll()
     for (let r = 1; r <= args.rounds; r++) {
