@@ -14,7 +14,7 @@ import { execFile } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { mkdir, mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { join, relative } from 'node:path'
+import { join } from 'node:path'
 import { MERGE_PROGRESS_LINE, REPO, assertBytes, parseList, pattern } from '../cli/helpers.js'
 
 interface Run {
@@ -48,13 +48,9 @@ async function runOk(cmd: string, args: readonly string[], cwd: string, options:
   return r.stdout
 }
 
-/** Every file under `dir`, relative to it. */
+/** Every path under `dir` (files and folders), relative to it. */
 async function filesUnder(dir: string): Promise<string[]> {
-  const out: string[] = []
-  for (const entry of await readdir(dir, { withFileTypes: true, recursive: true })) {
-    if (entry.isFile()) out.push(relative(dir, join(entry.parentPath, entry.name)))
-  }
-  return out
+  return readdir(dir, { recursive: true })
 }
 
 /** dist/ is the build of src/ as it is now: every module built after its source, nothing left over from deleted ones. */
