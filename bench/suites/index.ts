@@ -11,6 +11,7 @@ import { mergeSuite } from './merge.js'
 import { scaleSuite } from './scale.js'
 import { snapReadSuite } from './snap-read.js'
 import { standardSuite } from './standard.js'
+import { startupSuite } from './startup.js'
 
 export const SUITES: readonly Suite[] = [
   standardSuite,
@@ -20,4 +21,5 @@ export const SUITES: readonly Suite[] = [
   scaleSuite,
   bigSuite,
   jsWorkSuite,
+  startupSuite,
 ]

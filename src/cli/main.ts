@@ -8,17 +8,18 @@ import { resolve } from 'node:path'
 import { Command, CommanderError, Option } from 'commander'
 import { SnapError, isSnapError } from '../errors.js'
 import { checkChunkSizeBytes, parseSize } from '../units.js'
-import { ControlClient } from '../control/control-client.js'
-import { type VolumeOps, localOps } from '../control/volume-ops.js'
-import { Volume, parseDevice } from '../volume/volume.js'
-import { checkVolumeFiles } from '../volume/check.js'
+import type { VolumeOps } from '../control/volume-ops.js'
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
 import { brokenWarnings, formatList, snapshotWarnings } from './output.js'
 import { writeOutputFile } from './output-file.js'
-import { serveVolumes } from './serve.js'
 import { mergeCommand } from './merge-command.js'
+import { VERSION } from './version.js'
 
-const VERSION = '0.1.0'
+// The engine, the control client and the server (pino, NBD, TLS) are imported by the commands
+// that use them rather than here: a command pays only for what it runs, and `--version`, `--help`
+// and usage errors load little more than commander (start-up is measured by `npm run bench`).
+const volumeModule = () => import('../volume/volume.js')
+const controlClientModule = () => import('../control/control-client.js')
 
 class UsageError extends Error {}
 
@@ -68,6 +69,7 @@ function positiveSizeArg(what: string) {
 /** Runs `fn` on the volume: live through its server if it is served, else by opening it. */
 export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>): Promise<T> {
   const dir = resolve(volumePath)
+  const { ControlClient } = await controlClientModule()
   const client = await ControlClient.connect(dir)
   if (client) {
     try {
@@ -76,6 +78,7 @@ export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, liv
       client.close()
     }
   }
+  const [{ Volume }, { localOps }] = await Promise.all([volumeModule(), import('../control/volume-ops.js')])
   const volume = await Volume.open(dir)
   try {
     return await fn(localOps(volume), false)
@@ -84,7 +87,8 @@ export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, liv
   }
 }
 
-function deviceArg(spec: string): { volume: string; snapshot: string | null } {
+async function deviceArg(spec: string): Promise<{ volume: string; snapshot: string | null }> {
+  const { parseDevice } = await volumeModule()
   try {
     return parseDevice(spec)
   } catch (err) {
@@ -92,8 +96,8 @@ function deviceArg(spec: string): { volume: string; snapshot: string | null } {
   }
 }
 
-function snapshotRequired(spec: string): { volume: string; snapshot: string } {
-  const { volume, snapshot } = deviceArg(spec)
+async function snapshotRequired(spec: string): Promise<{ volume: string; snapshot: string }> {
+  const { volume, snapshot } = await deviceArg(spec)
   if (!snapshot) throw new UsageError(`expected VOL@SNAP, got '${spec}'`)
   return { volume, snapshot }
 }
@@ -121,6 +125,7 @@ function buildProgram(): Command {
     .option('--from <IMAGE>', 'copy this image as the origin')
     .action(async (vol: string, opts: { size?: number; from?: string }) => {
       if ((opts.size === undefined) === (opts.from === undefined)) throw new UsageError('give exactly one of --size or --from')
+      const { Volume } = await volumeModule()
       await Volume.create(vol, opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number })
     })
 
@@ -133,7 +138,7 @@ function buildProgram(): Command {
     .option('--overflow', 'PO: a full COW refuses snapshot writes instead of invalidating')
     .option('--cow-size <SIZE>', 'fixed COW size (default: grows on demand)', sizeArg('COW size'))
     .action(async (spec: string, opts: { chunkSize: number; store: 'persistent' | 'transient'; overflow?: boolean; cowSize?: number }) => {
-      const { volume, snapshot } = snapshotRequired(spec)
+      const { volume, snapshot } = await snapshotRequired(spec)
       await withVolume(volume, async (ops, live) => {
         if (opts.store === 'transient' && !live) {
           throw new SnapError('SNAP_BAD_ARGUMENT', 'transient snapshots live only as long as a server: serve the volume first')
@@ -162,7 +167,7 @@ function buildProgram(): Command {
     .description("print the kernel's dmsetup status line for VOL or VOL@SNAP")
     .argument('<DEVICE>')
     .action(async (spec: string) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       const { line, info } = await withVolume(volume, async (ops) => ({ line: await ops.status(snapshot), info: await ops.list() }))
       process.stdout.write(`${line}\n`)
       process.stderr.write(brokenWarnings(info, snapshot))
@@ -176,7 +181,7 @@ function buildProgram(): Command {
     .option('--length <N>', 'bytes to read (default: to the end)', intArg('length'))
     .option('--output <FILE>', 'write to FILE instead of stdout')
     .action(async (spec: string, opts: { offset: number; length?: number; output?: string }) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       const readAll = (write: (data: Uint8Array) => Promise<void>) =>
         withVolume(volume, async (ops) => {
           const size = await ops.size(snapshot)
@@ -205,7 +210,7 @@ function buildProgram(): Command {
     .requiredOption('--offset <N>', 'byte offset', intArg('offset'))
     .option('--input <FILE>', 'read from FILE instead of stdin')
     .action(async (spec: string, opts: { offset: number; input?: string }) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       if (opts.input !== undefined && !(await stat(opts.input).catch(() => null))) {
         throw new SnapError('SNAP_NOT_FOUND', `input file ${opts.input} does not exist`)
       }
@@ -226,7 +231,7 @@ function buildProgram(): Command {
     .argument('<VOL@SNAP>')
     .option('--force', 'remove even when NBD clients have it open, or when it is broken')
     .action(async (spec: string, opts: { force?: boolean }) => {
-      const { volume, snapshot } = snapshotRequired(spec)
+      const { volume, snapshot } = await snapshotRequired(spec)
       await withVolume(volume, (ops) => ops.remove(snapshot, opts.force ? { force: true } : {}))
     })
 
@@ -237,7 +242,7 @@ function buildProgram(): Command {
     .requiredOption('--cow <FILE>', 'the COW device image')
     .option('--in-place', 'use FILE where it is instead of copying it into the volume')
     .action(async (spec: string, opts: { cow: string; inPlace?: boolean }) => {
-      const { volume, snapshot } = snapshotRequired(spec)
+      const { volume, snapshot } = await snapshotRequired(spec)
       await withVolume(volume, (ops) => ops.importCow(snapshot, resolve(opts.cow), opts.inPlace === true))
     })
 
@@ -246,9 +251,10 @@ function buildProgram(): Command {
     .description('verify COW metadata; exit 0 when clean, 1 with a description when not')
     .argument('<VOL[@SNAP]>')
     .action(async (spec: string) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       // Offline, the COW files are verified without attaching them: attaching would stop at the
       // first problem, and check is there to describe all of them.
+      const { ControlClient } = await controlClientModule()
       const client = await ControlClient.connect(resolve(volume))
       let result: { clean: boolean; problems: string[] }
       if (client) {
@@ -258,6 +264,7 @@ function buildProgram(): Command {
           client.close()
         }
       } else {
+        const { checkVolumeFiles } = await import('../volume/check.js')
         result = await checkVolumeFiles(volume, snapshot)
       }
       if (!result.clean) {
@@ -295,7 +302,9 @@ function buildProgram(): Command {
     )
     .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
-      await serveVolumes(vols, parseServeFlags(opts))
+      const flags = parseServeFlags(opts)
+      const { serveVolumes } = await import('./serve.js')
+      await serveVolumes(vols, flags)
     })
 
   program
@@ -305,12 +314,14 @@ function buildProgram(): Command {
     .option('--listen <HOST:PORT>', 'TCP address', '127.0.0.1:10809')
     .action(async (opts: { dir: string; listen: string }) => {
       const dir = resolve(opts.dir)
+      const flags = parseServeFlags({ listen: opts.listen })
+      const [{ Volume }, { serveVolumes }] = await Promise.all([volumeModule(), import('./serve.js')])
       if (!(await stat(dir).catch(() => null))) {
         await mkdir(resolve(dir, '..'), { recursive: true })
         await Volume.create(dir, { sizeBytes: 1024 ** 3 })
         process.stderr.write(`blocksnap: created ${dir} (1 GiB sparse volume)\n`)
       }
-      await serveVolumes([dir], parseServeFlags({ listen: opts.listen }), { printHelp: true })
+      await serveVolumes([dir], flags, { printHelp: true })
     })
 
   return program

@@ -97,7 +97,7 @@ export interface MergeOptions {
    */
   readonly onComplete?: () => Promise<void>
   /**
-   * TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
+   * @internal TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
    * change under the merge; exists so a test can prove it guards the relocation.
    */
   readonly unsafeSkipRelocation?: boolean

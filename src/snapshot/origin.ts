@@ -69,6 +69,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private writeRefusal: string | null = null // why writes and discards are refused, if they are
   private readRefusal: string | null = null // why reads are refused, if they are
   private readonly unforward = new Map<Snapshot, () => void>()
+  /** @internal Installed by merge/ while a merge runs. */
   interceptor: OriginInterceptor | null = null
   /**
    * What happens to the attached snapshots, for whoever owns the origin (serve logs it):

@@ -82,6 +82,7 @@ export class Snapshot extends BaseBlockDevice {
   readonly overflowMode: boolean
   readonly discardZeroesCow: boolean
   readonly discardPassdownOrigin: boolean
+  /** @internal The committed exceptions; read by merge/ and by the CLI's block status. */
   readonly table = new ExceptionTable()
   readonly pending = new Map<number, PendingException>()
   /** Origin reads of this snapshot in flight, per chunk (kernel: tracked chunks). */

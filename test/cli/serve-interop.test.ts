@@ -1,5 +1,5 @@
 /**
- * Interop against the real product: `bin/blocksnap serve VOL` (a child process) exporting a
+ * Interop against the real product: `blocksnap serve VOL` (a child process) exporting a
  * 64 MiB volume with 4K- and 64K-chunk snapshots, driven by nbdinfo, qemu-img, qemu-io, nbdcopy,
  * fio and nbdsh over TCP and over the Unix socket, then served again with --read-only, with a PSK
  * (--tls-psk, --tls require) and with an X.509 certificate (--tls-cert/--tls-key). Byte models of
