@@ -16,6 +16,11 @@ import { type FileMapResult, mapFileData } from './fiemap.js'
 import { RangeList, unionRanges } from './range-list.js'
 
 const MAX_WRITTEN_RANGES = 65536
+/**
+ * Written ranges are widened to whole 4 KiB blocks, which is what a file system allocates (and
+ * what the next scan would show), so the map does not change shape when it is taken again.
+ */
+const BLOCK_BYTES = 4096
 
 export type FileScanner = (path: string, sizeBytes: number) => Promise<FileMapResult>
 
@@ -40,7 +45,7 @@ export class FileAllocation {
   /** Call as a write or discard of [offset, offset + length) starts; call the result when it ends. */
   writeStarted(offset: number, length: number): () => void {
     const id = this.nextWrite++
-    const range = [offset, offset + length] as const
+    const range = [Math.floor(offset / BLOCK_BYTES) * BLOCK_BYTES, Math.ceil((offset + length) / BLOCK_BYTES) * BLOCK_BYTES] as const
     this.inflight.set(id, range)
     return () => {
       this.inflight.delete(id)
