@@ -36,6 +36,8 @@ export interface DirtyExtent {
   readonly dirty: boolean
 }
 
+const BLOCK_BYTES = 4096
+
 type Ranges = ReadonlyArray<readonly [number, number]>
 
 function runBytes(runs: readonly ChunkRun[], chunkBytes: number): Array<[number, number]> {
@@ -65,8 +67,10 @@ async function originDataRanges(volume: Volume, start: number, end: number): Pro
   const device = origin.device
   const lists: Ranges[] = [
     device instanceof FileDevice ? await device.dataRanges(start, end - start) : [[start, end]],
-    // Read after the file map: a held write lands (and is counted there) before it leaves this list.
-    origin.unlandedRanges(),
+    // Read after the file map: a held write lands (and is counted there) before it leaves this
+    // list. Widened to 4 KiB blocks as the file map counts writes, so a map's shape does not
+    // depend on whether a write has landed yet.
+    origin.unlandedRanges().map(([s, e]): [number, number] => [Math.floor(s / BLOCK_BYTES) * BLOCK_BYTES, Math.ceil(e / BLOCK_BYTES) * BLOCK_BYTES]),
   ]
   const interceptor = origin.interceptor
   if (interceptor instanceof MergeView) {
