@@ -11,6 +11,7 @@ import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/pro
 import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 import { blockDeviceSizeBytes } from './block-device-size.js'
+import { FileAllocation } from './file-allocation.js'
 
 export interface FileDeviceOptions {
   readonly readOnly?: boolean
@@ -35,6 +36,8 @@ export class FileDevice extends BaseBlockDevice {
   private readonly handle: FileHandle
   /** A block device cannot be truncated: discard always writes zeros. */
   private readonly truncatable: boolean
+  /** Where the file holds data; only regular files can say (see file-allocation.ts). */
+  private readonly allocation: FileAllocation | null
 
   private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean) {
     super(sizeBytes, `file ${path}`)
@@ -42,6 +45,19 @@ export class FileDevice extends BaseBlockDevice {
     this.path = path
     this.capabilities = capabilities
     this.truncatable = truncatable
+    this.allocation = truncatable ? new FileAllocation(path) : null
+  }
+
+  /**
+   * The byte ranges within [offset, offset + length) that hold data, sorted and merged; the
+   * rest reads as zeros. Never leaves out data written through this device; when the file
+   * system cannot tell (or for a block device), the whole range is data.
+   */
+  async dataRanges(offset: number, length: number): Promise<Array<[number, number]>> {
+    this.checkOpen()
+    this.checkRange(offset, length)
+    if (this.allocation === null) return length > 0 ? [[offset, offset + length]] : []
+    return this.allocation.dataRanges(offset, offset + length, this._sizeBytes)
   }
 
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
@@ -111,11 +127,14 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    const ended = this.allocation?.writeStarted(offset, data.length)
     try {
       await this.writeAll(data, offset)
       if (fua) await this.handle.datasync()
     } catch (err) {
       throw asSnapError(err, `${this.name}: write`, { path: this.path, offset, length: data.length })
+    } finally {
+      ended?.()
     }
   }
 
@@ -128,6 +147,9 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override async _discard(offset: number, length: number): Promise<void> {
+    // Counted as a write: the zeros written are data, and a truncated tail reported as data is
+    // merely slower to copy.
+    const ended = this.allocation?.writeStarted(offset, length)
     try {
       if (this.truncatable && offset + length >= this._sizeBytes) {
         await this.handle.truncate(offset)
@@ -141,10 +163,13 @@ export class FileDevice extends BaseBlockDevice {
       }
     } catch (err) {
       throw asSnapError(err, `${this.name}: discard`, { path: this.path, offset, length })
+    } finally {
+      ended?.()
     }
   }
 
   protected override async _resize(sizeBytes: number): Promise<void> {
+    this.allocation?.forget()
     try {
       await this.handle.truncate(sizeBytes)
     } catch (err) {

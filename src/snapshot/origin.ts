@@ -357,6 +357,14 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   }
 
   /**
+   * Byte ranges [start, end) of answered writes not yet on the device: an allocation map of the
+   * device alone would miss them.
+   */
+  unlandedRanges(): Array<[number, number]> {
+    return this.held.ranges()
+  }
+
+  /**
    * An origin write outside a merge. Runs synchronously up to the point of answering, so writes
    * are ordered as they arrive: a write that overlaps held bytes lands after them.
    */

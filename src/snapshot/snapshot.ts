@@ -32,6 +32,7 @@ import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
 import { SECTOR_BYTES } from '../units.js'
 import { ChunkTracker } from './chunk-tracker.js'
 import { ExceptionTable } from './exception-table.js'
+import { type ChunkRun, exceptionRunsIn } from './exception-runs.js'
 import type { ExceptionEvents } from './exception-events.js'
 import { PendingException } from './pending-exception.js'
 
@@ -152,6 +153,18 @@ export class Snapshot extends BaseBlockDevice {
 
   usage(): StoreUsage {
     return this.store.usage()
+  }
+
+  /** Complete exceptions for origin chunks in [firstChunk, endChunk), as runs in chunk order. */
+  exceptionRunsIn(firstChunk: number, endChunk: number): ChunkRun[] {
+    return exceptionRunsIn(this.table, firstChunk, endChunk)
+  }
+
+  /** Origin chunks in [firstChunk, endChunk) whose copy is under way (not yet in the table). */
+  pendingChunksIn(firstChunk: number, endChunk: number): number[] {
+    const chunks: number[] = []
+    for (const chunk of this.pending.keys()) if (chunk >= firstChunk && chunk < endChunk) chunks.push(chunk)
+    return chunks.sort((a, b) => a - b)
   }
 
   /** The kernel's info status word(s) for this snapshot, e.g. "16/204800 16" or "Invalid". */

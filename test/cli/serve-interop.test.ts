@@ -192,7 +192,8 @@ describe('serve interop', () => {
         assert.equal(e.can_flush, true, what)
         assert.equal(e.can_multi_conn, true, what)
         const snapshot = String(e['export-name']).includes('@')
-        assert.deepEqual(e.contexts, snapshot ? ['base:allocation', 'blocksnap:exceptions'] : ['base:allocation'], what)
+        const originContexts = ['base:allocation', ...['s4', 's64', 'w'].map((s) => `qemu:dirty-bitmap:${s}`)]
+        assert.deepEqual(e.contexts, snapshot ? ['base:allocation', 'blocksnap:exceptions'] : originContexts, what)
       }
       assert.match(String(exports[1]!.description), /chunk 4096 bytes/)
       assert.match(String(exports[2]!.description), /chunk 65536 bytes/)
