@@ -52,11 +52,7 @@ function snapshotExtents(snap: Snapshot, offset: number, length: number): BlockS
   let pos = offset
   // Bounded work per request: the client asks again for the rest.
   for (let n = 0; pos < end && n < 100_000; n++) {
-    const chunk = Math.floor(pos / chunkBytes)
-    const inCow = snap.table.lookup(chunk) !== -1
-    let next = chunk + 1
-    while (next * chunkBytes < end && (snap.table.lookup(next) !== -1) === inCow && next - chunk < 65536) next++
-    const stop = Math.min(end, next * chunkBytes)
+    const { inCow, endBytes: stop } = snap.changedExtentAt(pos, Math.min(end, (Math.floor(pos / chunkBytes) + 65536) * chunkBytes))
     const flags = inCow ? 1 : 0
     const last = extents[extents.length - 1]
     if (last && last.flags === flags) extents[extents.length - 1] = { length: last.length + (stop - pos), flags }
