@@ -17,6 +17,7 @@ import { brokenWarnings, formatList, snapshotWarnings } from './output.js'
 import { writeOutputFile } from './output-file.js'
 import { serveVolumes } from './serve.js'
 import { mergeCommand } from './merge-command.js'
+import { backupCommands } from './backup-commands.js'
 
 const VERSION = '0.1.0'
 
@@ -203,6 +204,7 @@ function buildProgram(): Command {
     })
 
   mergeCommand(program, withVolume)
+  backupCommands(program, withVolume, deviceArg, (message) => new UsageError(message))
 
   program
     .command('remove')

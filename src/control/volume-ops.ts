@@ -7,6 +7,8 @@ import { SnapError, badArgument } from '../errors.js'
 import { SECTOR_BYTES } from '../units.js'
 import type { SnapshotCreateOptions, Volume, VolumeInfo } from '../volume/volume.js'
 import { checkCow } from '../volume/check.js'
+import { type DiffResult, diffVolume } from '../backup/diff.js'
+import { type ImportOptions, type ImportSummary, applyDiffStream, isStagePath } from '../backup/import-diff.js'
 
 /** Largest piece moved in one control request (keeps JSON messages bounded). */
 export const IO_PIECE_BYTES = 4 * 1024 * 1024
@@ -50,6 +52,13 @@ export interface VolumeOps {
   read(snapshot: string | null, offset: number, length: number): Promise<Uint8Array>
   write(snapshot: string | null, offset: number, data: Uint8Array): Promise<void>
   flush(snapshot: string | null): Promise<void>
+  /** Changed extents between two views (null: the origin). */
+  diff(from: string | null, to: string | null): Promise<DiffResult>
+  /**
+   * Applies a diff stream already staged (and verified) in a staging file of the volume
+   * directory: the file is read where it lies, not sent through the socket.
+   */
+  importDiff(stagedPath: string, options: ImportOptions): Promise<ImportSummary>
 }
 
 export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeOps {
@@ -106,6 +115,13 @@ export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeO
     },
     async flush(snapshot) {
       await volume.device(snapshot).flush()
+    },
+    async diff(from, to) {
+      return diffVolume(volume, from, to)
+    },
+    async importDiff(stagedPath, options) {
+      if (!isStagePath(volume.dir, stagedPath)) throw badArgument(`${stagedPath} is not a staged diff stream of volume ${volume.name}`)
+      return applyDiffStream(volume, { path: stagedPath }, options)
     },
   }
 }

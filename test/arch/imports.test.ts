@@ -2,7 +2,7 @@
  * Architecture check: every import inside src/ must respect the layer order
  *
  *   base (util, units, errors, log) <- device <- format <- store <- snapshot <- merge <- volume
- *     <- nbd / control <- cli
+ *     <- backup <- nbd / control <- cli
  *
  * - a module may import only from its own layer or a lower one;
  * - nbd/ may import only base, device and nbd (it is a transport, it knows no snapshot engine);
@@ -35,9 +35,10 @@ const RANK: Readonly<Record<string, number>> = {
   snapshot: 4,
   merge: 5,
   volume: 6,
-  nbd: 7,
-  control: 7,
-  cli: 8,
+  backup: 7,
+  nbd: 8,
+  control: 8,
+  cli: 9,
 }
 const NBD_MAY_IMPORT = new Set<string>([...BASE, 'device', 'nbd'])
 
