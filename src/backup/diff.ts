@@ -76,6 +76,10 @@ export function diffGranularity(a: View, b: View): number {
 export async function diffViews(a: View, b: View, sizeBytes: number): Promise<{ granularityBytes: number; extents: DiffExtent[] }> {
   const granularityBytes = diffGranularity(a, b)
   if (a === b) return { granularityBytes, extents: [] }
+  // Acknowledged origin writes may still wait for their copies: a snapshot's exception for
+  // them is pending, not in its table yet. Landing them first puts every chunk where the
+  // origin differs from a snapshot in that snapshot's table.
+  for (const v of [a, b]) if (!(v instanceof Snapshot)) await v.flush()
   const candidates = unionRanges(candidateRanges(a, sizeBytes), candidateRanges(b, sizeBytes))
   // Pieces of at most COMPARE_PIECE_BYTES (granule aligned, since every range is).
   const pieces: Array<[number, number]> = []
