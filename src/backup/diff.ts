@@ -37,6 +37,8 @@ export interface DiffResult {
 
 /** Largest candidate range compared with one read of each side. */
 const COMPARE_PIECE_BYTES = 1024 * 1024
+/** Candidates at most this far apart are read together. */
+const COALESCE_GAP_BYTES = 64 * 1024
 /** Candidate pieces read at once: keeps the libuv pool busy when exceptions are scattered. */
 const PIECES_IN_FLIGHT = 16
 
@@ -81,19 +83,19 @@ export async function diffViews(a: View, b: View, sizeBytes: number): Promise<{ 
   // origin differs from a snapshot in that snapshot's table.
   for (const v of [a, b]) if (!(v instanceof Snapshot)) await v.flush()
   const candidates = unionRanges(candidateRanges(a, sizeBytes), candidateRanges(b, sizeBytes))
-  // Pieces of at most COMPARE_PIECE_BYTES (granule aligned, since every range is).
-  const pieces: Array<[number, number]> = []
-  for (const [start, end] of candidates) {
-    for (let pos = start; pos < end; pos += COMPARE_PIECE_BYTES) pieces.push([pos, Math.min(end, pos + COMPARE_PIECE_BYTES)])
-  }
+  const pieces = comparePieces(candidates)
   const found: DiffExtent[][] = new Array(pieces.length)
   let next = 0
   const worker = async (): Promise<void> => {
     while (next < pieces.length) {
       const k = next++
-      const [start, end] = pieces[k]!
-      const [x, y] = await Promise.all([a.read(start, end - start), b.read(start, end - start)])
-      found[k] = differingGranules(x, y, start, granularityBytes)
+      const piece = pieces[k]!
+      const [x, y] = await Promise.all([a.read(piece.start, piece.end - piece.start), b.read(piece.start, piece.end - piece.start)])
+      const out: DiffExtent[] = []
+      for (const [start, end] of piece.ranges) {
+        differingGranules(x.subarray(start - piece.start, end - piece.start), y.subarray(start - piece.start, end - piece.start), start, granularityBytes, out)
+      }
+      found[k] = out
     }
   }
   await Promise.all(Array.from({ length: Math.min(PIECES_IN_FLIGHT, pieces.length) }, worker))
@@ -102,9 +104,33 @@ export async function diffViews(a: View, b: View, sizeBytes: number): Promise<{ 
   return { granularityBytes, extents }
 }
 
-/** Extents of the granules in which x and y (both read at byte `offset`) differ. */
-function differingGranules(x: Uint8Array, y: Uint8Array, offset: number, granuleBytes: number): DiffExtent[] {
-  const out: DiffExtent[] = []
+/**
+ * Candidate ranges grouped into reads: ranges closer than COALESCE_GAP_BYTES share one read of
+ * each side (scattered exceptions cost one request per piece, not per chunk), but only the
+ * candidate bytes are compared; the gaps are read and ignored.
+ */
+function comparePieces(candidates: Array<[number, number]>): Array<{ start: number; end: number; ranges: Array<[number, number]> }> {
+  const pieces: Array<{ start: number; end: number; ranges: Array<[number, number]> }> = []
+  for (const [start, end] of candidates) {
+    for (let pos = start; pos < end; ) {
+      const last = pieces[pieces.length - 1]
+      if (last && pos - last.end <= COALESCE_GAP_BYTES && pos - last.start < COMPARE_PIECE_BYTES) {
+        const stop = Math.min(end, last.start + COMPARE_PIECE_BYTES)
+        last.ranges.push([pos, stop])
+        last.end = stop
+        pos = stop
+      } else {
+        const stop = Math.min(end, pos + COMPARE_PIECE_BYTES)
+        pieces.push({ start: pos, end: stop, ranges: [[pos, stop]] })
+        pos = stop
+      }
+    }
+  }
+  return pieces
+}
+
+/** Appends to `out` the extents of the granules in which x and y (both read at byte `offset`) differ. */
+function differingGranules(x: Uint8Array, y: Uint8Array, offset: number, granuleBytes: number, out: DiffExtent[]): DiffExtent[] {
   if (Buffer.compare(x, y) === 0) return out
   for (let pos = 0; pos < x.length; pos += granuleBytes) {
     const end = Math.min(x.length, pos + granuleBytes)
