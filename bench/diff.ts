@@ -4,7 +4,7 @@
  * made to differ. Measures Snapshot.exceptionRanges() and diffViews() for snapshot vs origin
  * and snapshot vs snapshot (the union of both tables: 2N candidates).
  *
- *   npx tsx bench/diff.ts [--n 1000000]
+ *   npx tsx bench/diff.ts [--n 1000000] [--origin-only]
  */
 import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -79,6 +79,10 @@ try {
   console.log(`exceptionRanges: ${ranges.length} ranges in ${sr.toFixed(3)} s`)
   const [s1, d1] = await timed(() => diffViews(a, origin, origin.sizeBytes))
   console.log(`diff a vs origin: ${N} candidate chunks, ${d1.extents.length} extents, ${s1.toFixed(2)} s (${((N * CHUNK) / s1 / 1048576).toFixed(0)} MiB/s of candidates per side)`)
+  if (process.argv.includes('--origin-only')) {
+    await origin.close()
+    process.exit(0)
+  }
   const [s2, d2] = await timed(() => diffViews(a, b, origin.sizeBytes))
   console.log(`diff a vs b: ~${2 * N} candidate chunks, ${d2.extents.length} extents, ${s2.toFixed(2)} s`)
   await origin.close()

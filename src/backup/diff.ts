@@ -37,8 +37,13 @@ export interface DiffResult {
 
 /** Largest candidate range compared with one read of each side. */
 const COMPARE_PIECE_BYTES = 1024 * 1024
-/** Candidates at most this far apart are read together. */
-const COALESCE_GAP_BYTES = 64 * 1024
+/**
+ * Candidates at most this far apart are read together. Small: a snapshot's read of a piece
+ * reads the origin under the whole piece, so wide gaps would make scattered exceptions cost
+ * the volume's size again (measured: 64 KiB gaps over 10^6 exceptions at 6% density read
+ * nearly the whole origin).
+ */
+const COALESCE_GAP_BYTES = 8 * 1024
 /** Candidate pieces read at once: keeps the libuv pool busy when exceptions are scattered. */
 const PIECES_IN_FLIGHT = 16
 
