@@ -15,6 +15,7 @@ import { writeOutputFile } from './output-file.js'
 import { mergeCommand } from './merge-command.js'
 import { VERSION } from './version.js'
 import { mapDumpCommands } from './map-dump-commands.js'
+import { backupCommands } from './backup-commands.js'
 
 // The engine, the control client and the server (pino, NBD, TLS) are imported by the commands
 // that use them rather than here: a command pays only for what it runs, and `--version`, `--help`
@@ -226,6 +227,7 @@ function buildProgram(): Command {
 
   mergeCommand(program, withVolume)
   mapDumpCommands(program, withVolume, (message) => new UsageError(message))
+  backupCommands(program, withVolume, deviceArg, (message) => new UsageError(message))
 
   program
     .command('remove')

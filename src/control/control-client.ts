@@ -7,6 +7,8 @@ import { SnapError, type SnapErrorCode, isSnapError } from '../errors.js'
 import { UnixSocketAddress } from '../util/unix-socket.js'
 import type { VolumeInfo } from '../volume/volume.js'
 import type { AllocationExtent } from '../volume/block-maps.js'
+import type { DiffResult } from '../backup/diff.js'
+import type { ImportOptions, ImportSummary } from '../backup/import-diff.js'
 import { CONTROL_SOCKET, type ControlReply, HELLO, type VolumeIdentity, lineSplitter, sameVolume, volumeIdentity } from './control-protocol.js'
 import { IO_PIECE_BYTES, type RemoveOptions, type VolumeOps } from './volume-ops.js'
 
@@ -147,6 +149,12 @@ export class ControlClient implements VolumeOps {
   }
   map(snapshot: string | null): Promise<AllocationExtent[]> {
     return this.call('map', { snapshot })
+  }
+  diff(from: string | null, to: string | null): Promise<DiffResult> {
+    return this.call('diff', { from, to })
+  }
+  importDiff(stagedPath: string, options: ImportOptions): Promise<ImportSummary> {
+    return this.call('import-diff', { path: stagedPath, force: options.force === true })
   }
 
   close(): void {

@@ -30,7 +30,7 @@ export interface ControlServerOptions {
 }
 
 /** Operations that change the volume's data or its set of snapshots. */
-const MUTATIONS: ReadonlySet<string> = new Set(['write', 'snapshot', 'remove', 'import', 'merge'])
+const MUTATIONS: ReadonlySet<string> = new Set(['write', 'snapshot', 'remove', 'import', 'merge', 'import-diff'])
 
 /** A client connection: whether its HELLO named this server's volume. */
 interface Connection {
@@ -147,6 +147,10 @@ export class ControlServer {
         return this.ops.flush(snap)
       case 'map':
         return this.ops.map(snap)
+      case 'diff':
+        return this.ops.diff((a.from as string | null | undefined) ?? null, (a.to as string | null | undefined) ?? null)
+      case 'import-diff':
+        return this.ops.importDiff(a.path as string, { force: a.force === true })
       default: {
         const handler = this.extra.get(op)
         if (!handler) throw new SnapError('SNAP_BAD_ARGUMENT', `unknown control operation '${op}'`)

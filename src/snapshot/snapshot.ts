@@ -54,6 +54,12 @@ export const COW_THRESHOLD = 2048
 /** Largest extent of one pending copy (one origin read, one COW write, one commit waiter). */
 const COPY_RUN_BYTES = 1024 * 1024
 
+/** Origin chunks [startChunk, endChunk). */
+export interface ChunkRange {
+  startChunk: number
+  endChunk: number
+}
+
 export type SnapshotState = 'active' | 'invalid' | 'overflow' | 'merging' | 'merge-failed'
 
 export interface SnapshotOptions {
@@ -475,6 +481,31 @@ export class Snapshot extends BaseBlockDevice {
     const waiters = this.throttleWaiters
     this.throttleWaiters = []
     for (const wake of waiters) wake()
+  }
+
+  /**
+   * The origin chunks that have a complete exception, as sorted, non-overlapping, maximal ranges
+   * [startChunk, endChunk): exactly where this snapshot's view may differ from the origin's
+   * (elsewhere it reads the origin). Cost is in the table's runs, not the origin's size: one
+   * native numeric sort of (first chunk, run length) keys, then one merge pass.
+   */
+  exceptionRanges(): ChunkRange[] {
+    // old < 2^44 and count < 256, so old * 256 + count < 2^52 stays an exact double
+    const keys = new Float64Array(this.table.runCount)
+    let n = 0
+    for (const run of this.table.runs()) keys[n++] = run.old * 256 + run.count
+    keys.sort()
+    const ranges: ChunkRange[] = []
+    for (let i = 0; i < n; i++) {
+      const key = keys[i]!
+      const count = key % 256
+      const startChunk = (key - count) / 256
+      const endChunk = startChunk + count + 1
+      const last = ranges[ranges.length - 1]
+      if (last && last.endChunk === startChunk) last.endChunk = endChunk
+      else ranges.push({ startChunk, endChunk })
+    }
+    return ranges
   }
 
   /** Waits until no pending extent of this snapshot is in flight (kernel destructor). */
