@@ -41,7 +41,8 @@ async function recordTrace(seed: number, index: number): Promise<Trace> {
   const random = new Random(streamSeed(traceSeed, 'shape'))
   if (kind === 'merge') {
     const originBytes = random.pick([64, 96, 256]) * KiB + random.pick([0, 512, 1536])
-    const others = randomSpecs(random, 1 + random.int(3), 's', 4096 * KiB).filter((s) => s.kind !== 'N')
+    // Other persistent snapshots (the merge relocates into them); at least one.
+    const others = randomSpecs(random, 1 + random.int(3), 's', 4096 * KiB).map((s) => (s.kind === 'N' ? { ...s, kind: 'P' as const } : s))
     const m: SnapshotSpec = { name: 'm', kind: random.chance(0.3) ? 'PO' : 'P', chunkBytes: random.pick([512, 4096, 16384]), cowBytes: 4096 * KiB }
     const specs = [...others]
     specs.splice(random.int(specs.length + 1), 0, m)

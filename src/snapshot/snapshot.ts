@@ -87,6 +87,8 @@ export class Snapshot extends BaseBlockDevice {
   merging = false
   mergeFailed = false
   private invalidation: Promise<void> | null = null
+  /** The invalidation's header write has finished (origin writes need not wait for it). */
+  private invalidationDurable = false
   private inProgress = 0
   private throttleWaiters: Array<() => void> = []
   private readonly usageThresholdBytes: number | undefined
@@ -203,7 +205,13 @@ export class Snapshot extends BaseBlockDevice {
    * collects the promises of invalidations caused by a full COW.
    */
   protectOriginChunk(offset: number, invalidations: Array<Promise<void>>, batch?: PendingException[]): PendingException | null {
-    if (!this.active || !this._valid || this.merging) return null
+    if (!this.active || this.merging) return null
+    if (!this._valid) {
+      // Until the invalid header is durable a crash brings this snapshot back valid, so no
+      // origin write it did not save may reach the device before then.
+      if (this.invalidation && !this.invalidationDurable) invalidations.push(this.invalidation)
+      return null
+    }
     if (offset >= this._sizeBytes) return null
     const chunk = Math.floor(offset / this.chunkBytes)
     let pe = this.pending.get(chunk)
@@ -310,7 +318,9 @@ export class Snapshot extends BaseBlockDevice {
   invalidate(reason: string): Promise<void> {
     if (this.invalidation) return this.invalidation
     this._valid = false
-    this.invalidation = this.store.dropSnapshot()
+    this.invalidation = this.store.dropSnapshot().finally(() => {
+      this.invalidationDurable = true
+    })
     this.emitter.emit('invalidated', reason)
     return this.invalidation
   }

@@ -138,6 +138,7 @@ export async function recordEngineTrace(options: EngineTraceOptions): Promise<En
       const data = random.bytes(length)
       const m = models.get(view) as ViewModel
       const written: Written = { seq: seq++, start, data }
+      const before = m.current.slice(start, start + length)
       m.current.set(data, start)
       m.since.push(written)
       m.all.push(written)
@@ -149,8 +150,12 @@ export async function recordEngineTrace(options: EngineTraceOptions): Promise<En
             if (fua) m.fua.push({ ...written, answeredAt: recorder.length })
           },
           (err) => {
-            // Only a snapshot whose COW filled may refuse writes.
-            if (view === 'origin' || (snaps.get(view) as Snapshot).valid) throw err
+            // Only a snapshot whose COW filled may refuse writes (invalid, or PO: overflowed).
+            const snap = snaps.get(view)
+            if (!snap || (snap.valid && !snap.overflowed)) throw err
+            // Pieces of it may have landed: from now on either value is right for its bytes.
+            // (Writes of one batch to one view never overlap, so restoring its range is exact.)
+            m.current.set(before, start)
             m.uncertain.push(written)
           },
         ),
