@@ -126,7 +126,7 @@ async function main(): Promise<number> {
   let current = ''
   const release = catchCrashes((message) => {
     failures.push({ campaign: current, caseId: '?', message })
-    console.log(`FAIL ${current}: ${message} (in-process crash; the cases running at the time are logged above)`)
+    console.log(`FAIL ${current}: ${message} (uncaught in-process error during this campaign: the case is not known; rerun the campaign with the same seed and a smaller count to narrow it down)`)
   })
   let stoppedByTime = false
   const summary: string[] = []
