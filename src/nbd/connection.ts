@@ -128,7 +128,9 @@ const SHOWN_NAME_CHARS = 64
 
 /** A client-chosen name as logs show it: a client may send 64 KiB names, once per connection. */
 export function shownName(name: string): string {
-  return name.length <= SHOWN_NAME_CHARS ? name : `${name.slice(0, SHOWN_NAME_CHARS)}…`
+  const cut = name.length <= SHOWN_NAME_CHARS ? name : `${name.slice(0, SHOWN_NAME_CHARS)}…`
+  // The bytes are the client's: a newline or a terminal escape must not break or forge a log line.
+  return cut.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
 }
 
 export class NbdConnection {

@@ -101,6 +101,8 @@ export class Snapshot extends BaseBlockDevice {
   /** Attached to an origin whose writes copy into it (activate/deactivate, by the origin). */
   private attached = false
   private invalidation: Promise<void> | null = null
+  /** The invalidation's header write has finished (origin writes need not wait for it). */
+  private invalidationDurable = false
   private inProgress = 0
   private throttleWaiters: Array<() => void> = []
   private readonly usageThresholdBytes: number | undefined
@@ -222,7 +224,9 @@ export class Snapshot extends BaseBlockDevice {
     if (this.invalidation) return this.invalidation
     this.condition = 'invalid'
     this.invalidReason = reason
-    this.invalidation = this.store.dropSnapshot()
+    this.invalidation = this.store.dropSnapshot().finally(() => {
+      this.invalidationDurable = true
+    })
     this.emitter.emit('invalidated', reason)
     return this.invalidation
   }
@@ -326,7 +330,13 @@ export class Snapshot extends BaseBlockDevice {
     invalidations: Array<Promise<void>>,
     started: PendingException[],
   ): void {
-    if (!this.attached || this.condition === 'invalid' || this.merging) return
+    if (!this.attached || this.merging) return
+    if (this.condition === 'invalid') {
+      // Until the invalid header is durable a crash brings this snapshot back valid, so no
+      // origin write it did not save may reach the device before then.
+      if (this.invalidation && !this.invalidationDurable) invalidations.push(this.invalidation)
+      return
+    }
     end = Math.min(end, this._sizeBytes)
     if (offset >= end) return
     const cb = this.chunkBytes
