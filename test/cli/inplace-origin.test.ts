@@ -147,5 +147,17 @@ describe('in-place origins: CLI and block devices', { concurrency: 1 }, () => {
     }
     await assert.rejects(Volume.create(join(T, 'mounted-vol'), { inPlaceOrigin: loop }), refusedWith('SNAP_BUSY', new RegExp(`block device ${loop} is in use \\(mounted`)))
     await assert.rejects(stat(join(T, 'mounted-vol')))
+
+    // Unmounted, it becomes an origin; while the volume has it open the kernel refuses a mount.
+    execFileSync('umount', [where])
+    await Volume.create(join(T, 'mounted-vol'), { inPlaceOrigin: loop })
+    const vol = await Volume.open(join(T, 'mounted-vol'))
+    try {
+      assert.throws(() => execFileSync('mount', [loop, where], { stdio: 'pipe' }), /busy/i, 'mount while the volume is open')
+    } finally {
+      await vol.close()
+    }
+    execFileSync('mount', [loop, where], { stdio: 'ignore' })
+    execFileSync('umount', [where])
   })
 })
