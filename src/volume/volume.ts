@@ -1,7 +1,8 @@
 /**
- * Volume: a directory holding an origin image, one kernel-format COW file per persistent
- * snapshot and a manifest, opened as an Origin with its Snapshots. The Volume owns the
- * directory (VolumeLock) for as long as it is open.
+ * Volume: a directory holding an origin image (or naming one used in place: external-origin.ts),
+ * one kernel-format COW file per persistent snapshot and a manifest, opened as an Origin with its
+ * Snapshots. The Volume owns the directory (VolumeLock), and an in-place origin (OriginLock), for
+ * as long as it is open.
  *
  * Snapshot names follow ZFS/RBD style devices: `VOL` is the origin, `VOL@SNAP` a snapshot.
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
