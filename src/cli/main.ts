@@ -121,14 +121,19 @@ function buildProgram(): Command {
 
   program
     .command('create')
-    .description('create a volume directory holding a sparse origin, or a copy of IMAGE')
+    .description('create a volume directory holding a sparse origin or a copy of IMAGE, or over an origin used in place')
     .argument('<VOL>', 'volume directory to create')
     .option('--size <SIZE>', 'origin size (bytes or K/M/G/T)', sizeArg('size'))
     .option('--from <IMAGE>', 'copy this image as the origin')
-    .action(async (vol: string, opts: { size?: number; from?: string }) => {
-      if ((opts.size === undefined) === (opts.from === undefined)) throw new UsageError('give exactly one of --size or --from')
+    .option('--origin <PATH>', 'use this image file or block device as the origin in place, without copying it')
+    .action(async (vol: string, opts: { size?: number; from?: string; origin?: string }) => {
+      const given = [opts.size, opts.from, opts.origin].filter((o) => o !== undefined).length
+      if (given !== 1) throw new UsageError('give exactly one of --size, --from or --origin')
       const { Volume } = await volumeModule()
-      await Volume.create(vol, opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number })
+      await Volume.create(
+        vol,
+        opts.origin !== undefined ? { inPlaceOrigin: opts.origin } : opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number },
+      )
     })
 
   program
