@@ -12,7 +12,10 @@ import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { ControlClient } from '../../src/control/control-client.js'
 import { ControlServer } from '../../src/control/control-server.js'
+import { MemoryDevice } from '../../src/device/memory-device.js'
 import { isSnapError } from '../../src/errors.js'
+import { staticExports } from '../../src/nbd/export.js'
+import { NbdServer } from '../../src/nbd/server.js'
 import { Volume } from '../../src/volume/volume.js'
 import { assertError, cli } from '../cli/helpers.js'
 
@@ -132,6 +135,23 @@ describe('local access', () => {
       await volume.close()
     }
     assert.deepEqual(await readdir(vol).then((names) => names.filter((n) => n.includes('sock'))), [], 'the socket is removed on close')
+  })
+
+  it('an NBD --socket is created under the umask: under 022 other users cannot connect', { timeout: TIMEOUT }, async () => {
+    const path = join(T, 'nbd.sock')
+    const server = new NbdServer({ exports: staticExports([{ name: 'd', device: new MemoryDevice(4096), readOnly: false }]) })
+    const previous = process.umask(0o022)
+    try {
+      await server.listen({ path })
+    } finally {
+      process.umask(previous)
+    }
+    try {
+      assert.equal(await modeOf(path), 0o755)
+      assert.equal(await connectAsNobody(path), 'EACCES')
+    } finally {
+      await server.close()
+    }
   })
 
   it('a control socket planted by another user is refused by the client and gets no byte', { timeout: TIMEOUT }, async () => {
