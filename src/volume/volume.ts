@@ -43,6 +43,9 @@ import { claimOrigin, releaseOrigin } from './origin-registry.js'
 import { MAX_PROBLEMS, checkCow } from './check.js'
 
 export { SNAPSHOT_DIR }
+
+/** Mode of a new volume directory and its snapshots/ directory: the owner's alone. */
+export const VOLUME_DIR_MODE = 0o700
 export const ORIGIN_FILE = 'origin.img'
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/
@@ -183,9 +186,11 @@ export class Volume {
       sizeBytes = options.sizeBytes ?? 0
     }
     checkVolumeSize(sizeBytes)
-    await mkdir(dir, { recursive: false })
+    // Private by default (the umask can only narrow a mode): the directory gates the control
+    // socket and every file in it. Sharing a volume is a chmod the owner makes on purpose.
+    await mkdir(dir, { recursive: false, mode: VOLUME_DIR_MODE })
     try {
-      await mkdir(join(dir, SNAPSHOT_DIR))
+      await mkdir(join(dir, SNAPSHOT_DIR), { mode: VOLUME_DIR_MODE })
       if (options.fromImage !== undefined && image) {
         const from = options.fromImage
         await copyPrivate(join(dir, ORIGIN_FILE), (temp) => copyImage(from, image, temp))
