@@ -27,7 +27,7 @@ main { max-width: 70rem; margin: 0 auto; padding: 1rem; display: grid; gap: 1rem
 section.volume, section.exports { background: var(--card); border: 1px solid var(--line); border-radius: .6rem; padding: .9rem 1rem; min-width: 0; }
 h2 { font-size: 1.05rem; margin: 0 0 .15rem; overflow-wrap: anywhere; }
 h3 { font-size: .8rem; text-transform: uppercase; letter-spacing: .05em; color: var(--muted); margin: .9rem 0 .4rem; }
-.facts { display: flex; flex-wrap: wrap; gap: .2rem 1.1rem; color: var(--muted); font-size: .85rem; }
+.facts { display: flex; flex-wrap: wrap; gap: .2rem 1.1rem; margin-top: .3rem; color: var(--muted); font-size: .85rem; }
 .facts b { color: var(--fg); font-weight: 600; }
 .path { font-family: ui-monospace, monospace; font-size: .8rem; color: var(--muted); overflow-wrap: anywhere; }
 .snapshots { display: grid; gap: .7rem; grid-template-columns: repeat(auto-fill, minmax(17rem, 1fr)); }
@@ -44,7 +44,8 @@ h3 { font-size: .8rem; text-transform: uppercase; letter-spacing: .05em; color: 
 .bar > span { display: block; height: 100%; background: var(--ok); transition: width .4s; }
 .bar.warn > span { background: var(--warn); }
 .bar.bad > span { background: var(--bad); }
-.bar.merge > span { background: var(--accent); }
+.bar.progress > span { background: var(--accent); }
+section.exports h3 { margin-top: 0; }
 .merge { border: 1px solid var(--line); border-radius: .5rem; padding: .6rem .7rem; }
 ul.exports { list-style: none; margin: 0; padding: 0; display: grid; gap: .3rem; }
 ul.exports li { display: flex; justify-content: space-between; gap: 1rem; font-size: .9rem; }
@@ -75,7 +76,7 @@ function bytes(n) {
   var units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
   var i = 0;
   while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i === 0 ? String(n) : n.toFixed(n < 10 ? 2 : 1)) + ' ' + units[i];
+  return (i === 0 ? String(n) : n.toFixed(n < 10 ? 2 : n < 100 ? 1 : 0)) + ' ' + units[i];
 }
 
 function duration(s) {
@@ -124,7 +125,7 @@ function snapshotCard(v, s) {
 
 function mergeBox(v, m) {
   var p = pct(m.doneBytes, m.totalBytes);
-  var bar = h('div', { class: 'bar merge', role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-valuenow': p.toFixed(1), 'aria-label': 'merge progress' });
+  var bar = h('div', { class: 'bar progress', role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-valuenow': p.toFixed(1), 'aria-label': 'merge progress' });
   var fill = h('span');
   fill.style.width = p.toFixed(2) + '%';
   bar.appendChild(fill);
@@ -196,6 +197,7 @@ export const STATUS_PAGE_HTML = `<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>blocksnap status</title>
+<link rel="icon" href="data:,">
 <style>${STYLE}</style>
 </head>
 <body data-updates="0">

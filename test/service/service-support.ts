@@ -14,13 +14,17 @@ export const CHUNK_BYTES = 4096
 export const FIXED_COW_BYTES = 1024 * 1024
 export const VOLUME_BYTES = 8 * 1024 * 1024
 
-/** A volume `dir` with snapshots `fixed` (1 MiB COW) and `grow` (grows on demand), 4 KiB chunks. */
-export async function makeVolume(dir: string): Promise<void> {
+/**
+ * A volume `dir` with snapshots `fixed` (1 MiB COW) and `grow` (grows on demand), and any
+ * `more` (grow on demand), 4 KiB chunks.
+ */
+export async function makeVolume(dir: string, more: readonly string[] = []): Promise<void> {
   await Volume.create(dir, { sizeBytes: VOLUME_BYTES })
   const volume = await Volume.open(dir)
   try {
     await volume.createSnapshot('fixed', { chunkSizeBytes: CHUNK_BYTES, cowSizeBytes: FIXED_COW_BYTES })
     await volume.createSnapshot('grow', { chunkSizeBytes: CHUNK_BYTES })
+    for (const name of more) await volume.createSnapshot(name, { chunkSizeBytes: CHUNK_BYTES })
   } finally {
     await volume.close()
   }
