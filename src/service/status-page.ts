@@ -44,7 +44,7 @@ h3 { font-size: .8rem; text-transform: uppercase; letter-spacing: .05em; color: 
 .bar > span { display: block; height: 100%; background: var(--ok); transition: width .4s; }
 .bar.warn > span { background: var(--warn); }
 .bar.bad > span { background: var(--bad); }
-.bar.progress > span { background: var(--accent); }
+.bar.progress > span, .bar.calm > span { background: var(--accent); }
 section.exports h3 { margin-top: 0; }
 .merge { border: 1px solid var(--line); border-radius: .5rem; padding: .6rem .7rem; }
 ul.exports { list-style: none; margin: 0; padding: 0; display: grid; gap: .3rem; }
@@ -97,9 +97,10 @@ function fact(label, value) {
   return h('span', { text: label + ' ' }, h('b', { text: value }));
 }
 
-function fillBar(kind, label, part, whole, failed) {
+/* calm: a grow-on-demand COW's file is full by design (it grows), so no warning colours. */
+function fillBar(kind, label, part, whole, failed, calm) {
   var p = pct(part, whole);
-  var cls = 'bar' + (failed || p >= 95 ? ' bad' : p >= 80 ? ' warn' : '');
+  var cls = 'bar' + (failed ? ' bad' : calm ? ' calm' : p >= 95 ? ' bad' : p >= 80 ? ' warn' : '');
   var bar = h('div', { class: cls, role: 'progressbar', 'aria-valuemin': '0', 'aria-valuemax': '100', 'aria-valuenow': p.toFixed(1), 'aria-label': label });
   var fill = h('span');
   fill.style.width = p.toFixed(2) + '%';
@@ -114,7 +115,7 @@ function snapshotCard(v, s) {
   var card = h('div', { class: 'snapshot', 'data-snapshot': v.name + '@' + s.name, 'data-state': s.state },
     h('div', { class: 'title' }, h('span', { class: 'name', text: s.name }), h('span', { class: 'state ' + s.state, text: s.state })));
   if (s.reason) card.appendChild(h('div', { class: 'reason', text: s.reason }));
-  card.appendChild(fillBar('cow', s.growable ? 'COW file (grows on demand)' : 'COW (fixed size)', s.allocatedBytes, s.cowBytes, failed));
+  card.appendChild(fillBar('cow', s.growable ? 'COW file (grows on demand)' : 'COW (fixed size)', s.allocatedBytes, s.cowBytes, failed, s.growable));
   if (s.growable) card.appendChild(fillBar('fs', 'COW and free space on its file system', s.allocatedBytes, s.capacityBytes, failed));
   card.appendChild(h('div', { class: 'facts' },
     fact('chunk', bytes(s.chunkSizeBytes)),
