@@ -309,6 +309,7 @@ function buildProgram(): Command {
       positiveSizeArg('max pending'),
       256 * 1024 * 1024,
     )
+    .option('--metrics <[HOST:]PORT>', 'serve Prometheus metrics at /metrics and a live status page at / over HTTP (HOST defaults to 127.0.0.1)')
     .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
       const flags = parseServeFlags(opts)
@@ -367,6 +368,16 @@ interface ServeFlags {
   handshakeLimit?: number
   maxConnections?: number
   maxPending?: number
+  metrics?: string
+}
+
+/** `--metrics PORT` (loopback) or `HOST:PORT`, `[IPv6]:PORT`. */
+function parseMetricsAddress(text: string): { host: string; port: number } {
+  const m = /^(?:(.*):)?(\d+)$/.exec(text)
+  const port = Number(m?.[2])
+  if (!m || port > 65535) throw new UsageError(`invalid --metrics '${text}' ([HOST:]PORT)`)
+  const host = (m[1] ?? '').replace(/^\[(.*)\]$/, '$1')
+  return { host: host === '' ? '127.0.0.1' : host, port }
 }
 
 function parseServeFlags(opts: ServeFlags) {
@@ -391,6 +402,7 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),
     ...(opts.maxConnections === undefined ? {} : { maxConnections: opts.maxConnections }),
     ...(opts.maxPending === undefined ? {} : { maxPendingBytes: opts.maxPending }),
+    ...(opts.metrics === undefined ? {} : { metrics: parseMetricsAddress(opts.metrics) }),
   }
 }
 

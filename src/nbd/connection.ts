@@ -29,6 +29,7 @@ import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
 import type { PayloadPool } from './protocol/payload-pool.js'
 import type { PendingBytes } from './pending-bytes.js'
+import { opOfCommand, type NbdRequestObserver } from './request-observer.js'
 import { ByteQueue } from './protocol/byte-queue.js'
 import {
   BaseAllocation,
@@ -106,6 +107,8 @@ export interface ConnectionOptions {
   /** Buffers for large WRITE payloads, shared by the server's connections. */
   readonly payloads: PayloadPool
   readonly clock: Clock
+  /** Told about every answered request (null: nobody listens, and nothing is measured). */
+  readonly requestObserver: NbdRequestObserver | null
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -599,6 +602,7 @@ export class NbdConnection {
       if (event.kind === 'dropped') {
         // The payload was drained unread; answering keeps the stream in sync.
         this.replyError(header, NbdErrno.EINVAL, `${nameOfCommand(header.type)} of ${header.length} bytes exceeds the maximum payload ${MAX_PAYLOAD_BYTES}`)
+        if (this.options.requestObserver !== null) this.observe(this.options.requestObserver, header, this.options.clock.now())
         continue
       }
       const bytes = header.type === Command.READ ? header.length : (event.payload?.length ?? 0)
@@ -635,6 +639,8 @@ export class NbdConnection {
   }
 
   private async runRequest(header: RequestHeader, payload: Buffer | null, bytes: number): Promise<void> {
+    const observer = this.options.requestObserver
+    const startedMs = observer === null ? 0 : this.options.clock.now()
     try {
       await this.handleRequest(header, payload)
       // The device is done with it (BlockDevice contract), whatever the outcome was. A closed
@@ -645,12 +651,20 @@ export class NbdConnection {
       this.log.error(`${this.label}: internal error in ${nameOfCommand(header.type)}: ${describeError(err)}`)
       this.hardClose()
     } finally {
+      if (observer !== null) this.observe(observer, header, startedMs)
       this.inFlight--
       this.inFlightBytes -= bytes
       this.options.pending.release(bytes)
       if (this.inputDone || this.shuttingDown) this.maybeFinish()
       else if (this.phase === 'transmission') this.pump()
     }
+  }
+
+  /** Reports an answered request; unknown commands are not reported (they have no op). */
+  private observe(observer: NbdRequestObserver, header: RequestHeader, startedMs: number): void {
+    const op = opOfCommand(header.type)
+    if (op === null || this.exp === null) return
+    observer.requestDone(this.exp.name, op, (this.options.clock.now() - startedMs) / 1000)
   }
 
   /** Ends the socket once the client is done (DISC/EOF) or the server shuts down, and nothing is in flight. */

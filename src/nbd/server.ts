@@ -23,6 +23,7 @@ import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
 import { PendingBytes } from './pending-bytes.js'
+import type { NbdRequestObserver } from './request-observer.js'
 import { PayloadPool } from './protocol/payload-pool.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions, type TlsContext } from './tls.js'
 
@@ -51,8 +52,10 @@ export interface NbdServerOptions {
   readonly closeTimeoutMs?: number
   /** How long a client may take from connecting to entering transmission (0: no limit). Default 10 s, as qemu-nbd. */
   readonly handshakeTimeoutMs?: number
-  /** Times the handshake limit; the system clock by default. */
+  /** Times the handshake limit (and requests, for the observer); the system clock by default. */
   readonly clock?: Clock
+  /** Told about every answered request, with its export, op and duration (metrics). */
+  readonly requestObserver?: NbdRequestObserver
 }
 
 /**
@@ -84,6 +87,7 @@ export class NbdServer {
   private readonly closeTimeoutMs: number
   private readonly handshakeTimeoutMs: number
   private readonly clock: Clock
+  private readonly requestObserver: NbdRequestObserver | null
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -104,6 +108,7 @@ export class NbdServer {
     this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
     this.clock = options.clock ?? systemClock
+    this.requestObserver = options.requestObserver ?? null
   }
 
   /** Number of clients currently connected. */
@@ -200,6 +205,7 @@ export class NbdServer {
       pending: this.pending,
       payloads: this.payloads,
       clock: this.clock,
+      requestObserver: this.requestObserver,
     })
     this.connections.add(connection)
     void connection.closed.then(() => {
