@@ -9,4 +9,9 @@ if [ "${#files[@]}" -eq 0 ]; then
   exit 1
 fi
 npx tsc --noEmit
+# The CLI tests run the compiled CLI (dist/), as the package does; a stale dist would test old code.
+if ! npm run --silent build; then
+  echo "run-tests: the build failed (npm run build); not running tests against a stale dist/" >&2
+  exit 1
+fi
 exec node --import tsx --test --test-concurrency=2 --test-reporter=spec "${files[@]}"

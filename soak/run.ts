@@ -37,7 +37,8 @@ import { View } from './view.js'
 import { Random, Stats, runLane, scanView } from './workload.js'
 
 const REPO = new URL('..', import.meta.url).pathname
-const BIN = join(REPO, 'bin', 'blocksnap')
+/** The package's compiled CLI, run as npm's shim runs it. */
+const BIN = join(REPO, 'dist', 'cli', 'bin.cjs')
 const MiB = 1024 * 1024
 const RSS_GROWTH_LIMIT_BYTES = 64 * MiB
 const SNAPSHOT_CONNECTIONS = 2
@@ -98,7 +99,7 @@ function sleep(ms: number): Promise<void> {
 function cli(argv: string[]): Promise<{ code: number; stderr: string }> {
   counts.cliCommands++
   return new Promise((resolve) => {
-    execFile(BIN, argv, { cwd: REPO, maxBuffer: 512 * MiB, encoding: 'buffer' }, (err, _stdout, stderr) => {
+    execFile(process.execPath, [BIN, ...argv], { cwd: REPO, maxBuffer: 512 * MiB, encoding: 'buffer' }, (err, _stdout, stderr) => {
       const code = err ? (typeof err.code === 'number' ? err.code : 1) : 0
       resolve({ code, stderr: stderr.toString('utf8') })
     })

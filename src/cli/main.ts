@@ -8,17 +8,19 @@ import { resolve } from 'node:path'
 import { Command, CommanderError, Option } from 'commander'
 import { SnapError, isSnapError } from '../errors.js'
 import { checkChunkSizeBytes, parseSize } from '../units.js'
-import { ControlClient } from '../control/control-client.js'
-import { type VolumeOps, localOps } from '../control/volume-ops.js'
-import { Volume, parseDevice } from '../volume/volume.js'
-import { checkVolumeFiles } from '../volume/check.js'
+import type { VolumeOps } from '../control/volume-ops.js'
 import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
 import { brokenWarnings, formatList, snapshotWarnings } from './output.js'
 import { writeOutputFile } from './output-file.js'
-import { serveVolumes } from './serve.js'
 import { mergeCommand } from './merge-command.js'
+import { VERSION } from './version.js'
+import { mapDumpCommands } from './map-dump-commands.js'
 
-const VERSION = '0.1.0'
+// The engine, the control client and the server (pino, NBD, TLS) are imported by the commands
+// that use them rather than here: a command pays only for what it runs, and `--version`, `--help`
+// and usage errors load little more than commander (start-up is measured by `npm run bench`).
+const volumeModule = () => import('../volume/volume.js')
+const controlClientModule = () => import('../control/control-client.js')
 
 class UsageError extends Error {}
 
@@ -49,9 +51,26 @@ function intArg(what: string) {
   }
 }
 
+function positiveArg(what: string) {
+  return (text: string): number => {
+    const n = intArg(what)(text)
+    if (n === 0) throw new UsageError(`invalid ${what} '${text}' (at least 1)`)
+    return n
+  }
+}
+
+function positiveSizeArg(what: string) {
+  return (text: string): number => {
+    const n = sizeArg(what)(text)
+    if (n <= 0) throw new UsageError(`invalid ${what} '${text}' (more than 0 bytes)`)
+    return n
+  }
+}
+
 /** Runs `fn` on the volume: live through its server if it is served, else by opening it. */
 export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>): Promise<T> {
   const dir = resolve(volumePath)
+  const { ControlClient } = await controlClientModule()
   const client = await ControlClient.connect(dir)
   if (client) {
     try {
@@ -60,6 +79,7 @@ export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, liv
       client.close()
     }
   }
+  const [{ Volume }, { localOps }] = await Promise.all([volumeModule(), import('../control/volume-ops.js')])
   const volume = await Volume.open(dir)
   try {
     return await fn(localOps(volume), false)
@@ -68,7 +88,8 @@ export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, liv
   }
 }
 
-function deviceArg(spec: string): { volume: string; snapshot: string | null } {
+async function deviceArg(spec: string): Promise<{ volume: string; snapshot: string | null }> {
+  const { parseDevice } = await volumeModule()
   try {
     return parseDevice(spec)
   } catch (err) {
@@ -76,8 +97,8 @@ function deviceArg(spec: string): { volume: string; snapshot: string | null } {
   }
 }
 
-function snapshotRequired(spec: string): { volume: string; snapshot: string } {
-  const { volume, snapshot } = deviceArg(spec)
+async function snapshotRequired(spec: string): Promise<{ volume: string; snapshot: string }> {
+  const { volume, snapshot } = await deviceArg(spec)
   if (!snapshot) throw new UsageError(`expected VOL@SNAP, got '${spec}'`)
   return { volume, snapshot }
 }
@@ -105,6 +126,7 @@ function buildProgram(): Command {
     .option('--from <IMAGE>', 'copy this image as the origin')
     .action(async (vol: string, opts: { size?: number; from?: string }) => {
       if ((opts.size === undefined) === (opts.from === undefined)) throw new UsageError('give exactly one of --size or --from')
+      const { Volume } = await volumeModule()
       await Volume.create(vol, opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number })
     })
 
@@ -117,7 +139,7 @@ function buildProgram(): Command {
     .option('--overflow', 'PO: a full COW refuses snapshot writes instead of invalidating')
     .option('--cow-size <SIZE>', 'fixed COW size (default: grows on demand)', sizeArg('COW size'))
     .action(async (spec: string, opts: { chunkSize: number; store: 'persistent' | 'transient'; overflow?: boolean; cowSize?: number }) => {
-      const { volume, snapshot } = snapshotRequired(spec)
+      const { volume, snapshot } = await snapshotRequired(spec)
       await withVolume(volume, async (ops, live) => {
         if (opts.store === 'transient' && !live) {
           throw new SnapError('SNAP_BAD_ARGUMENT', 'transient snapshots live only as long as a server: serve the volume first')
@@ -146,7 +168,7 @@ function buildProgram(): Command {
     .description("print the kernel's dmsetup status line for VOL or VOL@SNAP")
     .argument('<DEVICE>')
     .action(async (spec: string) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       const { line, info } = await withVolume(volume, async (ops) => ({ line: await ops.status(snapshot), info: await ops.list() }))
       process.stdout.write(`${line}\n`)
       process.stderr.write(brokenWarnings(info, snapshot))
@@ -160,7 +182,7 @@ function buildProgram(): Command {
     .option('--length <N>', 'bytes to read (default: to the end)', intArg('length'))
     .option('--output <FILE>', 'write to FILE instead of stdout')
     .action(async (spec: string, opts: { offset: number; length?: number; output?: string }) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       const readAll = (write: (data: Uint8Array) => Promise<void>) =>
         withVolume(volume, async (ops) => {
           const size = await ops.size(snapshot)
@@ -189,7 +211,7 @@ function buildProgram(): Command {
     .requiredOption('--offset <N>', 'byte offset', intArg('offset'))
     .option('--input <FILE>', 'read from FILE instead of stdin')
     .action(async (spec: string, opts: { offset: number; input?: string }) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       if (opts.input !== undefined && !(await stat(opts.input).catch(() => null))) {
         throw new SnapError('SNAP_NOT_FOUND', `input file ${opts.input} does not exist`)
       }
@@ -203,6 +225,7 @@ function buildProgram(): Command {
     })
 
   mergeCommand(program, withVolume)
+  mapDumpCommands(program, withVolume, (message) => new UsageError(message))
 
   program
     .command('remove')
@@ -210,7 +233,7 @@ function buildProgram(): Command {
     .argument('<VOL@SNAP>')
     .option('--force', 'remove even when NBD clients have it open, or when it is broken')
     .action(async (spec: string, opts: { force?: boolean }) => {
-      const { volume, snapshot } = snapshotRequired(spec)
+      const { volume, snapshot } = await snapshotRequired(spec)
       await withVolume(volume, (ops) => ops.remove(snapshot, opts.force ? { force: true } : {}))
     })
 
@@ -221,7 +244,7 @@ function buildProgram(): Command {
     .requiredOption('--cow <FILE>', 'the COW device image')
     .option('--in-place', 'use FILE where it is instead of copying it into the volume')
     .action(async (spec: string, opts: { cow: string; inPlace?: boolean }) => {
-      const { volume, snapshot } = snapshotRequired(spec)
+      const { volume, snapshot } = await snapshotRequired(spec)
       await withVolume(volume, (ops) => ops.importCow(snapshot, resolve(opts.cow), opts.inPlace === true))
     })
 
@@ -230,9 +253,10 @@ function buildProgram(): Command {
     .description('verify COW metadata; exit 0 when clean, 1 with a description when not')
     .argument('<VOL[@SNAP]>')
     .action(async (spec: string) => {
-      const { volume, snapshot } = deviceArg(spec)
+      const { volume, snapshot } = await deviceArg(spec)
       // Offline, the COW files are verified without attaching them: attaching would stop at the
       // first problem, and check is there to describe all of them.
+      const { ControlClient } = await controlClientModule()
       const client = await ControlClient.connect(resolve(volume))
       let result: { clean: boolean; problems: string[] }
       if (client) {
@@ -242,6 +266,7 @@ function buildProgram(): Command {
           client.close()
         }
       } else {
+        const { checkVolumeFiles } = await import('../volume/check.js')
         result = await checkVolumeFiles(volume, snapshot)
       }
       if (!result.clean) {
@@ -270,9 +295,18 @@ function buildProgram(): Command {
       sizeArg('write-back size'),
     )
     .option('--handshake-limit <SECONDS>', 'drop a client that has not finished the NBD handshake after SECONDS (0: never)', intArg('handshake limit'), 10)
+    .option('--max-connections <N>', 'serve at most N clients at once; more are closed before the handshake', positiveArg('max connections'), 16)
+    .option(
+      '--max-pending <SIZE>',
+      'stop reading requests while unanswered ones hold SIZE of payloads and read buffers, across all clients (one request may go over)',
+      positiveSizeArg('max pending'),
+      256 * 1024 * 1024,
+    )
     .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
-      await serveVolumes(vols, parseServeFlags(opts))
+      const flags = parseServeFlags(opts)
+      const { serveVolumes } = await import('./serve.js')
+      await serveVolumes(vols, flags)
     })
 
   program
@@ -282,12 +316,14 @@ function buildProgram(): Command {
     .option('--listen <HOST:PORT>', 'TCP address', '127.0.0.1:10809')
     .action(async (opts: { dir: string; listen: string }) => {
       const dir = resolve(opts.dir)
+      const flags = parseServeFlags({ listen: opts.listen })
+      const [{ Volume }, { serveVolumes }] = await Promise.all([volumeModule(), import('./serve.js')])
       if (!(await stat(dir).catch(() => null))) {
         await mkdir(resolve(dir, '..'), { recursive: true })
         await Volume.create(dir, { sizeBytes: 1024 ** 3 })
         process.stderr.write(`blocksnap: created ${dir} (1 GiB sparse volume)\n`)
       }
-      await serveVolumes([dir], parseServeFlags({ listen: opts.listen }), { printHelp: true })
+      await serveVolumes([dir], flags, { printHelp: true })
     })
 
   return program
@@ -322,6 +358,8 @@ interface ServeFlags {
   tls?: 'off' | 'allow' | 'require'
   writeBack?: number
   handshakeLimit?: number
+  maxConnections?: number
+  maxPending?: number
 }
 
 function parseServeFlags(opts: ServeFlags) {
@@ -344,6 +382,8 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.tls ? { tls: opts.tls } : {}),
     ...(opts.writeBack === undefined ? {} : { writeBackBytes: opts.writeBack }),
     ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),
+    ...(opts.maxConnections === undefined ? {} : { maxConnections: opts.maxConnections }),
+    ...(opts.maxPending === undefined ? {} : { maxPendingBytes: opts.maxPending }),
   }
 }
 

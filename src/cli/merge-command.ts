@@ -5,13 +5,11 @@
  * merge in the server and returns, or with --wait follows its progress; a snapshot NBD clients
  * have open is refused unless --force.
  */
-import cliProgress from 'cli-progress'
 import { type Command, InvalidArgumentError } from 'commander'
 import { SnapError } from '../errors.js'
-import { ControlClient } from '../control/control-client.js'
+import type { ControlClient } from '../control/control-client.js'
 import type { VolumeOps } from '../control/volume-ops.js'
 import type { MergeProgress } from '../merge/merge.js'
-import { Volume, parseDevice } from '../volume/volume.js'
 import { resolve } from 'node:path'
 
 type WithVolume = <T>(path: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>) => Promise<T>
@@ -21,8 +19,10 @@ interface Reporter {
   stop(): void
 }
 
-function reporter(): Reporter {
+// Imported when the command runs, not when the CLI starts (see main.ts).
+async function reporter(): Promise<Reporter> {
   if (process.stderr.isTTY) {
+    const { default: cliProgress } = await import('cli-progress')
     const bar = new cliProgress.SingleBar(
       {
         stream: process.stderr,
@@ -61,8 +61,9 @@ function reporter(): Reporter {
 
 async function offlineMerge(volumePath: string, snapshot: string, rate: number | undefined): Promise<void> {
   // Nobody else can have the snapshot open offline (a server would own the volume): --force is moot.
+  const { Volume } = await import('../volume/volume.js')
   const volume = await Volume.open(volumePath)
-  const report = reporter()
+  const report = await reporter()
   let interrupted = false
   const onSigint = () => {
     interrupted = true
@@ -87,7 +88,7 @@ async function offlineMerge(volumePath: string, snapshot: string, rate: number |
 async function liveMerge(client: ControlClient, snapshot: string, rate: number | undefined, wait: boolean, force: boolean): Promise<void> {
   await client.call('merge', { name: snapshot, force, ...(rate === undefined ? {} : { rate }) })
   if (!wait) return
-  const report = reporter()
+  const report = await reporter()
   try {
     for (;;) {
       const s = await client.call<{ state: string; failure?: string | null } & MergeProgress>('merge-status')
@@ -114,8 +115,9 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
     })
     .option('--force', 'merge it even while NBD clients have the snapshot open (they get ESHUTDOWN)')
     .action(async (spec: string, opts: { wait?: boolean; rate?: number; force?: boolean }) => {
-      const { volume, snapshot } = usageOnBadDevice(spec)
+      const { volume, snapshot } = await usageOnBadDevice(spec)
       if (!snapshot) throw new InvalidArgumentError(`expected VOL@SNAP, got '${spec}'`)
+      const { ControlClient } = await import('../control/control-client.js')
       const client = await ControlClient.connect(resolve(volume))
       if (client) {
         try {
@@ -130,7 +132,8 @@ export function mergeCommand(program: Command, _withVolume: WithVolume): void {
 }
 
 /** A malformed device name is a usage error (exit 2), as for every other command. */
-function usageOnBadDevice(spec: string): ReturnType<typeof parseDevice> {
+async function usageOnBadDevice(spec: string): Promise<{ volume: string; snapshot: string | null }> {
+  const { parseDevice } = await import('../volume/volume.js')
   try {
     return parseDevice(spec)
   } catch (err) {

@@ -30,6 +30,8 @@ export interface ServeOptions {
   readonly tls?: 'off' | 'allow' | 'require'
   readonly writeBackBytes?: number
   readonly handshakeTimeoutMs?: number
+  readonly maxConnections?: number
+  readonly maxPendingBytes?: number
 }
 
 /** Logs how each merge of `volume` ends, once per merge. */
@@ -206,6 +208,8 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     logger: log.child({ component: 'nbd' }),
     ...(tls ? { tls } : {}),
     ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
+    ...(options.maxConnections === undefined ? {} : { maxConnections: options.maxConnections }),
+    ...(options.maxPendingBytes === undefined ? {} : { maxPendingBytes: options.maxPendingBytes }),
   })
   nbd = server
   let listening = `${options.host}:${options.port}`

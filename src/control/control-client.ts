@@ -6,6 +6,7 @@ import { join } from 'node:path'
 import { SnapError, type SnapErrorCode, isSnapError } from '../errors.js'
 import { UnixSocketAddress } from '../util/unix-socket.js'
 import type { VolumeInfo } from '../volume/volume.js'
+import type { AllocationExtent } from '../volume/block-maps.js'
 import { CONTROL_SOCKET, type ControlReply, HELLO, type VolumeIdentity, lineSplitter, sameVolume, volumeIdentity } from './control-protocol.js'
 import { IO_PIECE_BYTES, type RemoveOptions, type VolumeOps } from './volume-ops.js'
 
@@ -143,6 +144,9 @@ export class ControlClient implements VolumeOps {
   }
   flush(snapshot: string | null): Promise<void> {
     return this.call('flush', { snapshot })
+  }
+  map(snapshot: string | null): Promise<AllocationExtent[]> {
+    return this.call('map', { snapshot })
   }
 
   close(): void {

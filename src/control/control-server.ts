@@ -145,6 +145,8 @@ export class ControlServer {
         return this.ops.write(snap, a.offset as number, Buffer.from(a.data as string, 'base64'))
       case 'flush':
         return this.ops.flush(snap)
+      case 'map':
+        return this.ops.map(snap)
       default: {
         const handler = this.extra.get(op)
         if (!handler) throw new SnapError('SNAP_BAD_ARGUMENT', `unknown control operation '${op}'`)

@@ -7,6 +7,7 @@ import { SnapError, badArgument } from '../errors.js'
 import { SECTOR_BYTES } from '../units.js'
 import type { SnapshotCreateOptions, Volume, VolumeInfo } from '../volume/volume.js'
 import { checkCow } from '../volume/check.js'
+import { type AllocationExtent, allocationExtents } from '../volume/block-maps.js'
 
 /** Largest piece moved in one control request (keeps JSON messages bounded). */
 export const IO_PIECE_BYTES = 4 * 1024 * 1024
@@ -50,6 +51,8 @@ export interface VolumeOps {
   read(snapshot: string | null, offset: number, length: number): Promise<Uint8Array>
   write(snapshot: string | null, offset: number, data: Uint8Array): Promise<void>
   flush(snapshot: string | null): Promise<void>
+  /** Where VOL or VOL@SNAP holds data, over the whole device. */
+  map(snapshot: string | null): Promise<AllocationExtent[]>
 }
 
 export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeOps {
@@ -106,6 +109,9 @@ export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeO
     },
     async flush(snapshot) {
       await volume.device(snapshot).flush()
+    },
+    async map(snapshot) {
+      return allocationExtents(volume, snapshot, 0, volume.sizeBytes)
     },
   }
 }

@@ -6,10 +6,12 @@
  * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
  * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
-import { open as openFile, unlink, type FileHandle } from 'node:fs/promises'
+import { constants } from 'node:fs'
+import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 import { blockDeviceSizeBytes } from './block-device-size.js'
+import { FileAllocation } from './file-allocation.js'
 
 export interface FileDeviceOptions {
   readonly readOnly?: boolean
@@ -20,6 +22,8 @@ export interface FileDeviceOptions {
   readonly create?: number
   /** Allow resize() (grow-on-demand COW files). */
   readonly resizable?: boolean
+  /** Refuse a symbolic link as the last path component (ELOOP) instead of opening its target. */
+  readonly noFollow?: boolean
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
@@ -32,6 +36,8 @@ export class FileDevice extends BaseBlockDevice {
   private readonly handle: FileHandle
   /** A block device cannot be truncated: discard always writes zeros. */
   private readonly truncatable: boolean
+  /** Where the file holds data; only regular files can say (see file-allocation.ts). */
+  private readonly allocation: FileAllocation | null
 
   private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean) {
     super(sizeBytes, `file ${path}`)
@@ -39,6 +45,19 @@ export class FileDevice extends BaseBlockDevice {
     this.path = path
     this.capabilities = capabilities
     this.truncatable = truncatable
+    this.allocation = truncatable ? new FileAllocation(path) : null
+  }
+
+  /**
+   * The byte ranges within [offset, offset + length) that hold data, sorted and merged; the
+   * rest reads as zeros. Never leaves out data written through this device; when the file
+   * system cannot tell (or for a block device), the whole range is data.
+   */
+  async dataRanges(offset: number, length: number): Promise<Array<[number, number]>> {
+    this.checkOpen()
+    this.checkRange(offset, length)
+    if (this.allocation === null) return length > 0 ? [[offset, offset + length]] : []
+    return this.allocation.dataRanges(offset, offset + length, this._sizeBytes)
   }
 
   static async open(path: string, options: FileDeviceOptions = {}): Promise<FileDevice> {
@@ -50,7 +69,8 @@ export class FileDevice extends BaseBlockDevice {
     }
     let handle: FileHandle
     try {
-      handle = await openFile(path, create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+', CREATED_FILE_MODE)
+      const flags = create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+'
+      handle = await openFile(path, options.noFollow ? openFlags(flags) | constants.O_NOFOLLOW : flags, CREATED_FILE_MODE)
     } catch (err) {
       throw openError(err, path)
     }
@@ -83,6 +103,14 @@ export class FileDevice extends BaseBlockDevice {
     }
   }
 
+  /**
+   * The path of the file this device has open, resolved through the open descriptor (Linux
+   * /proc), so it names the file actually opened even if links changed after open().
+   */
+  async openedPath(): Promise<string> {
+    return realpath(`/proc/self/fd/${this.handle.fd}`).catch(() => realpath(this.path))
+  }
+
   protected override async _readInto(target: Uint8Array, offset: number): Promise<void> {
     let done = 0
     try {
@@ -99,11 +127,14 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+    const ended = this.allocation?.writeStarted(offset, data.length)
     try {
       await this.writeAll(data, offset)
       if (fua) await this.handle.datasync()
     } catch (err) {
       throw asSnapError(err, `${this.name}: write`, { path: this.path, offset, length: data.length })
+    } finally {
+      ended?.()
     }
   }
 
@@ -116,6 +147,9 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override async _discard(offset: number, length: number): Promise<void> {
+    // Counted as a write: the zeros written are data, and a truncated tail reported as data is
+    // merely slower to copy.
+    const ended = this.allocation?.writeStarted(offset, length)
     try {
       if (this.truncatable && offset + length >= this._sizeBytes) {
         await this.handle.truncate(offset)
@@ -129,10 +163,13 @@ export class FileDevice extends BaseBlockDevice {
       }
     } catch (err) {
       throw asSnapError(err, `${this.name}: discard`, { path: this.path, offset, length })
+    } finally {
+      ended?.()
     }
   }
 
   protected override async _resize(sizeBytes: number): Promise<void> {
+    this.allocation?.forget()
     try {
       await this.handle.truncate(sizeBytes)
     } catch (err) {
@@ -157,6 +194,11 @@ export class FileDevice extends BaseBlockDevice {
       done += bytesWritten
     }
   }
+}
+
+function openFlags(flags: 'wx+' | 'r' | 'r+'): number {
+  if (flags === 'wx+') return constants.O_RDWR | constants.O_CREAT | constants.O_EXCL
+  return flags === 'r' ? constants.O_RDONLY : constants.O_RDWR
 }
 
 function openError(err: unknown, path: string): SnapError {

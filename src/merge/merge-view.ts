@@ -28,7 +28,7 @@
  * before the window" (waited for) and "held" — the kernel's exclusive section.
  */
 import { SnapError } from '../errors.js'
-import { ChunkTracker } from '../snapshot/chunk-tracker.js'
+import { RangeTracker } from '../snapshot/range-tracker.js'
 import type { Origin, OriginInterceptor } from '../snapshot/origin.js'
 import { type Snapshot, settleAll } from '../snapshot/snapshot.js'
 import { type Deferred, deferred } from '../util/deferred.js'
@@ -52,14 +52,14 @@ export interface MergeWindow {
 export class MergeView implements OriginInterceptor {
   readonly origin: Origin
   readonly snapshot: Snapshot
-  /** Writes remapped to the COW, per chunk, while in flight. */
-  readonly trackedWrites = new ChunkTracker()
+  /** Writes remapped to the COW while in flight, as chunk ranges. */
+  readonly trackedWrites = new RangeTracker()
   /** The merge currently driving this view (a restarted merge replaces it). */
   owner: unknown = null
   /** Writes held for a step / remapped to the COW since the view was installed. */
   readonly counters = { heldWrites: 0, remappedWrites: 0 }
-  /** Open windows, oldest first, each with the chunks it covers and the writes it holds. */
-  private windows: Array<{ window: MergeWindow; chunks: Set<number>; held: Array<Deferred<void>> }> = []
+  /** Open windows (at most two), oldest first, each with the writes it holds. */
+  private windows: Array<{ window: MergeWindow; sorted: readonly ChunkRange[]; held: Array<Deferred<void>> }> = []
   private inflight = 0
   private idleWaiters: Array<() => void> = []
 
@@ -82,10 +82,11 @@ export class MergeView implements OriginInterceptor {
 
   /** Starts holding writes to every chunk of `ranges`. Synchronous on purpose. */
   publishWindow(ranges: readonly ChunkRange[]): MergeWindow {
-    const chunks = new Set<number>()
-    for (const r of ranges) for (let c = r.firstChunk; c < r.firstChunk + r.count; c++) chunks.add(c)
-    const window = { ranges: ranges.map((r) => ({ firstChunk: r.firstChunk, count: r.count })), count: chunks.size }
-    this.windows.push({ window, chunks, held: [] })
+    let count = 0
+    for (const r of ranges) count += r.count
+    const window = { ranges: ranges.map((r) => ({ firstChunk: r.firstChunk, count: r.count })), count }
+    const sorted = window.ranges.slice().sort((a, b) => a.firstChunk - b.firstChunk)
+    this.windows.push({ window, sorted, held: [] })
     return window
   }
 
@@ -100,9 +101,21 @@ export class MergeView implements OriginInterceptor {
     }
   }
 
-  /** The held-write list of the open window covering `chunk`, if any. */
+  /** The held-write list of the open window covering `chunk`, if any (binary search of its disjoint ranges). */
   private heldFor(chunk: number): Array<Deferred<void>> | null {
-    for (const w of this.windows) if (w.chunks.has(chunk)) return w.held
+    for (const w of this.windows) {
+      const sorted = w.sorted
+      let lo = 0
+      let hi = sorted.length
+      while (lo < hi) {
+        const mid = (lo + hi) >>> 1
+        const r = sorted[mid] as ChunkRange
+        if (r.firstChunk + r.count <= chunk) lo = mid + 1
+        else hi = mid
+      }
+      const r = sorted[lo]
+      if (r !== undefined && r.firstChunk <= chunk) return w.held
+    }
     return null
   }
 
@@ -217,14 +230,14 @@ export class MergeView implements OriginInterceptor {
         this.counters.heldWrites++
         jobs.push(d.promise.then(() => device.write(piece, at, { fua })))
       } else {
-        this.trackedWrites.add(chunk)
+        const tracked = this.trackedWrites.add(chunk, chunk + 1)
         this.counters.remappedWrites++
         jobs.push(
           (async () => {
             try {
               await cow.write(piece, newChunk * cb + (at - chunk * cb), { fua })
             } finally {
-              this.trackedWrites.remove(chunk)
+              this.trackedWrites.remove(tracked)
             }
           })(),
         )

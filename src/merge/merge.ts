@@ -5,8 +5,10 @@
  *
  * Design notes
  * - startMerge hands the snapshot over with origin mutations held and drained (the kernel's
- *   suspend of the origin), sets `snapshot.merging` (its own view then refuses I/O and origin
- *   writes ignore it) and installs a MergeView as the origin's interceptor (§8.2).
+ *   suspend of the origin), moves the snapshot to its merging state (snapshot.beginMerge: its own
+ *   view then refuses I/O and origin writes ignore it) and installs a MergeView as the origin's
+ *   interceptor through origin.installInterceptor (§8.2). Copies COW → origin go through the
+ *   origin's copy engine; no module writes another's fields.
  * - The loop (§8.4) merges a batch of table entries per step, newest first: the last K entries
  *   of the table, possibly over several metadata areas, which may form several runs (entries
  *   consecutive in both origin and COW), K bounded by STEP_BYTES, the rate limit and maxStepChunks.
@@ -31,7 +33,7 @@
  *   at the new end of the table; a step copied but not committed is simply copied again.
  * - Pause/stop take effect at step boundaries. A stopped or failed merge leaves the view
  *   installed (the origin must keep presenting the merged view); startMerge on the same
- *   snapshot resumes it. As in the kernel, `mergeFailed` stays set after a restart (status keeps
+ *   snapshot resumes it. As in the kernel, Merge failed stays set after a restart (status keeps
  *   saying `Merge failed`).
  * - Rate limiting sleeps before a step until doneBytes/elapsed is back at the limit, measured
  *   from the last (re)start, resume or setRate.
@@ -42,7 +44,8 @@ import { EventEmitter } from 'node:events'
 import { SnapError, isSnapError } from '../errors.js'
 import type { Origin } from '../snapshot/origin.js'
 import { type Clock, systemClock } from '../util/clock.js'
-import { type Snapshot, settleAll } from '../snapshot/snapshot.js'
+import { CopyFailure, type CopyRegion } from '../snapshot/copy-engine.js'
+import type { Snapshot } from '../snapshot/snapshot.js'
 import { type ChunkRange, MergeView, type MergeWindow, mergeFailedError } from './merge-view.js'
 
 export { type ChunkRange, MergeView, type MergeWindow } from './merge-view.js'
@@ -97,7 +100,7 @@ export interface MergeOptions {
    */
   readonly onComplete?: () => Promise<void>
   /**
-   * TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
+   * @internal TEST ONLY: skip triggering exceptions in the other snapshots (§8.5). Other snapshots then
    * change under the merge; exists so a test can prove it guards the relocation.
    */
   readonly unsafeSkipRelocation?: boolean
@@ -105,8 +108,6 @@ export interface MergeOptions {
   readonly clock?: Clock
 }
 
-/** Largest single read/write of the COW → origin copy. */
-const COPY_PIECE_BYTES = 1024 * 1024
 /** Runs of one step copied at the same time (at most this many pieces in memory). */
 const COPY_CONCURRENCY = 8
 /**
@@ -364,7 +365,7 @@ export class Merge extends EventEmitter<MergeEvents> {
   private async finalStep(): Promise<'complete' | 'continue'> {
     const runs = await this.prepare(1, undefined)
     if (runs.length > 0) return 'continue'
-    if (this.origin.interceptor === this.view) this.origin.interceptor = null
+    this.origin.removeInterceptor(this.view)
     return 'complete'
   }
 
@@ -377,7 +378,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     try {
       return await snapshot.store.prepareMerge(maxEntries, endIndex)
     } catch (err) {
-      snapshot.mergeFailed = true
+      snapshot.markMergeFailed()
       throw mergeFailedError(`${snapshot.snapshotName}: read error in exception store: shutting down merge`, err)
     }
   }
@@ -401,7 +402,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     const window = this.view.publishWindow(ranges)
     this.emit('window', window)
     try {
-      for (const r of ranges) await this.view.trackedWrites.drainRange(r.firstChunk, r.count)
+      for (const r of ranges) await this.view.trackedWrites.drain(r.firstChunk, r.firstChunk + r.count)
       await this.copyRanges(ranges)
     } catch (err) {
       throw this.failStep(window, err)
@@ -431,7 +432,7 @@ export class Merge extends EventEmitter<MergeEvents> {
         throw mergeFailedError(`${snapshot.snapshotName}: write error in exception store: shutting down merge`, err)
       }
       // Same order as merging the runs one step each: newest run first, highest chunk first.
-      for (const r of step.ranges) for (let c = r.firstChunk + r.count - 1; c >= r.firstChunk; c--) snapshot.table.remove(c)
+      for (const r of step.ranges) snapshot.dropMerged(r.firstChunk, r.count)
       this.view.releaseWindow(step.window)
       this.doneChunks += step.count
       this.stats.steps++
@@ -446,7 +447,7 @@ export class Merge extends EventEmitter<MergeEvents> {
 
   /** A step failed: Merge failed is set and its held writes fail with the returned error. */
   private failStep(window: MergeWindow, err: unknown): SnapError {
-    this.snapshot.mergeFailed = true
+    this.snapshot.markMergeFailed()
     const failure = isSnapError(err, 'SNAP_MERGE_FAILED') ? err : mergeFailedError(`${this.snapshot.snapshotName}: merge step failed`, err)
     this.view.releaseWindow(window, failure)
     return failure
@@ -493,44 +494,21 @@ export class Merge extends EventEmitter<MergeEvents> {
     }
   }
 
-  /** Copies every range COW → origin, up to COPY_CONCURRENCY at once; settles all before throwing. */
+  /** Copies every range COW → origin through the copy engine, up to COPY_CONCURRENCY at once. */
   private async copyRanges(ranges: readonly StepRange[]): Promise<void> {
     const cb = this.snapshot.chunkBytes
-    let next = 0
-    let failed = false
-    const worker = async (): Promise<void> => {
-      while (!failed && next < ranges.length) {
-        const r = ranges[next++] as StepRange
-        const start = r.firstChunk * cb
-        // The last origin chunk may be partial.
-        const length = Math.max(0, Math.min(r.count * cb, this.origin.sizeBytes - start))
-        try {
-          await this.copy(r.cowChunk * cb, start, length)
-        } catch (err) {
-          failed = true
-          throw err
-        }
-      }
+    const regions: CopyRegion[] = []
+    for (const r of ranges) {
+      const to = r.firstChunk * cb
+      // The last origin chunk may be partial.
+      const length = Math.max(0, Math.min(r.count * cb, this.origin.sizeBytes - to))
+      if (length > 0) regions.push({ from: r.cowChunk * cb, to, length })
     }
-    await settleAll(Array.from({ length: Math.min(COPY_CONCURRENCY, ranges.length) }, worker))
-  }
-
-  private async copy(from: number, to: number, length: number): Promise<void> {
-    const cow = this.snapshot.store.cow
-    const device = this.origin.device
-    for (let done = 0; done < length; done += COPY_PIECE_BYTES) {
-      const n = Math.min(COPY_PIECE_BYTES, length - done)
-      let data: Uint8Array
-      try {
-        data = await cow.read(from + done, n)
-      } catch (err) {
-        throw mergeFailedError(`${this.snapshot.snapshotName}: read error: shutting down merge`, err)
-      }
-      try {
-        await device.write(data, to + done)
-      } catch (err) {
-        throw mergeFailedError(`${this.snapshot.snapshotName}: write error: shutting down merge`, err)
-      }
+    try {
+      await this.origin.copies.copyRegions(this.snapshot.store.cow, this.origin.device, regions, { concurrency: COPY_CONCURRENCY })
+    } catch (err) {
+      const stage = err instanceof CopyFailure && err.stage === 'read' ? 'read' : 'write'
+      throw mergeFailedError(`${this.snapshot.snapshotName}: ${stage} error: shutting down merge`, err instanceof CopyFailure ? err.cause : err)
     }
   }
 
@@ -613,8 +591,8 @@ export async function attachMergeView(origin: Origin, snapshot: Snapshot): Promi
     if (origin.interceptor) throw refuse('A snapshot is already merging.')
     // Copies started by the snapshot's own writes must land before the handover.
     await snapshot.drainPending()
-    snapshot.merging = true
-    origin.interceptor = view
+    snapshot.beginMerge()
+    origin.installInterceptor(view)
   })
   return view
 }

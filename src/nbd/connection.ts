@@ -11,7 +11,9 @@
  *   in the same tick are batched with cork/uncork.
  * - Back-pressure: parsing stops (and the socket is paused) while too many requests or too many
  *   payload bytes are in flight, or while the socket's write buffer is full. Memory per client is
- *   therefore bounded by the limits plus one request.
+ *   therefore bounded by the limits plus one request. Across clients, the server's PendingBytes
+ *   bounds the total the same way: a WRITE's payload counts from the moment its header is read
+ *   (reading on is then admitted), so no client reads a payload the server has no room for.
  * - Validation is one step (`validate`), the wire-side twin of BaseBlockDevice's checked
  *   boundary; errors become wire errnos only through errno.ts.
  * - Nothing thrown by a client's bytes or by a device escapes: protocol violations close this
@@ -25,7 +27,8 @@ import type { Clock } from '../util/clock.js'
 import { describeError, nbdErrnoFor } from './errno.js'
 import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
-import { PayloadPool } from './protocol/payload-pool.js'
+import type { PayloadPool } from './protocol/payload-pool.js'
+import type { PendingBytes } from './pending-bytes.js'
 import { ByteQueue } from './protocol/byte-queue.js'
 import {
   BaseAllocation,
@@ -96,6 +99,10 @@ export interface ConnectionOptions {
   readonly onExportServed: (exp: NbdExport) => void
   /** A client still negotiating after this long is dropped (0: no limit). */
   readonly handshakeTimeoutMs: number
+  /** The server-wide count of bytes held by unanswered requests, and its cap. */
+  readonly pending: PendingBytes
+  /** Buffers for large WRITE payloads, shared by the server's connections. */
+  readonly payloads: PayloadPool
   readonly clock: Clock
 }
 
@@ -133,7 +140,6 @@ export class NbdConnection {
   private readonly log: NbdLogger
   private readonly label: string
   private readonly queue = new ByteQueue()
-  private readonly payloads = new PayloadPool()
   private readonly optionParser: OptionParser
   private requestParser: RequestParser | null = null
   private phase: Phase = 'client-flags'
@@ -155,6 +161,9 @@ export class NbdConnection {
   private cancelHandshakeTimer: (() => void) | undefined
   private inFlight = 0
   private inFlightBytes = 0
+  /** Held in `pending` for the WRITE whose payload is arriving (0: none). */
+  private assemblingBytes = 0
+  private waitingForRoom = false
   private writeBlocked = false
   private corked = false
   private readonly closedPromise: Promise<void>
@@ -254,11 +263,18 @@ export class NbdConnection {
 
   private readonly onClose = (): void => {
     this.phase = 'closed'
+    this.dropAssembling()
+    if (this.waitingForRoom) this.options.pending.cancel(this.onRoom)
     clearTimeout(this.graceTimer)
     this.cancelHandshakeTimer?.()
     this.queue.clear()
     this.log.debug(`${this.label}: closed`)
     this.resolveClosed()
+  }
+
+  private readonly onRoom = (): void => {
+    this.waitingForRoom = false
+    if (this.phase === 'transmission') this.pump()
   }
 
   private readonly onDrain = (): void => {
@@ -520,7 +536,7 @@ export class NbdConnection {
     this.transmissionFlags = flags
     // Contexts only count if the last SET named this export.
     if (this.contextExport !== exp.name) this.contexts = []
-    this.requestParser = new RequestParser(MAX_PAYLOAD_BYTES, this.queue, (n) => this.payloads.acquire(n))
+    this.requestParser = new RequestParser(MAX_PAYLOAD_BYTES, this.queue, (n) => this.options.payloads.acquire(n))
     this.phase = 'transmission'
     this.cancelHandshakeTimer?.()
     this.options.onExportServed(exp)
@@ -538,7 +554,8 @@ export class NbdConnection {
       !this.inputDone &&
       !this.writeBlocked &&
       this.inFlight < limits.maxInFlightRequests &&
-      (this.inFlight === 0 || this.inFlightBytes < limits.maxInFlightBytes)
+      (this.inFlight === 0 || this.inFlightBytes < limits.maxInFlightBytes) &&
+      (this.assemblingBytes > 0 || this.options.pending.hasRoom)
     )
   }
 
@@ -546,7 +563,15 @@ export class NbdConnection {
     const parser = this.requestParser!
     while (this.canDispatch()) {
       const event = parser.next()
-      if (event === null) break
+      if (event === null) {
+        // A WRITE's payload is arriving: it is held from now on, and reading it was admitted.
+        const awaited = parser.awaitedPayloadBytes
+        if (awaited > 0 && this.assemblingBytes === 0) {
+          this.assemblingBytes = awaited
+          this.options.pending.hold(awaited)
+        }
+        break
+      }
       if (event.kind === 'bad-magic') {
         throw violation(`bad request magic 0x${event.magic.toString(16).padStart(8, '0')}`)
       }
@@ -565,6 +590,9 @@ export class NbdConnection {
       const bytes = header.type === Command.READ ? header.length : (event.payload?.length ?? 0)
       this.inFlight++
       this.inFlightBytes += bytes
+      // A payload held while it arrived stays held by its request; anything else is held now.
+      if (this.assemblingBytes > 0) this.assemblingBytes = 0
+      else this.options.pending.hold(bytes)
       void this.runRequest(header, event.payload, bytes)
     }
     if (this.inputDone) return
@@ -574,15 +602,30 @@ export class NbdConnection {
       this.maybeFinish()
       return
     }
-    if (this.canDispatch()) this.socket.resume()
-    else this.socket.pause()
+    if (this.canDispatch()) {
+      this.socket.resume()
+      return
+    }
+    this.socket.pause()
+    if (!this.options.pending.hasRoom && this.assemblingBytes === 0 && !this.waitingForRoom) {
+      this.waitingForRoom = true
+      this.options.pending.whenRoom(this.onRoom)
+    }
+  }
+
+  /** Lets go of the bytes held for a payload that will never be read (the connection ends). */
+  private dropAssembling(): void {
+    if (this.assemblingBytes === 0) return
+    this.options.pending.release(this.assemblingBytes)
+    this.assemblingBytes = 0
   }
 
   private async runRequest(header: RequestHeader, payload: Buffer | null, bytes: number): Promise<void> {
     try {
       await this.handleRequest(header, payload)
-      // The device is done with it (BlockDevice contract), whatever the outcome was.
-      if (payload) this.payloads.release(payload)
+      // The device is done with it (BlockDevice contract), whatever the outcome was. A closed
+      // connection's buffers are not pooled: the server may have trimmed the pool for idleness.
+      if (payload && this.phase !== 'closed') this.options.payloads.release(payload)
     } catch (err) {
       // handleRequest answers every device error itself; reaching here is a bug in this file.
       this.log.error(`${this.label}: internal error in ${nameOfCommand(header.type)}: ${describeError(err)}`)
@@ -590,6 +633,7 @@ export class NbdConnection {
     } finally {
       this.inFlight--
       this.inFlightBytes -= bytes
+      this.options.pending.release(bytes)
       if (this.inputDone || this.shuttingDown) this.maybeFinish()
       else if (this.phase === 'transmission') this.pump()
     }
@@ -810,6 +854,7 @@ export class NbdConnection {
   private endSocket(): void {
     if (this.phase === 'closing' || this.phase === 'closed') return
     this.phase = 'closing'
+    this.dropAssembling()
     this.uncork()
     this.socket.end()
     // A socket paused for back-pressure never sees the peer's EOF, and a half-open socket never
@@ -822,6 +867,7 @@ export class NbdConnection {
 
   private hardClose(): void {
     this.phase = 'closing'
+    this.dropAssembling()
     this.queue.clear()
     this.socket.destroy()
     this.rawSocket.destroy()

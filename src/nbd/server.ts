@@ -9,6 +9,11 @@
  *   when close() resolves. Connections that do not go away within `closeTimeoutMs` are
  *   destroyed.
  * - Each connection is isolated: its failures close only its own socket.
+ * - Resources are bounded for all clients together, not only per client: at most
+ *   `maxConnections` clients (more are closed before the greeting, with a log line), and at most
+ *   `maxPendingBytes` (plus one request) held by unanswered requests across them (PendingBytes).
+ *   The WRITE payload buffer pool is shared and let go of when the last client leaves, so memory
+ *   returns to its idle level.
  */
 import net from 'node:net'
 import { badArgument } from '../errors.js'
@@ -17,6 +22,8 @@ import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from 
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
+import { PendingBytes } from './pending-bytes.js'
+import { PayloadPool } from './protocol/payload-pool.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions, type TlsContext } from './tls.js'
 
 export interface NbdServerOptions {
@@ -26,8 +33,17 @@ export interface NbdServerOptions {
    * certificate/key files or an nbdkit-style certificates directory; read by the first listen()).
    */
   readonly tls?: NbdTlsOptions | NbdTlsFiles
-  /** Simultaneous clients; more are refused by closing their socket. Default unlimited. */
+  /**
+   * Simultaneous clients; more are refused by closing their socket before the handshake.
+   * Default DEFAULT_MAX_CONNECTIONS.
+   */
   readonly maxConnections?: number
+  /**
+   * Bytes that unanswered requests may hold across all clients (WRITE payloads from their
+   * header on, READ buffers) before the server stops reading requests; one request may go over.
+   * Default DEFAULT_MAX_PENDING_BYTES.
+   */
+  readonly maxPendingBytes?: number
   readonly logger?: NbdLogger
   /** Per-connection back-pressure limits. */
   readonly limits?: Partial<ConnectionLimits>
@@ -38,6 +54,16 @@ export interface NbdServerOptions {
   /** Times the handshake limit; the system clock by default. */
   readonly clock?: Clock
 }
+
+/**
+ * qemu-nbd serves one client unless told otherwise (--shared), nbdkit any number. 16 leaves room
+ * for multi-connection clients (nbdcopy opens 4, qemu's multi-conn up to 16) and a few tools at
+ * once, while a local user cannot open sockets until the process runs out of descriptors.
+ */
+export const DEFAULT_MAX_CONNECTIONS = 16
+
+/** Eight maximum-size (32 MiB) requests: a deep enough queue for full speed, and a known bound. */
+export const DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
 
 export type NbdListenOptions = { readonly host?: string; readonly port: number } | { readonly path: string }
 
@@ -51,6 +77,8 @@ export class NbdServer {
   /** File-based TLS settings not read yet (reading is async, the constructor is not). */
   private tlsFiles: NbdTlsFiles | null = null
   private readonly maxConnections: number
+  private readonly pending: PendingBytes
+  private readonly payloads = new PayloadPool()
   private readonly log: NbdLogger
   private readonly limits: ConnectionLimits
   private readonly closeTimeoutMs: number
@@ -68,7 +96,9 @@ export class NbdServer {
     if (options.tls !== undefined && isTlsFiles(options.tls)) this.tlsFiles = options.tls
     // In-memory material is validated here, so a bad configuration fails at construction.
     else this.tls = createTlsContext(options.tls)
-    this.maxConnections = options.maxConnections ?? Number.POSITIVE_INFINITY
+    this.maxConnections = options.maxConnections ?? DEFAULT_MAX_CONNECTIONS
+    if (!(this.maxConnections >= 1)) throw badArgument(`maxConnections ${this.maxConnections} must be at least 1`)
+    this.pending = new PendingBytes(options.maxPendingBytes ?? DEFAULT_MAX_PENDING_BYTES)
     this.log = options.logger ?? silentLogger
     this.limits = { ...DEFAULT_CONNECTION_LIMITS, ...options.limits }
     this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
@@ -79,6 +109,16 @@ export class NbdServer {
   /** Number of clients currently connected. */
   get connectionCount(): number {
     return this.connections.size
+  }
+
+  /** Bytes held by unanswered requests now, the most ever held at once, and the cap. */
+  get pendingBytes(): { readonly bytes: number; readonly peakBytes: number; readonly capBytes: number } {
+    return { bytes: this.pending.bytes, peakBytes: this.pending.peakBytes, capBytes: this.pending.capBytes }
+  }
+
+  /** Bytes in free WRITE payload buffers kept for reuse. */
+  get pooledBytes(): number {
+    return this.payloads.freeBytes
   }
 
   /** Clients in transmission with export `name` that has not gone away. */
@@ -138,7 +178,7 @@ export class NbdServer {
       return
     }
     if (this.connections.size >= this.maxConnections) {
-      this.log.warn(`nbd server: refusing ${socket.remoteAddress ?? 'unix'} client: ${this.maxConnections} connections already`)
+      this.log.warn(`nbd server: refusing ${socket.remoteAddress ?? 'unix'} client: ${this.maxConnections} connections already (the limit)`)
       socket.destroy()
       return
     }
@@ -150,10 +190,16 @@ export class NbdServer {
       limits: this.limits,
       onExportServed: (exp) => this.served.add(exp),
       handshakeTimeoutMs: this.handshakeTimeoutMs,
+      pending: this.pending,
+      payloads: this.payloads,
       clock: this.clock,
     })
     this.connections.add(connection)
-    void connection.closed.then(() => this.connections.delete(connection))
+    void connection.closed.then(() => {
+      this.connections.delete(connection)
+      // Idle: the pooled buffers would only keep the process at its peak size.
+      if (this.connections.size === 0) this.payloads.trim()
+    })
     connection.start()
   }
 

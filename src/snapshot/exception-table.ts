@@ -313,6 +313,150 @@ export class ExceptionTable {
   }
 
   /**
+   * Adds old+k -> cow+k for k < count: what inserting the chunks one by one in ascending order
+   * leaves (the same runs), with one cluster scan per group instead of one per chunk. A chunk
+   * already mapped is refused as insert() refuses it (chunks of earlier groups stay inserted).
+   */
+  insertRun(old: number, cow: number, count: number): void {
+    checkOld(old)
+    checkNew(cow)
+    if (count > 1) {
+      checkOld(old + count - 1)
+      checkNew(cow + count - 1)
+    }
+    for (let done = 0; done < count; ) {
+      const o = old + done
+      const group = Math.floor(o / GROUP)
+      const seg = Math.min(count - done, (group + 1) * GROUP - o)
+      // The rest of the segment must be free before the first chunk goes in: that also rules
+      // out the first chunk extending the front of a run (its neighbour would be mapped).
+      if (seg > 1) this.checkFree(o + 1, seg - 1)
+      this.insert(o, cow + done)
+      if (seg > 1) {
+        // o is now the last chunk of its run, and the run ends inside the group: grow it.
+        const i = this.findSlot(o)
+        this.meta[i] = this.meta[i]! + (seg - 1)
+        this.chunks += seg - 1
+      }
+      done += seg
+    }
+  }
+
+  /** Throws if any of `count` chunks from `old` (all in one group) is mapped. */
+  private checkFree(old: number, count: number): void {
+    const group = Math.floor(old / GROUP)
+    const off = old - group * GROUP
+    const gHi = Math.floor(group / TWO32)
+    const gLo = (group - gHi * TWO32) | 0
+    const tag = OCCUPIED | (gHi << 24)
+    const meta = this.meta
+    const cap = this.capacity
+    let i = hashGroup(gLo, gHi) % cap
+    for (let m = meta[i]!; m !== 0; m = meta[i]!) {
+      if ((m & 0xff000000) === tag && this.keyLo[i] === gLo) {
+        const eOff = (m >>> 8) & 0xff
+        const eEnd = eOff + (m & 0xff)
+        if (eOff < off + count && eEnd >= off) {
+          throw new Error(`exception table: origin chunk ${group * GROUP + Math.max(eOff, off)} is already mapped`)
+        }
+      }
+      if (++i === cap) i = 0
+    }
+  }
+
+  /**
+   * Removes the `count` chunks from `old`, highest first, as remove() would one by one (a merge
+   * drops a batch from its highest chunk down); whole run tails go in one step.
+   */
+  removeRun(old: number, count: number): void {
+    checkOld(old)
+    let end = old + count // chunks [old, end) are still to remove
+    while (end > old) {
+      const last = end - 1
+      const i = this.findSlot(last)
+      if (i < 0) {
+        throw new SnapError('SNAP_CORRUPT_METADATA', `exception for chunk ${last} is not in memory`, { details: { chunk: last } })
+      }
+      const m = this.meta[i]!
+      const eCount = m & 0xff
+      const runFirst = Math.floor(last / GROUP) * GROUP + ((m >>> 8) & 0xff)
+      if (last !== runFirst + eCount || eCount === 0) {
+        this.remove(last) // the front of a run, a one-chunk run, or a middle hit (refused)
+        end--
+        continue
+      }
+      const k = Math.min(end - Math.max(old, runFirst), eCount + 1)
+      if (k === eCount + 1) {
+        this.deleteSlot(i)
+        this.runsUsed--
+      } else {
+        this.meta[i] = m - k
+      }
+      this.chunks -= k
+      end -= k
+    }
+  }
+
+  /** First mapped chunk in [old, end), or `end` when none is: one cluster scan per group. */
+  nextMapped(old: number, end: number): number {
+    if (this.chunks === 0 || old >= end) return end
+    const meta = this.meta
+    const keyLo = this.keyLo
+    const cap = this.capacity
+    for (let group = Math.floor(old / GROUP); group * GROUP < end; group++) {
+      const from = Math.max(old, group * GROUP) - group * GROUP
+      const gHi = Math.floor(group / TWO32)
+      const gLo = (group - gHi * TWO32) | 0
+      const tag = OCCUPIED | (gHi << 24)
+      let best = GROUP
+      let i = hashGroup(gLo, gHi) % cap
+      for (let m = meta[i]!; m !== 0; m = meta[i]!) {
+        if ((m & 0xff000000) === tag && keyLo[i] === gLo) {
+          const eOff = (m >>> 8) & 0xff
+          if (eOff + (m & 0xff) >= from) best = Math.min(best, Math.max(eOff, from))
+        }
+        if (++i === cap) i = 0
+      }
+      if (best < GROUP) return Math.min(end, group * GROUP + best)
+    }
+    return end
+  }
+
+  /** First unmapped chunk in [old, end), or `end` when all are mapped: one lookup per run. */
+  nextUnmapped(old: number, end: number): number {
+    let c = old
+    while (c < end) {
+      const i = this.findSlot(c)
+      if (i < 0) return c
+      const m = this.meta[i]!
+      c = Math.floor(c / GROUP) * GROUP + ((m >>> 8) & 0xff) + (m & 0xff) + 1
+    }
+    return end
+  }
+
+  /**
+   * The chunks from `old` (up to `end`) that are mapped AND consecutive in the COW, across
+   * runs and groups: one COW read or write covers them. Null when `old` is not mapped.
+   */
+  mappedRun(old: number, end: number): { readonly cow: number; readonly count: number } | null {
+    const i = this.findSlot(old)
+    if (i < 0) return null
+    const m = this.meta[i]!
+    const runFirst = Math.floor(old / GROUP) * GROUP + ((m >>> 8) & 0xff)
+    const cow = ((m >>> 16) & 0xff) * TWO32 + (this.newLo[i]! >>> 0) + (old - runFirst)
+    let next = runFirst + (m & 0xff) + 1
+    while (next < end) {
+      const j = this.findSlot(next)
+      if (j < 0) break
+      const mj = this.meta[j]!
+      const first = Math.floor(next / GROUP) * GROUP + ((mj >>> 8) & 0xff)
+      if (((mj >>> 16) & 0xff) * TWO32 + (this.newLo[j]! >>> 0) + (next - first) !== cow + (next - old)) break
+      next = first + (mj & 0xff) + 1
+    }
+    return { cow, count: Math.min(next, end) - old }
+  }
+
+  /**
    * Every run, in slot order (not sorted). Mutating the table while iterating is not supported:
    * the iterator keeps reading the arrays it started with, so it never crashes, but runs may be
    * missed or repeated.

@@ -98,6 +98,11 @@ export class HeldWrites {
     write.markLanded()
   }
 
+  /** The byte range [start, end) of every held write, in no order (bounded by limitBytes). */
+  ranges(): Array<[number, number]> {
+    return [...this.all].map((w) => [w.offset, w.end])
+  }
+
   /** The held writes overlapping [offset, offset + length), oldest first. */
   overlapping(offset: number, length: number): HeldWrite[] {
     if (this.all.size === 0 || length === 0) return []

@@ -4,10 +4,12 @@
  *
  * Design notes
  * - Before a write reaches the origin device, every active, valid, non-merging snapshot that has
- *   not saved the chunk gets a copy of the old data, each in its own chunk size. The check runs
- *   per piece of the smallest chunk size of all snapshots (recomputed on every write, so adding
- *   a snapshot with a smaller chunk needs no reconfiguration) and is repeated after every wait
- *   until a pass finds nothing left to do. Then the whole write goes to the device at once.
+ *   not saved the chunks gets a copy of the old data. Each snapshot is walked in its own chunk
+ *   size with range queries (saved runs skipped, unsaved runs made into pending extents), and
+ *   the pass is repeated after every wait until it finds nothing left to do. Then the whole
+ *   write goes to the device at once.
+ * - Copies go through the copy engine (copy-engine.ts): one origin read serves every snapshot
+ *   that needs the same old data.
  * - Snapshots are kept sorted by chunk size, largest first, as in the kernel.
  * - Live snapshot creation and removal hold new origin mutations and drain the ones in flight
  *   (the kernel's "suspend the origin"), so a new snapshot is an exact point in time: every write
@@ -31,6 +33,7 @@ import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
 import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
 import { type HeldWrite, HeldWrites } from './held-writes.js'
+import { CopyEngine, type CopyTarget } from './copy-engine.js'
 import type { PendingException, PendingOutcome } from './pending-exception.js'
 import type { OriginBacking, Snapshot } from './snapshot.js'
 import { settleAll } from './snapshot.js'
@@ -53,6 +56,9 @@ export interface OriginOptions {
 /** Several commits' worth of writes: more only queues more copies at once (measured: slower). */
 export const DEFAULT_WRITE_BACK_BYTES = 16 * 1024 * 1024
 
+/** Most origin bytes one shared copy-out read spans (copies further apart get their own read). */
+const SHARED_READ_BYTES = 2 * 1024 * 1024
+
 /** Largest power of two below 2^32 sectors, in bytes: the kernel's "no snapshots" boundary. */
 const NO_SNAPSHOT_BOUNDARY = 2 ** 31 * 512
 
@@ -60,6 +66,8 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   readonly capabilities: DeviceCapabilities
   readonly device: BlockDevice
   readonly events: ExceptionEvents
+  /** Every copy between this origin and its snapshots' COWs (copy-outs, merge copies). */
+  readonly copies = new CopyEngine()
   private list: Snapshot[] = []
   private mutations = 0 // origin writes/discards/merge steps in flight
   private drainWaiters: Array<() => void> = []
@@ -69,7 +77,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private writeRefusal: string | null = null // why writes and discards are refused, if they are
   private readRefusal: string | null = null // why reads are refused, if they are
   private readonly unforward = new Map<Snapshot, () => void>()
-  interceptor: OriginInterceptor | null = null
+  private interceptorNow: OriginInterceptor | null = null
   /**
    * What happens to the attached snapshots, for whoever owns the origin (serve logs it):
    * 'invalidated' (snapshot, reason), 'no-space' (snapshot, error), 'space-restored' (snapshot).
@@ -91,6 +99,25 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
 
   get snapshots(): readonly Snapshot[] {
     return this.list
+  }
+
+  /** @internal What takes over the origin's I/O while a merge runs, if anything does. */
+  get interceptor(): OriginInterceptor | null {
+    return this.interceptorNow
+  }
+
+  /**
+   * Installs the merge's interceptor. The caller holds origin mutations (hold()), so no write
+   * is half way through the plain path when the routing changes.
+   */
+  installInterceptor(interceptor: OriginInterceptor): void {
+    if (this.interceptorNow !== null) throw new SnapError('SNAP_BUSY', `${this.name} already has a merge installed`)
+    this.interceptorNow = interceptor
+  }
+
+  /** Removes `interceptor` if it is the one installed (a merge that completed). */
+  removeInterceptor(interceptor: OriginInterceptor): void {
+    if (this.interceptorNow === interceptor) this.interceptorNow = null
   }
 
   /** Smallest chunk size of all snapshots (writes are protected in pieces of this size). */
@@ -143,13 +170,13 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     await this.hold(async () => {
       // A new snapshot reads unsaved chunks from the origin device, which during a merge is not
       // what the origin presents (LVM refuses this too).
-      if (this.interceptor) throw new SnapError('SNAP_BUSY', 'cannot add a snapshot while a merge is in progress')
+      if (this.interceptorNow) throw new SnapError('SNAP_BUSY', 'cannot add a snapshot while a merge is in progress')
       await snapshot.load(this)
       // Stable insert after every snapshot with a chunk size >= this one.
       let at = 0
       while (at < this.list.length && (this.list[at] as Snapshot).chunkBytes >= snapshot.chunkBytes) at++
       this.list.splice(at, 0, snapshot)
-      snapshot.active = true
+      snapshot.activate()
       this.forwardNotices(snapshot)
     })
   }
@@ -177,7 +204,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       const at = this.list.indexOf(snapshot)
       if (at === -1) throw new SnapError('SNAP_NOT_FOUND', `${snapshot.snapshotName} is not attached`)
       this.list.splice(at, 1)
-      snapshot.active = false
+      snapshot.deactivate()
       await snapshot.drainPending()
       this.stopNotices(snapshot)
     })
@@ -238,61 +265,52 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
 
   /**
    * One pass of the kernel's origin_write without a bio over [offset, offset+length): creates
-   * and starts pending exceptions where needed. Returns what to wait for (empty: all saved).
+   * and starts pending extents where needed, each snapshot walked in its own chunk size.
+   * Returns what to wait for (empty: all saved).
    */
   triggerExceptions(offset: number, length: number): { waits: Array<PendingException['done']>; invalidations: Array<Promise<void>> } {
     const waits: Array<PendingException['done']> = []
     const invalidations: Array<Promise<void>> = []
     if (this.list.length === 0) return { waits, invalidations }
-    const step = this.minChunkBytes()
     const end = offset + length
-    const first = Math.floor(offset / step) * step
-    // Snapshot by snapshot (each has its own store, so the order between them is free), so the
-    // copies one write needs in one snapshot can be started together and coalesced.
-    const batches: Array<[Snapshot, PendingException[]]> = []
+    const targets: CopyTarget[] = []
+    const started: PendingException[] = []
     try {
       for (const s of this.list) {
-        const batch: PendingException[] = []
         try {
-          for (let pos = first; pos < end; pos += step) {
-            const pe: PendingException | null = s.protectOriginChunk(pos, invalidations, batch)
-            if (pe) waits.push(pe.done)
-          }
+          s.protectOrigin(offset, end, waits, invalidations, started)
         } finally {
-          if (batch.length > 0) batches.push([s, batch])
+          if (started.length > 0) for (const t of s.copyTargets(started)) targets.push(t)
+          started.length = 0
         }
       }
     } finally {
-      // Whatever was marked started must be copied, even if a later snapshot threw.
-      this.startCopies(batches)
+      // Whatever was made pending must be copied, even if a later snapshot threw.
+      this.startCopies(targets)
     }
     return { waits, invalidations }
   }
 
   /**
-   * Starts the copies, reading the old data once for all snapshots when several need it. The
-   * shared read covers the union of their spans; bytes outside every batch are read but unused,
+   * Starts the copies, reading the old data once for all snapshots that need it: targets close
+   * together on the origin share one read of their span. Bytes in between are read but unused,
    * and the bytes inside cannot change meanwhile, because writes to them wait for these copies.
    */
-  private startCopies(batches: Array<[Snapshot, PendingException[]]>): void {
-    if (batches.length === 0) return
-    if (batches.length === 1) {
-      const [s, batch] = batches[0] as [Snapshot, PendingException[]]
-      s.startCopies(batch)
+  private startCopies(targets: CopyTarget[]): void {
+    if (targets.length <= 1) {
+      if (targets.length === 1) this.copies.copyOut(this.device, targets)
       return
     }
-    let start = Infinity
-    let end = 0
-    for (const [s, batch] of batches) {
-      const [a, b] = s.copySpan(batch)
-      start = Math.min(start, a)
-      end = Math.max(end, b)
+    targets.sort((a, b) => a.from - b.from)
+    let first = 0
+    let spanStart = (targets[0] as CopyTarget).from
+    for (let i = 1; i <= targets.length; i++) {
+      const t = targets[i]
+      if (t && t.from + t.length - spanStart <= SHARED_READ_BYTES) continue
+      this.copies.copyOut(this.device, first === 0 && i === targets.length ? targets : targets.slice(first, i))
+      first = i
+      if (t) spanStart = t.from
     }
-    const data = this.device.read(start, end - start)
-    // Each copy awaits `data` and handles a failure itself; this keeps an unobserved rejection
-    // from being reported as unhandled before they get there.
-    data.catch(() => {})
-    for (const [s, batch] of batches) s.startCopies(batch, { start, data })
   }
 
   /**
@@ -353,6 +371,14 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   /** Bytes of acknowledged origin writes not yet on the device. */
   get heldBytes(): number {
     return this.held.bytes
+  }
+
+  /**
+   * Byte ranges [start, end) of answered writes not yet on the device: an allocation map of the
+   * device alone would miss them.
+   */
+  unlandedRanges(): Array<[number, number]> {
+    return this.held.ranges()
   }
 
   /**
@@ -420,7 +446,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
 
   protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
     if (this.readRefusal !== null) throw new SnapError('SNAP_IO', this.readRefusal)
-    const interceptor = this.interceptor
+    const interceptor = this.interceptorNow
     if (interceptor) return interceptor.readInto(target, offset)
     if (this.held.size === 0) return this.device.readInto(target, offset)
     const held = this.held.overlapping(offset, target.length)
@@ -432,7 +458,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     this.checkWritable()
     for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
-      const interceptor = this.interceptor
+      const interceptor = this.interceptorNow
       if (interceptor) return interceptor.write(data, offset, fua)
       return this.writeOrigin(data, offset, fua)
     })
@@ -440,7 +466,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
 
   protected async _flush(): Promise<void> {
     await this.held.drain()
-    const interceptor = this.interceptor
+    const interceptor = this.interceptorNow
     if (interceptor) await interceptor.flush()
     else await this.device.flush()
     this.reportWriteBack()
@@ -450,7 +476,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     this.checkWritable()
     for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
-      const interceptor = this.interceptor
+      const interceptor = this.interceptorNow
       if (interceptor) return interceptor.discard(offset, length)
       return this.discardAfterHeld(offset, length)
     })

@@ -1,7 +1,8 @@
 /**
- * A pending exception: one per (snapshot, chunk) while the chunk's old data is being copied to
- * the COW and its entry committed. Every writer that needs the chunk saved waits on the same
- * object, so concurrent origin writes share one copy.
+ * A pending exception: one per (snapshot, extent) while the old data of a run of chunks is being
+ * copied to the COW and their entries committed. The extent owns its chunks until it settles
+ * (no other pending extent of the snapshot overlaps it), and every writer that needs any of them
+ * saved waits on the same object, so concurrent origin writes share one copy.
  */
 import type { SnapError } from '../errors.js'
 import type { PreparedException } from '../store/exception-store.js'
@@ -15,22 +16,29 @@ import { type Deferred, deferred } from '../util/deferred.js'
 export type PendingOutcome = boolean | SnapError
 
 export class PendingException {
-  readonly chunk: number
   readonly prepared: PreparedException
-  /** Copy (or the whole-chunk snapshot write standing in for it) has been started. */
-  started = false
   private readonly settled: Deferred<PendingOutcome> = deferred<PendingOutcome>()
 
-  constructor(chunk: number, prepared: PreparedException) {
-    this.chunk = chunk
+  constructor(prepared: PreparedException) {
     this.prepared = prepared
   }
 
+  /** First origin chunk of the extent. */
+  get firstChunk(): number {
+    return this.prepared.oldChunk
+  }
+
+  /** Chunks in the extent. */
+  get count(): number {
+    return this.prepared.count
+  }
+
+  /** COW chunk of the first chunk; the extent's COW chunks are consecutive. */
   get newChunk(): number {
     return this.prepared.newChunk
   }
 
-  /** Resolves (never rejects) with the outcome once the exception is settled. */
+  /** Resolves (never rejects) with the outcome once the extent is settled. */
   get done(): Promise<PendingOutcome> {
     return this.settled.promise
   }

@@ -3,13 +3,20 @@
  * per-snapshot machinery the origin uses to copy chunks into it.
  *
  * Design notes
+ * - The unit of bookkeeping is the extent: a run of chunks consecutive on the origin and in the
+ *   COW (capped at COPY_RUN_BYTES and cut at metadata areas by the store). One pending
+ *   exception, one copy and one commit per extent, not per chunk.
  * - A chunk is in one of three states: no exception (reads fall through to the origin), pending
  *   (a copy is in flight; reads still fall through, tracked), complete (reads and writes go to
- *   the COW). The complete exception is inserted before the pending one is removed, so anyone
- *   looking always sees one of the two.
- * - Reads that fall through to the origin are tracked per chunk; completing a pending exception
- *   waits for them after the insert and before the origin write it protects is released, so a
- *   slow read can never return data written after the snapshot.
+ *   the COW). The complete exceptions are inserted before the pending extent is removed, so
+ *   anyone looking always sees one of the two.
+ * - Reads that fall through to the origin are tracked as chunk ranges (one entry per read);
+ *   completing a pending extent waits for the reads overlapping it after the insert and before
+ *   the origin write it protects is released, so a slow read can never return data written
+ *   after the snapshot.
+ * - State (active, merging, merge failed, invalid, overflow) is one field changed only by the
+ *   named transitions (beginMerge, markMergeFailed, invalidate, ...); the origin attaches and
+ *   detaches through activate/deactivate.
  * - Every prepared exception is handed to the store's commit exactly once, failed or not, so the
  *   store's allocation-order commit never stalls.
  * - Invalidation is permanent; the header write (persistent stores) is awaited before the
@@ -25,15 +32,17 @@
  */
 import { EventEmitter } from 'node:events'
 import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
-import { WriteCombiner } from '../device/write-combiner.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { ExceptionList } from '../format/exception-list.js'
 import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
 import { SECTOR_BYTES } from '../units.js'
-import { ChunkTracker } from './chunk-tracker.js'
+import type { CopyEngine, CopyFailure, CopyTarget } from './copy-engine.js'
 import { ExceptionTable } from './exception-table.js'
+import { type ChunkRun, exceptionRunsIn } from './exception-runs.js'
 import type { ExceptionEvents } from './exception-events.js'
-import { PendingException } from './pending-exception.js'
+import { ExtentList } from './extent-list.js'
+import { PendingException, type PendingOutcome } from './pending-exception.js'
+import { RangeTracker } from './range-tracker.js'
 
 /** Invalidation reasons (the kernel logs "Unable to allocate exception." and "Error reading/writing."). */
 export const COW_FULL = 'COW full'
@@ -42,17 +51,8 @@ export const COW_IO_ERROR = 'COW I/O error'
 /** Copies in flight above which new writes wait (kernel snapshot_cow_threshold). */
 export const COW_THRESHOLD = 2048
 
-/** Largest single origin read / COW write when consecutive chunks are copied together. */
+/** Largest extent of one pending copy (one origin read, one COW write, one commit waiter). */
 const COPY_RUN_BYTES = 1024 * 1024
-
-/**
- * One origin read shared by the copies several snapshots start for the same origin write: with
- * N snapshots the old data is read once, not N times. `data` holds origin bytes from `start`.
- */
-export interface SharedOriginRead {
-  readonly start: number
-  readonly data: Promise<Uint8Array>
-}
 
 export type SnapshotState = 'active' | 'invalid' | 'overflow' | 'merging' | 'merge-failed'
 
@@ -72,30 +72,28 @@ export interface OriginBacking {
   readonly device: BlockDevice
   readonly events: ExceptionEvents
   readonly sizeBytes: number
+  /** Copies origin → COW (and, for the merge, back). */
+  readonly copies: CopyEngine
 }
 
 export class Snapshot extends BaseBlockDevice {
   readonly capabilities: DeviceCapabilities
   readonly store: ExceptionStore
-  /** COW data writes of copies: neighbours in the COW go out as one write. */
-  private readonly copyWriter: WriteCombiner
   readonly overflowMode: boolean
   readonly discardZeroesCow: boolean
   readonly discardPassdownOrigin: boolean
-  readonly table = new ExceptionTable()
-  readonly pending = new Map<number, PendingException>()
-  /** Origin reads of this snapshot in flight, per chunk (kernel: tracked chunks). */
-  readonly trackedReads = new ChunkTracker()
+  private readonly exceptions = new ExceptionTable()
+  /** Copies in flight, one per extent, disjoint and sorted (kernel: pending exceptions). */
+  private readonly pending = new ExtentList<PendingException>()
+  /** Origin reads of this snapshot in flight, as chunk ranges (kernel: tracked chunks). */
+  private readonly trackedReads = new RangeTracker()
   readonly emitter = new EventEmitter()
   readonly snapshotName: string
 
-  private _valid = true
-  private _overflowed = false
-  /** Origin writes copy into this snapshot only once it is active. */
-  active = false
-  /** Set by the merge: the snapshot's own view refuses I/O and origin writes ignore it. */
-  merging = false
-  mergeFailed = false
+  /** The one state field; changed only by the named transitions below. */
+  private condition: SnapshotState = 'active'
+  /** Attached to an origin whose writes copy into it (activate/deactivate, by the origin). */
+  private attached = false
   private invalidation: Promise<void> | null = null
   private inProgress = 0
   private throttleWaiters: Array<() => void> = []
@@ -109,7 +107,6 @@ export class Snapshot extends BaseBlockDevice {
     super(0, `snapshot ${options.name}`)
     this.snapshotName = options.name
     this.store = options.store
-    this.copyWriter = new WriteCombiner(options.store.cow)
     this.overflowMode = options.overflow === true
     this.discardZeroesCow = options.discardZeroesCow === true
     this.discardPassdownOrigin = options.discardPassdownOrigin === true
@@ -124,25 +121,40 @@ export class Snapshot extends BaseBlockDevice {
     return this.store.chunkBytes
   }
 
+  /** @internal The complete exceptions (read-only use: lookups, sizes; changes go through this class). */
+  get table(): ExceptionTable {
+    return this.exceptions
+  }
+
+  get state(): SnapshotState {
+    return this.condition
+  }
+
   get valid(): boolean {
-    return this._valid
+    return this.condition !== 'invalid'
   }
 
   get overflowed(): boolean {
-    return this._overflowed
+    return this.condition === 'overflow'
+  }
+
+  /** Handed over to a merge (stays true once merged, so a gone export can say why). */
+  get merging(): boolean {
+    return this.condition === 'merging' || this.condition === 'merge-failed'
+  }
+
+  get mergeFailed(): boolean {
+    return this.condition === 'merge-failed'
+  }
+
+  /** Origin writes copy into this snapshot only while it is active (attached). */
+  get active(): boolean {
+    return this.attached
   }
 
   /** Why this process invalidated the snapshot (COW_FULL, COW_IO_ERROR), null if it did not. */
   get invalidationReason(): string | null {
     return this.invalidReason
-  }
-
-  get state(): SnapshotState {
-    if (!this._valid) return 'invalid'
-    if (this.mergeFailed) return 'merge-failed'
-    if (this.merging) return 'merging'
-    if (this._overflowed) return 'overflow'
-    return 'active'
   }
 
   get copiesInFlight(): number {
@@ -153,11 +165,89 @@ export class Snapshot extends BaseBlockDevice {
     return this.store.usage()
   }
 
+  /** Complete exceptions for origin chunks in [firstChunk, endChunk), as runs in chunk order. */
+  exceptionRunsIn(firstChunk: number, endChunk: number): ChunkRun[] {
+    return exceptionRunsIn(this.table, firstChunk, endChunk)
+  }
+
+  /** Origin chunks in [firstChunk, endChunk) whose copy is under way (not yet in the table). */
+  pendingChunksIn(firstChunk: number, endChunk: number): number[] {
+    const chunks: number[] = []
+    for (let e = this.pending.firstFrom(firstChunk); e !== null && e.firstChunk < endChunk; e = this.pending.firstFrom(e.firstChunk + e.count)) {
+      for (let c = Math.max(firstChunk, e.firstChunk); c < Math.min(endChunk, e.firstChunk + e.count); c++) chunks.push(c)
+    }
+    return chunks
+  }
+
+  // ---- state transitions -------------------------------------------------------------------
+
+  /** Called by the origin once the snapshot is registered: origin writes copy into it. */
+  activate(): void {
+    this.attached = true
+  }
+
+  /** Called by the origin when the snapshot is detached. */
+  deactivate(): void {
+    this.attached = false
+  }
+
+  /** Handed over to a merge: its own view refuses I/O and origin writes no longer copy into it. */
+  beginMerge(): void {
+    if (this.condition === 'active' || this.condition === 'overflow') this.condition = 'merging'
+  }
+
+  /** A merge step failed (kernel status `Merge failed`); stays set. */
+  markMergeFailed(): void {
+    if (this.condition !== 'invalid') this.condition = 'merge-failed'
+  }
+
+  /** A snapshot write found the COW full (PO tables). */
+  private markOverflowed(): void {
+    if (this.condition === 'active') this.condition = 'overflow'
+  }
+
+  /** Marks the snapshot invalid in memory only (handover source: its header stays valid). */
+  markInvalidInMemory(): void {
+    this.condition = 'invalid'
+  }
+
+  /** Permanently invalidates the snapshot; resolves once that is durable. */
+  invalidate(reason: string): Promise<void> {
+    if (this.invalidation) return this.invalidation
+    this.condition = 'invalid'
+    this.invalidReason = reason
+    this.invalidation = this.store.dropSnapshot()
+    this.emitter.emit('invalidated', reason)
+    return this.invalidation
+  }
+
+  /**
+   * The merge's in-memory half of a commit: the `count` chunks from `firstChunk` leave the
+   * table, highest first (the store already dropped their entries durably).
+   */
+  dropMerged(firstChunk: number, count: number): void {
+    this.exceptions.removeRun(firstChunk, count)
+  }
+
+  /**
+   * Where the snapshot differs from the origin, for changed-block tracking: whether origin byte
+   * `offset` is held in the COW, and where that run (of held or not held chunks) ends, at most
+   * at `end`.
+   */
+  changedExtentAt(offset: number, end: number): { readonly inCow: boolean; readonly endBytes: number } {
+    const cb = this.chunkBytes
+    const chunk = Math.floor(offset / cb)
+    const lastChunk = Math.ceil(end / cb)
+    const inCow = this.exceptions.has(chunk)
+    const next = inCow ? this.exceptions.nextUnmapped(chunk, lastChunk) : this.exceptions.nextMapped(chunk, lastChunk)
+    return { inCow, endBytes: Math.min(end, next * cb) }
+  }
+
   /** The kernel's info status word(s) for this snapshot, e.g. "16/204800 16" or "Invalid". */
   statusText(): string {
-    if (!this._valid) return 'Invalid'
-    if (this.mergeFailed) return 'Merge failed'
-    if (this._overflowed) return 'Overflow'
+    if (this.condition === 'invalid') return 'Invalid'
+    if (this.condition === 'merge-failed') return 'Merge failed'
+    if (this.condition === 'overflow') return 'Overflow'
     const u = this.store.usage()
     return `${u.allocatedSectors}/${u.totalSectors} ${u.metadataSectors}`
   }
@@ -169,7 +259,7 @@ export class Snapshot extends BaseBlockDevice {
   async load(backing: OriginBacking): Promise<void> {
     this.backing = backing
     this._sizeBytes = backing.sizeBytes
-    const table = this.table
+    const table = this.exceptions
     const insert = (oldChunk: number, newChunk: number): void => {
       // insert() scans the chunk's whole group and refuses a chunk already mapped, so no
       // separate lookup first (that doubled the cost of opening a big COW).
@@ -204,7 +294,7 @@ export class Snapshot extends BaseBlockDevice {
     } else {
       ;({ valid } = await this.store.readMetadata(insert))
     }
-    if (!valid) this._valid = false
+    if (!valid) this.condition = 'invalid'
   }
 
   private get origin(): OriginBacking {
@@ -215,98 +305,105 @@ export class Snapshot extends BaseBlockDevice {
   // ---- used by the origin (and merge) to protect chunks -----------------------------------
 
   /**
-   * Makes sure the chunk holding origin byte `offset` is saved or being saved. Returns the
-   * pending exception to wait for, or null when nothing is (or can be) needed. `invalidations`
-   * collects the promises of invalidations caused by a full COW.
+   * Makes sure every chunk of this snapshot overlapping origin bytes [offset, end) is saved or
+   * being saved, walking in this snapshot's chunk size with range queries: runs already saved
+   * are skipped with one table query, runs being copied join their pending extent, and each run
+   * of unsaved chunks becomes pending extents (one per run of consecutive COW chunks, capped at
+   * COPY_RUN_BYTES). Pushes what to wait for onto `waits` and the extents created onto
+   * `started`, whose copies the caller must start (startCopies/copyTargets). Invalidations
+   * caused by a full COW go to `invalidations`.
    */
-  protectOriginChunk(offset: number, invalidations: Array<Promise<void>>, batch?: PendingException[]): PendingException | null {
-    if (!this.active || !this._valid || this.merging) return null
-    if (offset >= this._sizeBytes) return null
-    const chunk = Math.floor(offset / this.chunkBytes)
-    let pe = this.pending.get(chunk)
-    if (!pe) {
-      if (this.table.lookup(chunk) !== -1) return null
-      try {
-        pe = this.newPending(chunk)
-      } catch (err) {
-        if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
-        invalidations.push(this.invalidate(COW_FULL))
-        return null
+  protectOrigin(
+    offset: number,
+    end: number,
+    waits: Array<Promise<PendingOutcome>>,
+    invalidations: Array<Promise<void>>,
+    started: PendingException[],
+  ): void {
+    if (!this.attached || this.condition === 'invalid' || this.merging) return
+    end = Math.min(end, this._sizeBytes)
+    if (offset >= end) return
+    const cb = this.chunkBytes
+    const last = Math.floor((end - 1) / cb) + 1
+    const maxRun = Math.max(1, Math.floor(COPY_RUN_BYTES / cb))
+    let c = Math.floor(offset / cb)
+    while (c < last) {
+      const pe = this.pending.firstFrom(c)
+      if (pe !== null && pe.firstChunk <= c) {
+        waits.push(pe.done)
+        c = pe.firstChunk + pe.count
+        continue
+      }
+      const gapEnd = pe !== null && pe.firstChunk < last ? pe.firstChunk : last
+      c = this.exceptions.nextUnmapped(c, gapEnd)
+      const runEnd = this.exceptions.nextMapped(c, gapEnd)
+      // [c, runEnd): unsaved and not being copied; the loop then goes on from runEnd.
+      while (c < runEnd) {
+        let created: PendingException
+        try {
+          created = this.newPending(c, Math.min(runEnd - c, maxRun))
+        } catch (err) {
+          if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
+          invalidations.push(this.invalidate(COW_FULL))
+          return
+        }
+        started.push(created)
+        waits.push(created.done)
+        c += created.count
       }
     }
-    if (!pe.started) {
-      if (batch) {
-        // started now, copied by startCopies() together with its consecutive neighbours
-        pe.started = true
-        this.inProgress++
-        batch.push(pe)
-      } else {
-        this.startCopy(pe)
-      }
-    }
-    return pe
   }
 
   /**
-   * Copies the pending exceptions collected by protectOriginChunk(..., batch): neighbours that
-   * are consecutive both on the origin and in the COW are copied with one origin read and one
-   * COW write instead of one pair per chunk (a 1 MiB first-touch write over 4 KiB chunks was
-   * 512 small syscalls through the libuv pool).
+   * One chunk's protectOriginChunk: the pending extent to wait for, or null when nothing is
+   * (or can be) needed; starts the copy itself.
    */
-  startCopies(batch: PendingException[], source?: SharedOriginRead): void {
-    const maxRun = Math.max(1, Math.floor(COPY_RUN_BYTES / this.chunkBytes))
-    let from = 0
-    for (let i = 1; i <= batch.length; i++) {
-      const prev = batch[i - 1] as PendingException
-      const pe = batch[i]
-      if (pe && i - from < maxRun && pe.chunk === prev.chunk + 1 && pe.newChunk === prev.newChunk + 1) continue
-      void this.copyRun(batch.slice(from, i), source)
-      from = i
-    }
+  protectOriginChunk(offset: number, invalidations: Array<Promise<void>>): PendingException | null {
+    const waits: Array<Promise<PendingOutcome>> = []
+    const started: PendingException[] = []
+    this.protectOrigin(offset, offset + 1, waits, invalidations, started)
+    this.startCopies(started)
+    return this.pending.find(Math.floor(offset / this.chunkBytes))
   }
 
-  /** The byte range of the origin that `batch` (in chunk order) copies. */
-  copySpan(batch: readonly PendingException[]): [number, number] {
-    const first = batch[0] as PendingException
-    const last = batch[batch.length - 1] as PendingException
-    // The last origin chunk may be partial; the rest of its COW chunk is left as it is.
-    return [first.chunk * this.chunkBytes, Math.min((last.chunk + 1) * this.chunkBytes, this.origin.sizeBytes)]
+  /** Starts copying `started` (from protectOrigin) from the origin device. */
+  startCopies(started: readonly PendingException[]): void {
+    if (started.length > 0) this.origin.copies.copyOut(this.origin.device, this.copyTargets(started))
   }
 
-  private async copyRun(run: PendingException[], source?: SharedOriginRead): Promise<void> {
-    const chunkBytes = this.chunkBytes
-    const first = run[0] as PendingException
-    const [start, end] = this.copySpan(run)
-    let copied: CopyResult = true
-    try {
-      await this.store.whenSpaceReady((run[run.length - 1] as PendingException).prepared)
-      const data = source
-        ? (await source.data).subarray(start - source.start, end - source.start)
-        : await this.origin.device.read(start, end - start)
-      await this.copyWriter.write(data, first.newChunk * chunkBytes)
-    } catch (err) {
-      copied = copyFailure(err)
-    }
-    // All at once: the store's group commit waits until every prepared exception is handed over.
-    await Promise.all(run.map((pe) => this.finishPending(pe, copied)))
+  /**
+   * The copy engine's targets for `started` (from protectOrigin): origin bytes of each extent
+   * into its COW chunks. The origin combines the targets of several snapshots into one read.
+   */
+  copyTargets(started: readonly PendingException[]): CopyTarget[] {
+    const cb = this.chunkBytes
+    const originBytes = this.origin.sizeBytes
+    return started.map((pe) => {
+      const from = pe.firstChunk * cb
+      return {
+        from,
+        // The last origin chunk may be partial; the rest of its COW chunk is left as it is.
+        length: Math.min((pe.firstChunk + pe.count) * cb, originBytes) - from,
+        device: this.store.cow,
+        to: pe.newChunk * cb,
+        before: () => this.store.whenSpaceReady(pe.prepared),
+        done: (failure: CopyFailure | null) => void this.finishPending(pe, failure === null ? true : copyFailure(failure.cause)),
+      }
+    })
   }
 
-  private newPending(chunk: number): PendingException {
-    const prepared = this.store.prepareException(chunk)
-    const pe = new PendingException(chunk, prepared)
-    this.pending.set(chunk, pe)
+  /** A pending extent of up to `maxCount` chunks from `firstChunk` (fewer where the COW is not consecutive). */
+  private newPending(firstChunk: number, maxCount: number): PendingException {
+    const prepared = this.store.prepareExceptions(firstChunk, maxCount)
+    const pe = new PendingException(prepared)
+    this.pending.insert(pe)
+    this.inProgress += pe.count
     return pe
   }
 
-  private startCopy(pe: PendingException): void {
-    pe.started = true
-    this.inProgress++
-    void this.copyRun([pe])
-  }
-
-  /** Commit, publish and release a pending exception (kernel: pending_complete). */
+  /** Commit, publish and release a pending extent (kernel: pending_complete). */
   private async finishPending(pe: PendingException, copied: CopyResult): Promise<void> {
-    this.inProgress--
+    this.inProgress -= pe.count
     this.wakeThrottled()
     if (copied instanceof SnapError) return this.abandonPending(pe, copied)
     const copyOk = copied
@@ -314,12 +411,14 @@ export class Snapshot extends BaseBlockDevice {
     let success = false
     if (!copyOk || !committed) {
       await this.invalidate(COW_IO_ERROR)
-    } else if (this._valid) {
-      this.table.insert(pe.chunk, pe.newChunk)
-      await this.trackedReads.drain(pe.chunk)
+    } else if (this.condition !== 'invalid') {
+      this.exceptions.insertRun(pe.firstChunk, pe.newChunk, pe.count)
+      // Published: later reads go to the COW. Reads of the origin that started before must end
+      // before the origin write this copy protects may proceed.
+      await this.trackedReads.drain(pe.firstChunk, pe.firstChunk + pe.count)
       success = true
     }
-    this.pending.delete(pe.chunk)
+    this.pending.remove(pe)
     this.origin.events.completed()
     pe.settle(success)
     if (success) {
@@ -332,12 +431,12 @@ export class Snapshot extends BaseBlockDevice {
   }
 
   /**
-   * The copy could not get space: hand the chunk back to the store unrecorded and settle with
-   * the error. The chunk stays unsaved, so the next write that needs it copies it again.
+   * The copy could not get space: hand the extent back to the store unrecorded and settle with
+   * the error. Its chunks stay unsaved, so the next write that needs them copies them again.
    */
   private async abandonPending(pe: PendingException, err: SnapError): Promise<void> {
     await this.store.abandonException(pe.prepared)
-    this.pending.delete(pe.chunk)
+    this.pending.remove(pe)
     const failure = this.noSpaceError(err)
     if (!this.outOfSpace) {
       this.outOfSpace = true
@@ -346,21 +445,6 @@ export class Snapshot extends BaseBlockDevice {
     // Settled before the global counter moves, so a merge woken by it sees the error.
     pe.settle(failure)
     this.origin.events.completed()
-  }
-
-  /** Permanently invalidates the snapshot; resolves once that is durable. */
-  invalidate(reason: string): Promise<void> {
-    if (this.invalidation) return this.invalidation
-    this._valid = false
-    this.invalidReason = reason
-    this.invalidation = this.store.dropSnapshot()
-    this.emitter.emit('invalidated', reason)
-    return this.invalidation
-  }
-
-  /** Marks the snapshot invalid in memory only (handover source: its header stays valid). */
-  markInvalidInMemory(): void {
-    this._valid = false
   }
 
   /** The error writes that needed an abandoned copy fail with: names the snapshot and the cause. */
@@ -380,7 +464,7 @@ export class Snapshot extends BaseBlockDevice {
     }
   }
 
-  /** Null when at most COW_THRESHOLD copies are in flight, else a promise for a wake-up. */
+  /** Null when at most COW_THRESHOLD chunks are being copied, else a promise for a wake-up. */
   belowThresholdWait(): Promise<void> | null {
     if (this.inProgress <= COW_THRESHOLD) return null
     return new Promise<void>((resolve) => this.throttleWaiters.push(resolve))
@@ -393,68 +477,64 @@ export class Snapshot extends BaseBlockDevice {
     for (const wake of waiters) wake()
   }
 
-  /** Waits until no pending exception of this snapshot is in flight (kernel destructor). */
+  /** Waits until no pending extent of this snapshot is in flight (kernel destructor). */
   async drainPending(): Promise<void> {
     while (this.pending.size > 0) {
-      await Promise.all([...this.pending.values()].map((pe) => pe.done))
+      await Promise.all(this.pending.values().map((pe) => pe.done))
     }
   }
 
   // ---- the snapshot's own view (BlockDevice hooks) ----------------------------------------
 
   private checkUsable(write: boolean): void {
-    if (!this._valid) throw new SnapError('SNAP_INVALID', `${this.name} is invalid`)
+    if (this.condition === 'invalid') throw new SnapError('SNAP_INVALID', `${this.name} is invalid`)
     if (this.merging) throw new SnapError('SNAP_INVALID', `${this.name} is being merged into its origin`)
-    if (write && this._overflowed) throw new SnapError('SNAP_OVERFLOW', `${this.name} has overflowed`)
+    if (write && this.condition === 'overflow') throw new SnapError('SNAP_OVERFLOW', `${this.name} has overflowed`)
   }
 
+  /**
+   * One COW read per run of saved chunks consecutive in the COW, one origin read per run of
+   * unsaved chunks (tracked as one range until it ends); when saved and unsaved runs
+   * interleave, one origin read over the whole request with the COW runs on top.
+   */
   protected async _readInto(target: Uint8Array, offset: number): Promise<void> {
     this.checkUsable(false)
-    const chunkBytes = this.chunkBytes
+    const cb = this.chunkBytes
     const end = offset + target.length
-    // Walk chunk by chunk, coalescing neighbours that go to the same place in one device read.
-    // cow holds [targetStart, targetEnd, cowOffset] triples; origin pieces are counted only.
+    const firstChunk = Math.floor(offset / cb)
+    const endChunk = Math.floor((end - 1) / cb) + 1
+    const table = this.exceptions
+    // Fast path: nothing saved in the range (every first read of an unchanged area).
+    if (table.nextMapped(firstChunk, endChunk) === endChunk) return this.readOriginTracked(target, offset, firstChunk, endChunk)
+    // cow holds [targetStart, targetEnd, cowOffset] triples; origin pieces [start, end) bytes.
     const cow: number[] = []
-    let originPieces = 0
-    let firstOrigin = -1
-    let pos = offset
-    while (pos < end) {
-      const chunk = Math.floor(pos / chunkBytes)
-      const newChunk = this.table.lookup(chunk)
-      let runEnd = Math.min(end, (chunk + 1) * chunkBytes)
-      let next = chunk + 1
-      if (newChunk !== -1) {
-        while (runEnd < end && this.table.lookup(next) === newChunk + (next - chunk)) {
-          runEnd = Math.min(end, (next + 1) * chunkBytes)
-          next++
-        }
-        cow.push(pos - offset, runEnd - offset, newChunk * chunkBytes + (pos - chunk * chunkBytes))
+    const originPieces: number[] = []
+    let c = firstChunk
+    while (c < endChunk) {
+      const pos = Math.max(offset, c * cb)
+      const run = table.mappedRun(c, endChunk)
+      if (run !== null) {
+        const runEnd = Math.min(end, (c + run.count) * cb)
+        cow.push(pos - offset, runEnd - offset, run.cow * cb + (pos - c * cb))
+        c += run.count
       } else {
-        while (runEnd < end && this.table.lookup(next) === -1) {
-          runEnd = Math.min(end, (next + 1) * chunkBytes)
-          next++
-        }
-        if (originPieces++ === 0) firstOrigin = pos
+        const next = table.nextMapped(c, endChunk)
+        originPieces.push(pos, Math.min(end, next * cb))
+        c = next
       }
-      pos = runEnd
     }
-    const firstChunk = Math.floor(offset / chunkBytes)
-    const endChunk = Math.floor((end - 1) / chunkBytes) + 1
-    if (cow.length === 0) return this.readOriginTracked(target, offset, firstChunk, endChunk)
-    if (originPieces > 1) {
-      // Fragmented (saved and unsaved chunks interleave): one origin read over the whole range,
-      // then the saved chunks on top, instead of one small read per piece. Tracking the saved
-      // chunks too is harmless: nobody waits on a chunk whose exception is already complete.
+    if (originPieces.length > 2) {
+      // Fragmented: one origin read over the whole range, then the saved runs on top, instead
+      // of one small read per piece. Tracking the saved chunks too is harmless: nobody waits
+      // on a chunk whose exception is already complete.
       await this.readOriginTracked(target, offset, firstChunk, endChunk)
       await settleAll(this.cowReads(target, cow))
       return
     }
     const jobs = this.cowReads(target, cow)
-    if (originPieces === 1) {
-      const pieceEnd = this.originPieceEnd(firstOrigin, end)
-      const c0 = Math.floor(firstOrigin / chunkBytes)
-      const c1 = Math.floor((pieceEnd - 1) / chunkBytes) + 1
-      jobs.push(this.readOriginTracked(target.subarray(firstOrigin - offset, pieceEnd - offset), firstOrigin, c0, c1))
+    if (originPieces.length === 2) {
+      const [a, b] = originPieces as [number, number]
+      jobs.push(this.readOriginTracked(target.subarray(a - offset, b - offset), a, Math.floor(a / cb), Math.floor((b - 1) / cb) + 1))
     }
     await settleAll(jobs)
   }
@@ -467,90 +547,111 @@ export class Snapshot extends BaseBlockDevice {
     return jobs
   }
 
-  /** End of the run of unsaved chunks starting at `pos` (same walk as _readInto). */
-  private originPieceEnd(pos: number, end: number): number {
-    const chunkBytes = this.chunkBytes
-    const chunk = Math.floor(pos / chunkBytes)
-    let runEnd = Math.min(end, (chunk + 1) * chunkBytes)
-    let next = chunk + 1
-    while (runEnd < end && this.table.lookup(next) === -1) {
-      runEnd = Math.min(end, (next + 1) * chunkBytes)
-      next++
-    }
-    return runEnd
-  }
-
   private async readOriginTracked(target: Uint8Array, offset: number, firstChunk: number, endChunk: number): Promise<void> {
-    for (let c = firstChunk; c < endChunk; c++) this.trackedReads.add(c)
+    const tracked = this.trackedReads.add(firstChunk, endChunk)
     try {
       await this.origin.device.readInto(target, offset)
     } finally {
-      for (let c = firstChunk; c < endChunk; c++) this.trackedReads.remove(c)
+      this.trackedReads.remove(tracked)
     }
   }
 
+  /**
+   * Snapshot writes, coalesced: one COW write per run of saved chunks consecutive in the COW;
+   * whole unsaved chunks become pending extents written straight from the request (the write
+   * is the copy, no origin read); a partly written unsaved chunk is copied first. FUA is
+   * honoured once per request: on the only COW write, or by one flush after all of them.
+   */
   protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
     this.checkUsable(true)
     for (let wait = this.belowThresholdWait(); wait; wait = this.belowThresholdWait()) await wait
     this.checkUsable(true)
-    const chunkBytes = this.chunkBytes
-    const jobs: Array<Promise<void>> = []
-    let pos = offset
+    const cb = this.chunkBytes
     const end = offset + data.length
-    while (pos < end) {
-      const chunk = Math.floor(pos / chunkBytes)
-      const pieceEnd = Math.min(end, (chunk + 1) * chunkBytes)
-      jobs.push(this.writePiece(data.subarray(pos - offset, pieceEnd - offset), pos, chunk, fua))
-      pos = pieceEnd
-    }
-    await settleAll(jobs)
-  }
-
-  private async writePiece(data: Uint8Array, offset: number, chunk: number, fua: boolean): Promise<void> {
-    const chunkBytes = this.chunkBytes
-    const inChunk = offset - chunk * chunkBytes
-    let newChunk = this.table.lookup(chunk)
-    if (newChunk === -1) {
-      let pe = this.pending.get(chunk)
-      if (!pe) {
-        try {
-          pe = this.newPending(chunk)
-        } catch (err) {
-          if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
-          if (this.overflowMode) {
-            if (this._valid) this._overflowed = true
-            throw new SnapError('SNAP_OVERFLOW', `${this.name} overflowed: unable to allocate exception`)
-          }
-          await this.invalidate(COW_FULL)
-          throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW device is full`)
+    const endChunk = Math.floor((end - 1) / cb) + 1
+    const cowWrites: Array<[Uint8Array, number]> = []
+    const fresh: Array<Promise<void>> = []
+    try {
+      let pos = offset
+      while (pos < end) {
+        const c = Math.floor(pos / cb)
+        const pe = this.pending.find(c)
+        if (pe !== null) {
+          await this.outcomeOf(pe, 'copy failed')
+          continue // look again: the chunk is saved now
         }
-        if (data.length === chunkBytes) {
-          // Whole-chunk write to a fresh exception: the write itself is the copy, no origin read.
-          pe.started = true
-          this.inProgress++
-          let copied: CopyResult = true
-          try {
-            await this.store.whenSpaceReady(pe.prepared)
-            await this.store.cow.write(data, pe.newChunk * chunkBytes)
-          } catch (err) {
-            copied = copyFailure(err)
-          }
-          await this.finishPending(pe, copied)
-          const outcome = await pe.done
-          if (outcome instanceof SnapError) throw outcome
-          if (!outcome) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW write failed`)
-          return
+        const run = this.exceptions.mappedRun(c, endChunk)
+        if (run !== null) {
+          const runEnd = Math.min(end, (c + run.count) * cb)
+          cowWrites.push([data.subarray(pos - offset, runEnd - offset), run.cow * cb + (pos - c * cb)])
+          pos = runEnd
+          continue
+        }
+        const next = this.pending.firstFrom(c)
+        const gapEnd = this.exceptions.nextMapped(c, next !== null && next.firstChunk < endChunk ? next.firstChunk : endChunk)
+        const wholeEnd = Math.min(gapEnd, Math.floor(end / cb))
+        if (pos !== c * cb || wholeEnd <= c) {
+          // A partly written chunk: its old data is copied first, then the write goes on top.
+          const copy = this.pendingForWrite(c, 1)
+          this.startCopies([copy])
+          await this.outcomeOf(copy, 'copy failed')
+          continue
+        }
+        // Whole unsaved chunks: the request's bytes are the copy.
+        while (pos < wholeEnd * cb) {
+          const first = pos / cb
+          const pe = this.pendingForWrite(first, Math.min(wholeEnd - first, Math.max(1, Math.floor(COPY_RUN_BYTES / cb))))
+          fresh.push(this.writeFresh(pe, data.subarray(pos - offset, pos - offset + pe.count * cb)))
+          pos += pe.count * cb
         }
       }
-      if (!pe.started) this.startCopy(pe)
-      const outcome = await pe.done
-      if (outcome instanceof SnapError) throw outcome
-      if (!outcome) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: copy failed`)
-      this.checkUsable(true)
-      newChunk = this.table.lookup(chunk)
-      if (newChunk === -1) throw new SnapError('SNAP_INVALID', `${this.name}: chunk ${chunk} lost its exception`)
+    } catch (err) {
+      await Promise.allSettled(fresh)
+      if (this.invalidation) await this.invalidation
+      throw err
     }
-    await this.store.cow.write(data, newChunk * chunkBytes + inChunk, { fua })
+    const jobs = fresh
+    const oneWrite = cowWrites.length === 1 && fresh.length === 0
+    for (const [piece, at] of cowWrites) jobs.push(this.store.cow.write(piece, at, { fua: fua && oneWrite }))
+    await settleAll(jobs)
+    if (fua && !oneWrite) await this.store.cow.flush()
+  }
+
+  /** A new pending extent for the snapshot's own write; a full COW overflows or invalidates. */
+  private pendingForWrite(firstChunk: number, maxCount: number): PendingException {
+    try {
+      return this.newPending(firstChunk, maxCount)
+    } catch (err) {
+      if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
+      if (this.overflowMode) {
+        this.markOverflowed()
+        throw new SnapError('SNAP_OVERFLOW', `${this.name} overflowed: unable to allocate exception`)
+      }
+      // _write awaits the invalidation before it reports the error, so it is durable by then.
+      void this.invalidate(COW_FULL)
+      throw new SnapError('SNAP_INVALID', `${this.name} invalidated: COW device is full`)
+    }
+  }
+
+  /** Writes whole fresh chunks into `pe`'s COW chunks and commits them. */
+  private async writeFresh(pe: PendingException, data: Uint8Array): Promise<void> {
+    let copied: CopyResult = true
+    try {
+      await this.store.whenSpaceReady(pe.prepared)
+      await this.store.cow.write(data, pe.newChunk * this.chunkBytes)
+    } catch (err) {
+      copied = copyFailure(err)
+    }
+    await this.finishPending(pe, copied)
+    await this.outcomeOf(pe, 'COW write failed')
+  }
+
+  /** Throws unless `pe` saved its chunks. */
+  private async outcomeOf(pe: PendingException, failure: string): Promise<void> {
+    const outcome = await pe.done
+    if (outcome instanceof SnapError) throw outcome
+    if (!outcome) throw new SnapError('SNAP_INVALID', `${this.name} invalidated: ${failure}`)
+    this.checkUsable(true)
   }
 
   protected async _flush(): Promise<void> {
@@ -560,48 +661,41 @@ export class Snapshot extends BaseBlockDevice {
 
   protected override async _discard(offset: number, length: number): Promise<void> {
     this.checkUsable(true)
-    const chunkBytes = this.chunkBytes
+    const cb = this.chunkBytes
     const end = offset + length
+    const endChunk = Math.floor((end - 1) / cb) + 1
     const jobs: Array<Promise<void>> = []
-    let pos = offset
-    while (pos < end) {
-      const chunk = Math.floor(pos / chunkBytes)
-      const pieceEnd = Math.min(end, (chunk + 1) * chunkBytes)
-      jobs.push(this.discardPiece(pos, pieceEnd - pos, chunk))
-      pos = pieceEnd
+    if (this.discardPassdownOrigin && this.origin.device.capabilities.discard) {
+      // Deliberately frees origin space without saving it anywhere (kernel semantics).
+      jobs.push(this.discardOriginTracked(offset, length, Math.floor(offset / cb), endChunk))
+    }
+    // Saved runs are zeroed in the COW; unsaved chunks need nothing, and get no exception.
+    const table = this.exceptions
+    for (let c = table.nextMapped(Math.floor(offset / cb), endChunk); c < endChunk; ) {
+      const run = table.mappedRun(c, endChunk) as { cow: number; count: number }
+      const pos = Math.max(offset, c * cb)
+      const runEnd = Math.min(end, (c + run.count) * cb)
+      const cowOffset = run.cow * cb + (pos - c * cb)
+      const n = runEnd - pos
+      if (pos % cb === 0 && runEnd % cb === 0) {
+        jobs.push(this.store.cow.write(new Uint8Array(n), cowOffset))
+      } else if (this.store.cow.capabilities.discard) {
+        jobs.push(this.store.cow.discard(cowOffset, n))
+      } else {
+        jobs.push(this.store.cow.write(new Uint8Array(n), cowOffset))
+      }
+      c = table.nextMapped(c + run.count, endChunk)
     }
     await settleAll(jobs)
   }
 
-  private async discardPiece(offset: number, length: number, chunk: number): Promise<void> {
-    const chunkBytes = this.chunkBytes
-    const jobs: Array<Promise<void>> = []
-    if (this.discardPassdownOrigin && this.origin.device.capabilities.discard) {
-      // Deliberately frees origin space without saving it anywhere (kernel semantics).
-      jobs.push(
-        (async () => {
-          this.trackedReads.add(chunk)
-          try {
-            await this.origin.device.discard(offset, length)
-          } finally {
-            this.trackedReads.remove(chunk)
-          }
-        })(),
-      )
+  private async discardOriginTracked(offset: number, length: number, firstChunk: number, endChunk: number): Promise<void> {
+    const tracked = this.trackedReads.add(firstChunk, endChunk)
+    try {
+      await this.origin.device.discard(offset, length)
+    } finally {
+      this.trackedReads.remove(tracked)
     }
-    const newChunk = this.table.lookup(chunk)
-    if (newChunk !== -1) {
-      const cowOffset = newChunk * chunkBytes + (offset - chunk * chunkBytes)
-      if (length === chunkBytes) {
-        jobs.push(this.store.cow.write(new Uint8Array(chunkBytes), cowOffset))
-      } else if (this.store.cow.capabilities.discard) {
-        jobs.push(this.store.cow.discard(cowOffset, length))
-      } else {
-        jobs.push(this.store.cow.write(new Uint8Array(length), cowOffset))
-      }
-    }
-    // No exception: nothing saved, nothing to do, and no exception is created.
-    await settleAll(jobs)
   }
 
   protected override async _close(): Promise<void> {

@@ -17,10 +17,16 @@ export interface StoreUsage {
   readonly metadataSectors: number
 }
 
+/**
+ * An extent of `count` exceptions prepared together: origin chunks oldChunk..oldChunk+count-1
+ * go to the consecutive COW chunks newChunk..newChunk+count-1. The COW still gets one 16-byte
+ * entry per chunk; the extent is only the unit of bookkeeping (one object, one commit waiter).
+ */
 export interface PreparedException {
   readonly oldChunk: number
   readonly newChunk: number
-  /** Allocation order within this store. */
+  readonly count: number
+  /** Allocation order within this store (of the extent as a whole). */
   readonly sequence: number
 }
 
@@ -54,13 +60,19 @@ export interface ExceptionStore {
   /** Allocates a COW chunk for `oldChunk`. Throws SNAP_NO_SPACE when the COW is full. */
   prepareException(oldChunk: number): PreparedException
   /**
+   * Allocates COW chunks for up to `maxCount` origin chunks from `oldChunk`, as one extent of
+   * consecutive COW chunks: fewer when the next chunk would be a metadata area or the COW is
+   * full. Throws SNAP_NO_SPACE when not even one chunk fits.
+   */
+  prepareExceptions(oldChunk: number, maxCount: number): PreparedException
+  /**
    * Resolves once any growth of the COW needed for `e`'s chunk has happened. Rejects with
    * SNAP_NO_SPACE when a grow-on-demand COW cannot get the space (the file system is full):
    * the caller then abandons `e`.
    */
   whenSpaceReady(e: PreparedException): Promise<void>
   /**
-   * Records `e` (ok = its data copy succeeded). Resolves true when the exception is durable
+   * Records every chunk of `e` (ok = its data copy succeeded). Resolves true when they are durable
    * (persistent) or recorded (transient); false when the store is or became invalid.
    */
   commitException(e: PreparedException, ok: boolean): Promise<boolean>

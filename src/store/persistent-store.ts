@@ -237,24 +237,39 @@ export class PersistentStore implements ExceptionStore {
   }
 
   prepareException(oldChunk: number): PreparedException {
+    return this.prepareExceptions(oldChunk, 1)
+  }
+
+  prepareExceptions(oldChunk: number, maxCount: number): PreparedException {
     const { chunkBytes } = this.layout
     const newChunk = this.nextFree
-    if (!this.growable && (newChunk + 1) * chunkBytes > this.cow.sizeBytes) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
-    this.nextFree = nextDataChunk(this.layout, newChunk)
-    this.pendingCount++
-    const e = { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
+    let count = 0
+    let next = newChunk
+    while (count < maxCount) {
+      if (!this.growable && (next + 1) * chunkBytes > this.cow.sizeBytes) break
+      count++
+      const after = nextDataChunk(this.layout, next)
+      next = after
+      // A metadata area follows: the COW chunks would no longer be consecutive.
+      if (after !== newChunk + count) break
+    }
+    if (count === 0) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
+    this.nextFree = next
+    this.pendingCount += count
+    const e = { oldChunk, newChunk, count, sequence: this.committer.allocateSequence() }
     if (this.growable) this.growth.request(this.spaceNeededBytes(e))
     return e
   }
 
   /**
-   * Bytes that must exist, and areas that must be written, before `e` may commit: its chunk,
-   * and the area right after it when it is the last of its area (that area is zeroed when the
-   * current one fills, and an entry of any chunk up to here may be the one that fills it).
+   * Bytes that must exist, and areas that must be written, before `e` may commit: its chunks,
+   * and the area right after the last when that is the last of its area (that area is zeroed
+   * when the current one fills, and an entry of any chunk up to here may be the one that fills it).
    */
   private spaceNeededBytes(e: PreparedException): number {
     const { chunkBytes } = this.layout
-    return (isMetadataChunk(this.layout, e.newChunk + 1) ? e.newChunk + 2 : e.newChunk + 1) * chunkBytes
+    const last = e.newChunk + e.count - 1
+    return (isMetadataChunk(this.layout, last + 1) ? last + 2 : last + 1) * chunkBytes
   }
 
   async whenSpaceReady(e: PreparedException): Promise<void> {
@@ -292,29 +307,33 @@ export class PersistentStore implements ExceptionStore {
     await this.committer.commit(e, 'abandoned')
   }
 
-  /** Called in allocation order. */
+  /** Called in allocation order, once per extent; writes one entry per chunk. */
   private record(e: PreparedException, kind: CommitKind): Promise<boolean> {
     if (kind === 'abandoned') {
-      // No entry: the chunk stays an unreferenced hole, handed out again when nothing allocated
-      // after it is still outstanding (so a full file system does not leak chunks on every
+      // No entry: the chunks stay an unreferenced hole, handed out again when nothing allocated
+      // after them is still outstanding (so a full file system does not leak chunks on every
       // retry). The batch may now be complete.
-      this.pendingCount--
+      this.pendingCount -= e.count
       if (this.pendingCount === 0) this.nextFree = this.recordedEnd
       this.kick()
       return Promise.resolve(false)
     }
     if (kind === 'failed') this._valid = false
-    this.recordedEnd = Math.max(this.recordedEnd, nextDataChunk(this.layout, e.newChunk))
-    writeEntry(this.area, this.currentCommitted, e.oldChunk, e.newChunk)
-    this.currentCommitted++
-    this.pendingCount--
-    const done = new Promise<boolean>((resolve) => this.waiters.push(resolve))
-    if (this.currentCommitted === this.layout.exceptionsPerArea) {
-      this.jobs.push({ area: this.currentArea, image: this.area, sealed: true, waiters: this.waiters })
-      this.waiters = []
-      this.currentArea++
-      this.currentCommitted = 0
-      this.area = new Uint8Array(this.layout.chunkBytes)
+    this.recordedEnd = Math.max(this.recordedEnd, nextDataChunk(this.layout, e.newChunk + e.count - 1))
+    this.pendingCount -= e.count
+    let done!: Promise<boolean>
+    for (let k = 0; k < e.count; k++) {
+      writeEntry(this.area, this.currentCommitted, e.oldChunk + k, e.newChunk + k)
+      this.currentCommitted++
+      // The extent's one waiter goes with the area write that carries its last entry.
+      if (k === e.count - 1) done = new Promise<boolean>((resolve) => this.waiters.push(resolve))
+      if (this.currentCommitted === this.layout.exceptionsPerArea) {
+        this.jobs.push({ area: this.currentArea, image: this.area, sealed: true, waiters: this.waiters })
+        this.waiters = []
+        this.currentArea++
+        this.currentCommitted = 0
+        this.area = new Uint8Array(this.layout.chunkBytes)
+      }
     }
     this.kick()
     return done

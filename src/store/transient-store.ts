@@ -33,7 +33,7 @@ export class TransientStore implements ExceptionStore {
       if (this.outstanding === 0) this.nextFreeBytes = this.recordedEndBytes
       return Promise.resolve(false)
     }
-    this.recordedEndBytes = Math.max(this.recordedEndBytes, (e.newChunk + 1) * this.chunkBytes)
+    this.recordedEndBytes = Math.max(this.recordedEndBytes, (e.newChunk + e.count) * this.chunkBytes)
     if (kind === 'failed') this._valid = false
     return Promise.resolve(this._valid)
   })
@@ -56,20 +56,24 @@ export class TransientStore implements ExceptionStore {
   }
 
   prepareException(oldChunk: number): PreparedException {
-    const needed = this.nextFreeBytes + this.chunkBytes
-    if (needed > this.cow.sizeBytes) {
-      if (!this.growable) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
-      this.growth.request(needed)
-    }
+    return this.prepareExceptions(oldChunk, 1)
+  }
+
+  prepareExceptions(oldChunk: number, maxCount: number): PreparedException {
+    let count = maxCount
+    if (!this.growable) count = Math.min(count, Math.floor((this.cow.sizeBytes - this.nextFreeBytes) / this.chunkBytes))
+    if (count < 1) throw noSpace(`COW device is full (${this.cow.sizeBytes} bytes)`)
+    const needed = this.nextFreeBytes + count * this.chunkBytes
+    if (needed > this.cow.sizeBytes) this.growth.request(needed)
     const newChunk = this.nextFreeBytes / this.chunkBytes
     this.nextFreeBytes = needed
     this.outstanding++
-    return { oldChunk, newChunk, sequence: this.committer.allocateSequence() }
+    return { oldChunk, newChunk, count, sequence: this.committer.allocateSequence() }
   }
 
   async whenSpaceReady(e: PreparedException): Promise<void> {
     if (!this.growable) return
-    const needed = (e.newChunk + 1) * this.chunkBytes
+    const needed = (e.newChunk + e.count) * this.chunkBytes
     this.growth.request(needed) // again: an earlier step for it may have failed
     if (this.growth.covers(needed)) return
     try {

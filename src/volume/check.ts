@@ -3,13 +3,14 @@
  * entries pointing at metadata chunks, and duplicate origin chunks. Returns the problems found
  * (empty when clean); never modifies the file.
  */
-import { isAbsolute, join, resolve } from 'node:path'
+import { resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { decodeArea } from '../format/area.js'
 import { decodeHeader } from '../format/header.js'
 import { FORMAT_VERSION, areaChunk, isMetadataChunk, layoutFor } from '../format/layout.js'
-import { readManifest } from './manifest.js'
+import { cowPathOf, isExternal, readManifest } from './manifest.js'
+import { resolveInside } from './volume-files.js'
 import { MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SECTOR_BYTES, isPowerOfTwo } from '../units.js'
 
 /** check lists at most this many problems per COW: a COW for another origin fails every entry. */
@@ -107,7 +108,13 @@ export async function checkVolumeFiles(dirPath: string, snapshot: string | null)
   const problems: string[] = []
   for (const r of records) {
     if (r.store !== 'persistent') continue
-    const path = isAbsolute(r.cowFile) ? r.cowFile : join(dir, r.cowFile)
+    let path = cowPathOf(dir, r)
+    try {
+      if (!isExternal(r)) path = await resolveInside(dir, r.cowFile, true)
+    } catch (err) {
+      problems.push(`${r.name}: ${(err as Error).message}`)
+      continue
+    }
     for (const p of await checkCow(path, { originSizeBytes: manifest.sizeBytes })) problems.push(`${r.name}: ${p}`)
   }
   return { clean: problems.length === 0, problems }

@@ -1,13 +1,22 @@
 /**
  * The volume manifest (volume.json): what the directory holds. Written atomically (temp file,
  * fsync, rename, fsync of the directory), so a crash leaves either the old or the new manifest.
+ *
+ * The manifest is input like any other: whoever can write the directory can write it, and a
+ * root `serve` or `list` must not be steered by it to files elsewhere. So the files it names are
+ * confined: the origin is a plain name in the directory, a COW is `snapshots/NAME` — except a
+ * COW imported in place, recorded as `external` with its absolute path, which blocksnap uses but
+ * never deletes. Anything else is refused when the manifest is read.
  */
-import { open, readFile, rename } from 'node:fs/promises'
-import { join } from 'node:path'
+import { constants } from 'node:fs'
+import { open, readFile, rename, unlink } from 'node:fs/promises'
+import { isAbsolute, join, normalize } from 'node:path'
 import { SnapError } from '../errors.js'
 
 export const MANIFEST_FILE = 'volume.json'
 export const MANIFEST_VERSION = 1
+/** Where the volume's own COW files live, relative to the volume directory. */
+export const SNAPSHOT_DIR = 'snapshots'
 
 export type StoreName = 'persistent' | 'transient'
 
@@ -16,8 +25,17 @@ export interface SnapshotRecord {
   readonly chunkSizeBytes: number
   readonly store: StoreName
   readonly overflow: boolean
-  /** Relative to the volume directory, or absolute for COWs imported in place. */
+  /**
+   * The volume's own COW: `snapshots/NAME`, relative to the volume directory. An external COW:
+   * its absolute path.
+   */
   readonly cowFile: string
+  /**
+   * Set (true) for a COW imported in place: it lives outside the volume and is never deleted by
+   * blocksnap. Absent for the volume's own COWs. Manifests written before this field existed
+   * marked in-place imports by an absolute cowFile alone; reading them sets it.
+   */
+  readonly external?: true
   /** Fixed COW size in bytes (kernel behaviour), or null for a file that grows on demand. */
   readonly cowSizeBytes: number | null
   readonly createdAt: string
@@ -59,6 +77,26 @@ export async function readManifest(dir: string): Promise<Manifest> {
   return validateManifest(parsed, dir)
 }
 
+/** True for a COW that lives outside the volume (import --in-place): used, never deleted. */
+export function isExternal(record: SnapshotRecord): boolean {
+  return record.external === true
+}
+
+/** The absolute path of a snapshot's COW file. */
+export function cowPathOf(dir: string, record: SnapshotRecord): string {
+  return isExternal(record) ? record.cowFile : join(dir, record.cowFile)
+}
+
+/** One path component: no separator, not `.` or `..`, no NUL. */
+function isPlainName(name: string): boolean {
+  return name.length > 0 && name !== '.' && name !== '..' && !name.includes('/') && !name.includes('\0')
+}
+
+/** An absolute path with nothing to resolve (`.`, `..`, doubled slashes), no NUL. */
+function isCleanAbsolute(path: string): boolean {
+  return isAbsolute(path) && normalize(path) === path && !path.includes('\0')
+}
+
 function validateManifest(value: unknown, dir: string): Manifest {
   const bad = (why: string) => new SnapError('SNAP_CORRUPT_METADATA', `${join(dir, MANIFEST_FILE)}: ${why}`)
   if (typeof value !== 'object' || value === null) throw bad('not an object')
@@ -66,27 +104,50 @@ function validateManifest(value: unknown, dir: string): Manifest {
   if (m.version !== MANIFEST_VERSION) throw bad(`unsupported version ${String(m.version)}`)
   if (!Number.isSafeInteger(m.sizeBytes) || (m.sizeBytes as number) < 0) throw bad('bad sizeBytes')
   if (typeof m.originFile !== 'string') throw bad('bad originFile')
+  if (!isPlainName(m.originFile)) throw bad(`originFile ${JSON.stringify(m.originFile)} is not a file name inside the volume directory`)
   if (!Array.isArray(m.snapshots)) throw bad('bad snapshots')
-  for (const s of m.snapshots as unknown[]) {
-    const r = s as Record<string, unknown>
-    if (typeof r.name !== 'string' || typeof r.cowFile !== 'string' || !Number.isSafeInteger(r.chunkSizeBytes)) {
-      throw bad('bad snapshot record')
-    }
-    if (r.store !== 'persistent' && r.store !== 'transient') throw bad(`bad store for ${r.name}`)
-  }
+  const snapshots = (m.snapshots as unknown[]).map((s) => validateRecord(s, bad))
   if (m.merge !== null && m.merge !== undefined) {
     const merge = m.merge as Record<string, unknown>
     if (typeof merge.snapshot !== 'string') throw bad('bad merge record')
     const rate = merge.rateBytesPerSecond
     if (rate !== undefined && rate !== null && !(typeof rate === 'number' && Number.isFinite(rate) && rate > 0)) throw bad('bad merge rate')
   }
-  return m as unknown as Manifest
+  return { ...(m as unknown as Manifest), snapshots }
+}
+
+function validateRecord(value: unknown, bad: (why: string) => SnapError): SnapshotRecord {
+  if (typeof value !== 'object' || value === null) throw bad('bad snapshot record')
+  const r = value as Record<string, unknown>
+  if (typeof r.name !== 'string' || typeof r.cowFile !== 'string' || !Number.isSafeInteger(r.chunkSizeBytes)) {
+    throw bad('bad snapshot record')
+  }
+  if (r.store !== 'persistent' && r.store !== 'transient') throw bad(`bad store for ${r.name}`)
+  const of = `of snapshot ${JSON.stringify(r.name)}`
+  if (r.external !== undefined && r.external !== true) throw bad(`external ${JSON.stringify(r.external)} ${of} must be true or absent`)
+  const cowFile = r.cowFile
+  // Older manifests recorded an in-place import by its absolute path alone; only a persistent
+  // COW can be imported, so an absolute transient one was never written by blocksnap.
+  const external = r.external === true || (r.store === 'persistent' && isAbsolute(cowFile))
+  if (external) {
+    if (r.store !== 'persistent') throw bad(`external cowFile ${JSON.stringify(cowFile)} ${of}: only persistent COWs are imported in place`)
+    if (!isCleanAbsolute(cowFile)) throw bad(`external cowFile ${JSON.stringify(cowFile)} ${of} is not a clean absolute path`)
+    return { ...(r as unknown as SnapshotRecord), external: true }
+  }
+  const [folder, file, ...rest] = cowFile.split('/')
+  if (folder !== SNAPSHOT_DIR || file === undefined || !isPlainName(file) || rest.length > 0) {
+    throw bad(`cowFile ${JSON.stringify(cowFile)} ${of} is not a file in the volume's ${SNAPSHOT_DIR}/ directory`)
+  }
+  return r as unknown as SnapshotRecord
 }
 
 export async function writeManifest(dir: string, manifest: Manifest): Promise<void> {
   const path = join(dir, MANIFEST_FILE)
   const temp = `${path}.tmp-${process.pid}`
-  const handle = await open(temp, 'w')
+  // Exclusive and not following links: a symlink planted at the (guessable) temp name must not
+  // make us write through it. A leftover of a crashed run with our pid is only ever a file.
+  await unlink(temp).catch(() => {})
+  const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o666)
   try {
     await handle.writeFile(`${JSON.stringify(manifest, null, 2)}\n`)
     await handle.sync()

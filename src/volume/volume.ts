@@ -7,8 +7,8 @@
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
  * exist only while this process has the volume open, and are dropped at the next open.
  */
-import { mkdir, rm, stat, statfs, unlink } from 'node:fs/promises'
-import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
+import { mkdir, rm, stat, statfs } from 'node:fs/promises'
+import { basename, dirname, join, resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
 import { type ImageFile, copyImage, identityOfPath, statImage } from '../device/image-file.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
@@ -21,13 +21,24 @@ import { type Merge, type MergeOptions, attachMergeView, startMerge } from '../m
 import { PersistentStore } from '../store/persistent-store.js'
 import { TransientStore } from '../store/transient-store.js'
 import { DEFAULT_CHUNK_BYTES, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
-import { type Manifest, type SnapshotRecord, type StoreName, MANIFEST_VERSION, readManifest, writeManifest } from './manifest.js'
+import {
+  type Manifest,
+  type SnapshotRecord,
+  type StoreName,
+  MANIFEST_VERSION,
+  SNAPSHOT_DIR,
+  cowPathOf,
+  isExternal,
+  readManifest,
+  writeManifest,
+} from './manifest.js'
 import { copyPrivate } from './private-copy.js'
+import { openVolumeFile, removeVolumeFile, resolveInside } from './volume-files.js'
 import { VolumeLock } from './volume-lock.js'
 import { MAX_PROBLEMS, checkCow } from './check.js'
 
+export { SNAPSHOT_DIR }
 export const ORIGIN_FILE = 'origin.img'
-export const SNAPSHOT_DIR = 'snapshots'
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/
 
@@ -183,7 +194,7 @@ export class Volume {
     const lock = await VolumeLock.acquire(dir)
     let originDev: FileDevice | null = null
     try {
-      originDev = await FileDevice.open(join(dir, manifest.originFile))
+      originDev = await openVolumeFile(dir, manifest.originFile)
       if (originDev.sizeBytes !== manifest.sizeBytes) {
         throw new SnapError('SNAP_CORRUPT_METADATA', `origin image is ${originDev.sizeBytes} bytes, manifest says ${manifest.sizeBytes}`)
       }
@@ -209,7 +220,7 @@ export class Volume {
     for (const record of this.manifest.snapshots) {
       if (record.store === 'transient') {
         // Its table died with the process that made it.
-        await unlink(this.cowPath(record)).catch(() => {})
+        if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile)
         continue
       }
       kept.push(record)
@@ -224,12 +235,12 @@ export class Volume {
   }
 
   cowPath(record: SnapshotRecord): string {
-    return isAbsolute(record.cowFile) ? record.cowFile : join(this.dir, record.cowFile)
+    return cowPathOf(this.dir, record)
   }
 
   /** One line on why `record`'s COW could not be attached, naming the file as `VOL/snapshots/x.cow`. */
   private brokenReason(record: SnapshotRecord, err: unknown): string {
-    const where = isAbsolute(record.cowFile) ? record.cowFile : join(this.name, record.cowFile)
+    const where = isExternal(record) ? record.cowFile : join(this.name, record.cowFile)
     if (isSnapError(err, 'SNAP_NOT_FOUND')) return `COW file ${where} is missing`
     const message = err instanceof Error ? err.message : String(err)
     return `${message.replace(/^invalid or corrupt snapshot: /, '')} in ${where}`
@@ -280,16 +291,11 @@ export class Volume {
     }
   }
 
-  /** Whether `path` lies inside the volume directory (files outside are never deleted). */
-  private holds(path: string): boolean {
-    const rel = relative(this.dir, resolve(path))
-    return rel !== '' && !isAbsolute(rel) && rel !== '..' && !rel.startsWith(`..${sep}`)
-  }
-
   private async openSnapshot(record: SnapshotRecord, create: boolean): Promise<Snapshot> {
     const growable = record.cowSizeBytes === null
     const path = this.cowPath(record)
-    const cow = await FileDevice.open(path, create ? { create: record.cowSizeBytes ?? 0, resizable: growable } : { resizable: growable })
+    const options = create ? { create: record.cowSizeBytes ?? 0, resizable: growable } : { resizable: growable }
+    const cow = isExternal(record) ? await FileDevice.open(path, options) : await openVolumeFile(this.dir, record.cowFile, options)
     let store: ExceptionStore
     try {
       // A recorded persistent snapshot always has a header: never re-initialise a truncated or zeroed COW.
@@ -377,13 +383,12 @@ export class Volume {
       cowSizeBytes,
       createdAt: new Date().toISOString(),
     }
-    const path = this.cowPath(record)
-    await unlink(path).catch(() => {}) // leftover of a crash between file creation and manifest write
+    await removeVolumeFile(this.dir, record.cowFile) // leftover of a crash between file creation and manifest write
     let snap: Snapshot
     try {
       snap = await this.openSnapshot(record, true)
     } catch (err) {
-      await unlink(path).catch(() => {})
+      await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
       throw err
     }
     this.snapshotsByName.set(name, snap)
@@ -426,15 +431,17 @@ export class Volume {
       store: 'persistent',
       overflow: false,
       cowFile: options.inPlace ? source : join(SNAPSHOT_DIR, `${name}.cow`),
+      ...(options.inPlace ? { external: true as const } : {}),
       cowSizeBytes: image.sizeBytes,
       createdAt: new Date().toISOString(),
     }
-    if (!options.inPlace) await copyPrivate(this.cowPath(record), (temp) => copyImage(source, image, temp))
+    // Into the volume's own snapshots/ directory, never through a link that leads out of it.
+    if (!isExternal(record)) await copyPrivate(await resolveInside(this.dir, record.cowFile, false), (temp) => copyImage(source, image, temp))
     let snap: Snapshot
     try {
       snap = await this.openSnapshot(record, false)
     } catch (err) {
-      if (!options.inPlace) await unlink(this.cowPath(record)).catch(() => {})
+      if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
       throw err
     }
     this.snapshotsByName.set(name, snap)
@@ -474,14 +481,14 @@ export class Volume {
       this.snapshotsByName.delete(name)
     }
     await this.updateManifest((m) => ({ ...m, snapshots: m.snapshots.filter((r) => r.name !== name) }))
-    if (!options.keepCow && !isAbsolute(record.cowFile)) await unlink(this.cowPath(record)).catch(() => {})
+    if (!options.keepCow && !isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
   private async removeBrokenSnapshot(record: SnapshotRecord, reason: string, options: { keepCow?: boolean; force?: boolean }): Promise<void> {
     const name = record.name
-    // Only a relative path that stays inside the volume is ours to delete ("../x.cow" is not).
-    const path = isAbsolute(record.cowFile) ? record.cowFile : join(this.dir, record.cowFile)
-    const deletes = !options.keepCow && !isAbsolute(record.cowFile) && this.holds(path)
+    // Only the volume's own COW is ours to delete, never an external one.
+    const path = this.cowPath(record)
+    const deletes = !options.keepCow && !isExternal(record)
     if (!options.force) {
       throw new SnapError(
         'SNAP_CORRUPT_METADATA',
@@ -496,7 +503,7 @@ export class Volume {
     }))
     const merge = this.manifest.merge
     this.brokenByName.delete(name)
-    if (deletes) await unlink(path).catch(() => {})
+    if (deletes) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
     // The last broken snapshot gone, a recorded merge of a healthy one is presented again; it
     // moves on when asked (`merge VOL@SNAP`, or `serve` at its next start), as after any open.
     if (this.brokenByName.size === 0 && merge && !this.runningMerge) await this.presentRecordedMerge()
@@ -508,7 +515,7 @@ export class Volume {
     const record = this.record(name)
     this.snapshotsByName.delete(name)
     await this.updateManifest((m) => ({ ...m, merge: null, snapshots: m.snapshots.filter((r) => r.name !== name) }))
-    if (!isAbsolute(record.cowFile)) await unlink(this.cowPath(record)).catch(() => {})
+    if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
   get merge(): Merge | null {

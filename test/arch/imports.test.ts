@@ -2,12 +2,13 @@
  * Architecture check: every import inside src/ must respect the layer order
  *
  *   base (util, units, errors, log) <- device <- format <- store <- snapshot <- merge <- volume
- *     <- nbd / control <- cli
+ *     <- nbd / control <- cli, index (the package's public API)
  *
  * - a module may import only from its own layer or a lower one;
  * - nbd/ may import only base, device and nbd (it is a transport, it knows no snapshot engine);
  * - format/ never imports device/ (it is pure bytes);
  * - nothing outside cli/ imports cli/;
+ * - nothing imports index (it is what the package exports, not a shortcut for src/);
  * - nothing in src/ imports test/.
  *
  * Specifiers are found with a regex over `from '...'`, `import '...'` and `import('...')`, so
@@ -38,6 +39,7 @@ const RANK: Readonly<Record<string, number>> = {
   nbd: 7,
   control: 7,
   cli: 8,
+  index: 8,
 }
 const NBD_MAY_IMPORT = new Set<string>([...BASE, 'device', 'nbd'])
 
@@ -112,6 +114,7 @@ export function checkEdges(edges: readonly ImportEdge[]): string[] {
     if (toRank === undefined) report(`'${toLayer}' is not in the layer table`)
     if (fromRank === undefined || toRank === undefined) continue
     if (toLayer === 'cli' && fromLayer !== 'cli') report('nothing may import cli')
+    if (toLayer === 'index') report('nothing may import index')
     if (fromLayer === 'format' && toLayer === 'device') report('format must not import device')
     if (fromLayer === 'nbd' && !NBD_MAY_IMPORT.has(toLayer)) report(`nbd may import only base, device and nbd, not ${toLayer}`)
     if (toRank > fromRank) report(`${fromLayer} (layer ${fromRank}) must not import ${toLayer} (layer ${toRank})`)
@@ -167,15 +170,19 @@ test('arch: the checker reports synthetic bad edges (self-test)', () => {
     { from: 'src/control/control-server.ts', to: 'src/cli/main.js', specifier: '../cli/main.js' },
     { from: 'src/volume/volume.ts', to: 'test/support/random.js', specifier: '../../test/support/random.js' },
     { from: 'src/merge/merge.ts', to: 'src/mystery/thing.js', specifier: '../mystery/thing.js' },
+    { from: 'src/cli/serve.ts', to: 'src/index.js', specifier: '../index.js' },
+    { from: 'src/index.ts', to: 'src/cli/main.js', specifier: './cli/main.js' },
   ]
   const violations = checkEdges(bad)
   const offenders = new Set(violations.map((v) => v.slice(0, v.indexOf(' -> '))))
   assert.deepEqual(
     [...offenders].sort(),
     [
+      'src/cli/serve.ts',
       'src/control/control-server.ts',
       'src/device/file-device.ts',
       'src/format/area.ts',
+      'src/index.ts',
       'src/merge/merge.ts',
       'src/nbd/export.ts',
       'src/nbd/server.ts',
@@ -187,6 +194,8 @@ test('arch: the checker reports synthetic bad edges (self-test)', () => {
   assert.ok(violations.some((v) => v.startsWith('src/nbd/server.ts') && v.includes('nbd may import only')))
   assert.ok(violations.some((v) => v.startsWith('src/control/control-server.ts') && v.includes('nothing may import cli')))
   assert.ok(violations.some((v) => v.startsWith('src/volume/volume.ts') && v.includes('must not import test')))
+  assert.ok(violations.some((v) => v.startsWith('src/cli/serve.ts') && v.includes('nothing may import index')))
+  assert.ok(violations.some((v) => v.startsWith('src/index.ts') && v.includes('nothing may import cli')))
 })
 
 test('arch: the checker accepts edges that follow the layer order', () => {
@@ -201,6 +210,8 @@ test('arch: the checker accepts edges that follow the layer order', () => {
     { from: 'src/store/persistent-store.ts', to: 'src/format/layout.js', specifier: '../format/layout.js' },
     { from: 'src/format/area.ts', to: 'src/errors.js', specifier: '../errors.js' },
     { from: 'src/snapshot/origin.ts', to: 'src/util/deferred.js', specifier: '../util/deferred.js' },
+    { from: 'src/index.ts', to: 'src/volume/volume.js', specifier: './volume/volume.js' },
+    { from: 'src/index.ts', to: 'src/nbd/server.js', specifier: './nbd/server.js' },
   ]
   assert.deepEqual(checkEdges(good), [])
 })

@@ -1,8 +1,8 @@
 /**
- * CLI end-to-end, offline: every command spawned as `bin/blocksnap` on temp directories, the
+ * CLI end-to-end, offline: every command spawned as the compiled CLI on temp directories, the
  * `list --json` shape, kernel status lines, exit codes, one-line errors, and files left unchanged
  * by every failing command. Tests are independent (each makes its own volumes) and run a few at a
- * time, since each spawn costs ~0.5 s of tsx start-up.
+ * time.
  */
 import assert from 'node:assert/strict'
 import { cp, mkdtemp, readFile, rm, stat, truncate, writeFile, open } from 'node:fs/promises'

@@ -175,7 +175,7 @@ function asNobody(args: readonly string[]): Promise<{ code: number; stderr: stri
   return new Promise((resolve) => {
     execFile(
       'setpriv',
-      ['--reuid=nobody', '--regid=nogroup', '--clear-groups', BIN, ...args],
+      ['--reuid=nobody', '--regid=nogroup', '--clear-groups', process.execPath, BIN, ...args],
       { cwd: REPO, env: { ...process.env, BLOCKSNAP_LOG_LEVEL: 'warn' }, timeout: 60_000 },
       (error, _stdout, stderr) => {
         resolve({ code: error ? (typeof error.code === 'number' ? error.code : -1) : 0, stderr: String(stderr) })

@@ -1,5 +1,6 @@
 /**
- * Helpers for the CLI end-to-end tests: spawn `bin/blocksnap` asynchronously (a served volume's
+ * Helpers for the CLI end-to-end tests: spawn the compiled CLI (dist/cli/bin.cjs, what the
+ * package's `blocksnap` command runs; scripts/run-tests.sh builds it first) asynchronously (a served volume's
  * server is another process, but the tests also run qemu-io/nbdinfo concurrently), assert the
  * one-line error contract, and fingerprint files to prove a failed command changed nothing.
  */
@@ -11,7 +12,8 @@ import { dirname, join, relative, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..')
-export const BIN = join(REPO, 'bin', 'blocksnap')
+/** The package's `bin`: run it as `node BIN …` (process.execPath), as npm's shim does. */
+export const BIN = join(REPO, 'dist', 'cli', 'bin.cjs')
 
 export interface CliResult {
   readonly code: number
@@ -19,12 +21,12 @@ export interface CliResult {
   readonly stderr: string
 }
 
-/** Runs `bin/blocksnap ...args`, feeding `input` (or nothing) on stdin. */
+/** Runs `blocksnap ...args`, feeding `input` (or nothing) on stdin. */
 export function cli(args: readonly string[], options: { input?: Uint8Array; cwd?: string; timeoutMs?: number } = {}): Promise<CliResult> {
   return new Promise((resolveRun) => {
     const child = execFile(
-      BIN,
-      args,
+      process.execPath,
+      [BIN, ...args],
       {
         cwd: options.cwd ?? REPO,
         encoding: 'buffer',

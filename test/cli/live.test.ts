@@ -1,5 +1,5 @@
 /**
- * CLI end-to-end, served: `bin/blocksnap serve VOL` runs as a child process; other blocksnap
+ * CLI end-to-end, served: `blocksnap serve VOL` runs as a child process; other blocksnap
  * commands on VOL are carried out by it through the control socket, and qemu-io/nbdinfo talk to
  * its NBD exports. A byte model of the origin and of each snapshot is checked after every step.
  * The tests run in order and build on each other.

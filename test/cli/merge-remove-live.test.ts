@@ -18,7 +18,7 @@ import { Volume } from '../../src/volume/volume.js'
 import { freePort } from '../support/free-port.js'
 import { RawNbdClient } from '../support/nbd-raw-client.js'
 import { ServeProcess } from '../support/serve-process.js'
-import { assertError, cli, cliOk, fingerprint, ok, parseList } from './helpers.js'
+import { MERGE_PROGRESS_LINE, assertError, cli, cliOk, fingerprint, ok, parseList } from './helpers.js'
 
 const MiB = 1024 * 1024
 const NAME = 'lv'
@@ -91,7 +91,7 @@ describe('merge and remove (served)', { timeout: 120_000 }, () => {
 
   it('merging a snapshot taken just now ends in the server', { timeout: 60_000 }, async () => {
     await cliOk(['snapshot', `${vol}@e`])
-    ok(await cli(['merge', `${vol}@e`, '--wait']), 'merge --wait of an empty snapshot')
+    ok(await cli(['merge', `${vol}@e`, '--wait']), 'merge --wait of an empty snapshot', { stderr: MERGE_PROGRESS_LINE })
     const info = parseList(await cliOk(['list', vol, '--json']))
     assert.equal(info.merge, null, 'the volume is not merging any more')
     assert.deepEqual(info.snapshots, [], 'the merged snapshot is gone')

@@ -1,5 +1,5 @@
 /**
- * Interop against the real product: `bin/blocksnap serve VOL` (a child process) exporting a
+ * Interop against the real product: `blocksnap serve VOL` (a child process) exporting a
  * 64 MiB volume with 4K- and 64K-chunk snapshots, driven by nbdinfo, qemu-img, qemu-io, nbdcopy,
  * fio and nbdsh over TCP and over the Unix socket, then served again with --read-only, with a PSK
  * (--tls-psk, --tls require) and with an X.509 certificate (--tls-cert/--tls-key). Byte models of
@@ -192,7 +192,8 @@ describe('serve interop', () => {
         assert.equal(e.can_flush, true, what)
         assert.equal(e.can_multi_conn, true, what)
         const snapshot = String(e['export-name']).includes('@')
-        assert.deepEqual(e.contexts, snapshot ? ['base:allocation', 'blocksnap:exceptions'] : ['base:allocation'], what)
+        const originContexts = ['base:allocation', ...['s4', 's64', 'w'].map((s) => `qemu:dirty-bitmap:${s}`)]
+        assert.deepEqual(e.contexts, snapshot ? ['base:allocation', 'blocksnap:exceptions'] : originContexts, what)
       }
       assert.match(String(exports[1]!.description), /chunk 4096 bytes/)
       assert.match(String(exports[2]!.description), /chunk 65536 bytes/)

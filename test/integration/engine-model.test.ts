@@ -197,7 +197,7 @@ test('engine model: concurrent random I/O on an origin with mixed snapshots matc
 test('engine model: a seed replays exactly (same device completion order, same bytes); another seed does not', async () => {
   const run = async (seed: number) => {
     const scheduler = new Scheduler(seed, { record: true })
-    const result = await runTrace(seed, 30, scheduler)
+    const result = await runTrace(seed, 40, scheduler)
     return { trace: scheduler.trace, digest: scheduler.digest, finalHash: result.finalHash }
   }
   const first = await run(7)

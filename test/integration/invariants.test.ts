@@ -206,7 +206,7 @@ test('invariant 25: status precedence Invalid > Merge failed > Overflow > usage'
   await snap.write(filled(10, 1), 0)
   await rejectsCode(snap.write(filled(10, 1), 8 * KiB), 'SNAP_OVERFLOW')
   assert.equal(snap.statusText(), 'Overflow')
-  snap.mergeFailed = true
+  snap.markMergeFailed()
   assert.equal(snap.statusText(), 'Merge failed')
   await snap.invalidate('test')
   assert.equal(snap.statusText(), 'Invalid')

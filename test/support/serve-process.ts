@@ -1,5 +1,5 @@
 /**
- * `bin/blocksnap serve …` as a child process for the end-to-end tests: stderr is collected in
+ * `blocksnap serve …` (the compiled CLI, dist/cli/bin.cjs) as a child process for the end-to-end tests: stderr is collected in
  * `log`, and start() resolves once the server logs "serving …", which it does only after the
  * control sockets and every NBD listener are up.
  */
@@ -58,7 +58,7 @@ export class ServeProcess {
 
   /** Starts `blocksnap serve ...args`; rejects with the log if it exits or is not up in time. */
   static async start(args: readonly string[], timeoutMs = 30_000): Promise<ServeProcess> {
-    const child = spawn(join(REPO, 'bin', 'blocksnap'), ['serve', ...args], {
+    const child = spawn(process.execPath, [join(REPO, 'dist', 'cli', 'bin.cjs'), 'serve', ...args], {
       cwd: REPO,
       stdio: ['ignore', 'ignore', 'pipe'],
       env: { ...process.env, BLOCKSNAP_LOG_LEVEL: 'info' },

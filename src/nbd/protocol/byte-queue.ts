@@ -51,6 +51,19 @@ export class ByteQueue {
     return out
   }
 
+  /** Moves up to `target.length - at` bytes into `target` from `at` on; returns how many. */
+  takeInto(target: Buffer, at: number): number {
+    let filled = at
+    while (filled < target.length && this.total > 0) {
+      const chunk = this.chunks[0]!
+      const count = Math.min(target.length - filled, chunk.length - this.head)
+      chunk.copy(target, filled, this.head, this.head + count)
+      filled += count
+      this.advance(count)
+    }
+    return filled - at
+  }
+
   /** Discards up to `n` bytes; returns how many were discarded. */
   skip(n: number): number {
     let skipped = 0

@@ -3,6 +3,8 @@
  * fresh buffer costs page faults and, when freed, unmapping: on this workload the server spent
  * more time in the kernel than in JavaScript. Buffers are handed back once the device write has
  * settled, which the BlockDevice contract allows (a device does not keep `data` past that).
+ * One pool serves every connection of a server, holds at most `maxPooledBytes` of free buffers,
+ * and is trimmed when the last client leaves.
  */
 export class PayloadPool {
   /** Payloads smaller than this come from node's allocator as before. */
@@ -29,6 +31,17 @@ export class PayloadPool {
     const fresh = Buffer.allocUnsafeSlow(length)
     this.owned.add(fresh)
     return fresh
+  }
+
+  /** Bytes held in free buffers. */
+  get freeBytes(): number {
+    return this.pooledBytes
+  }
+
+  /** Lets go of every free buffer (when no client is left, their memory should go back too). */
+  trim(): void {
+    this.free.clear()
+    this.pooledBytes = 0
   }
 
   /** Takes back a buffer from acquire() once nobody uses it; anything else is ignored. */

@@ -11,6 +11,10 @@
  * - WRITE payloads up to `maxPayloadBytes` are returned whole. Larger ones are drained as they
  *   arrive, never buffered, and reported as `dropped` so the connection can answer an error and
  *   stay in sync with the stream (what nbdkit, qemu-nbd and nbd-server all do).
+ * - A payload already received whole is taken as it lies (a view when it sits in one chunk); one
+ *   still arriving is copied into its own buffer chunk by chunk, so received chunks do not pile
+ *   up for the length of a 32 MiB payload: many short-lived socket buffers at once fragment the
+ *   allocator's heap, which then stays at its peak size after the clients are gone.
  * - The parser never validates semantics (flags, ranges): that is the connection's job, which
  *   keeps this layer a pure framing codec.
  */
@@ -62,6 +66,9 @@ export class RequestParser {
   /** A WRITE header whose payload is still arriving. */
   private pending: RequestHeader | null = null
   private skipRemaining = 0
+  /** The buffer a still-arriving payload is copied into, and how much of it is filled. */
+  private assembling: Buffer | null = null
+  private assembledBytes = 0
   private readonly alloc: ((n: number) => Buffer) | undefined
 
   /** `alloc` provides the buffers WRITE payloads are assembled in (default: fresh ones). */
@@ -78,6 +85,14 @@ export class RequestParser {
   /** Bytes buffered but not yet consumed (a bound on memory held per connection). */
   get bufferedBytes(): number {
     return this.queue.length
+  }
+
+  /**
+   * The length of the WRITE payload now arriving (its header is read, the payload is not
+   * complete); 0 when none is, or when an oversized one is being drained.
+   */
+  get awaitedPayloadBytes(): number {
+    return this.pending !== null && this.skipRemaining === 0 ? this.pending.length : 0
   }
 
   next(): RequestEvent | null {
@@ -97,8 +112,19 @@ export class RequestParser {
       this.pending = null
       return { kind: 'dropped', header }
     }
-    const payload = this.queue.take(header.length, this.alloc)
-    if (payload === null) return null
+    if (this.assembling === null) {
+      const whole = this.queue.take(header.length, this.alloc)
+      if (whole !== null) {
+        this.pending = null
+        return { kind: 'request', header, payload: whole }
+      }
+      this.assembling = (this.alloc ?? Buffer.allocUnsafe)(header.length)
+      this.assembledBytes = 0
+    }
+    this.assembledBytes += this.queue.takeInto(this.assembling, this.assembledBytes)
+    if (this.assembledBytes < header.length) return null
+    const payload = this.assembling
+    this.assembling = null
     this.pending = null
     return { kind: 'request', header, payload }
   }

@@ -176,11 +176,9 @@ describe('broken snapshot (Volume API)', () => {
     })
   })
 
-  // As `import --in-place` records it (an absolute path), and a relative path leading out.
-  const outside: [string, (far: string) => string][] = [
-    ['an absolute path', (far) => far],
-    ['a relative path out of the volume', () => '../outside-1-far.cow'],
-  ]
+  // As `import --in-place` recorded it before the `external` field (an absolute path). A relative
+  // path leading out of the volume is refused when the manifest is read (manifest-paths.test.ts).
+  const outside: [string, (far: string) => string][] = [['an absolute path', (far) => far]]
   outside.forEach(([how, recorded], i) => it(`remove --force keeps a broken COW outside the volume directory (${how})`, async () => {
     const vol = join(T, `outside-${i}`)
     const models = await makeVolume(vol, ['a', 'far'], 200)

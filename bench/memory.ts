@@ -1,0 +1,134 @@
+/**
+ * Server memory under many pipelined large writes, and after the clients leave (issue 13):
+ * `blocksnap serve` on a scratch volume, CONNECTIONS raw NBD clients each pipelining PER writes
+ * of 32 MiB at once, the server's RSS sampled from /proc while they run (peak: VmHWM) and for a
+ * while after they disconnect.
+ *
+ *   npx tsx bench/memory.ts [--connections 16] [--per 4] [--settle 10] [--bin PATH] [-- serve options]
+ *
+ * `--bin` picks another launcher (e.g. an older checkout's bin/blocksnap) for a before/after
+ * figure; anything after `--` goes to `serve` (e.g. `--max-pending 64M`). Prints one JSON object;
+ * BENCH_MEMORY_SMAPS=1 also lists the server's largest mappings once the clients are gone (a
+ * large [heap] there is the allocator keeping freed memory, not live objects).
+ */
+import { readFileSync } from 'node:fs'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { spawn } from 'node:child_process'
+import { Volume } from '../src/volume/volume.js'
+import { freePort } from '../test/support/free-port.js'
+import { RawNbdClient } from '../test/support/nbd-raw-client.js'
+
+const MiB = 1024 * 1024
+const WRITE_BYTES = 32 * MiB
+
+const argv = process.argv.slice(2)
+const dashDash = argv.indexOf('--')
+const own = dashDash >= 0 ? argv.slice(0, dashDash) : argv
+const serveExtra = dashDash >= 0 ? argv.slice(dashDash + 1) : []
+const get = (flag: string, fallback: string) => {
+  const k = own.indexOf(flag)
+  return k >= 0 ? (own[k + 1] as string) : fallback
+}
+const connections = Number(get('--connections', '16'))
+const perConnection = Number(get('--per', '4'))
+const settleSeconds = Number(get('--settle', '10'))
+const bin = get('--bin', new URL('../bin/blocksnap', import.meta.url).pathname)
+
+function memoryOf(pid: number): { rssMiB: number; peakMiB: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8')
+  const kib = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN)
+  return { rssMiB: Math.round(kib('VmRSS') / 1024), peakMiB: Math.round(kib('VmHWM') / 1024) }
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
+
+const root = await mkdtemp(join(tmpdir(), 'bs-bench-memory-'))
+const vol = join(root, 'vol')
+// Every client writes the same four 32 MiB regions: the file stays small, the page cache absorbs it.
+await Volume.create(vol, { sizeBytes: 4 * WRITE_BYTES })
+const port = await freePort()
+// --max-connections only when above the default, so launchers from before the option still run.
+const limit = connections > 16 ? ['--max-connections', String(connections)] : []
+const child = spawn(bin, ['serve', vol, '--listen', `127.0.0.1:${port}`, ...limit, ...serveExtra], {
+  stdio: ['ignore', 'ignore', 'pipe'],
+  env: { ...process.env, BLOCKSNAP_LOG_LEVEL: 'warn' },
+})
+let log = ''
+child.stderr.on('data', (d: Buffer) => {
+  log += d.toString()
+})
+try {
+  // Up once it accepts a connection.
+  for (let tries = 0; ; tries++) {
+    try {
+      const probe = await RawNbdClient.connect({ port })
+      await probe.handshake()
+      probe.destroy()
+      break
+    } catch {
+      if (tries > 300 || child.exitCode !== null) throw new Error(`serve did not come up:\n${log}`)
+      await sleep(100)
+    }
+  }
+  const pid = child.pid as number
+  await sleep(1000)
+  const idle = memoryOf(pid)
+
+  const clients: RawNbdClient[] = []
+  for (let i = 0; i < connections; i++) {
+    const c = await RawNbdClient.connect({ port })
+    await c.handshake()
+    await c.go('vol')
+    clients.push(c)
+  }
+  const payload = Buffer.alloc(WRITE_BYTES, 0xa5)
+  let sampledPeakMiB = 0
+  const sampler = setInterval(() => {
+    sampledPeakMiB = Math.max(sampledPeakMiB, memoryOf(pid).rssMiB)
+  }, 50)
+  const started = performance.now()
+  await Promise.all(
+    clients.map(async (c) => {
+      for (let k = 0; k < perConnection; k++) c.request({ type: 1, cookie: k, offset: (k % 4) * WRITE_BYTES, length: WRITE_BYTES }, payload)
+      for (let k = 0; k < perConnection; k++) {
+        const reply = await c.reply()
+        if (reply.error !== 0) throw new Error(`write failed: errno ${reply.error}`)
+      }
+    }),
+  )
+  const seconds = (performance.now() - started) / 1000
+  clearInterval(sampler)
+  const loaded = memoryOf(pid)
+  for (const c of clients) c.end()
+  await Promise.all(clients.map((c) => c.closed))
+  const after: number[] = []
+  for (let s = 0; s < settleSeconds; s++) {
+    await sleep(1000)
+    after.push(memoryOf(pid).rssMiB)
+  }
+  const result = {
+    bin,
+    serveOptions: serveExtra,
+    connections,
+    writesPerConnection: perConnection,
+    writeMiB: WRITE_BYTES / MiB,
+    totalMiB: (connections * perConnection * WRITE_BYTES) / MiB,
+    seconds: Number(seconds.toFixed(2)),
+    idleRssMiB: idle.rssMiB,
+    peakRssMiB: loaded.peakMiB,
+    sampledPeakRssMiB: sampledPeakMiB,
+    rssAfterClientsLeftMiB: after,
+  }
+  process.stdout.write(`${JSON.stringify(result, null, 2)}\n`)
+  if (process.env.BENCH_MEMORY_SMAPS) {
+    const maps = readFileSync(`/proc/${pid}/smaps`, 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)
+    const rows = maps.map((m) => [Number(/^Rss:\s+(\d+)/m.exec(m)?.[1] ?? 0), m.split('\n')[0]] as const).sort((a, b) => b[0] - a[0]).slice(0, 12)
+    for (const [rss, head] of rows) process.stderr.write(`${rss} kB  ${head}\n`)
+  }
+} finally {
+  child.kill('SIGTERM')
+  await new Promise((resolve) => child.once('exit', resolve))
+  await rm(root, { recursive: true, force: true })
+}

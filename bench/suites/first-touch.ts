@@ -1,0 +1,113 @@
+/** First-touch then rewrite on a fresh snapshot (0–8 snapshots, 4K and 64K chunks) or overlay (qcow2, nbdkit cow). */
+import { rmSync } from 'node:fs'
+import { join } from 'node:path'
+import type { BenchContext, Results } from '../lib/context.js'
+import { dropVolume, makeVolume } from '../lib/files.js'
+import { type FioResult, fio, metric, unit } from '../lib/fio.js'
+import { log } from '../lib/log.js'
+import { type Server, startBlocksnap, startNbdkitCow, startQemuOverlay, withServer } from '../lib/servers.js'
+import type { FloorRow, Suite } from '../lib/suite.js'
+import { MiB } from '../lib/units.js'
+import { k, rawPairs } from '../report/format.js'
+
+/** Per round: config -> its jobs. */
+const rounds = (results: Results) => results.firstTouch as Array<Record<string, FioResult[]>>
+
+/** First-touch then rewrite, on a fresh snapshot (or overlay): random 4K, sequential 1M, fsync-heavy. */
+async function firstTouchJobs(s: Server, runtimeSeconds: number): Promise<FioResult[]> {
+  const T = runtimeSeconds
+  const q = Math.floor(s.sizeBytes / 4 / MiB) * MiB
+  const out: FioResult[] = []
+  const ft = await fio(s, { name: 'ft-rand4k', rw: 'randwrite', bs: '4k', iodepth: 32, offset: 0, size: 2 * q, runtime: T })
+  out.push(ft)
+  out.push(await fio(s, { name: 'rw-rand4k', rw: 'randwrite', bs: '4k', iodepth: 32, offset: 0, size: 2 * q, ioSize: Math.max(4096, ft.ioBytes), runtime: 4 * T }))
+  out.push(await fio(s, { name: 'ft-seq1m', rw: 'write', bs: '1M', iodepth: 8, offset: 2 * q, size: q, runtime: 4 * T }))
+  out.push(await fio(s, { name: 'rw-seq1m', rw: 'write', bs: '1M', iodepth: 8, offset: 2 * q, size: q, runtime: 4 * T }))
+  out.push(await fio(s, { name: 'ft-fsync4k', rw: 'randwrite', bs: '4k', iodepth: 32, offset: 3 * q, size: q, runtime: T, fsync: 32 }))
+  return out
+}
+
+const FT_CONFIGS: Array<{ key: string; snaps: number; chunk: number }> = [
+  { key: 'blocksnap 0 snap', snaps: 0, chunk: 4096 },
+  { key: 'blocksnap 1 snap 4K', snaps: 1, chunk: 4096 },
+  { key: 'blocksnap 4 snap 4K', snaps: 4, chunk: 4096 },
+  { key: 'blocksnap 8 snap 4K', snaps: 8, chunk: 4096 },
+  { key: 'blocksnap 1 snap 64K', snaps: 1, chunk: 65536 },
+  { key: 'blocksnap 4 snap 64K', snaps: 4, chunk: 65536 },
+  { key: 'blocksnap 8 snap 64K', snaps: 8, chunk: 65536 },
+]
+
+async function firstTouchRound(ctx: BenchContext, round: number): Promise<Record<string, FioResult[]>> {
+  log(`first-touch vs rewrite, round ${round}`)
+  const jobs = (s: Server) => firstTouchJobs(s, ctx.args.runtime)
+  const out: Record<string, FioResult[]> = {}
+  for (const c of FT_CONFIGS) {
+    const dir = await makeVolume(ctx, c.snaps, c.chunk)
+    out[c.key] = await withServer(() => startBlocksnap(ctx, dir, c.key), jobs)
+    dropVolume(dir)
+  }
+  out['qemu-nbd qcow2'] = await withServer(() => startQemuOverlay(ctx, ctx.baseImage, join(ctx.workDir, 'ft.qcow2')), jobs)
+  rmSync(join(ctx.workDir, 'ft.qcow2'), { force: true })
+  out['nbdkit cow'] = await withServer(() => startNbdkitCow(ctx, ctx.baseImage), jobs)
+  return out
+}
+
+const find = (round: Record<string, FioResult[]>, cfg: string, job: string) => round[cfg]?.find((r) => r.job === job && !r.error)
+
+function floors(results: Results): FloorRow[] {
+  const rows: FloorRow[] = []
+  const firstTouch = rounds(results)
+  for (const job of ['ft-rand4k', 'ft-seq1m']) {
+    for (const [cfg, floor] of [['blocksnap 1 snap 4K', 0.5], ['blocksnap 4 snap 4K', 0.25], ['blocksnap 1 snap 64K', 0.5], ['blocksnap 4 snap 64K', 0.25]] as const) {
+      const pairs = firstTouch.map((r): [number, number] => [metric(find(r, cfg, job), job), metric(find(r, 'blocksnap 0 snap', job), job)])
+      rows.push({
+        what: `First-touch ${job.slice(3)}: ${cfg.slice(10)} vs 0 snapshots`,
+        floor: `≥ ${floor}`,
+        ok: (x) => x >= floor,
+        ratios: pairs.map(([a, b]) => a / b),
+        raw: rawPairs(pairs, cfg.slice(10), '0 snap', unit(job)),
+      })
+    }
+    for (const cfg of ['blocksnap 1 snap 4K', 'blocksnap 1 snap 64K']) {
+      const pairs = firstTouch.map((r): [number, number] => [metric(find(r, cfg, job), job), metric(find(r, 'qemu-nbd qcow2', job), job)])
+      rows.push({
+        what: `First-touch ${job.slice(3)}: ${cfg.slice(10)} vs qemu-nbd qcow2 overlay`,
+        floor: '≥ 1.0',
+        ok: (x) => x >= 1,
+        ratios: pairs.map(([a, b]) => a / b),
+        raw: rawPairs(pairs, 'blocksnap', 'qcow2', unit(job)),
+      })
+    }
+  }
+  return rows
+}
+
+function section(results: Results): string[] {
+  const firstTouch = rounds(results)
+  if (firstTouch.length === 0) return []
+  const lines: string[] = []
+  lines.push('## First touch vs rewrite on a fresh snapshot / overlay')
+  lines.push('')
+  lines.push('ft = first write to each block after the snapshot (random 4K QD32 over half the device, stopped after the runtime; 1M sequential QD8 over a quarter; 4K random with fsync every 32 writes over the last quarter); rw = the same blocks written again.')
+  lines.push('')
+  const jobs = ['ft-rand4k', 'rw-rand4k', 'ft-seq1m', 'rw-seq1m', 'ft-fsync4k']
+  lines.push(`| Config | ${jobs.map((j) => `${j} (${unit(j)})`).join(' | ')} |`)
+  lines.push(`| --- | ${jobs.map(() => '---').join(' | ')} |`)
+  for (const cfg of Object.keys(firstTouch[0] ?? {})) {
+    lines.push(`| ${cfg} | ${jobs.map((j) => firstTouch.map((r) => k(metric(find(r, cfg, j), j))).join(' / ')).join(' | ')} |`)
+  }
+  lines.push('')
+  return lines
+}
+
+export const firstTouchSuite: Suite = {
+  name: 'firsttouch',
+  usesPeers: true,
+  initialResults: () => ({ firstTouch: [] }),
+  async round(ctx, round) {
+    rounds(ctx.results).push(await firstTouchRound(ctx, round))
+  },
+  floors,
+  fioJobs: (results) => rounds(results).flatMap((r) => Object.values(r).flat()),
+  section,
+}

@@ -1,0 +1,131 @@
+/** Merge of changed chunks (offline, in-process) vs qemu-img commit of an overlay holding the same writes; then a live merge under reads. */
+import { rmSync } from 'node:fs'
+import { join } from 'node:path'
+import { Volume } from '../../src/volume/volume.js'
+import type { BenchContext, Results } from '../lib/context.js'
+import { copy, dropVolume, makeVolume, syncAll } from '../lib/files.js'
+import { fio, type Job, JOBS } from '../lib/fio.js'
+import { log } from '../lib/log.js'
+import { ROOT } from '../lib/paths.js'
+import { run, sleep, timed } from '../lib/proc.js'
+import { startBlocksnap, startQemuOverlay, withServer } from '../lib/servers.js'
+import type { FloorRow, Suite } from '../lib/suite.js'
+import { KiB, MiB } from '../lib/units.js'
+import { fmt } from '../report/format.js'
+
+const mergeResults = (results: Results) => results.merge as Record<string, unknown>
+
+async function mergeBench(ctx: BenchContext): Promise<void> {
+  const { args, workDir, baseImage } = ctx
+  const T = args.runtime
+  const results = mergeResults(ctx.results)
+  const cases: Array<{ key: string; job: (size: number) => Job; bytes: number }> = [
+    {
+      key: 'sequential',
+      bytes: Math.floor(args.size / 2),
+      job: () => ({ name: 'change-seq1m', rw: 'write', bs: '1M', iodepth: 8, offset: 0, size: Math.floor(args.size / 2) }),
+    },
+    {
+      key: 'random 4K',
+      bytes: 32 * MiB,
+      job: (size) => ({ name: 'change-rand4k', rw: 'randwrite', bs: '4k', iodepth: 32, size, ioSize: 32 * MiB }),
+    },
+  ]
+  for (const c of cases) {
+    log(`merge: ${c.key}, ${c.bytes / MiB} MiB changed`)
+    const entry: Record<string, unknown> = { changedBytes: c.bytes }
+    // blocksnap: one snapshot, the changes written to the origin over NBD, merge offline in-process
+    for (const chunk of [4096, 65536]) {
+      const dir = await makeVolume(ctx, 1, chunk)
+      await withServer(() => startBlocksnap(ctx, dir), (s) => fio(s, c.job(s.sizeBytes)))
+      syncAll()
+      const [seconds, steps] = await timed(async () => {
+        const v = await Volume.open(dir)
+        const m = await v.startMerge('s0')
+        await m.done
+        const n = m.stats.steps
+        // the merged snapshot is dropped (manifest rewritten) just after 'complete'
+        while (v.merge) await sleep(5)
+        await v.close()
+        return n
+      })
+      entry[`blocksnap ${chunk / KiB}K`] = { seconds, steps, mibps: c.bytes / MiB / seconds }
+      log(`  blocksnap merge (${chunk / KiB}K chunks): ${seconds.toFixed(2)} s, ${steps} steps, ${(c.bytes / MiB / seconds).toFixed(1)} MiB/s`)
+      dropVolume(dir)
+    }
+    // qemu: the same client writes into a fresh qcow2 overlay, then qemu-img commit
+    const base = join(workDir, 'commit-base.img')
+    const ov = join(workDir, 'commit.qcow2')
+    copy(baseImage, base)
+    await withServer(() => startQemuOverlay(ctx, base, ov), (s) => fio(s, c.job(s.sizeBytes)))
+    const allocated = run('qemu-img', ['info', '--output=json', ov]).stdout
+    syncAll()
+    const [seconds] = await timed(async () => run('qemu-img', ['commit', '-q', '-f', 'qcow2', ov]))
+    entry['qemu-img commit'] = { seconds, mibps: c.bytes / MiB / seconds, overlayBytesOnDisk: (JSON.parse(allocated) as { 'actual-size': number })['actual-size'] }
+    log(`  qemu-img commit: ${seconds.toFixed(2)} s, ${(c.bytes / MiB / seconds).toFixed(1)} MiB/s`)
+    rmSync(base, { force: true })
+    rmSync(ov, { force: true })
+    results[c.key] = entry
+  }
+  // live merge with concurrent client reads, through the CLI as a user would run it
+  log('merge: live, sequential changes, with concurrent 4K random reads on the origin')
+  const dir = await makeVolume(ctx, 1, 4096)
+  const first = cases[0] as (typeof cases)[number]
+  await withServer(
+    () => startBlocksnap(ctx, dir, 'blocksnap live merge'),
+    async (s) => {
+      await fio(s, first.job(s.sizeBytes))
+      const readsAlone = await fio(s, { ...JOBS.randread4k(T), name: 'reads-before-merge', runtime: 3 })
+      const reads = fio(s, { ...JOBS.randread4k(T), name: 'reads-during-merge', runtime: 3 * T })
+      await sleep(500)
+      const [seconds] = await timed(async () => run(join(ROOT, 'bin', 'blocksnap'), ['merge', `${dir}@s0`, '--wait']))
+      const during = await reads
+      results['live sequential with concurrent reads'] = {
+        changedBytes: first.bytes,
+        secondsIncludingCli: seconds,
+        mibps: first.bytes / MiB / seconds,
+        readIopsBefore: readsAlone.iops,
+        readIopsDuringMergeWindow: during.iops,
+      }
+      log(`  live merge: ${seconds.toFixed(2)} s (including CLI start-up); reads ${readsAlone.iops} IOPS before, ${during.iops} IOPS over a window containing the merge`)
+    },
+  )
+  dropVolume(dir)
+}
+
+function floors(results: Results): FloorRow[] {
+  const rows: FloorRow[] = []
+  const merge = mergeResults(results)
+  for (const key of ['sequential', 'random 4K']) {
+    const e = merge[key] as Record<string, { mibps: number; seconds: number }> | undefined
+    if (!e) continue
+    const q = e['qemu-img commit']
+    for (const c of ['blocksnap 4K', 'blocksnap 64K']) {
+      const b = e[c]
+      if (!b || !q) continue
+      rows.push({
+        what: `Merge, ${key} changes (${(e.changedBytes as unknown as number) / MiB} MiB), ${c.slice(10)} chunks vs qemu-img commit`,
+        floor: '≥ 0.7',
+        ok: (x) => x >= 0.7,
+        ratios: [b.mibps / q.mibps],
+        raw: `${fmt(b.seconds)} s (${fmt(b.mibps, 0)} MiB/s) vs ${fmt(q.seconds)} s (${fmt(q.mibps, 0)} MiB/s)`,
+      })
+    }
+  }
+  return rows
+}
+
+function section(results: Results): string[] {
+  const merge = mergeResults(results)
+  if (Object.keys(merge).length === 0) return []
+  return ['## Merge', '', '```json', JSON.stringify(merge, null, 1), '```', '']
+}
+
+export const mergeSuite: Suite = {
+  name: 'merge',
+  usesPeers: true,
+  initialResults: () => ({ merge: {} }),
+  run: mergeBench,
+  floors,
+  section,
+}

@@ -1,0 +1,174 @@
+/**
+ * The copy engine (the role dm-kcopyd plays for dm-snapshot): every data copy between the origin
+ * and a COW goes through here — origin → COW copy-outs for first-touch writes and relocation,
+ * COW → origin copies of a merge.
+ *
+ * - copyOut: one read of the source feeds several destinations (the snapshots that need the same
+ *   old data: kcopyd's one source, several destinations). Each destination is one extent and
+ *   reports its own outcome through a callback, so one failing snapshot does not fail the others
+ *   and the caller allocates no promise per destination.
+ * - Small destination writes are coalesced per device (WriteCombiner): random first-touch writes
+ *   land in consecutive COW chunks and go out as one write.
+ * - copyRegions: a list of regions copied by a few workers that pull the next region from a
+ *   shared cursor (kcopyd's sub-jobs), each region in pieces of at most pieceBytes, so a merge
+ *   step holds a bounded amount of memory; the first failure stops the workers, and every
+ *   piece in flight settles before the failure is reported.
+ * - inFlight counts destinations and pieces being copied, for whoever throttles on it.
+ * Failures carry their stage (read or write), since callers word them differently.
+ */
+import type { BlockDevice } from '../device/block-device.js'
+import { WriteCombiner } from '../device/write-combiner.js'
+
+/** Largest single read or write of a region copy. */
+export const COPY_PIECE_BYTES = 1024 * 1024
+
+export type CopyStage = 'prepare' | 'read' | 'write'
+
+/** A failed copy: where it failed and the underlying error. */
+export class CopyFailure extends Error {
+  readonly stage: CopyStage
+
+  constructor(stage: CopyStage, cause: unknown) {
+    super(`copy ${stage} failed: ${cause instanceof Error ? cause.message : String(cause)}`, { cause })
+    this.stage = stage
+  }
+}
+
+/** One destination of a copy-out: source bytes [from, from + length) go to `device` at `to`. */
+export interface CopyTarget {
+  readonly from: number
+  readonly length: number
+  readonly device: BlockDevice
+  readonly to: number
+  /** Runs before the write (e.g. growing the COW); a rejection fails this target at 'prepare'. */
+  readonly before?: () => Promise<void>
+  /** Called exactly once: null when the data is on the device, else the failure. */
+  readonly done: (failure: CopyFailure | null) => void
+}
+
+/** One region of a region copy: `length` bytes from source offset `from` to target offset `to`. */
+export interface CopyRegion {
+  readonly from: number
+  readonly to: number
+  readonly length: number
+}
+
+export interface RegionCopyOptions {
+  /** Regions copied at the same time. */
+  readonly concurrency?: number
+  readonly pieceBytes?: number
+}
+
+export class CopyEngine {
+  private readonly combiners = new WeakMap<BlockDevice, WriteCombiner>()
+  private active = 0
+
+  /** Destinations and region pieces being copied right now. */
+  get inFlight(): number {
+    return this.active
+  }
+
+  /**
+   * Copies the source bytes each target needs, with one read over the span of all of them (the
+   * bytes in between are read but unused; callers keep the targets close together). Returns at
+   * once; every target's `done` is called when its copy ends. `preRead`, when given, is that
+   * read already issued (its data starting at `preRead.start`).
+   */
+  copyOut(source: BlockDevice, targets: readonly CopyTarget[], preRead?: { readonly start: number; readonly data: Promise<Uint8Array> }): void {
+    if (targets.length === 0) return
+    let start = Infinity
+    let end = 0
+    for (const t of targets) {
+      if (t.from < start) start = t.from
+      if (t.from + t.length > end) end = t.from + t.length
+    }
+    const read = preRead ?? { start, data: source.read(start, end - start) }
+    // Each target awaits `read.data` and handles a failure itself; this keeps an unobserved
+    // rejection from being reported as unhandled before they get there.
+    read.data.catch(() => {})
+    this.active += targets.length
+    for (const t of targets) void this.copyTarget(t, read)
+  }
+
+  private async copyTarget(t: CopyTarget, read: { readonly start: number; readonly data: Promise<Uint8Array> }): Promise<void> {
+    let failure: CopyFailure | null = null
+    try {
+      if (t.before) {
+        try {
+          await t.before()
+        } catch (err) {
+          throw new CopyFailure('prepare', err)
+        }
+      }
+      let data: Uint8Array
+      try {
+        data = (await read.data).subarray(t.from - read.start, t.from - read.start + t.length)
+      } catch (err) {
+        throw new CopyFailure('read', err)
+      }
+      try {
+        await this.writerFor(t.device).write(data, t.to)
+      } catch (err) {
+        throw new CopyFailure('write', err)
+      }
+    } catch (err) {
+      failure = err as CopyFailure
+    }
+    this.active--
+    t.done(failure)
+  }
+
+  /** The device's write combiner: copies into one COW are coalesced whoever started them. */
+  private writerFor(device: BlockDevice): WriteCombiner {
+    let combiner = this.combiners.get(device)
+    if (!combiner) {
+      combiner = new WriteCombiner(device)
+      this.combiners.set(device, combiner)
+    }
+    return combiner
+  }
+
+  /**
+   * Copies every region from `source` to `target`, `concurrency` regions at a time, each in
+   * pieces of at most `pieceBytes`. Rejects with the first CopyFailure once every piece in
+   * flight has settled; regions not started by then are not copied.
+   */
+  async copyRegions(source: BlockDevice, target: BlockDevice, regions: readonly CopyRegion[], options: RegionCopyOptions = {}): Promise<void> {
+    const pieceBytes = options.pieceBytes ?? COPY_PIECE_BYTES
+    let next = 0
+    let failure: CopyFailure | null = null
+    const worker = async (): Promise<void> => {
+      while (failure === null && next < regions.length) {
+        const r = regions[next++] as CopyRegion
+        for (let done = 0; done < r.length && failure === null; done += pieceBytes) {
+          const n = Math.min(pieceBytes, r.length - done)
+          this.active++
+          try {
+            await this.copyPiece(source, target, r.from + done, r.to + done, n)
+          } catch (err) {
+            failure ??= err as CopyFailure
+          } finally {
+            this.active--
+          }
+        }
+      }
+    }
+    const workers = Math.max(1, Math.min(options.concurrency ?? 8, regions.length))
+    await Promise.all(Array.from({ length: workers }, worker))
+    if (failure) throw failure
+  }
+
+  private async copyPiece(source: BlockDevice, target: BlockDevice, from: number, to: number, length: number): Promise<void> {
+    let data: Uint8Array
+    try {
+      data = await source.read(from, length)
+    } catch (err) {
+      throw new CopyFailure('read', err)
+    }
+    try {
+      await target.write(data, to)
+    } catch (err) {
+      throw new CopyFailure('write', err)
+    }
+  }
+}
