@@ -130,7 +130,9 @@ async function main(): Promise<number> {
 
   await cliOk(['create', volDir, '--size', String(sizeBytes)])
   const port = await freePort()
-  const server = await ServeProcess.start([volDir, '--listen', `127.0.0.1:${port}`])
+  // Room for every connection the soak opens, plus those of snapshots just closed or withdrawn.
+  const maxConnections = connections + 2 * SNAPSHOT_CONNECTIONS * MAX_SNAPSHOTS
+  const server = await ServeProcess.start([volDir, '--listen', `127.0.0.1:${port}`, '--max-connections', String(maxConnections)])
   serverProcess = server
   const pid = server.pid as number
   const control = await ControlClient.connect(volDir)
@@ -162,7 +164,8 @@ async function main(): Promise<number> {
   // ------------------------------------------------------------------ RSS and hang watch
   const startedAt = Date.now()
   const endAt = startedAt + minutes * 60_000
-  const warmAt = startedAt + minutes * 6_000
+  // Warm: a tenth of the run, at least 20 s (caches, pools and V8's heap have grown by then).
+  const warmAt = startedAt + Math.min(Math.max(minutes * 6_000, 20_000), minutes * 30_000)
   let rssStart: number | null = null
   let rssPeak = 0
   let hung = false
