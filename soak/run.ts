@@ -18,7 +18,8 @@
  *
  * The seed fixes every random stream (the admin's choices, each lane's requests); how they
  * interleave depends on timing, so a seed replays the same workload, not the same schedule.
- * Exits 1 on any error, model mismatch, hang or RSS growth of 64 MiB or more.
+ * Exits 1 on any error, model mismatch, hang or RSS growth of 64 MiB or more. SOAK_TRACE=1 logs
+ * how long each snapshot operation took.
  */
 import { execFile } from 'node:child_process'
 import { mkdtemp, readFile, rm } from 'node:fs/promises'
@@ -282,8 +283,10 @@ async function main(): Promise<number> {
   }
 
   const removeSnapshot = async (view: View) => {
+    await scans.get(view)
     const name = view.snapshot as string
-    const force = admin.chance(0.25)
+    // A quarter forced, and the second remove at the latest, so short runs see it too.
+    const force = admin.chance(0.25) || (counts.removesForced === 0 && counts.snapshotsRemoved >= 1)
     const viaCli = admin.chance(0.15)
     const remove = () => (viaCli ? cliOk(['remove', `${volDir}@${name}`, ...(force ? ['--force'] : [])]) : control.remove(name, { force }))
     if (force) {
@@ -302,8 +305,9 @@ async function main(): Promise<number> {
   }
 
   const mergeSnapshot = async (view: View) => {
+    await scans.get(view)
     const name = view.snapshot as string
-    const force = admin.chance(0.25)
+    const force = admin.chance(0.25) || (counts.mergesForced === 0 && counts.mergesStarted >= 1)
     const viaCli = admin.chance(0.2)
     if (force) {
       await view.pauseWrites() // its model must be final when the merge takes it
@@ -363,10 +367,19 @@ async function main(): Promise<number> {
     counts.mergesDone++
   }
 
-  const scan = async (view: View) => {
+  /** Scans run beside the other operations; a snapshot's is awaited before it goes away. */
+  const scans = new Map<View, Promise<void>>()
+  const scan = (view: View): Promise<void> => {
     const client = view.clients[0]
-    if (!client) return
-    if (await scanView(view, client, stats)) counts.viewsVerified++
+    const running = scans.get(view)
+    if (running) return running
+    if (!client) return Promise.resolve()
+    const done = scanView(view, client, stats).then((clean) => {
+      if (clean) counts.viewsVerified++
+      scans.delete(view)
+    })
+    scans.set(view, done)
+    return done
   }
 
   // ------------------------------------------------------------------ the admin loop
@@ -376,20 +389,27 @@ async function main(): Promise<number> {
   }
   try {
     while (Date.now() < endAt && !stopping) {
-      await sleep(200 + admin.int(1000))
+      await sleep(100 + admin.int(700))
       await pollMerge()
       const x = admin.int(100)
+      const t0 = Date.now()
+      let what = 'nothing'
       if (snapshots.size === 0 || (x < 30 && snapshots.size < MAX_SNAPSHOTS)) {
+        what = 'create'
         await createSnapshot(merging === null && admin.chance(0.1))
       } else if (x < 50) {
+        what = 'remove'
         const v = pickSnapshot(() => true)
         if (v) await removeSnapshot(v)
-      } else if (x < 70) {
+      } else if (x < 75) {
+        what = 'merge'
         const v = merging === null ? pickSnapshot((s) => !s.transient) : null
         if (v) await mergeSnapshot(v)
       } else {
-        await scan(admin.chance(0.4) ? origin : (pickSnapshot(() => true) ?? origin))
+        what = 'scan'
+        void scan(admin.chance(0.4) ? origin : (pickSnapshot(() => true) ?? origin))
       }
+      if (process.env.SOAK_TRACE) log(`${what}: ${Date.now() - t0} ms`)
     }
   } catch (err) {
     stats.error(`snapshot operation failed: ${(err as Error).message}`)
@@ -400,6 +420,7 @@ async function main(): Promise<number> {
   clearInterval(progress)
   const views = [origin, ...snapshots.values()]
   await Promise.all(views.flatMap((v) => v.lanes))
+  await Promise.all(scans.values())
   for (let waited = 0; merging !== null && waited < 600 && !hung; waited++) {
     await pollMerge()
     if (merging !== null) await sleep(500)

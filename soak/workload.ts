@@ -179,28 +179,42 @@ export async function runLane(view: View, client: NbdClient, rng: Random, ctx: L
 }
 
 export const SCAN_PIECE_BYTES = 1024 * 1024
+const SCAN_PIECES_IN_FLIGHT = 4
 
-/** Reads the whole view through `client` and compares it with the model; true if all of it matched. */
+/**
+ * Reads the whole view through `client`, a few pieces at a time, each compared with the model
+ * as it is when the piece is answered; true if all of it matched. Pauses of the view hold it
+ * back like any other read.
+ */
 export async function scanView(view: View, client: NbdClient, stats: Stats): Promise<boolean> {
+  let next = 0
   let clean = true
-  for (let offset = 0; offset < view.sizeBytes; offset += SCAN_PIECE_BYTES) {
-    const length = Math.min(SCAN_PIECE_BYTES, view.sizeBytes - offset)
-    const lease = await view.lock.acquire(offset, offset + length, false)
-    try {
-      const reply = await client.request(Cmd.READ, offset, length)
-      if (reply.error !== 0) {
-        stats.error(`${view.exportName}: scan read ${offset}+${length} failed with NBD errno ${reply.error}`)
-        return false
+  const worker = async () => {
+    while (clean && next < view.sizeBytes) {
+      const offset = next
+      const length = Math.min(SCAN_PIECE_BYTES, view.sizeBytes - offset)
+      next += length
+      let blocked: Promise<void> | null
+      while ((blocked = view.blocked(false)) !== null) await blocked
+      const lease = await view.lock.acquire(offset, offset + length, false)
+      try {
+        const reply = await client.request(Cmd.READ, offset, length)
+        if (reply.error !== 0) {
+          stats.error(`${view.exportName}: scan read ${offset}+${length} failed with NBD errno ${reply.error}`)
+          clean = false
+        } else {
+          stats.done('read', length)
+          if (!verifyRead(view, offset, reply.data, stats)) clean = false
+        }
+      } catch (err) {
+        stats.error(`${view.exportName}: scan read ${offset}+${length}: ${(err as Error).message}`)
+        clean = false
+      } finally {
+        view.lock.release(lease)
       }
-      stats.done('read', length)
-      if (!verifyRead(view, offset, reply.data, stats)) clean = false
-    } catch (err) {
-      stats.error(`${view.exportName}: scan read ${offset}+${length}: ${(err as Error).message}`)
-      return false
-    } finally {
-      view.lock.release(lease)
     }
   }
+  await Promise.all(Array.from({ length: SCAN_PIECES_IN_FLIGHT }, worker))
   return clean
 }
 
