@@ -1,8 +1,8 @@
 /**
  * Server memory under many pipelined large writes, and after the clients leave (issue 13):
- * `blocksnap serve` on a scratch volume, CONNECTIONS raw NBD clients each pipelining PER writes
- * of 32 MiB at once, the server's RSS sampled from /proc while they run (peak: VmHWM) and for a
- * while after they disconnect.
+ * `blocksnap serve` on a scratch volume, CONNECTIONS NBD clients (fio's nbd engine: one libnbd
+ * connection per job) each keeping PER writes of 32 MiB in flight, the server's RSS sampled from
+ * /proc while they run (peak: VmHWM) and for a while after they disconnect.
  *
  *   npx tsx bench/memory.ts [--connections 16] [--per 4] [--settle 10] [--bin PATH] [-- serve options]
  *
@@ -16,9 +16,9 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { spawn } from 'node:child_process'
+import { connect } from 'node:net'
 import { Volume } from '../src/volume/volume.js'
-import { freePort } from '../test/support/free-port.js'
-import { RawNbdClient } from '../test/support/nbd-raw-client.js'
+import { freePort } from './lib/free-port.js'
 
 const MiB = 1024 * 1024
 const WRITE_BYTES = 32 * MiB
@@ -47,7 +47,7 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 const root = await mkdtemp(join(tmpdir(), 'bs-bench-memory-'))
 const vol = join(root, 'vol')
 // Every client writes the same four 32 MiB regions: the file stays small, the page cache absorbs it.
-await Volume.create(vol, { sizeBytes: 4 * WRITE_BYTES })
+await Volume.create(vol, { sizeBytes: Math.max(4, perConnection) * WRITE_BYTES })
 const port = await freePort()
 // --max-connections only when above the default, so launchers from before the option still run.
 const limit = connections > 16 ? ['--max-connections', String(connections)] : []
@@ -63,9 +63,13 @@ try {
   // Up once it accepts a connection.
   for (let tries = 0; ; tries++) {
     try {
-      const probe = await RawNbdClient.connect({ port })
-      await probe.handshake()
-      probe.destroy()
+      await new Promise<void>((resolve, reject) => {
+        const probe = connect({ port, host: '127.0.0.1' }, () => {
+          probe.destroy()
+          resolve()
+        })
+        probe.once('error', reject)
+      })
       break
     } catch {
       if (tries > 300 || child.exitCode !== null) throw new Error(`serve did not come up:\n${log}`)
@@ -76,33 +80,35 @@ try {
   await sleep(1000)
   const idle = memoryOf(pid)
 
-  const clients: RawNbdClient[] = []
-  for (let i = 0; i < connections; i++) {
-    const c = await RawNbdClient.connect({ port })
-    await c.handshake()
-    await c.go('vol')
-    clients.push(c)
-  }
-  const payload = Buffer.alloc(WRITE_BYTES, 0xa5)
   let sampledPeakMiB = 0
   const sampler = setInterval(() => {
     sampledPeakMiB = Math.max(sampledPeakMiB, memoryOf(pid).rssMiB)
   }, 50)
   const started = performance.now()
-  await Promise.all(
-    clients.map(async (c) => {
-      for (let k = 0; k < perConnection; k++) c.request({ type: 1, cookie: k, offset: (k % 4) * WRITE_BYTES, length: WRITE_BYTES }, payload)
-      for (let k = 0; k < perConnection; k++) {
-        const reply = await c.reply()
-        if (reply.error !== 0) throw new Error(`write failed: errno ${reply.error}`)
-      }
-    }),
+  // Every job writes the same PER regions of 32 MiB, all in flight at once (iodepth = PER).
+  const fio = spawn(
+    'fio',
+    [
+      '--name=memory',
+      '--ioengine=nbd',
+      `--uri=nbd://127.0.0.1:${port}/vol`,
+      '--rw=write',
+      `--bs=${WRITE_BYTES}`,
+      `--size=${perConnection * WRITE_BYTES}`,
+      `--iodepth=${perConnection}`,
+      `--iodepth_batch_submit=${perConnection}`,
+      `--numjobs=${connections}`,
+      '--group_reporting',
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
   )
+  let fioErr = ''
+  fio.stderr.on('data', (d: Buffer) => (fioErr += d.toString()))
+  const fioCode = await new Promise<number | null>((resolve) => fio.once('exit', resolve))
+  if (fioCode !== 0) throw new Error(`fio failed (${fioCode}): ${fioErr}`)
   const seconds = (performance.now() - started) / 1000
   clearInterval(sampler)
   const loaded = memoryOf(pid)
-  for (const c of clients) c.end()
-  await Promise.all(clients.map((c) => c.closed))
   const after: number[] = []
   for (let s = 0; s < settleSeconds; s++) {
     await sleep(1000)

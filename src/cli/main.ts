@@ -15,6 +15,7 @@ import { writeOutputFile } from './output-file.js'
 import { mergeCommand } from './merge-command.js'
 import { VERSION } from './version.js'
 import { mapDumpCommands } from './map-dump-commands.js'
+import { backupCommands } from './backup-commands.js'
 
 // The engine, the control client and the server (pino, NBD, TLS) are imported by the commands
 // that use them rather than here: a command pays only for what it runs, and `--version`, `--help`
@@ -120,14 +121,19 @@ function buildProgram(): Command {
 
   program
     .command('create')
-    .description('create a volume directory holding a sparse origin, or a copy of IMAGE')
+    .description('create a volume directory holding a sparse origin or a copy of IMAGE, or over an origin used in place')
     .argument('<VOL>', 'volume directory to create')
     .option('--size <SIZE>', 'origin size (bytes or K/M/G/T)', sizeArg('size'))
     .option('--from <IMAGE>', 'copy this image as the origin')
-    .action(async (vol: string, opts: { size?: number; from?: string }) => {
-      if ((opts.size === undefined) === (opts.from === undefined)) throw new UsageError('give exactly one of --size or --from')
+    .option('--origin <PATH>', 'use this image file or block device as the origin in place, without copying it')
+    .action(async (vol: string, opts: { size?: number; from?: string; origin?: string }) => {
+      const given = [opts.size, opts.from, opts.origin].filter((o) => o !== undefined).length
+      if (given !== 1) throw new UsageError('give exactly one of --size, --from or --origin')
       const { Volume } = await volumeModule()
-      await Volume.create(vol, opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number })
+      await Volume.create(
+        vol,
+        opts.origin !== undefined ? { inPlaceOrigin: opts.origin } : opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number },
+      )
     })
 
   program
@@ -226,6 +232,7 @@ function buildProgram(): Command {
 
   mergeCommand(program, withVolume)
   mapDumpCommands(program, withVolume, (message) => new UsageError(message))
+  backupCommands(program, withVolume, deviceArg, (message) => new UsageError(message))
 
   program
     .command('remove')

@@ -8,6 +8,8 @@ import { SECTOR_BYTES } from '../units.js'
 import type { SnapshotCreateOptions, Volume, VolumeInfo } from '../volume/volume.js'
 import { checkCow } from '../volume/check.js'
 import { type AllocationExtent, allocationExtents } from '../volume/block-maps.js'
+import { type DiffResult, diffVolume } from '../backup/diff.js'
+import { type ImportOptions, type ImportSummary, applyDiffStream, isStagePath } from '../backup/import-diff.js'
 
 /** Largest piece moved in one control request (keeps JSON messages bounded). */
 export const IO_PIECE_BYTES = 4 * 1024 * 1024
@@ -53,6 +55,13 @@ export interface VolumeOps {
   flush(snapshot: string | null): Promise<void>
   /** Where VOL or VOL@SNAP holds data, over the whole device. */
   map(snapshot: string | null): Promise<AllocationExtent[]>
+  /** Changed extents between two views (null: the origin). */
+  diff(from: string | null, to: string | null): Promise<DiffResult>
+  /**
+   * Applies a diff stream already staged (and verified) in a staging file of the volume
+   * directory: the file is read where it lies, not sent through the socket.
+   */
+  importDiff(stagedPath: string, options: ImportOptions): Promise<ImportSummary>
 }
 
 export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeOps {
@@ -112,6 +121,13 @@ export function localOps(volume: Volume, users: DeviceUsers = NO_USERS): VolumeO
     },
     async map(snapshot) {
       return allocationExtents(volume, snapshot, 0, volume.sizeBytes)
+    },
+    async diff(from, to) {
+      return diffVolume(volume, from, to)
+    },
+    async importDiff(stagedPath, options) {
+      if (!isStagePath(volume.dir, stagedPath)) throw badArgument(`${stagedPath} is not a staged diff stream of volume ${volume.name}`)
+      return applyDiffStream(volume, { path: stagedPath }, options)
     },
   }
 }

@@ -6,7 +6,7 @@
  * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
  * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
-import { constants } from 'node:fs'
+import { type BigIntStats, constants } from 'node:fs'
 import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
@@ -24,6 +24,13 @@ export interface FileDeviceOptions {
   readonly resizable?: boolean
   /** Refuse a symbolic link as the last path component (ELOOP) instead of opening its target. */
   readonly noFollow?: boolean
+  /**
+   * For a block device: open it O_EXCL, the kernel's exclusive claim. The kernel then refuses a
+   * device that is mounted or held (device-mapper, md, another exclusive opener) with
+   * SNAP_BUSY, and refuses those claims while this device is open. Never for a regular file
+   * (O_EXCL without O_CREAT means nothing there).
+   */
+  readonly exclusive?: boolean
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
@@ -70,7 +77,8 @@ export class FileDevice extends BaseBlockDevice {
     let handle: FileHandle
     try {
       const flags = create !== undefined ? 'wx+' : readOnly ? 'r' : 'r+'
-      handle = await openFile(path, options.noFollow ? openFlags(flags) | constants.O_NOFOLLOW : flags, CREATED_FILE_MODE)
+      const extra = (options.noFollow ? constants.O_NOFOLLOW : 0) | (options.exclusive && create === undefined ? constants.O_EXCL : 0)
+      handle = await openFile(path, extra === 0 ? flags : openFlags(flags) | extra, CREATED_FILE_MODE)
     } catch (err) {
       throw openError(err, path)
     }
@@ -84,6 +92,7 @@ export class FileDevice extends BaseBlockDevice {
         const st = await handle.stat({ bigint: true })
         block = st.isBlockDevice()
         if (!st.isFile() && !block) throw badArgument(`${path} is not a regular file or block device`)
+        if (options.exclusive && !block) throw badArgument(`${path} is not a block device: only block devices are opened exclusively`)
         sizeBytes = block ? await blockDeviceSizeBytes(st.rdev, path) : Number(st.size)
       }
       const capabilities: DeviceCapabilities = {
@@ -101,6 +110,11 @@ export class FileDevice extends BaseBlockDevice {
       if (create !== undefined) await unlink(path).catch(() => {})
       throw asSnapError(err, `file ${path}: open`, { path })
     }
+  }
+
+  /** stat(2) of the open descriptor: what this device is, whatever the path names now. */
+  async stat(): Promise<BigIntStats> {
+    return this.handle.stat({ bigint: true })
   }
 
   /**
@@ -205,5 +219,9 @@ function openError(err: unknown, path: string): SnapError {
   const errno = (err as NodeJS.ErrnoException | undefined)?.code
   if (errno === 'ENOENT') return new SnapError('SNAP_NOT_FOUND', `file ${path} does not exist`, { cause: err, details: { path } })
   if (errno === 'EEXIST') return new SnapError('SNAP_EXISTS', `file ${path} already exists`, { cause: err, details: { path } })
+  // Only an exclusive open of a block device meets EBUSY: the kernel's claim is someone else's.
+  if (errno === 'EBUSY') {
+    return new SnapError('SNAP_BUSY', `block device ${path} is in use (mounted, or held by device-mapper, md or another exclusive opener)`, { cause: err, details: { path } })
+  }
   return asSnapError(err, `file ${path}: open`, { path })
 }

@@ -38,6 +38,7 @@ import {
   CommandFlag,
   Info,
   MAX_BLOCK_STATUS_EXTENTS,
+  MAX_HANDSHAKE_OPTIONS,
   MAX_PAYLOAD_BYTES,
   MIN_BLOCK_BYTES,
   NbdErrno,
@@ -62,6 +63,7 @@ import {
   buildOptionReply,
   buildRepMetaContext,
   buildRepServer,
+  decodeString,
   parseClientFlags,
   parseInfoRequest,
   parseMetaContextRequest,
@@ -128,7 +130,9 @@ const SHOWN_NAME_CHARS = 64
 
 /** A client-chosen name as logs show it: a client may send 64 KiB names, once per connection. */
 export function shownName(name: string): string {
-  return name.length <= SHOWN_NAME_CHARS ? name : `${name.slice(0, SHOWN_NAME_CHARS)}…`
+  const cut = name.length <= SHOWN_NAME_CHARS ? name : `${name.slice(0, SHOWN_NAME_CHARS)}…`
+  // The bytes are the client's: a newline or a terminal escape must not break or forge a log line.
+  return cut.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)
 }
 
 export class NbdConnection {
@@ -144,6 +148,8 @@ export class NbdConnection {
   private requestParser: RequestParser | null = null
   private phase: Phase = 'client-flags'
   private noZeroes = false
+  /** Options received so far in the handshake (MAX_HANDSHAKE_OPTIONS). */
+  private optionCount = 0
   /** Who the client authenticated as, once TLS is up (null: plaintext so far). */
   private tlsPeer: TlsPeer | null = null
   private structured = false
@@ -317,6 +323,12 @@ export class NbdConnection {
       const event = this.optionParser.next()
       if (event === null) return
       if (event.kind === 'bad-magic') throw violation('bad option magic')
+      if (++this.optionCount > MAX_HANDSHAKE_OPTIONS) {
+        // Not a hard close: the answers already given still reach the client.
+        this.log.warn(`${this.label}: more than ${MAX_HANDSHAKE_OPTIONS} options without choosing an export; disconnecting`)
+        this.endSocket()
+        return
+      }
       if (event.kind === 'too-big') {
         if (event.code === Option.EXPORT_NAME) throw violation(`EXPORT_NAME of ${event.length} bytes`)
         this.optionError(event.code, Rep.ERR_TOO_BIG, `option data of ${event.length} bytes is too large`)
@@ -396,7 +408,9 @@ export class NbdConnection {
   }
 
   private optExportName(data: Buffer): void {
-    const name = data.toString('utf8')
+    const name = decodeString(data, 0, data.length)
+    // The same rule as GO's names; EXPORT_NAME cannot carry an error, so a bad name ends it.
+    if (typeof name !== 'string') throw violation(`EXPORT_NAME '${shownName(data.toString('utf8'))}' refused: ${name.error}`)
     const exp = this.resolveExport(name)
     // EXPORT_NAME cannot carry an error: closing is the only answer.
     if (exp === undefined) throw violation(`EXPORT_NAME for unknown export '${shownName(name)}'`)

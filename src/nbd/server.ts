@@ -162,6 +162,13 @@ export class NbdServer {
         ? { kind: 'unix', path: 'path' in options ? options.path : String(address) }
         : { kind: 'tcp', host: address.address, port: address.port }
     this.log.info(`nbd server listening on ${bound.kind === 'unix' ? bound.path : `${bound.host}:${bound.port}`}`)
+    if (bound.kind === 'tcp' && !isLoopback(bound.host) && this.tls?.mode !== 'require') {
+      // The default address is loopback for this reason; leaving it is allowed, not silently.
+      this.log.warn(
+        `nbd server: ${bound.host}:${bound.port} is reachable from other machines and TLS is not required: ` +
+          'anyone who can connect reads and writes every export',
+      )
+    }
     if (this.servers.length === 1 && this.tls !== null) {
       // Said once, loudly when it includes clients nobody authenticated.
       const { who, anonymous } = this.tls.admits
@@ -242,6 +249,12 @@ export class NbdServer {
     }
     this.log.info('nbd server closed')
   }
+}
+
+/** 127.0.0.0/8 and ::1 (also IPv4-mapped): only this machine can connect there. */
+function isLoopback(host: string): boolean {
+  const v4 = host.startsWith('::ffff:') ? host.slice(7) : host
+  return v4.startsWith('127.') || host === '::1'
 }
 
 function isTlsFiles(tls: NbdTlsOptions | NbdTlsFiles): tls is NbdTlsFiles {

@@ -54,6 +54,12 @@ export const COW_THRESHOLD = 2048
 /** Largest extent of one pending copy (one origin read, one COW write, one commit waiter). */
 const COPY_RUN_BYTES = 1024 * 1024
 
+/** Origin chunks [startChunk, endChunk). */
+export interface ChunkRange {
+  startChunk: number
+  endChunk: number
+}
+
 export type SnapshotState = 'active' | 'invalid' | 'overflow' | 'merging' | 'merge-failed'
 
 export interface SnapshotOptions {
@@ -95,6 +101,8 @@ export class Snapshot extends BaseBlockDevice {
   /** Attached to an origin whose writes copy into it (activate/deactivate, by the origin). */
   private attached = false
   private invalidation: Promise<void> | null = null
+  /** The invalidation's header write has finished (origin writes need not wait for it). */
+  private invalidationDurable = false
   private inProgress = 0
   private throttleWaiters: Array<() => void> = []
   private readonly usageThresholdBytes: number | undefined
@@ -216,7 +224,9 @@ export class Snapshot extends BaseBlockDevice {
     if (this.invalidation) return this.invalidation
     this.condition = 'invalid'
     this.invalidReason = reason
-    this.invalidation = this.store.dropSnapshot()
+    this.invalidation = this.store.dropSnapshot().finally(() => {
+      this.invalidationDurable = true
+    })
     this.emitter.emit('invalidated', reason)
     return this.invalidation
   }
@@ -320,7 +330,13 @@ export class Snapshot extends BaseBlockDevice {
     invalidations: Array<Promise<void>>,
     started: PendingException[],
   ): void {
-    if (!this.attached || this.condition === 'invalid' || this.merging) return
+    if (!this.attached || this.merging) return
+    if (this.condition === 'invalid') {
+      // Until the invalid header is durable a crash brings this snapshot back valid, so no
+      // origin write it did not save may reach the device before then.
+      if (this.invalidation && !this.invalidationDurable) invalidations.push(this.invalidation)
+      return
+    }
     end = Math.min(end, this._sizeBytes)
     if (offset >= end) return
     const cb = this.chunkBytes
@@ -475,6 +491,31 @@ export class Snapshot extends BaseBlockDevice {
     const waiters = this.throttleWaiters
     this.throttleWaiters = []
     for (const wake of waiters) wake()
+  }
+
+  /**
+   * The origin chunks that have a complete exception, as sorted, non-overlapping, maximal ranges
+   * [startChunk, endChunk): exactly where this snapshot's view may differ from the origin's
+   * (elsewhere it reads the origin). Cost is in the table's runs, not the origin's size: one
+   * native numeric sort of (first chunk, run length) keys, then one merge pass.
+   */
+  exceptionRanges(): ChunkRange[] {
+    // old < 2^44 and count < 256, so old * 256 + count < 2^52 stays an exact double
+    const keys = new Float64Array(this.table.runCount)
+    let n = 0
+    for (const run of this.table.runs()) keys[n++] = run.old * 256 + run.count
+    keys.sort()
+    const ranges: ChunkRange[] = []
+    for (let i = 0; i < n; i++) {
+      const key = keys[i]!
+      const count = key % 256
+      const startChunk = (key - count) / 256
+      const endChunk = startChunk + count + 1
+      const last = ranges[ranges.length - 1]
+      if (last && last.endChunk === startChunk) last.endChunk = endChunk
+      else ranges.push({ startChunk, endChunk })
+    }
+    return ranges
   }
 
   /** Waits until no pending extent of this snapshot is in flight (kernel destructor). */

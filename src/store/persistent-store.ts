@@ -35,7 +35,7 @@ import { clearEntries, decodeAreaInto, readEntry, writeEntry } from '../format/a
 import { ExceptionList } from '../format/exception-list.js'
 import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
-import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
+import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
 import { CowGrowth } from './cow-growth.js'
 import { type CommitKind, InOrderCommitter } from './in-order-committer.js'
@@ -206,6 +206,13 @@ export class PersistentStore implements ExceptionStore {
           const newChunk = list.newAt(i)
           if (newChunk >= cowChunks || isMetadataChunk(layout, newChunk)) {
             failure = corrupt(`exception ${list.oldAt(i)} -> ${newChunk} points outside the COW data chunks`, { chunk: newChunk })
+            list.count = i
+            break
+          }
+          // No origin reaches 2^53 bytes: such an entry is damage, not a chunk the table can hold.
+          const oldChunk = list.oldAt(i)
+          if (oldChunk * chunkBytes >= MAX_SAFE + 1) {
+            failure = corrupt(`exception ${oldChunk} -> ${newChunk} names an origin chunk beyond 2^53 bytes`, { chunk: oldChunk })
             list.count = i
             break
           }

@@ -4,12 +4,13 @@
  *
  * The manifest is input like any other: whoever can write the directory can write it, and a
  * root `serve` or `list` must not be steered by it to files elsewhere. So the files it names are
- * confined: the origin is a plain name in the directory, a COW is `snapshots/NAME` — except a
- * COW imported in place, recorded as `external` with its absolute path, which blocksnap uses but
- * never deletes. Anything else is refused when the manifest is read.
+ * confined: the origin is a plain name in the directory, a COW is `snapshots/NAME` — except an
+ * origin used in place (`create --origin`, recorded as `originExternal`) and a COW imported in
+ * place (recorded as `external`), each with its absolute path, which blocksnap uses but never
+ * deletes. Anything else is refused when the manifest is read.
  */
 import { constants } from 'node:fs'
-import { open, readFile, rename, unlink } from 'node:fs/promises'
+import { lstat, open, readFile, rename, unlink } from 'node:fs/promises'
 import { isAbsolute, join, normalize } from 'node:path'
 import { SnapError } from '../errors.js'
 
@@ -53,7 +54,16 @@ export interface MergeRecord {
 export interface Manifest {
   readonly version: number
   readonly sizeBytes: number
+  /**
+   * The volume's own origin: a file name in the volume directory. An external origin: its
+   * absolute path.
+   */
   readonly originFile: string
+  /**
+   * Set (true) for an origin used in place (`create --origin`): an image file or block device
+   * outside the volume, never deleted by blocksnap. Absent for the volume's own origin.
+   */
+  readonly originExternal?: true
   readonly snapshots: readonly SnapshotRecord[]
   readonly merge: MergeRecord | null
 }
@@ -87,6 +97,16 @@ export function cowPathOf(dir: string, record: SnapshotRecord): string {
   return isExternal(record) ? record.cowFile : join(dir, record.cowFile)
 }
 
+/** True for an origin used in place (create --origin): used, never deleted. */
+export function isExternalOrigin(manifest: Manifest): boolean {
+  return manifest.originExternal === true
+}
+
+/** The absolute path of the volume's origin image. */
+export function originPathOf(dir: string, manifest: Manifest): string {
+  return isExternalOrigin(manifest) ? manifest.originFile : join(dir, manifest.originFile)
+}
+
 /** One path component: no separator, not `.` or `..`, no NUL. */
 function isPlainName(name: string): boolean {
   return name.length > 0 && name !== '.' && name !== '..' && !name.includes('/') && !name.includes('\0')
@@ -104,7 +124,13 @@ function validateManifest(value: unknown, dir: string): Manifest {
   if (m.version !== MANIFEST_VERSION) throw bad(`unsupported version ${String(m.version)}`)
   if (!Number.isSafeInteger(m.sizeBytes) || (m.sizeBytes as number) < 0) throw bad('bad sizeBytes')
   if (typeof m.originFile !== 'string') throw bad('bad originFile')
-  if (!isPlainName(m.originFile)) throw bad(`originFile ${JSON.stringify(m.originFile)} is not a file name inside the volume directory`)
+  if (m.originExternal !== undefined && m.originExternal !== true) throw bad(`originExternal ${JSON.stringify(m.originExternal)} must be true or absent`)
+  // Only the explicit marker makes an absolute origin path acceptable: no older manifest had one.
+  if (m.originExternal === true) {
+    if (!isCleanAbsolute(m.originFile)) throw bad(`external originFile ${JSON.stringify(m.originFile)} is not a clean absolute path`)
+  } else if (!isPlainName(m.originFile)) {
+    throw bad(`originFile ${JSON.stringify(m.originFile)} is not a file name inside the volume directory`)
+  }
   if (!Array.isArray(m.snapshots)) throw bad('bad snapshots')
   const snapshots = (m.snapshots as unknown[]).map((s) => validateRecord(s, bad))
   if (m.merge !== null && m.merge !== undefined) {
@@ -141,14 +167,21 @@ function validateRecord(value: unknown, bad: (why: string) => SnapError): Snapsh
   return r as unknown as SnapshotRecord
 }
 
+/** Mode of a new manifest; a rewrite keeps the mode the file has (a chmod made on purpose). */
+export const MANIFEST_MODE = 0o600
+
 export async function writeManifest(dir: string, manifest: Manifest): Promise<void> {
   const path = join(dir, MANIFEST_FILE)
   const temp = `${path}.tmp-${process.pid}`
+  const existing = await lstat(path).catch(() => null)
+  const mode = existing?.isFile() ? existing.mode & 0o777 : MANIFEST_MODE
   // Exclusive and not following links: a symlink planted at the (guessable) temp name must not
   // make us write through it. A leftover of a crashed run with our pid is only ever a file.
   await unlink(temp).catch(() => {})
-  const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o666)
+  const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, MANIFEST_MODE)
   try {
+    // Exactly the mode chosen, whatever the umask (it could only narrow it, losing a chmod).
+    await handle.chmod(mode)
     await handle.writeFile(`${JSON.stringify(manifest, null, 2)}\n`)
     await handle.sync()
   } finally {

@@ -45,8 +45,11 @@ export async function lockOwner(dir: string): Promise<number | null> {
   }
 }
 
-/** Runs flock(1) on `handle`'s descriptor: true when this process now holds the lock. */
-function flockNonBlocking(handle: FileHandle, path: string): Promise<boolean> {
+/**
+ * Runs flock(1) on `handle`'s descriptor: true when this process now holds an exclusive lock on
+ * the file (or block device) open there, false when someone else holds one.
+ */
+export function flockNonBlocking(handle: FileHandle, path: string): Promise<boolean> {
   return new Promise((resolve, reject) => {
     const child = spawn('flock', ['--exclusive', '--nonblock', '--conflict-exit-code', String(CONFLICT_EXIT), '3'], {
       stdio: ['ignore', 'ignore', 'pipe', handle.fd],

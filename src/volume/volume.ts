@@ -1,7 +1,8 @@
 /**
- * Volume: a directory holding an origin image, one kernel-format COW file per persistent
- * snapshot and a manifest, opened as an Origin with its Snapshots. The Volume owns the
- * directory (VolumeLock) for as long as it is open.
+ * Volume: a directory holding an origin image (or naming one used in place: external-origin.ts),
+ * one kernel-format COW file per persistent snapshot and a manifest, opened as an Origin with its
+ * Snapshots. The Volume owns the directory (VolumeLock), and an in-place origin (OriginLock), for
+ * as long as it is open.
  *
  * Snapshot names follow ZFS/RBD style devices: `VOL` is the origin, `VOL@SNAP` a snapshot.
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
@@ -29,15 +30,22 @@ import {
   SNAPSHOT_DIR,
   cowPathOf,
   isExternal,
+  isExternalOrigin,
+  originPathOf,
   readManifest,
   writeManifest,
 } from './manifest.js'
 import { copyPrivate } from './private-copy.js'
 import { openVolumeFile, removeVolumeFile, resolveInside } from './volume-files.js'
 import { VolumeLock } from './volume-lock.js'
+import { OriginLock, openExternalOrigin, refuseAliasInUse, refuseVolumePart } from './external-origin.js'
+import { claimOrigin, releaseOrigin } from './origin-registry.js'
 import { MAX_PROBLEMS, checkCow } from './check.js'
 
 export { SNAPSHOT_DIR }
+
+/** Mode of a new volume directory and its snapshots/ directory: the owner's alone. */
+export const VOLUME_DIR_MODE = 0o700
 export const ORIGIN_FILE = 'origin.img'
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/
@@ -52,6 +60,11 @@ export interface CreateVolumeOptions {
   readonly sizeBytes?: number
   /** Copy this image as the origin (its size becomes the volume size). */
   readonly fromImage?: string
+  /**
+   * Use this image file or block device as the origin where it is, without copying it (its size
+   * becomes the volume size). blocksnap never deletes it.
+   */
+  readonly inPlaceOrigin?: string
 }
 
 export interface VolumeOpenOptions {
@@ -112,6 +125,8 @@ export class Volume {
   readonly origin: Origin
   private manifest: Manifest
   private readonly lock: VolumeLock
+  /** The flock on an in-place origin (external-origin.ts); null for the volume's own origin. */
+  private readonly originLock: OriginLock | null
   private readonly snapshotsByName = new Map<string, Snapshot>()
   /**
    * Recorded snapshots whose COW could not be attached (corrupt, truncated, missing), with the
@@ -125,10 +140,11 @@ export class Volume {
   /** The last manifest update in the chain (never rejects). */
   private manifestUpdates: Promise<void> = Promise.resolve()
 
-  private constructor(dir: string, manifest: Manifest, lock: VolumeLock, origin: Origin) {
+  private constructor(dir: string, manifest: Manifest, lock: VolumeLock, originLock: OriginLock | null, origin: Origin) {
     this.dir = dir
     this.manifest = manifest
     this.lock = lock
+    this.originLock = originLock
     this.origin = origin
   }
 
@@ -160,6 +176,7 @@ export class Volume {
       () => false,
     )
     if (exists) throw new SnapError('SNAP_EXISTS', `${dir} already exists`, { details: { path: dir } })
+    if (options.inPlaceOrigin !== undefined) return createInPlace(dir, resolve(options.inPlaceOrigin))
     let sizeBytes: number
     let image: ImageFile | null = null
     if (options.fromImage !== undefined) {
@@ -168,12 +185,12 @@ export class Volume {
     } else {
       sizeBytes = options.sizeBytes ?? 0
     }
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % SECTOR_BYTES !== 0) {
-      throw badArgument(`volume size ${sizeBytes} must be a positive multiple of 512 bytes`)
-    }
-    await mkdir(dir, { recursive: false })
+    checkVolumeSize(sizeBytes)
+    // Private by default (the umask can only narrow a mode): the directory gates the control
+    // socket and every file in it. Sharing a volume is a chmod the owner makes on purpose.
+    await mkdir(dir, { recursive: false, mode: VOLUME_DIR_MODE })
     try {
-      await mkdir(join(dir, SNAPSHOT_DIR))
+      await mkdir(join(dir, SNAPSHOT_DIR), { mode: VOLUME_DIR_MODE })
       if (options.fromImage !== undefined && image) {
         const from = options.fromImage
         await copyPrivate(join(dir, ORIGIN_FILE), (temp) => copyImage(from, image, temp))
@@ -192,24 +209,39 @@ export class Volume {
     const dir = resolve(dirPath)
     const manifest = await readManifest(dir)
     const lock = await VolumeLock.acquire(dir)
+    let originLock: OriginLock | null = null
     let originDev: FileDevice | null = null
     try {
-      originDev = await openVolumeFile(dir, manifest.originFile)
+      if (isExternalOrigin(manifest)) {
+        const path = manifest.originFile
+        const image = await statImage(path, 'origin').catch((err: unknown) => {
+          if (!isSnapError(err, 'SNAP_NOT_FOUND')) throw err
+          throw new SnapError('SNAP_NOT_FOUND', `origin ${path} of volume ${basename(dir)} does not exist`, { cause: err, details: { path } })
+        })
+        originLock = await OriginLock.acquire(path, image.identity, dir)
+        // Refused when another volume uses it; recorded (or re-recorded after a move) otherwise.
+        await claimOrigin(image.identity, path, dir, { bestEffort: true })
+        originDev = await openExternalOrigin(path, image)
+      } else {
+        originDev = await openVolumeFile(dir, manifest.originFile)
+      }
       if (originDev.sizeBytes !== manifest.sizeBytes) {
-        throw new SnapError('SNAP_CORRUPT_METADATA', `origin image is ${originDev.sizeBytes} bytes, manifest says ${manifest.sizeBytes}`)
+        const what = isExternalOrigin(manifest) ? `origin ${manifest.originFile}` : 'origin image'
+        throw new SnapError('SNAP_CORRUPT_METADATA', `${what} is ${originDev.sizeBytes} bytes, manifest says ${manifest.sizeBytes}`)
       }
       const origin = new Origin(originDev, {
         name: basename(dir),
         events: options.events ?? defaultExceptionEvents,
         ...(options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes }),
       })
-      const volume = new Volume(dir, manifest, lock, origin)
+      const volume = new Volume(dir, manifest, lock, originLock, origin)
       await volume.attachRecorded()
       await volume.presentRecordedMerge()
       volume.updateOriginRefusal()
       return volume
     } catch (err) {
       if (originDev && !originDev.closed) await originDev.close()
+      await originLock?.release()
       await lock.release()
       throw err
     }
@@ -451,7 +483,7 @@ export class Volume {
 
   /** Throws when `path` (storage `identity`) is the origin or a COW of this volume. */
   private async refuseCowInUse(path: string, identity: string): Promise<void> {
-    const originPath = join(this.dir, this.manifest.originFile)
+    const originPath = originPathOf(this.dir, this.manifest)
     if (path === originPath || (await identityOfPath(originPath)) === identity) {
       throw badArgument(`${path} is the origin of volume ${this.name}`)
     }
@@ -655,7 +687,7 @@ export class Volume {
       name: this.name,
       path: this.dir,
       sizeBytes: this.manifest.sizeBytes,
-      originPath: join(this.dir, this.manifest.originFile),
+      originPath: originPathOf(this.dir, this.manifest),
       snapshots,
       merge,
     }
@@ -692,8 +724,56 @@ export class Volume {
     } catch (err) {
       if (!isSnapError(err, 'SNAP_CLOSED')) throw err
     } finally {
+      await this.originLock?.release()
       await this.lock.release()
     }
+  }
+}
+
+function checkVolumeSize(sizeBytes: number): void {
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0 || sizeBytes % SECTOR_BYTES !== 0) {
+    throw badArgument(`volume size ${sizeBytes} must be a positive multiple of 512 bytes`)
+  }
+}
+
+/**
+ * Creates volume `dir` over origin `path` used in place: nothing is copied, the manifest records
+ * the path. Refused for what must not become an origin (a volume's own files, a COW, a mounted
+ * or held block device, an origin another volume uses); the checks and the claim run under the
+ * origin's flock, so two creates over one origin cannot both pass them.
+ */
+async function createInPlace(dir: string, path: string): Promise<void> {
+  const image = await statImage(path, 'origin')
+  if (image.sizeBytes <= 0 || image.sizeBytes % SECTOR_BYTES !== 0) {
+    throw badArgument(`origin ${path} is ${image.sizeBytes} bytes: a volume's size must be a positive multiple of 512 bytes`)
+  }
+  const lock = await OriginLock.acquire(path, image.identity, dir)
+  try {
+    const dev = await openExternalOrigin(path, image, { readOnly: true })
+    try {
+      await refuseVolumePart(path, image, dev)
+    } finally {
+      await dev.close()
+    }
+    await refuseAliasInUse(path, image)
+    await claimOrigin(image.identity, path, dir)
+    try {
+      await mkdir(dir, { recursive: false })
+      try {
+        await mkdir(join(dir, SNAPSHOT_DIR))
+        const manifest = { version: MANIFEST_VERSION, sizeBytes: image.sizeBytes, originFile: path, originExternal: true as const, snapshots: [], merge: null }
+        await writeManifest(dir, manifest)
+      } catch (err) {
+        // Only what this create made: the origin is not in it.
+        await rm(dir, { recursive: true, force: true })
+        throw err
+      }
+    } catch (err) {
+      await releaseOrigin(image.identity, dir)
+      throw err
+    }
+  } finally {
+    await lock.release()
   }
 }
 

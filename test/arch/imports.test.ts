@@ -2,7 +2,7 @@
  * Architecture check: every import inside src/ must respect the layer order
  *
  *   base (util, units, errors, log) <- device <- format <- store <- snapshot <- merge <- volume
- *     <- nbd / control <- cli, index (the package's public API)
+ *     <- backup <- nbd / control <- cli, index (the package's public API)
  *
  * - a module may import only from its own layer or a lower one;
  * - nbd/ may import only base, device and nbd (it is a transport, it knows no snapshot engine);
@@ -36,10 +36,11 @@ const RANK: Readonly<Record<string, number>> = {
   snapshot: 4,
   merge: 5,
   volume: 6,
-  nbd: 7,
-  control: 7,
-  cli: 8,
-  index: 8,
+  backup: 7,
+  nbd: 8,
+  control: 8,
+  cli: 9,
+  index: 9,
 }
 const NBD_MAY_IMPORT = new Set<string>([...BASE, 'device', 'nbd'])
 

@@ -1,156 +1,13 @@
 /**
- * Crash tests for the merge (reference §8.8, invariant 48). A merge of a persistent snapshot
- * runs on devices recorded by one CrashRecorder (origin and every COW, completing in the order
- * a seeded Scheduler picks), with other persistent snapshots of mixed chunk sizes. For each cut point the disks
- * are rebuilt as a power failure could leave them (unflushed writes dropped, or a random subset
- * kept with the last one torn at a sector boundary), the origin and its snapshots are reopened,
- * the merge is started again, and then:
- * - the origin equals the merged snapshot's view at merge start (= an uninterrupted merge);
- * - every other snapshot still shows its own content (relocation was durable in time).
+ * Crash tests for the merge (reference §8.8, invariant 48): for every cut point of a recorded
+ * merge (test/support/merge-crash-case.ts), reopening resumes the merge to the same final
+ * origin and leaves the other snapshots intact. npm run torture runs many more random cases.
  */
 import assert from 'node:assert/strict'
 import { test } from 'node:test'
-import type { BlockDevice } from '../../src/device/block-device.js'
-import { MemoryDevice } from '../../src/device/memory-device.js'
-import { startMerge } from '../../src/merge/merge.js'
-import { ExceptionEvents } from '../../src/snapshot/exception-events.js'
-import { Origin } from '../../src/snapshot/origin.js'
-import type { Snapshot } from '../../src/snapshot/snapshot.js'
-import { CrashRecorder } from '../support/crash-recorder.js'
-import { type SnapshotSpec, addSnapshot, makeSnapshot, newStack } from '../support/engine-stack.js'
-import { FaultyDevice } from '../support/faulty-device.js'
-import { Random } from '../support/random.js'
-import { Scheduler } from '../support/scheduler.js'
-import { assertSameBytes } from './merge-support.js'
+import { type CrashCase, checkMergeCut, mergeCuts, recordMergeCase } from '../support/merge-crash-case.js'
 
 const KiB = 1024
-
-interface CrashCase {
-  readonly seed: number
-  readonly originBytes: number
-  readonly specs: readonly SnapshotSpec[]
-  /** Origin writes (4 KiB each, random order) after the merged snapshot is taken. */
-  readonly originWrites: number
-  /** Every n-th cut point is replayed (1: all). */
-  readonly cutStride: number
-  /** Passed to startMerge; absent: the default step size (a whole metadata area of 4 KiB chunks). */
-  readonly maxStepChunks?: number
-}
-
-async function openStack(originDev: BlockDevice, cows: Map<string, BlockDevice>, specs: readonly SnapshotSpec[]): Promise<{ origin: Origin; snaps: Map<string, Snapshot> }> {
-  const origin = new Origin(originDev, { events: new ExceptionEvents() })
-  const snaps = new Map<string, Snapshot>()
-  for (const spec of specs) {
-    const snap = makeSnapshot(spec, cows.get(spec.name) as BlockDevice)
-    await origin.addSnapshot(snap)
-    snaps.set(spec.name, snap)
-  }
-  return { origin, snaps }
-}
-
-async function runCrashCase(c: CrashCase): Promise<{ cuts: number; replays: number; events: number }> {
-  const random = new Random(c.seed)
-  const what = `seed ${c.seed}`
-  // Build the pre-merge state on plain memory devices.
-  const stack = newStack(MemoryDevice.fromBytes(random.bytes(c.originBytes)), null)
-  const models = new Map<string, Uint8Array>()
-  for (const spec of c.specs) {
-    await addSnapshot(stack, spec, null)
-    if (spec.name === 'm') {
-      // Scattered writes in random order: short runs, many merge steps.
-      const slots = Array.from({ length: Math.floor(c.originBytes / (4 * KiB)) }, (_, i) => i)
-      for (let i = slots.length - 1; i > 0; i--) {
-        const j = random.int(i + 1)
-        ;[slots[i], slots[j]] = [slots[j] as number, slots[i] as number]
-      }
-      for (const slot of slots.slice(0, c.originWrites)) await stack.origin.write(random.bytes(4 * KiB), slot * 4 * KiB)
-      // The snapshot's own writes are merged too.
-      const snap = stack.snapshots.get('m') as Snapshot
-      for (let i = 0; i < 4; i++) await snap.write(random.bytes(3000), random.int(c.originBytes - 3000))
-    } else {
-      for (let i = 0; i < 3; i++) await stack.origin.write(random.bytes(5000), random.int(c.originBytes - 5000))
-    }
-  }
-  // A partial last chunk: include the tail in the merge.
-  await stack.origin.write(random.bytes(700), c.originBytes - 700)
-  for (const spec of c.specs) models.set(spec.name, await (stack.snapshots.get(spec.name) as Snapshot).read(0, c.originBytes))
-  const expectedOrigin = models.get('m') as Uint8Array
-  // Clone before closing: closing a MemoryDevice frees its pages.
-  await stack.origin.flush()
-  for (const snap of stack.snapshots.values()) await snap.flush()
-  const originImage = stack.originBase.clone({ readOnly: false })
-  const cowImages = new Map([...stack.cowBases].map(([name, base]) => [name, base.clone({ readOnly: false })]))
-  await stack.origin.close()
-
-  // Record the merge.
-  const recorder = new CrashRecorder()
-  const recOrigin = recorder.device('origin', originImage)
-  const recCows = new Map<string, BlockDevice>()
-  const scheduler = new Scheduler(c.seed, { slowReadChance: 0 })
-  for (const spec of c.specs) recCows.set(spec.name, delayed(recorder.device(spec.name, cowImages.get(spec.name) as MemoryDevice), scheduler, spec.name))
-  const live = await openStack(delayed(recOrigin, scheduler, 'origin'), recCows, c.specs)
-  for (const spec of c.specs) assertSameBytes(await (live.snaps.get(spec.name) as Snapshot).read(0, c.originBytes), models.get(spec.name) as Uint8Array, `${what}: reopened ${spec.name} before merge`)
-  const options = c.maxStepChunks === undefined ? {} : { maxStepChunks: c.maxStepChunks }
-  const merge = await startMerge(live.origin, live.snaps.get('m') as Snapshot, options)
-  // The cuts between a step's origin copies and its commitMerge must include batches of several
-  // non-consecutive runs (one flush and one metadata write for all of them).
-  let mostRuns = 0
-  merge.on('window', (w) => (mostRuns = Math.max(mostRuns, w.ranges.length)))
-  // Readers of the other snapshots run during the merge (they create no events).
-  const readers = (async () => {
-    while (merge.state === 'running') {
-      const name = random.pick(c.specs.filter((s) => s.name !== 'm')).name
-      const start = random.int(c.originBytes - 9000)
-      const got = await (live.snaps.get(name) as Snapshot).read(start, 9000)
-      assertSameBytes(got, (models.get(name) as Uint8Array).subarray(start, start + 9000), `${what}: live read of ${name}`)
-    }
-  })()
-  await merge.done
-  await readers
-  assertSameBytes(await live.origin.read(0, c.originBytes), expectedOrigin, `${what}: uninterrupted merge`)
-  assert.ok(mostRuns > 1, `${what}: no step merged several runs`)
-  await live.origin.close()
-
-  // Replay every cut.
-  const total = recorder.length
-  let cuts = 0
-  let replays = 0
-  for (let cut = 0; cut <= total; cut += cut === total ? 1 : Math.min(c.cutStride, total - cut)) {
-    cuts++
-    for (const mode of ['drop', 'random'] as const) {
-      replays++
-      const images = recorder.imagesAt(cut, mode === 'drop' ? {} : { unflushed: 'random', tear: true, seed: cut })
-      const cows = new Map<string, BlockDevice>(c.specs.map((s) => [s.name, images.get(s.name) as MemoryDevice]))
-      const at = `${what} cut ${cut}/${total} (${mode})`
-      const reopened = await openStack(images.get('origin') as MemoryDevice, cows, c.specs)
-      const m = reopened.snaps.get('m') as Snapshot
-      assert.ok(m.valid, `${at}: merged snapshot reopened invalid`)
-      const resumed = await startMerge(reopened.origin, m, options)
-      // The origin shows the merged view at once.
-      assertSameBytes(await reopened.origin.read(0, c.originBytes), expectedOrigin, `${at}: merged view after reopen`)
-      await resumed.done
-      assert.equal(resumed.state, 'complete', `${at}: resumed merge state`)
-      assertSameBytes(await reopened.origin.read(0, c.originBytes), expectedOrigin, `${at}: origin after resumed merge`)
-      for (const spec of c.specs) {
-        if (spec.name === 'm') continue
-        const snap = reopened.snaps.get(spec.name) as Snapshot
-        assert.ok(snap.valid, `${at}: ${spec.name} invalid`)
-        assertSameBytes(await snap.read(0, c.originBytes), models.get(spec.name) as Uint8Array, `${at}: snapshot ${spec.name}`)
-      }
-      const u = m.usage()
-      assert.equal(u.allocatedSectors, u.metadataSectors, `${at}: allocated != metadata`)
-      await reopened.origin.close()
-    }
-  }
-  return { cuts, replays, events: total }
-}
-
-/** Completion order for the recorded run picked by `scheduler` (the recorder logs in application order). */
-function delayed(dev: BlockDevice, scheduler: Scheduler, name: string): BlockDevice {
-  const faulty = new FaultyDevice(dev, name)
-  faulty.setGate(scheduler)
-  return faulty
-}
 
 const CASES: CrashCase[] = [
   {
@@ -212,10 +69,17 @@ test('merge crash: reopening at every cut point resumes the merge to the same fi
   let replays = 0
   const started = performance.now()
   for (const c of CASES) {
-    const r = await runCrashCase(c)
-    cuts += r.cuts
-    replays += r.replays
-    console.log(`merge crash seed ${c.seed}: ${r.events} recorded events, ${r.cuts} cut points, ${r.replays} replays`)
+    const trace = await recordMergeCase(c)
+    // The cuts between a step's origin copies and its commitMerge must include batches of
+    // several non-consecutive runs (one flush and one metadata write for all of them).
+    assert.ok(trace.mostRuns > 1, `seed ${c.seed}: no step merged several runs`)
+    const points = mergeCuts(trace)
+    for (const cut of points) {
+      for (const mode of ['drop', 'random'] as const) await checkMergeCut(trace, cut, mode)
+      replays += 2
+    }
+    cuts += points.length
+    console.log(`merge crash seed ${c.seed}: ${trace.recorder.length} recorded events, ${points.length} cut points`)
   }
   console.log(`merge crash: ${cuts} cut points, ${replays} crash replays with resume in ${Math.round(performance.now() - started)} ms`)
   assert.ok(cuts > 300, `only ${cuts} cut points`)
