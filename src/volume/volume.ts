@@ -263,7 +263,7 @@ export class Volume {
         this.brokenByName.set(record.name, this.brokenReason(record, err))
       }
     }
-    if (kept.length !== this.manifest.snapshots.length) await this.saveManifest({ ...this.manifest, snapshots: kept })
+    if (kept.length !== this.manifest.snapshots.length) await this.updateManifest((m) => ({ ...m, snapshots: kept }))
   }
 
   cowPath(record: SnapshotRecord): string {
@@ -353,8 +353,11 @@ export class Volume {
   }
 
   /**
-   * Read-modify-write of the manifest, after every earlier one: a running merge's end (which
-   * drops its snapshot) and a rate change asked for meanwhile must not undo each other.
+   * Read-modify-write of the manifest, after every earlier one; the only way the manifest
+   * changes. Snapshot operations run at once on a served volume (a merge's end, which drops its
+   * snapshot, a remove and a create from other clients, a rate change): each must start from
+   * the others' result, or one undoes another (a removed snapshot listed again without its
+   * COW), and two writes at once would share writeManifest's temporary file.
    */
   private updateManifest(change: (current: Manifest) => Manifest): Promise<void> {
     const update = this.manifestUpdates.then(() => this.saveManifest(change(this.manifest)))
@@ -421,7 +424,7 @@ export class Volume {
       throw err
     }
     this.snapshotsByName.set(name, snap)
-    await this.saveManifest({ ...this.manifest, snapshots: [...this.manifest.snapshots, record] })
+    await this.updateManifest((m) => ({ ...m, snapshots: [...m.snapshots, record] }))
     return snap
   }
 
@@ -474,7 +477,7 @@ export class Volume {
       throw err
     }
     this.snapshotsByName.set(name, snap)
-    await this.saveManifest({ ...this.manifest, snapshots: [...this.manifest.snapshots, record] })
+    await this.updateManifest((m) => ({ ...m, snapshots: [...m.snapshots, record] }))
     return snap
   }
 
@@ -509,7 +512,7 @@ export class Volume {
       await this.origin.removeSnapshot(snap)
       this.snapshotsByName.delete(name)
     }
-    await this.saveManifest({ ...this.manifest, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    await this.updateManifest((m) => ({ ...m, snapshots: m.snapshots.filter((r) => r.name !== name) }))
     if (!options.keepCow && !isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
@@ -525,8 +528,12 @@ export class Volume {
           `\`blocksnap remove ${this.deviceName(name)} --force\` drops it${deletes ? ` and deletes ${path}` : ''}`,
       )
     }
-    const merge = this.manifest.merge?.snapshot === name ? null : this.manifest.merge
-    await this.saveManifest({ ...this.manifest, merge, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    await this.updateManifest((m) => ({
+      ...m,
+      merge: m.merge?.snapshot === name ? null : m.merge,
+      snapshots: m.snapshots.filter((r) => r.name !== name),
+    }))
+    const merge = this.manifest.merge
     this.brokenByName.delete(name)
     if (deletes) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
     // The last broken snapshot gone, a recorded merge of a healthy one is presented again; it
