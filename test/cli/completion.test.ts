@@ -18,8 +18,6 @@ let script = ''
 
 before(async () => {
   T = await mkdtemp(join(tmpdir(), 'blocksnap-completion-'))
-  script = join(T, 'blocksnap.bash')
-  await writeFile(script, await cliOk(['completion', 'bash']))
 })
 
 after(async () => {
@@ -52,6 +50,11 @@ function helpOptions(help: string): string[] {
 }
 
 describe('completion', { concurrency: 1 }, () => {
+  before(async () => {
+    script = join(T, 'blocksnap.bash')
+    await writeFile(script, await cliOk(['completion', 'bash']))
+  })
+
   it('bash: sn<TAB> is snapshot, snapshot --st<TAB> is --store, then its choices', () => {
     const [commands, option, choices, afterEquals, shells, helpTopics] = complete(
       ['blocksnap', 'sn'],
