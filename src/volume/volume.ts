@@ -87,6 +87,8 @@ export type SnapshotListState = SnapshotState | 'broken'
 
 export interface SnapshotInfo {
   readonly name: string
+  /** When the snapshot was taken or imported (ISO 8601, UTC); null for a manifest that does not say. */
+  readonly createdAt: string | null
   readonly chunkSizeBytes: number
   readonly store: StoreName
   readonly overflow: boolean
@@ -659,6 +661,7 @@ export class Volume {
       const originChunks = Math.ceil(this.manifest.sizeBytes / chunkSizeBytes)
       snapshots.push({
         name: record.name,
+        createdAt: typeof record.createdAt === 'string' ? record.createdAt : null,
         chunkSizeBytes,
         store: record.store,
         overflow: record.overflow,
