@@ -60,6 +60,14 @@ function positiveArg(what: string) {
   }
 }
 
+function percentArg(flag: string, min: number, max: number) {
+  return (text: string): number => {
+    const n = /^\d+$/.test(text) ? Number(text) : Number.NaN
+    if (!(n >= min && n <= max)) throw new UsageError(`invalid ${flag} '${text}' (a whole percentage from ${min} to ${max})`)
+    return n
+  }
+}
+
 function positiveSizeArg(what: string) {
   return (text: string): number => {
     const n = sizeArg(what)(text)
@@ -80,12 +88,19 @@ export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, liv
       client.close()
     }
   }
-  const [{ Volume }, { localOps }] = await Promise.all([volumeModule(), import('../control/volume-ops.js')])
+  const [{ Volume }, { localOps }, { printVolumeWarnings }] = await Promise.all([
+    volumeModule(),
+    import('../control/volume-ops.js'),
+    import('./event-warnings.js'),
+  ])
   const volume = await Volume.open(dir)
+  const stopWarnings = printVolumeWarnings(volume)
   try {
     return await fn(localOps(volume), false)
   } finally {
+    // Closing waits for an autoextend in flight, whose outcome may still be a warning.
     await volume.close()
+    stopWarnings()
   }
 }
 
@@ -144,8 +159,18 @@ function buildProgram(): Command {
     .addOption(new Option('--store <STORE>', 'exception store').choices(['persistent', 'transient']).default('persistent'))
     .option('--overflow', 'PO: a full COW refuses snapshot writes instead of invalidating')
     .option('--cow-size <SIZE>', 'fixed COW size (default: grows on demand)', sizeArg('COW size'))
-    .action(async (spec: string, opts: { chunkSize: number; store: 'persistent' | 'transient'; overflow?: boolean; cowSize?: number }) => {
+    .option('--warn-at <PCT>', 'warn when the COW is PCT% full, then at every 5% up to 95 (default 80 with --cow-size)', percentArg('--warn-at', 1, 99))
+    .option('--no-warn-at', 'no fill warnings')
+    .option('--autoextend-threshold <PCT>', 'with --cow-size: grow the COW once it is PCT% full (100: never)', percentArg('--autoextend-threshold', 1, 100))
+    .option('--autoextend-percent <PCT>', 'grow it by PCT% of its size (default 20)', percentArg('--autoextend-percent', 1, 1_000_000_000))
+    .action(async (spec: string, opts: SnapshotFlags) => {
       const { volume, snapshot } = await snapshotRequired(spec)
+      if (opts.autoextendPercent !== undefined && opts.autoextendThreshold === undefined) {
+        throw new UsageError('--autoextend-percent needs --autoextend-threshold')
+      }
+      if (opts.autoextendThreshold !== undefined && opts.cowSize === undefined) {
+        throw new UsageError('--autoextend-threshold needs --cow-size: a COW without one grows on demand')
+      }
       await withVolume(volume, async (ops, live) => {
         if (opts.store === 'transient' && !live) {
           throw new SnapError('SNAP_BAD_ARGUMENT', 'transient snapshots live only as long as a server: serve the volume first')
@@ -155,6 +180,9 @@ function buildProgram(): Command {
           store: opts.store,
           ...(opts.overflow ? { overflow: true } : {}),
           ...(opts.cowSize !== undefined ? { cowSizeBytes: opts.cowSize } : {}),
+          ...(opts.warnAt === undefined ? {} : { warnAtPercent: opts.warnAt === false ? null : opts.warnAt }),
+          ...(opts.autoextendThreshold === undefined ? {} : { autoextendThresholdPercent: opts.autoextendThreshold }),
+          ...(opts.autoextendPercent === undefined ? {} : { autoextendPercent: opts.autoextendPercent }),
         })
       })
     })
@@ -309,6 +337,7 @@ function buildProgram(): Command {
       positiveSizeArg('max pending'),
       256 * 1024 * 1024,
     )
+    .option('--on-event <CMD>', 'run CMD with sh -c for every event (fill warnings, autoextend, invalidation, merges, client errors), the event as a JSON line on stdin')
     .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
       const flags = parseServeFlags(opts)
@@ -353,6 +382,17 @@ Who is authenticated (TLS is required once key material is given, unless --tls a
   --tls allow           plaintext clients too, unauthenticated
 `
 
+interface SnapshotFlags {
+  chunkSize: number
+  store: 'persistent' | 'transient'
+  overflow?: boolean
+  cowSize?: number
+  /** false: --no-warn-at. */
+  warnAt?: number | false
+  autoextendThreshold?: number
+  autoextendPercent?: number
+}
+
 interface ServeFlags {
   listen: string
   socket?: string
@@ -367,6 +407,7 @@ interface ServeFlags {
   handshakeLimit?: number
   maxConnections?: number
   maxPending?: number
+  onEvent?: string
 }
 
 function parseServeFlags(opts: ServeFlags) {
@@ -391,6 +432,7 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),
     ...(opts.maxConnections === undefined ? {} : { maxConnections: opts.maxConnections }),
     ...(opts.maxPending === undefined ? {} : { maxPendingBytes: opts.maxPending }),
+    ...(opts.onEvent === undefined ? {} : { onEvent: opts.onEvent }),
   }
 }
 

@@ -22,6 +22,7 @@ import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from 
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
+import type { NbdFaultListener } from './client-fault.js'
 import { PendingBytes } from './pending-bytes.js'
 import { PayloadPool } from './protocol/payload-pool.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions, type TlsContext } from './tls.js'
@@ -53,6 +54,8 @@ export interface NbdServerOptions {
   readonly handshakeTimeoutMs?: number
   /** Times the handshake limit; the system clock by default. */
   readonly clock?: Clock
+  /** Told about client errors (protocol violations, failed requests, TLS refusals, …). */
+  readonly onClientFault?: NbdFaultListener
 }
 
 /**
@@ -84,6 +87,7 @@ export class NbdServer {
   private readonly closeTimeoutMs: number
   private readonly handshakeTimeoutMs: number
   private readonly clock: Clock
+  private readonly onClientFault: NbdFaultListener | null
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -104,6 +108,7 @@ export class NbdServer {
     this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
     this.clock = options.clock ?? systemClock
+    this.onClientFault = options.onClientFault ?? null
   }
 
   /** Number of clients currently connected. */
@@ -179,6 +184,12 @@ export class NbdServer {
     }
     if (this.connections.size >= this.maxConnections) {
       this.log.warn(`nbd server: refusing ${socket.remoteAddress ?? 'unix'} client: ${this.maxConnections} connections already (the limit)`)
+      this.onClientFault?.({
+        kind: 'connection-limit',
+        client: socket.remoteAddress ?? 'unix',
+        export: null,
+        message: `${this.maxConnections} connections already (the limit)`,
+      })
       socket.destroy()
       return
     }
@@ -193,6 +204,7 @@ export class NbdServer {
       pending: this.pending,
       payloads: this.payloads,
       clock: this.clock,
+      ...(this.onClientFault === null ? {} : { onFault: this.onClientFault }),
     })
     this.connections.add(connection)
     void connection.closed.then(() => {
