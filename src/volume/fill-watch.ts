@@ -119,7 +119,7 @@ export class FillWatch {
 
   /** Reports the level the fill is at now, if any (serve, at start). */
   reportNow(): void {
-    if (this.warned === null || !this.snap.valid) return
+    if (this.warned === null || this.snap.state !== 'active') return
     this.host.emit(this.fillEvent(this.warned, this.reading()))
   }
 
@@ -150,7 +150,8 @@ export class FillWatch {
   }
 
   private check(): void {
-    if (!this.snap.valid || this.snap.merging) return
+    // Invalid, overflowed (PO: full, and its writes say so) or merging: nothing left to warn about.
+    if (this.snap.state !== 'active') return
     const r = this.reading()
     const auto = this.policy.autoextend
     // Autoextend brings the fill down: no warning while it is under way.
