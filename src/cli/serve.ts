@@ -4,7 +4,7 @@
  * it cleanly: clients are drained, everything is flushed and committed, locks are released and
  * sockets removed.
  */
-import { type Logger, pino } from 'pino'
+import { pino } from 'pino'
 import { ControlServer } from '../control/control-server.js'
 import { type DeviceUsers, refuseIfOpen } from '../control/volume-ops.js'
 import { SnapError, isSnapError } from '../errors.js'

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { after, before, it } from 'node:test'
-import { pino } from 'pino'
+import { type Logger, pino } from 'pino'
 import { EventHook } from '../../src/cli/event-hook.js'
 import type { ServiceEvent } from '../../src/cli/service-events.js'
 
@@ -23,7 +23,7 @@ after(async () => {
   if (T) await rm(T, { recursive: true, force: true })
 })
 
-function capturedLogger(): { log: ReturnType<typeof pino>; records: () => Array<Record<string, unknown>> } {
+function capturedLogger(): { log: Logger; records: () => Array<Record<string, unknown>> } {
   let text = ''
   const sink = new Writable({
     write(chunk: Buffer, _enc, done) {
@@ -31,7 +31,7 @@ function capturedLogger(): { log: ReturnType<typeof pino>; records: () => Array<
       done()
     },
   })
-  const log = pino({ level: 'info' }, sink)
+  const log: Logger = pino({ level: 'info' }, sink)
   return { log, records: () => text.split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as Record<string, unknown>) }
 }
 
