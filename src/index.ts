@@ -33,10 +33,12 @@ export {
   type VolumeInfo,
   type VolumeOpenOptions,
 } from './volume/volume.js'
+export type { VolumeEvent } from './volume/volume-events.js'
 
 // NBD server.
 export { NbdServer, type NbdAddress, type NbdListenOptions, type NbdServerOptions } from './nbd/server.js'
 export { staticExports, type BlockStatusExtent, type ExportProvider, type NbdExport, type RefusedExport } from './nbd/export.js'
 export type { ConnectionLimits } from './nbd/connection.js'
 export type { NbdLogger } from './nbd/logger.js'
+export type { NbdClientFault } from './nbd/client-fault.js'
 export type { NbdTlsFiles, NbdTlsOptions, TlsMode } from './nbd/tls.js'

@@ -26,6 +26,14 @@ import { addExamples } from './help-examples.js'
 const volumeModule = () => import('../volume/volume.js')
 const controlClientModule = () => import('../control/control-client.js')
 
+function percentArg(flag: string, min: number, max: number) {
+  return (text: string): number => {
+    const n = /^\d+$/.test(text) ? Number(text) : Number.NaN
+    if (!(n >= min && n <= max)) throw new UsageError(`invalid ${flag} '${text}' (a whole percentage from ${min} to ${max})`)
+    return n
+  }
+}
+
 /** Runs `fn` on the volume: live through its server if it is served, else by opening it. */
 export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>): Promise<T> {
   const dir = resolve(volumePath)
@@ -38,12 +46,19 @@ export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, liv
       client.close()
     }
   }
-  const [{ Volume }, { localOps }] = await Promise.all([volumeModule(), import('../control/volume-ops.js')])
+  const [{ Volume }, { localOps }, { printVolumeWarnings }] = await Promise.all([
+    volumeModule(),
+    import('../control/volume-ops.js'),
+    import('./event-warnings.js'),
+  ])
   const volume = await Volume.open(dir)
+  const stopWarnings = printVolumeWarnings(volume)
   try {
     return await fn(localOps(volume), false)
   } finally {
+    // Closing waits for an autoextend in flight, whose outcome may still be a warning.
     await volume.close()
+    stopWarnings()
   }
 }
 
@@ -102,9 +117,19 @@ function buildProgram(): Command {
     .addOption(new Option('--store <STORE>', 'exception store').choices(['persistent', 'transient']).default('persistent'))
     .option('--overflow', 'PO: a full COW refuses snapshot writes instead of invalidating')
     .option('--cow-size <SIZE>', "fixed COW size, or N% of the origin's size (default: grows on demand)", sizeOrShareArg('COW size', "the origin's size"))
+    .option('--warn-at <PCT>', 'warn when the COW is PCT% full, then at every 5% up to 95 (default 80 with --cow-size)', percentArg('--warn-at', 1, 99))
+    .option('--no-warn-at', 'no fill warnings')
+    .option('--autoextend-threshold <PCT>', 'with --cow-size: grow the COW once it is PCT% full (100: never)', percentArg('--autoextend-threshold', 1, 100))
+    .option('--autoextend-percent <PCT>', 'grow it by PCT% of its size (default 20)', percentArg('--autoextend-percent', 1, 1_000_000_000))
     .option('--json', 'print the new snapshot as JSON (docs/json.md)')
-    .action(async (spec: string, opts: { chunkSize: number; store: 'persistent' | 'transient'; overflow?: boolean; cowSize?: SizeOrShare; json?: boolean }) => {
+    .action(async (spec: string, opts: SnapshotFlags) => {
       const { volume, snapshot } = await snapshotRequired(spec)
+      if (opts.autoextendPercent !== undefined && opts.autoextendThreshold === undefined) {
+        throw new UsageError('--autoextend-percent needs --autoextend-threshold')
+      }
+      if (opts.autoextendThreshold !== undefined && opts.cowSize === undefined) {
+        throw new UsageError('--autoextend-threshold needs --cow-size: a COW without one grows on demand')
+      }
       const info = await withVolume(volume, async (ops, live) => {
         if (opts.store === 'transient' && !live) {
           throw new SnapError('SNAP_BAD_ARGUMENT', 'transient snapshots live only as long as a server: serve the volume first')
@@ -115,6 +140,9 @@ function buildProgram(): Command {
           store: opts.store,
           ...(opts.overflow ? { overflow: true } : {}),
           ...(cowSizeBytes !== undefined ? { cowSizeBytes } : {}),
+          ...(opts.warnAt === undefined ? {} : { warnAtPercent: opts.warnAt === false ? null : opts.warnAt }),
+          ...(opts.autoextendThreshold === undefined ? {} : { autoextendThresholdPercent: opts.autoextendThreshold }),
+          ...(opts.autoextendPercent === undefined ? {} : { autoextendPercent: opts.autoextendPercent }),
         })
         return opts.json ? ops.list() : null
       })
@@ -305,6 +333,7 @@ function buildProgram(): Command {
       256 * 1024 * 1024,
     )
     .option('--metrics <[HOST:]PORT>', 'serve Prometheus metrics at /metrics and a live status page at / over HTTP (HOST defaults to 127.0.0.1)')
+    .option('--on-event <CMD>', 'run CMD with sh -c for every event (fill warnings, autoextend, invalidation, merges, client errors), the event as a JSON line on stdin')
     .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags) => {
       const flags = parseServeFlags(opts)
@@ -374,6 +403,18 @@ Who is authenticated (TLS is required once key material is given, unless --tls a
   --tls allow           plaintext clients too, unauthenticated
 `
 
+interface SnapshotFlags {
+  chunkSize: number
+  store: 'persistent' | 'transient'
+  overflow?: boolean
+  cowSize?: SizeOrShare
+  json?: boolean
+  /** false: --no-warn-at. */
+  warnAt?: number | false
+  autoextendThreshold?: number
+  autoextendPercent?: number
+}
+
 interface ServeFlags {
   listen: string
   socket?: string
@@ -389,6 +430,7 @@ interface ServeFlags {
   maxConnections?: number
   maxPending?: number
   metrics?: string
+  onEvent?: string
 }
 
 /** `--metrics PORT` (loopback) or `HOST:PORT`, `[IPv6]:PORT`. */
@@ -423,6 +465,7 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.maxConnections === undefined ? {} : { maxConnections: opts.maxConnections }),
     ...(opts.maxPending === undefined ? {} : { maxPendingBytes: opts.maxPending }),
     ...(opts.metrics === undefined ? {} : { metrics: parseMetricsAddress(opts.metrics) }),
+    ...(opts.onEvent === undefined ? {} : { onEvent: opts.onEvent }),
   }
 }
 

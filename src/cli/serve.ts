@@ -11,12 +11,12 @@ import { SnapError, isSnapError } from '../errors.js'
 import { NbdServer } from '../nbd/server.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions } from '../nbd/tls.js'
 import { UnixSocketAddress, clearStaleSocket } from '../util/unix-socket.js'
-import type { Merge } from '../merge/merge.js'
-import type { Snapshot } from '../snapshot/snapshot.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
 import type { ServiceMetrics } from '../service/metrics.js'
 import type { ServiceHttpServer } from '../service/service-http.js'
+import { EventHook } from './event-hook.js'
+import { type ServiceEvent, clientErrorEvent, logServiceEvent } from './service-events.js'
 
 export interface ServeOptions {
   readonly host: string
@@ -36,27 +36,19 @@ export interface ServeOptions {
   readonly maxPendingBytes?: number
   /** Serve Prometheus metrics and the status page on this address (HTTP). */
   readonly metrics?: { readonly host: string; readonly port: number }
+  /** Run through `sh -c` for every event, the event as JSON on stdin. */
+  readonly onEvent?: string
 }
 
-/** Logs how each merge of `volume` ends, once per merge. */
-function mergeLogger(log: Logger, volume: Volume): (merge: Merge) => void {
-  const watched = new WeakSet<Merge>()
-  return (merge) => {
-    if (watched.has(merge)) return
-    watched.add(merge)
-    const name = merge.snapshot.snapshotName
-    merge.once('complete', () => log.info(`${volume.name}: merge of ${name} complete`))
-    merge.once('failed', (err) => log.error(`${volume.name}: merge of ${name} failed: ${err.message}`))
-  }
-}
+/** How long a stopping server lets the --on-event hook work through its queue. */
+const HOOK_DRAIN_MS = 5000
 
-function mergeHandlers(volume: Volume, users: DeviceUsers, watch: (merge: Merge) => void) {
+function mergeHandlers(volume: Volume, users: DeviceUsers) {
   return {
     merge: async (a: Record<string, unknown>) => {
       const rate = a.rate as number | undefined
       if (volume.merge?.snapshot.snapshotName !== a.name) refuseIfOpen(volume, a.name as string, users, a.force === true)
       const merge = await volume.startMerge(a.name as string, rate === undefined ? {} : { rateBytesPerSecond: rate })
-      watch(merge)
       return { state: merge.state, ...merge.progress() }
     },
     'merge-status': async () => {
@@ -66,36 +58,6 @@ function mergeHandlers(volume: Volume, users: DeviceUsers, watch: (merge: Merge)
       return { state: merge.state, snapshot: merge.snapshot.snapshotName, ...merge.progress(), failure }
     },
   }
-}
-
-/**
- * Logs what happens to a volume's snapshots: a COW out of space on its file system (origin
- * writes needing a copy into it fail with ENOSPC, nothing is invalidated), space back, and
- * invalidation (a fixed-size COW that filled up, or an I/O error).
- */
-function logSnapshotNotices(volume: Volume, log: Logger): void {
-  const cowPath = (snap: Snapshot, err?: SnapError): string => {
-    const path = err?.details?.path
-    if (typeof path === 'string') return path
-    try {
-      return volume.cowPath(volume.record(snap.snapshotName))
-    } catch {
-      return 'its COW file'
-    }
-  }
-  const notices = volume.origin.notices
-  notices.on('no-space', (snap: Snapshot, err: SnapError) => {
-    log.warn(
-      `volume ${volume.name}, snapshot ${snap.snapshotName}: no space on the file system holding ${cowPath(snap, err)}; ` +
-        `origin writes that need a copy into it fail with ENOSPC until space is freed, the snapshot stays valid (${err.message})`,
-    )
-  })
-  notices.on('space-restored', (snap: Snapshot) => {
-    log.info(`volume ${volume.name}, snapshot ${snap.snapshotName}: copies into ${cowPath(snap)} succeed again`)
-  })
-  notices.on('invalidated', (snap: Snapshot, reason: string) => {
-    log.warn(`volume ${volume.name}, snapshot ${snap.snapshotName} is now invalid: ${reason} (${cowPath(snap)})`)
-  })
 }
 
 /**
@@ -182,6 +144,12 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, destination)
   const signals = new StopSignals(log)
   const tls = await loadServeTls(options)
+  const hook = options.onEvent === undefined ? null : new EventHook(options.onEvent, log)
+  // Every event: one structured log record, then the hook (queued, never waited for).
+  const report = (event: ServiceEvent) => {
+    logServiceEvent(log, event)
+    hook?.push(event)
+  }
   const names = new Set<string>()
   const volumes: Volume[] = []
   // Control requests can arrive before the NBD server exists; nobody is connected then.
@@ -191,12 +159,15 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   const cleanup = async () => {
     for (const c of controls) await c.close().catch(() => {})
     for (const v of volumes) await v.close().catch((err) => log.error(`closing ${v.name}: ${(err as Error).message}`))
+    await hook?.close(HOOK_DRAIN_MS)
   }
   try {
     for (const p of paths) {
       const volume = await Volume.open(p, options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes })
       volumes.push(volume)
-      logSnapshotNotices(volume, log)
+      volume.onEvent(report)
+      // Snapshots already past a warning level are said once at start.
+      volume.reportFill()
       if (names.has(volume.name)) throw new SnapError('SNAP_EXISTS', `two volumes are named ${volume.name}`)
       names.add(volume.name)
       for (const r of volume.records) {
@@ -206,14 +177,12 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       if (volume.pendingMerge !== null && volume.merge === null) {
         log.warn(`${volume.name}: the merge of ${volume.name}@${volume.pendingMerge} waits for the broken snapshots; origin reads fail (EIO) until then`)
       }
-      const watch = mergeLogger(log, volume)
-      const control = new ControlServer(volume, mergeHandlers(volume, users, watch), { readOnly: options.readOnly, users })
+      const control = new ControlServer(volume, mergeHandlers(volume, users), { readOnly: options.readOnly, users })
       await control.listen()
       controls.push(control)
       // Serving is asking for it: a merge interrupted earlier goes on, at the user's rate.
       const resumed = await volume.resumeMerge()
       if (resumed) {
-        watch(resumed)
         const rate = volume.pendingMergeRate
         log.info(`${volume.name}: resuming the merge of ${resumed.snapshot.snapshotName}${rate === null ? '' : ` at ${rate} bytes/s`}`)
       }
@@ -238,6 +207,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
     ...(options.maxConnections === undefined ? {} : { maxConnections: options.maxConnections }),
     ...(options.maxPendingBytes === undefined ? {} : { maxPendingBytes: options.maxPendingBytes }),
+    onClientFault: (fault) => report(clientErrorEvent(fault)),
   })
   nbd = server
   let listening = `${options.host}:${options.port}`

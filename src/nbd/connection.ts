@@ -27,6 +27,7 @@ import type { Clock } from '../util/clock.js'
 import { describeError, nbdErrnoFor } from './errno.js'
 import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
+import type { NbdClientFault, NbdFaultListener } from './client-fault.js'
 import type { PayloadPool } from './protocol/payload-pool.js'
 import type { PendingBytes } from './pending-bytes.js'
 import { opOfCommand, type NbdRequestObserver } from './request-observer.js'
@@ -109,6 +110,8 @@ export interface ConnectionOptions {
   readonly clock: Clock
   /** Told about every answered request (null: nobody listens, and nothing is measured). */
   readonly requestObserver: NbdRequestObserver | null
+  /** Told about client errors (client-fault.ts); absent: they are only logged. */
+  readonly onFault?: NbdFaultListener
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -177,6 +180,8 @@ export class NbdConnection {
   private corked = false
   private readonly closedPromise: Promise<void>
   private resolveClosed!: () => void
+  /** Errnos of failed requests already reported to onFault. */
+  private reportedErrnos: Set<number> | null = null
 
   constructor(socket: Socket, options: ConnectionOptions) {
     this.id = options.id
@@ -201,6 +206,24 @@ export class NbdConnection {
     return this.closedPromise
   }
 
+  private fault(kind: NbdClientFault['kind'], message: string, request?: { command: string; errno: number }): void {
+    const onFault = this.options.onFault
+    if (!onFault) return
+    if (request) {
+      this.reportedErrnos ??= new Set()
+      if (this.reportedErrnos.has(request.errno)) return
+      this.reportedErrnos.add(request.errno)
+    }
+    const exportName = this.exp === null ? null : shownName(this.exp.name)
+    onFault({
+      kind,
+      client: this.label,
+      export: exportName,
+      message,
+      ...(request ? { command: request.command, errno: nameOfErrno(request.errno) } : {}),
+    })
+  }
+
   start(): void {
     this.attach(this.socket)
     this.log.debug(`${this.label}: connected`)
@@ -211,6 +234,7 @@ export class NbdConnection {
         limit,
         () => {
           this.log.warn(`${this.label}: handshake not finished within ${limit} ms; disconnecting`)
+          this.fault('handshake-timeout', `handshake not finished within ${limit} ms`)
           this.hardClose()
         },
         { unref: true },
@@ -300,8 +324,10 @@ export class NbdConnection {
     } catch (err) {
       if (isSnapError(err, 'NBD_PROTOCOL')) {
         this.log.warn(`${this.label}: ${err.message}; disconnecting`)
+        this.fault('protocol', err.message)
       } else {
         this.log.error(`${this.label}: internal error: ${describeError(err)}; disconnecting`)
+        this.fault('internal', describeError(err))
       }
       this.hardClose()
     }
@@ -452,7 +478,10 @@ export class NbdConnection {
         secure: (secure, peer) => this.tlsEstablished(secure, peer),
         refused: (reason) => {
           // A handshake cut short by our own shutdown or handshake limit is not the client's doing.
-          if (this.phase !== 'closing') this.log.warn(`${this.label}: TLS client refused: ${reason}`)
+          if (this.phase !== 'closing') {
+            this.log.warn(`${this.label}: TLS client refused: ${reason}`)
+            this.fault('tls', `TLS client refused: ${reason}`)
+          }
           this.hardClose()
         },
       })
@@ -480,6 +509,7 @@ export class NbdConnection {
     secure.on('end', this.onEnd)
     secure.on('error', (err: Error) => {
       this.log.warn(`${this.label}: TLS error: ${describeError(err)}`)
+      this.fault('tls', `TLS error: ${describeError(err)}`)
       this.rawSocket.destroy()
     })
     secure.on('drain', this.onDrain)
@@ -649,6 +679,7 @@ export class NbdConnection {
     } catch (err) {
       // handleRequest answers every device error itself; reaching here is a bug in this file.
       this.log.error(`${this.label}: internal error in ${nameOfCommand(header.type)}: ${describeError(err)}`)
+      this.fault('internal', `${nameOfCommand(header.type)}: ${describeError(err)}`)
       this.hardClose()
     } finally {
       if (observer !== null) this.observe(observer, header, startedMs)
@@ -735,6 +766,7 @@ export class NbdConnection {
     }
     const refusal = this.validate(header)
     if (refusal !== null) {
+      this.fault('request', refusal[1], { command: nameOfCommand(header.type), errno: refusal[0] })
       this.replyError(header, refusal[0], refusal[1])
       return
     }
@@ -782,6 +814,7 @@ export class NbdConnection {
       const message = gone ?? describeError(err)
       const level = errno === NbdErrno.EIO ? 'warn' : 'debug'
       this.log[level](`${this.label}: ${nameOfCommand(header.type)} ${header.offset}+${header.length} failed: ${message}`)
+      if (gone === null) this.fault('request', message, { command: nameOfCommand(header.type), errno })
       this.replyError(header, errno, message, true)
     }
   }

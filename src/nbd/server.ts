@@ -22,6 +22,7 @@ import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from 
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
+import type { NbdFaultListener } from './client-fault.js'
 import { PendingBytes } from './pending-bytes.js'
 import type { NbdRequestObserver } from './request-observer.js'
 import { PayloadPool } from './protocol/payload-pool.js'
@@ -56,6 +57,8 @@ export interface NbdServerOptions {
   readonly clock?: Clock
   /** Told about every answered request, with its export, op and duration (metrics). */
   readonly requestObserver?: NbdRequestObserver
+  /** Told about client errors (protocol violations, failed requests, TLS refusals, …). */
+  readonly onClientFault?: NbdFaultListener
 }
 
 /**
@@ -88,6 +91,7 @@ export class NbdServer {
   private readonly handshakeTimeoutMs: number
   private readonly clock: Clock
   private readonly requestObserver: NbdRequestObserver | null
+  private readonly onClientFault: NbdFaultListener | null
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -109,6 +113,7 @@ export class NbdServer {
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
     this.clock = options.clock ?? systemClock
     this.requestObserver = options.requestObserver ?? null
+    this.onClientFault = options.onClientFault ?? null
   }
 
   /** Number of clients currently connected. */
@@ -191,6 +196,12 @@ export class NbdServer {
     }
     if (this.connections.size >= this.maxConnections) {
       this.log.warn(`nbd server: refusing ${socket.remoteAddress ?? 'unix'} client: ${this.maxConnections} connections already (the limit)`)
+      this.onClientFault?.({
+        kind: 'connection-limit',
+        client: socket.remoteAddress ?? 'unix',
+        export: null,
+        message: `${this.maxConnections} connections already (the limit)`,
+      })
       socket.destroy()
       return
     }
@@ -206,6 +217,7 @@ export class NbdServer {
       payloads: this.payloads,
       clock: this.clock,
       requestObserver: this.requestObserver,
+      ...(this.onClientFault === null ? {} : { onFault: this.onClientFault }),
     })
     this.connections.add(connection)
     void connection.closed.then(() => {

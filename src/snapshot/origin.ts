@@ -80,7 +80,9 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private interceptorNow: OriginInterceptor | null = null
   /**
    * What happens to the attached snapshots, for whoever owns the origin (serve logs it):
-   * 'invalidated' (snapshot, reason), 'no-space' (snapshot, error), 'space-restored' (snapshot).
+   * 'invalidated' (snapshot, reason), 'no-space' (snapshot, error), 'space-restored' (snapshot);
+   * and 'write-back-failed' ({ offsetBytes, lengthBytes, error }), the first failure of a held
+   * write since the last flush.
    */
   readonly notices = new EventEmitter()
 
@@ -427,6 +429,8 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
         const failure = asSnapError(err, 'device write')
         const where = `${write.data.length} bytes at ${write.offset}`
         this.writeBackError = new SnapError(failure.code, `${this.name}: write-back of ${where} failed: ${failure.message}`, { cause: err })
+        // Once per flush interval, like the error itself: a dying device must not flood the owner.
+        this.notices.emit('write-back-failed', { offsetBytes: write.offset, lengthBytes: write.data.length, error: failure })
       }
     } finally {
       this.held.release(write)

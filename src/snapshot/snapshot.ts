@@ -27,6 +27,10 @@
  *   needed the copy then fails with. A COW of fixed size that is full is the kernel's case and
  *   still invalidates (PO: overflows on snapshot writes). 'no-space' is emitted when copies
  *   start failing so, 'space-restored' when one succeeds again.
+ * - Fill events: 'threshold' fires once when the allocated bytes reach the armed threshold
+ *   (checked at each commit, not per request); the owner re-arms it. A fixed-size COW may be
+ *   extended (autoextend): the owner's CowFullHandler is asked when an allocation finds it full
+ *   and may hand back an extension in flight, which the copy waits for before it retries.
  * - JavaScript is single threaded: the only hazard is an await between a lookup and the action
  *   that depends on it. Lookups and pending-table inserts happen without an await in between.
  */
@@ -69,9 +73,16 @@ export interface SnapshotOptions {
   readonly overflow?: boolean
   readonly discardZeroesCow?: boolean
   readonly discardPassdownOrigin?: boolean
-  /** Emit 'threshold' once when allocated bytes reach this many. */
+  /** Emit 'threshold' once when allocated bytes reach this many (setUsageThreshold re-arms it). */
   readonly usageThresholdBytes?: number
 }
+
+/**
+ * Asked, synchronously, when an allocation finds a fixed-size COW full: may start extending the
+ * COW (extendCow) and return that extension for the copy to wait for and retry; null keeps the
+ * kernel's behaviour (invalidate, or overflow for PO).
+ */
+export type CowFullHandler = () => Promise<void> | null
 
 /** What a snapshot needs from its origin; implemented by Origin. */
 export interface OriginBacking {
@@ -107,8 +118,9 @@ export class Snapshot extends BaseBlockDevice {
   /** Chunks copied out of the origin into this snapshot since it was opened (monotonic). */
   private copiedOut = 0
   private throttleWaiters: Array<() => void> = []
-  private readonly usageThresholdBytes: number | undefined
-  private thresholdFired = false
+  /** Allocated bytes at which 'threshold' fires next; null: not armed. */
+  private usageThresholdBytes: number | null
+  private fullHandler: CowFullHandler | null = null
   private outOfSpace = false // the last copy that ended failed for want of space
   private invalidReason: string | null = null
   private backing: OriginBacking | null = null
@@ -123,7 +135,7 @@ export class Snapshot extends BaseBlockDevice {
     if (this.discardPassdownOrigin && !this.discardZeroesCow) {
       throw new SnapError('SNAP_BAD_ARGUMENT', 'discard_passdown_origin feature depends on discard_zeroes_cow')
     }
-    this.usageThresholdBytes = options.usageThresholdBytes
+    this.usageThresholdBytes = options.usageThresholdBytes ?? null
     this.capabilities = { writable: true, flush: true, fua: true, discard: this.discardZeroesCow, resize: false }
   }
 
@@ -195,6 +207,30 @@ export class Snapshot extends BaseBlockDevice {
       for (let c = Math.max(firstChunk, e.firstChunk); c < Math.min(endChunk, e.firstChunk + e.count); c++) chunks.push(c)
     }
     return chunks
+  }
+
+  // ---- fill ----------------------------------------------------------------------------------
+
+  /** Arms 'threshold' to fire once allocation reaches `bytes` (null disarms it). */
+  setUsageThreshold(bytes: number | null): void {
+    this.usageThresholdBytes = bytes
+  }
+
+  /** Who decides what a full fixed-size COW does (autoextend); null: the kernel's behaviour. */
+  setCowFullHandler(handler: CowFullHandler | null): void {
+    this.fullHandler = handler
+  }
+
+  /** Extends the fixed-size COW to `sizeBytes` (autoextend); copies may use the room once it resolves. */
+  extendCow(sizeBytes: number): Promise<void> {
+    return this.store.growTo(sizeBytes)
+  }
+
+  /** An extension to wait for instead of treating the COW as full, or null. */
+  private extensionForFullCow(): Promise<void> | null {
+    const extension = this.fullHandler?.() ?? null
+    // The waiter retries whatever the outcome: a failed extension leaves the COW full.
+    return extension === null ? null : extension.catch(() => {})
   }
 
   // ---- state transitions -------------------------------------------------------------------
@@ -370,7 +406,10 @@ export class Snapshot extends BaseBlockDevice {
           created = this.newPending(c, Math.min(runEnd - c, maxRun))
         } catch (err) {
           if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
-          invalidations.push(this.invalidate(COW_FULL))
+          const extension = this.extensionForFullCow()
+          // The origin write rescans once the extension settles (true: nothing to refuse).
+          if (extension !== null) waits.push(extension.then(() => true))
+          else invalidations.push(this.invalidate(COW_FULL))
           return
         }
         started.push(created)
@@ -486,11 +525,12 @@ export class Snapshot extends BaseBlockDevice {
   }
 
   private checkThreshold(): void {
-    if (this.thresholdFired || this.usageThresholdBytes === undefined) return
+    const thresholdBytes = this.usageThresholdBytes
+    if (thresholdBytes === null) return
     const allocatedBytes = this.store.usage().allocatedSectors * SECTOR_BYTES
-    if (allocatedBytes >= this.usageThresholdBytes) {
-      this.thresholdFired = true
-      this.emitter.emit('threshold', { allocatedBytes, thresholdBytes: this.usageThresholdBytes })
+    if (allocatedBytes >= thresholdBytes) {
+      this.usageThresholdBytes = null
+      this.emitter.emit('threshold', { allocatedBytes, thresholdBytes })
     }
   }
 
@@ -648,6 +688,10 @@ export class Snapshot extends BaseBlockDevice {
         if (pos !== c * cb || wholeEnd <= c) {
           // A partly written chunk: its old data is copied first, then the write goes on top.
           const copy = this.pendingForWrite(c, 1)
+          if (!(copy instanceof PendingException)) {
+            await copy // the COW is being extended: look again once it is
+            continue
+          }
           this.startCopies([copy])
           await this.outcomeOf(copy, 'copy failed')
           continue
@@ -656,6 +700,10 @@ export class Snapshot extends BaseBlockDevice {
         while (pos < wholeEnd * cb) {
           const first = pos / cb
           const pe = this.pendingForWrite(first, Math.min(wholeEnd - first, Math.max(1, Math.floor(COPY_RUN_BYTES / cb))))
+          if (!(pe instanceof PendingException)) {
+            await pe
+            break
+          }
           fresh.push(this.writeFresh(pe, data.subarray(pos - offset, pos - offset + pe.count * cb)))
           pos += pe.count * cb
         }
@@ -672,12 +720,17 @@ export class Snapshot extends BaseBlockDevice {
     if (fua && !oneWrite) await this.store.cow.flush()
   }
 
-  /** A new pending extent for the snapshot's own write; a full COW overflows or invalidates. */
-  private pendingForWrite(firstChunk: number, maxCount: number): PendingException {
+  /**
+   * A new pending extent for the snapshot's own write; a full COW being extended returns the
+   * extension to wait for, else it overflows or invalidates.
+   */
+  private pendingForWrite(firstChunk: number, maxCount: number): PendingException | Promise<void> {
     try {
       return this.newPending(firstChunk, maxCount)
     } catch (err) {
       if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
+      const extension = this.extensionForFullCow()
+      if (extension !== null) return extension
       if (this.overflowMode) {
         this.markOverflowed()
         throw new SnapError('SNAP_OVERFLOW', `${this.name} overflowed: unable to allocate exception`)

@@ -14,6 +14,7 @@
  * their blocks now, while a failure can still be answered by failing the copy that needed them.
  */
 import type { BlockDevice } from '../device/block-device.js'
+import { badArgument } from '../errors.js'
 
 export type GrowthPrepare = (fromBytes: number, toBytes: number) => Promise<void>
 
@@ -71,4 +72,17 @@ export class CowGrowth {
   get ready(): Promise<void> {
     return this.pending
   }
+}
+
+/**
+ * Extends a fixed-size COW device (autoextend): a plain resize, since a fixed store hands out
+ * chunks up to the device's size at each allocation. The area beyond the old end reads as
+ * zeros, which is what a metadata area the table has not reached must hold.
+ */
+export async function growFixedCow(cow: BlockDevice, growable: boolean, sizeBytes: number, chunkBytes: number): Promise<void> {
+  if (growable) throw badArgument('a grow-on-demand COW is not extended explicitly')
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= cow.sizeBytes || sizeBytes % chunkBytes !== 0) {
+    throw badArgument(`cannot extend a ${cow.sizeBytes}-byte COW to ${sizeBytes} bytes (larger, a multiple of ${chunkBytes})`)
+  }
+  await cow.resize(sizeBytes)
 }

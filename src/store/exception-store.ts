@@ -96,6 +96,12 @@ export interface ExceptionStore {
   /** Invalidates the store permanently (persistent: header valid=0, flushed). */
   dropSnapshot(): Promise<void>
   usage(): StoreUsage
+  /**
+   * Grows a fixed-size COW device to `sizeBytes` (autoextend); allocation may use the new room
+   * once this resolves. Refused for a grow-on-demand COW (it needs no extending) and for a
+   * device that cannot be resized.
+   */
+  growTo(sizeBytes: number): Promise<void>
   /** Flushes what is committed and releases the COW device. */
   close(): Promise<void>
 }

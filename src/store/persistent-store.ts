@@ -37,7 +37,7 @@ import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
 import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth } from './cow-growth.js'
+import { CowGrowth, growFixedCow } from './cow-growth.js'
 import { type CommitKind, InOrderCommitter } from './in-order-committer.js'
 
 export interface PersistentStoreOptions {
@@ -516,6 +516,10 @@ export class PersistentStore implements ExceptionStore {
       totalSectors: Math.floor(this.cow.sizeBytes / SECTOR_BYTES),
       metadataSectors: (this.currentArea + 2) * chunkSectors,
     }
+  }
+
+  async growTo(sizeBytes: number): Promise<void> {
+    await growFixedCow(this.cow, this.growable, sizeBytes, this.layout.chunkBytes)
   }
 
   async close(): Promise<void> {

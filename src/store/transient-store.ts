@@ -7,7 +7,7 @@ import type { BlockDevice } from '../device/block-device.js'
 import { SnapError, asSnapError, noSpace } from '../errors.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth } from './cow-growth.js'
+import { CowGrowth, growFixedCow } from './cow-growth.js'
 import { InOrderCommitter } from './in-order-committer.js'
 
 export interface TransientStoreOptions {
@@ -115,6 +115,10 @@ export class TransientStore implements ExceptionStore {
       totalSectors: Math.floor(this.cow.sizeBytes / SECTOR_BYTES),
       metadataSectors: 0,
     }
+  }
+
+  async growTo(sizeBytes: number): Promise<void> {
+    await growFixedCow(this.cow, this.growable, sizeBytes, this.chunkBytes)
   }
 
   async close(): Promise<void> {

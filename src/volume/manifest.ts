@@ -37,9 +37,19 @@ export interface SnapshotRecord {
    * marked in-place imports by an absolute cowFile alone; reading them sets it.
    */
   readonly external?: true
-  /** Fixed COW size in bytes (kernel behaviour), or null for a file that grows on demand. */
+  /**
+   * Fixed COW size in bytes (kernel behaviour), or null for a file that grows on demand. An
+   * autoextend raises it once the file has grown.
+   */
   readonly cowSizeBytes: number | null
   readonly createdAt: string
+  /**
+   * First fill warning level in percent (then every 5 % up to 95), null for none. Absent
+   * (manifests written before it existed): 80 for a fixed-size COW, none otherwise.
+   */
+  readonly warnAtPercent?: number | null
+  /** Autoextend of a fixed-size COW (LVM's threshold and percent); absent or null: none. */
+  readonly autoextend?: { readonly thresholdPercent: number; readonly percent: number } | null
 }
 
 export interface MergeRecord {
@@ -151,6 +161,7 @@ function validateRecord(value: unknown, bad: (why: string) => SnapError): Snapsh
   if (r.store !== 'persistent' && r.store !== 'transient') throw bad(`bad store for ${r.name}`)
   const of = `of snapshot ${JSON.stringify(r.name)}`
   if (r.external !== undefined && r.external !== true) throw bad(`external ${JSON.stringify(r.external)} ${of} must be true or absent`)
+  validateFillFields(r, of, bad)
   const cowFile = r.cowFile
   // Older manifests recorded an in-place import by its absolute path alone; only a persistent
   // COW can be imported, so an absolute transient one was never written by blocksnap.
@@ -193,5 +204,18 @@ export async function writeManifest(dir: string, manifest: Manifest): Promise<vo
     await dirHandle.sync()
   } finally {
     await dirHandle.close()
+  }
+}
+
+function validateFillFields(r: Record<string, unknown>, of: string, bad: (why: string) => SnapError): void {
+  const wholeIn = (v: unknown, min: number, max: number) => typeof v === 'number' && Number.isSafeInteger(v) && v >= min && v <= max
+  if (r.warnAtPercent !== undefined && r.warnAtPercent !== null && !wholeIn(r.warnAtPercent, 1, 99)) {
+    throw bad(`warnAtPercent ${JSON.stringify(r.warnAtPercent)} ${of} must be a whole percentage from 1 to 99 or null`)
+  }
+  const auto = r.autoextend
+  if (auto === undefined || auto === null) return
+  const a = auto as Record<string, unknown>
+  if (typeof auto !== 'object' || !wholeIn(a.thresholdPercent, 1, 99) || !wholeIn(a.percent, 1, Number.MAX_SAFE_INTEGER) || r.cowSizeBytes === null) {
+    throw bad(`autoextend ${JSON.stringify(auto)} ${of} must be { thresholdPercent: 1-99, percent: at least 1 } on a fixed-size COW`)
   }
 }

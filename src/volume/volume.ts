@@ -8,6 +8,7 @@
  * Transient snapshots keep their data in a COW file too, but their table lives in memory: they
  * exist only while this process has the volume open, and are dropped at the next open.
  */
+import { EventEmitter } from 'node:events'
 import { mkdir, rm, stat, statfs } from 'node:fs/promises'
 import { basename, dirname, join, resolve } from 'node:path'
 import { FileDevice } from '../device/file-device.js'
@@ -41,6 +42,8 @@ import { VolumeLock } from './volume-lock.js'
 import { OriginLock, openExternalOrigin, refuseAliasInUse, refuseVolumePart } from './external-origin.js'
 import { claimOrigin, releaseOrigin } from './origin-registry.js'
 import { MAX_PROBLEMS, checkCow } from './check.js'
+import { type AutoextendPolicy, FillWatch, type FillPolicy } from './fill-watch.js'
+import { type VolumeEvent, fillPercent } from './volume-events.js'
 
 export { SNAPSHOT_DIR }
 
@@ -79,8 +82,22 @@ export interface SnapshotCreateOptions {
   readonly overflow?: boolean
   /** Fixed COW size (kernel behaviour); absent: the COW file grows on demand. */
   readonly cowSizeBytes?: number
-  readonly usageThresholdBytes?: number
+  /**
+   * Warn (a fill-threshold event) when the COW's fill reaches this percent, then every 5 % up
+   * to 95 (dmeventd). Absent: 80 for a fixed-size COW, none for a grow-on-demand one (its fill
+   * is measured against its size plus the file system's free space); null: none.
+   */
+  readonly warnAtPercent?: number | null
+  /** Autoextend a fixed-size COW once its fill reaches this percent (100: never, as in LVM). */
+  readonly autoextendThresholdPercent?: number
+  /** By this percent of its size (default 20, as in LVM). */
+  readonly autoextendPercent?: number
 }
+
+/** LVM's snapshot_autoextend_percent default. */
+export const DEFAULT_AUTOEXTEND_PERCENT = 20
+/** dmeventd's first warning for a fixed-size COW. */
+export const DEFAULT_WARN_AT_PERCENT = 80
 
 /** A snapshot's state in a listing: a Snapshot's own, or `broken` when its COW could not be attached. */
 export type SnapshotListState = SnapshotState | 'broken'
@@ -103,6 +120,10 @@ export interface SnapshotInfo {
   readonly cowCapacityBytes: number
   /** The COW's fill, allocated against capacity (lvs Data%): 0 to 100. */
   readonly dataPercent: number
+  /** The first fill warning level, or null for none. */
+  readonly warnAtPercent: number | null
+  /** Autoextend of a fixed-size COW, or null (it keeps its size). */
+  readonly autoextend: AutoextendPolicy | null
   /** Share of the origin's chunks copied into the COW: 0 to 100. */
   readonly originPercent: number
   readonly state: SnapshotListState
@@ -141,6 +162,9 @@ export class Volume {
   private runningMerge: Merge | null = null
   /** The last manifest update in the chain (never rejects). */
   private manifestUpdates: Promise<void> = Promise.resolve()
+  /** Fill warnings and autoextend of the attached snapshots, by name. */
+  private readonly fillWatches = new Map<string, FillWatch>()
+  private readonly eventEmitter = new EventEmitter()
 
   private constructor(dir: string, manifest: Manifest, lock: VolumeLock, originLock: OriginLock | null, origin: Origin) {
     this.dir = dir
@@ -148,6 +172,58 @@ export class Volume {
     this.lock = lock
     this.originLock = originLock
     this.origin = origin
+    this.forwardOriginNotices()
+  }
+
+  /**
+   * Calls `listener` with every event of this volume (volume-events.ts), in order, until the
+   * returned function is called. Listeners run synchronously: they must not block.
+   */
+  onEvent(listener: (event: VolumeEvent) => void): () => void {
+    this.eventEmitter.on('event', listener)
+    return () => this.eventEmitter.off('event', listener)
+  }
+
+  private emitEvent(event: VolumeEvent): void {
+    this.eventEmitter.emit('event', event)
+  }
+
+  /** The origin's notices about its snapshots and write-back, as this volume's events. */
+  private forwardOriginNotices(): void {
+    const notices = this.origin.notices
+    const base = (snap: Snapshot) => ({ volume: this.name, snapshot: snap.snapshotName })
+    notices.on('invalidated', (snap: Snapshot, reason: string) => {
+      this.emitEvent({ type: 'snapshot-invalidated', ...base(snap), reason, cowPath: this.cowPathOf(snap) })
+    })
+    notices.on('no-space', (snap: Snapshot, err: SnapError) => {
+      const path = err.details?.path
+      this.emitEvent({ type: 'snapshot-no-space', ...base(snap), cowPath: typeof path === 'string' ? path : this.cowPathOf(snap), reason: err.message })
+    })
+    notices.on('space-restored', (snap: Snapshot) => {
+      this.emitEvent({ type: 'snapshot-space-restored', ...base(snap), cowPath: this.cowPathOf(snap) })
+    })
+    notices.on('write-back-failed', (e: { offsetBytes: number; lengthBytes: number; error: SnapError }) => {
+      this.emitEvent({ type: 'write-back-failed', volume: this.name, offsetBytes: e.offsetBytes, lengthBytes: e.lengthBytes, code: e.error.code, reason: e.error.message })
+    })
+  }
+
+  private cowPathOf(snap: Snapshot): string {
+    const record = this.manifest.snapshots.find((r) => r.name === snap.snapshotName)
+    return record ? this.cowPath(record) : 'its COW file'
+  }
+
+  /**
+   * Settles once the fill work in flight is done: an autoextend and its manifest record. The
+   * volume waits for it before closing; tests wait for it to look at the outcome.
+   */
+  async settled(): Promise<void> {
+    for (const watch of this.fillWatches.values()) await watch.settled()
+    await this.manifestUpdates
+  }
+
+  /** Reports, as fill-threshold events, the snapshots already past a warning level (serve, at start). */
+  reportFill(): void {
+    for (const watch of this.fillWatches.values()) watch.reportNow()
   }
 
   get name(): string {
@@ -328,7 +404,9 @@ export class Volume {
   private async openSnapshot(record: SnapshotRecord, create: boolean): Promise<Snapshot> {
     const growable = record.cowSizeBytes === null
     const path = this.cowPath(record)
-    const options = create ? { create: record.cowSizeBytes ?? 0, resizable: growable } : { resizable: growable }
+    // A fixed-size COW with autoextend is resized by its FillWatch.
+    const resizable = growable || (record.autoextend ?? null) !== null
+    const options = create ? { create: record.cowSizeBytes ?? 0, resizable } : { resizable }
     const cow = isExternal(record) ? await FileDevice.open(path, options) : await openVolumeFile(this.dir, record.cowFile, options)
     let store: ExceptionStore
     try {
@@ -342,11 +420,47 @@ export class Volume {
           : new TransientStore(cow, { chunkBytes: record.chunkSizeBytes, growable })
       const snap = new Snapshot({ name: record.name, store, overflow: record.overflow })
       await this.origin.addSnapshot(snap)
+      await this.watchFill(snap, record)
       return snap
     } catch (err) {
       if (!cow.closed) await cow.close()
       throw err
     }
+  }
+
+  private async watchFill(snap: Snapshot, record: SnapshotRecord): Promise<void> {
+    const fixed = record.cowSizeBytes !== null
+    const policy: FillPolicy = {
+      warnAtPercent: record.warnAtPercent === undefined ? (fixed ? DEFAULT_WARN_AT_PERCENT : null) : record.warnAtPercent,
+      autoextend: record.autoextend ?? null,
+    }
+    const name = record.name
+    const cowPath = this.cowPath(record)
+    const watch = new FillWatch(snap, policy, {
+      volume: this.name,
+      fixed,
+      freeBytes: () => freeBytesBeside(cowPath),
+      emit: (event) => this.emitEvent(event),
+      grow: async (toBytes) => {
+        const neededBytes = toBytes - snap.usage().totalSectors * SECTOR_BYTES
+        const free = await freeBytesBeside(cowPath)
+        // As lvextend refuses to extend past the VG's free extents: the COW file is sparse,
+        // so a resize alone would succeed and the copies into it fail later instead.
+        if (free < neededBytes) {
+          throw new SnapError('SNAP_NO_SPACE', `the file system holding ${cowPath} has ${free} bytes free, ${neededBytes} needed`)
+        }
+        await snap.extendCow(toBytes)
+      },
+      recordSize: (toBytes) =>
+        this.updateManifest((m) => ({ ...m, snapshots: m.snapshots.map((r) => (r.name === name ? { ...r, cowSizeBytes: toBytes } : r)) })),
+    })
+    await watch.start()
+    this.fillWatches.set(name, watch)
+  }
+
+  private unwatchFill(name: string): void {
+    this.fillWatches.get(name)?.stop()
+    this.fillWatches.delete(name)
   }
 
   private async saveManifest(next: Manifest): Promise<void> {
@@ -416,6 +530,7 @@ export class Volume {
       cowFile: join(SNAPSHOT_DIR, `${name}.cow`),
       cowSizeBytes,
       createdAt: new Date().toISOString(),
+      ...fillOptions(options, cowSizeBytes !== null),
     }
     await removeVolumeFile(this.dir, record.cowFile) // leftover of a crash between file creation and manifest write
     let snap: Snapshot
@@ -511,6 +626,7 @@ export class Volume {
     }
     const snap = this.snapshotsByName.get(name)
     if (snap) {
+      this.unwatchFill(name)
       await this.origin.removeSnapshot(snap)
       this.snapshotsByName.delete(name)
     }
@@ -547,6 +663,7 @@ export class Volume {
   /** Forgets a snapshot whose merge completed (its COW holds no exceptions any more). */
   async dropMergedSnapshot(name: string): Promise<void> {
     const record = this.record(name)
+    this.unwatchFill(name)
     this.snapshotsByName.delete(name)
     await this.updateManifest((m) => ({ ...m, merge: null, snapshots: m.snapshots.filter((r) => r.name !== name) }))
     if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
@@ -607,6 +724,7 @@ export class Volume {
       throw err
     }
     this.runningMerge = merge
+    this.watchMerge(merge, rate)
     void merge.done.then(
       () => {
         if (this.runningMerge === merge && merge.state === 'complete') this.runningMerge = null
@@ -614,6 +732,25 @@ export class Volume {
       () => {},
     )
     return merge
+  }
+
+  /** Turns a merge's progress and end into events: started, every ten percent, done or failed. */
+  private watchMerge(merge: Merge, rateBytesPerSecond: number | null): void {
+    const base = { volume: this.name, snapshot: merge.snapshot.snapshotName }
+    this.emitEvent({ type: 'merge-started', ...base, totalBytes: merge.progress().totalBytes, rateBytesPerSecond })
+    let reportedTens = 0
+    merge.on('progress', (p) => {
+      if (p.totalBytes === 0) return
+      const tens = Math.floor((10 * p.doneBytes) / p.totalBytes)
+      if (tens <= reportedTens || tens >= 10) return
+      reportedTens = tens
+      const { doneBytes, totalBytes, rateBytesPerSecond: rate, etaSeconds } = p
+      this.emitEvent({ type: 'merge-progress', ...base, percent: 10 * tens, doneBytes, totalBytes, rateBytesPerSecond: rate, etaSeconds })
+    })
+    merge.once('complete', () => this.emitEvent({ type: 'merge-done', ...base, totalBytes: merge.progress().totalBytes }))
+    merge.once('failed', (err) => {
+      this.emitEvent({ type: 'merge-failed', ...base, code: isSnapError(err) ? err.code : 'SNAP_IO', reason: err.message })
+    })
   }
 
   /**
@@ -671,8 +808,10 @@ export class Volume {
         metadataBytes,
         cowCapacityBytes,
         // As lvs: a COW holding only its header and metadata is 0 % full.
-        dataPercent: allocatedBytes === metadataBytes ? 0 : percent(allocatedBytes, cowCapacityBytes),
-        originPercent: percent(Math.max(0, allocatedBytes - metadataBytes) / chunkSizeBytes, originChunks),
+        dataPercent: allocatedBytes === metadataBytes ? 0 : fillPercent(allocatedBytes, cowCapacityBytes),
+        warnAtPercent: record.warnAtPercent === undefined ? (record.cowSizeBytes === null ? null : DEFAULT_WARN_AT_PERCENT) : record.warnAtPercent,
+        autoextend: record.autoextend ?? null,
+        originPercent: fillPercent(Math.max(0, allocatedBytes - metadataBytes) / chunkSizeBytes, originChunks),
         state: broken !== undefined ? 'broken' : (snap?.state ?? 'invalid'),
         reason: broken ?? snap?.invalidationReason ?? null,
       })
@@ -723,6 +862,9 @@ export class Volume {
     try {
       const merge = this.runningMerge
       if (merge && (merge.state === 'running' || merge.state === 'paused')) await merge.stop()
+      // An extension in flight ends, and is recorded, before its COW closes.
+      await this.settled()
+      for (const name of [...this.fillWatches.keys()]) this.unwatchFill(name)
       await this.origin.close()
     } catch (err) {
       if (!isSnapError(err, 'SNAP_CLOSED')) throw err
@@ -780,10 +922,25 @@ async function createInPlace(dir: string, path: string): Promise<void> {
   }
 }
 
-/** part / whole in percent with two decimals, never above 100. */
-function percent(part: number, whole: number): number {
-  if (whole <= 0) return 0
-  return Math.min(100, Math.round((10000 * part) / whole) / 100)
+/** The manifest's fill fields for a new snapshot, checked (flag names as `snapshot` takes them). */
+function fillOptions(options: SnapshotCreateOptions, fixed: boolean): Pick<SnapshotRecord, 'warnAtPercent' | 'autoextend'> {
+  const warnAt = options.warnAtPercent === undefined ? (fixed ? DEFAULT_WARN_AT_PERCENT : null) : options.warnAtPercent
+  if (warnAt !== null && !isPercent(warnAt, 1, 99)) throw badArgument(`--warn-at ${String(warnAt)} must be a whole percentage from 1 to 99`)
+  const threshold = options.autoextendThresholdPercent
+  const by = options.autoextendPercent
+  if (threshold === undefined) {
+    if (by !== undefined) throw badArgument('--autoextend-percent needs --autoextend-threshold')
+    return { warnAtPercent: warnAt, autoextend: null }
+  }
+  if (!isPercent(threshold, 1, 100)) throw badArgument(`--autoextend-threshold ${String(threshold)} must be a whole percentage from 1 to 100 (100: never)`)
+  if (by !== undefined && !isPercent(by, 1, 1e15)) throw badArgument(`--autoextend-percent ${String(by)} must be a whole percentage of at least 1`)
+  if (threshold === 100) return { warnAtPercent: warnAt, autoextend: null }
+  if (!fixed) throw badArgument('--autoextend-threshold needs --cow-size: a COW without one grows on demand')
+  return { warnAtPercent: warnAt, autoextend: { thresholdPercent: threshold, percent: by ?? DEFAULT_AUTOEXTEND_PERCENT } }
+}
+
+function isPercent(value: unknown, min: number, max: number): value is number {
+  return typeof value === 'number' && Number.isSafeInteger(value) && value >= min && value <= max
 }
 
 /** Free space (for unprivileged use) of the file system holding `path`; 0 when unknown. */

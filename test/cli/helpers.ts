@@ -179,6 +179,8 @@ const SNAPSHOT_KEYS = [
   'originPercent',
   'state',
   'reason',
+  'warnAtPercent',
+  'autoextend',
 ]
 const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed', 'broken']
 
@@ -206,6 +208,9 @@ export function parseList(stdout: Buffer): ListJson {
       assert.ok(typeof s[k] === 'number' && (s[k] as number) >= 0 && (s[k] as number) <= 100, `${k} = ${String(s[k])}`)
     }
     assert.ok(STATES.includes(s.state as string), `state ${String(s.state)}`)
+    assert.ok(s.warnAtPercent === null || (Number.isSafeInteger(s.warnAtPercent) && (s.warnAtPercent as number) >= 1 && (s.warnAtPercent as number) <= 99), `warnAtPercent ${String(s.warnAtPercent)}`)
+    const auto = s.autoextend as { thresholdPercent?: unknown; percent?: unknown } | null
+    assert.ok(auto === null || (Number.isSafeInteger(auto.thresholdPercent) && Number.isSafeInteger(auto.percent) && Object.keys(auto).length === 2), `autoextend ${JSON.stringify(auto)}`)
     // A reason exactly when the snapshot is broken.
     assert.ok(s.state === 'broken' ? typeof s.reason === 'string' && s.reason !== '' : s.reason === null, `reason ${String(s.reason)} for state ${String(s.state)}`)
   }
