@@ -1,10 +1,12 @@
 /**
  * `blocksnap serve`: owns the volumes, exports them over NBD, and carries out other blocksnap
- * commands live through each volume's control socket. SIGHUP, SIGINT, SIGQUIT and SIGTERM stop
- * it cleanly: clients are drained, everything is flushed and committed, locks are released and
- * sockets removed.
+ * commands live through each volume's control socket. SIGINT, SIGQUIT and SIGTERM stop it
+ * cleanly: clients are drained, everything is flushed and committed, locks are released and
+ * sockets removed. SIGHUP does too when logging to stderr (the terminal went away); with
+ * `--log-file` it reopens the log file instead. Under systemd it serves on the sockets passed
+ * by socket activation and reports readiness (src/cli/systemd.ts).
  */
-import { type Logger, pino } from 'pino'
+import type { Logger } from 'pino'
 import { ControlServer } from '../control/control-server.js'
 import { type DeviceUsers, refuseIfOpen } from '../control/volume-ops.js'
 import { SnapError, isSnapError } from '../errors.js'
@@ -15,6 +17,9 @@ import type { Merge } from '../merge/merge.js'
 import type { Snapshot } from '../snapshot/snapshot.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
+import { PidFile } from './pid-file.js'
+import { openServeLog, reopenOnHangup } from './serve-log.js'
+import { notifyReady, takePassedSockets } from './systemd.js'
 
 export interface ServeOptions {
   readonly host: string
@@ -32,6 +37,10 @@ export interface ServeOptions {
   readonly handshakeTimeoutMs?: number
   readonly maxConnections?: number
   readonly maxPendingBytes?: number
+  /** Written once serving, removed on a clean stop. */
+  readonly pidFile?: string
+  /** Log here instead of stderr; SIGHUP reopens it. */
+  readonly logFile?: string
 }
 
 /** Logs how each merge of `volume` ends, once per merge. */
@@ -123,7 +132,10 @@ async function loadServeTls(options: ServeOptions): Promise<NbdTlsOptions | unde
   }
 }
 
-/** Every signal that asks a daemon to stop; nbdkit treats them alike too. */
+/**
+ * Every signal that asks a daemon to stop; nbdkit treats them alike too. SIGHUP is among them only
+ * while logging to stderr: with a log file it means "reopen the log" (logrotate).
+ */
 const STOP_SIGNALS: readonly NodeJS.Signals[] = ['SIGHUP', 'SIGINT', 'SIGQUIT', 'SIGTERM']
 
 /**
@@ -137,12 +149,12 @@ class StopSignals {
   readonly received: Promise<NodeJS.Signals>
   private first: NodeJS.Signals | null = null
 
-  constructor(log: { info(msg: string): void; warn(msg: string): void }) {
+  constructor(log: { info(msg: string): void; warn(msg: string): void }, signals: readonly NodeJS.Signals[]) {
     let resolve!: (signal: NodeJS.Signals) => void
     this.received = new Promise((r) => {
       resolve = r
     })
-    for (const signal of STOP_SIGNALS) {
+    for (const signal of signals) {
       process.on(signal, () => {
         if (this.first !== null) {
           log.warn(`${signal}: already stopping after ${this.first}; ignored`)
@@ -157,11 +169,12 @@ class StopSignals {
 }
 
 export async function serveVolumes(paths: string[], options: ServeOptions, extra: { printHelp?: boolean } = {}): Promise<void> {
-  const destination = pino.destination(2)
-  // stderr may be a terminal that hung up (SIGHUP): losing log lines must not stop the shutdown.
-  destination.on('error', () => {})
-  const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, destination)
-  const signals = new StopSignals(log)
+  const serveLog = openServeLog(options.logFile)
+  const log = serveLog.log
+  const signals = new StopSignals(log, serveLog.file === null ? STOP_SIGNALS : STOP_SIGNALS.filter((s) => s !== 'SIGHUP'))
+  if (serveLog.file !== null) reopenOnHangup(serveLog)
+  // Taken (and cleared from the environment) now, before anything is spawned.
+  const passedSockets = takePassedSockets()
   const tls = await loadServeTls(options)
   const names = new Set<string>()
   const volumes: Volume[] = []
@@ -214,15 +227,25 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   nbd = server
   let listening = `${options.host}:${options.port}`
   let socketAddress: UnixSocketAddress | null = null
+  let pidFile: PidFile | null = null
   try {
-    await server.listen({ host: options.host, port: options.port })
-    if (options.socket) {
+    if (passedSockets.length > 0) {
+      // Socket activation: systemd's sockets replace --listen and --socket.
+      for (const passed of passedSockets) {
+        listening = `${passed.name} (fd ${passed.fd}, passed by systemd)`
+        await server.listen(passed)
+      }
+    } else {
+      await server.listen({ host: options.host, port: options.port })
+    }
+    if (options.socket && passedSockets.length === 0) {
       listening = options.socket
       // A server killed outright leaves its socket file behind; qemu-nbd and nbdkit reuse the path too.
       await clearStaleSocket(options.socket, 'socket')
       socketAddress = await UnixSocketAddress.of(options.socket)
       await server.listen({ path: socketAddress.bindPath })
     }
+    if (options.pidFile !== undefined) pidFile = await PidFile.write(options.pidFile)
   } catch (err) {
     await server.close().catch(() => {})
     await socketAddress?.release()
@@ -230,7 +253,14 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     throw isSnapError(err) ? err : new SnapError('SNAP_BUSY', `cannot listen on ${listening}: ${(err as Error).message}`)
   }
   const where = `${options.host}:${options.port}`
-  log.info(`serving ${volumes.map((v) => v.name).join(', ')} on ${where}${options.socket ? ` and ${options.socket}` : ''}`)
+  const served = volumes.map((v) => v.name).join(', ')
+  if (passedSockets.length > 0) {
+    const sockets = passedSockets.map((p) => `${p.name} (fd ${p.fd})`).join(', ')
+    log.info(`serving ${served} on the sockets systemd passed: ${sockets}; --listen and --socket are not used`)
+  } else {
+    log.info(`serving ${served} on ${where}${options.socket ? ` and ${options.socket}` : ''}`)
+  }
+  await notifyReady(`serving ${served}`, log)
   if (extra.printHelp) {
     const v = volumes[0] as Volume
     const uri = `nbd://${where}/${v.name}`
@@ -260,5 +290,6 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   await server.close().catch((err) => log.error(`closing NBD server: ${(err as Error).message}`))
   await socketAddress?.release() // after the close: libuv removes the socket file by its bound name
   await cleanup()
+  await pidFile?.remove()
   log.info('stopped')
 }
