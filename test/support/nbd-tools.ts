@@ -24,6 +24,8 @@ const PACKAGES: Record<string, string> = {
   'qemu-io': 'qemu-utils',
   fio: 'fio',
   openssl: 'openssl',
+  'systemd-socket-activate': 'systemd',
+  'systemd-notify': 'systemd',
 }
 
 async function onPath(tool: string): Promise<boolean> {
