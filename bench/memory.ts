@@ -18,23 +18,11 @@ import { join } from 'node:path'
 import { spawn } from 'node:child_process'
 import { connect } from 'node:net'
 import { Volume } from '../src/volume/volume.js'
+import { pathToFileURL } from 'node:url'
 import { freePort } from './lib/free-port.js'
 
 const MiB = 1024 * 1024
 const WRITE_BYTES = 32 * MiB
-
-const argv = process.argv.slice(2)
-const dashDash = argv.indexOf('--')
-const own = dashDash >= 0 ? argv.slice(0, dashDash) : argv
-const serveExtra = dashDash >= 0 ? argv.slice(dashDash + 1) : []
-const get = (flag: string, fallback: string) => {
-  const k = own.indexOf(flag)
-  return k >= 0 ? (own[k + 1] as string) : fallback
-}
-const connections = Number(get('--connections', '16'))
-const perConnection = Number(get('--per', '4'))
-const settleSeconds = Number(get('--settle', '10'))
-const bin = get('--bin', new URL('../bin/blocksnap', import.meta.url).pathname)
 
 function memoryOf(pid: number): { rssMiB: number; peakMiB: number } {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8')
@@ -44,6 +32,21 @@ function memoryOf(pid: number): { rssMiB: number; peakMiB: number } {
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms))
 
+export interface MemoryOptions {
+  readonly connections: number
+  readonly perConnection: number
+  readonly settleSeconds: number
+  /** The launcher to measure (another checkout's bin/blocksnap gives a before/after figure). */
+  readonly bin: string
+  readonly serveExtra: readonly string[]
+}
+
+export type MemoryResult = Awaited<ReturnType<typeof measureServeMemory>>
+
+export const DEFAULT_BIN = new URL('../bin/blocksnap', import.meta.url).pathname
+
+export async function measureServeMemory(options: MemoryOptions) {
+const { connections, perConnection, settleSeconds, bin, serveExtra } = options
 const root = await mkdtemp(join(tmpdir(), 'bs-bench-memory-'))
 const vol = join(root, 'vol')
 // Every client writes the same four 32 MiB regions: the file stays small, the page cache absorbs it.
@@ -114,7 +117,7 @@ try {
     await sleep(1000)
     after.push(memoryOf(pid).rssMiB)
   }
-  const result = {
+  return {
     bin,
     serveOptions: serveExtra,
     connections,
@@ -127,7 +130,6 @@ try {
     sampledPeakRssMiB: sampledPeakMiB,
     rssAfterClientsLeftMiB: after,
   }
-  process.stdout.write(`${JSON.stringify(result, null, 2)}\n`)
   if (process.env.BENCH_MEMORY_SMAPS) {
     const maps = readFileSync(`/proc/${pid}/smaps`, 'utf8').split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)
     const rows = maps.map((m) => [Number(/^Rss:\s+(\d+)/m.exec(m)?.[1] ?? 0), m.split('\n')[0]] as const).sort((a, b) => b[0] - a[0]).slice(0, 12)
@@ -137,4 +139,23 @@ try {
   child.kill('SIGTERM')
   await new Promise((resolve) => child.once('exit', resolve))
   await rm(root, { recursive: true, force: true })
+}
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+const argv = process.argv.slice(2)
+const dashDash = argv.indexOf('--')
+const own = dashDash >= 0 ? argv.slice(0, dashDash) : argv
+const serveExtra = dashDash >= 0 ? argv.slice(dashDash + 1) : []
+const get = (flag: string, fallback: string) => {
+  const k = own.indexOf(flag)
+  return k >= 0 ? (own[k + 1] as string) : fallback
+}
+const connections = Number(get('--connections', '16'))
+const perConnection = Number(get('--per', '4'))
+const settleSeconds = Number(get('--settle', '10'))
+const bin = get('--bin', DEFAULT_BIN)
+
+  const result = await measureServeMemory({ connections, perConnection, settleSeconds, bin, serveExtra })
+  process.stdout.write(`${JSON.stringify(result, null, 2)}\n`)
 }

@@ -38,11 +38,33 @@ export function checkChunkSizeBytes(chunkSizeBytes: number): void {
   }
 }
 
-/** Parses "4096", "4K", "16M", "1G", "2T" (powers of 1024). Returns NaN on anything else. */
+/**
+ * The command line's one grammar for byte counts: digits, optionally followed by K, M, G or T
+ * (powers of 1024, either case) and an optional `B` or `iB`, or by a bare `B`: "4096", "512B",
+ * "4K", "4KiB", "16M", "1G", "2T". Returns NaN on anything else, and on a value above 2^53 - 1:
+ * the arithmetic is done in BigInt, so a value too large is refused exactly, never rounded to a
+ * representable neighbour.
+ */
 export function parseSize(text: string): number {
-  const m = /^(\d+)([KMGT]?)(i?B)?$/i.exec(text.trim())
+  const m = /^(\d+)(?:([KMGT])(?:i?B)?|B)?$/i.exec(text.trim())
   if (!m) return Number.NaN
-  const factor = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[(m[2] ?? '').toUpperCase() as '' | 'K' | 'M' | 'G' | 'T']
-  const value = Number(m[1]) * factor
-  return Number.isSafeInteger(value) ? value : Number.NaN
+  const exponent = m[2] === undefined ? 0 : 'KMGT'.indexOf(m[2].toUpperCase()) + 1
+  const value = BigInt(m[1] as string) * 1024n ** BigInt(exponent)
+  return value <= BigInt(MAX_SAFE) ? Number(value) : Number.NaN
+}
+
+/** A rate in bytes per second: a size, with or without `/s` ("24M", "24M/s", "24MiB/s", "0"). NaN otherwise. */
+export function parseRate(text: string): number {
+  return parseSize(text.trim().replace(/\/s$/i, ''))
+}
+
+/**
+ * A share of something, as a percentage: "20%", "12.5%" (more than 0). Returns the number of
+ * percent, or NaN when `text` is not a share.
+ */
+export function parseShare(text: string): number {
+  const m = /^(\d+(?:\.\d+)?)%$/.exec(text.trim())
+  if (!m) return Number.NaN
+  const percent = Number(m[1])
+  return percent > 0 && Number.isFinite(percent) ? percent : Number.NaN
 }

@@ -7,6 +7,7 @@ import type { Suite } from '../lib/suite.js'
 import { bigSuite } from './big.js'
 import { firstTouchSuite } from './first-touch.js'
 import { jsWorkSuite } from './js-work.js'
+import { memorySuite } from './memory.js'
 import { mergeSuite } from './merge.js'
 import { scaleSuite } from './scale.js'
 import { snapReadSuite } from './snap-read.js'
@@ -22,4 +23,5 @@ export const SUITES: readonly Suite[] = [
   bigSuite,
   jsWorkSuite,
   startupSuite,
+  memorySuite,
 ]

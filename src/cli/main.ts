@@ -5,68 +5,26 @@
  */
 import { readFile, mkdir, stat } from 'node:fs/promises'
 import { resolve } from 'node:path'
-import { Command, CommanderError, Option } from 'commander'
-import { SnapError, isSnapError } from '../errors.js'
-import { checkChunkSizeBytes, parseSize } from '../units.js'
+import { Argument, Command, Option } from 'commander'
+import { SnapError } from '../errors.js'
 import type { VolumeOps } from '../control/volume-ops.js'
-import { EXIT_ERROR, EXIT_OK, EXIT_USAGE } from './exit-codes.js'
+import type { SnapshotInfo, VolumeInfo } from '../volume/volume.js'
+import { EXIT_DAMAGE, EXIT_OK } from './exit-codes.js'
 import { brokenWarnings, formatList, snapshotWarnings } from './output.js'
 import { writeOutputFile } from './output-file.js'
 import { mergeCommand } from './merge-command.js'
 import { VERSION } from './version.js'
 import { mapDumpCommands } from './map-dump-commands.js'
 import { backupCommands } from './backup-commands.js'
+import { type SizeOrShare, chunkArg, intArg, positiveArg, positiveSizeArg, sizeArg, sizeOrShareArg } from './args.js'
+import { UsageError, isHelpOrVersion, printJson, reportError, wantsJson } from './render.js'
+import { addExamples } from './help-examples.js'
 
 // The engine, the control client and the server (pino, NBD, TLS) are imported by the commands
 // that use them rather than here: a command pays only for what it runs, and `--version`, `--help`
 // and usage errors load little more than commander (start-up is measured by `npm run bench`).
 const volumeModule = () => import('../volume/volume.js')
 const controlClientModule = () => import('../control/control-client.js')
-
-class UsageError extends Error {}
-
-function sizeArg(what: string) {
-  return (text: string): number => {
-    const n = parseSize(text)
-    if (!Number.isSafeInteger(n)) throw new UsageError(`invalid ${what} '${text}' (bytes, or a number with K, M, G or T)`)
-    return n
-  }
-}
-
-function chunkArg(text: string): number {
-  const n = sizeArg('chunk size')(text)
-  try {
-    checkChunkSizeBytes(n)
-  } catch (err) {
-    throw new UsageError((err as Error).message)
-  }
-  return n
-}
-
-function intArg(what: string) {
-  return (text: string): number => {
-    if (!/^\d+$/.test(text)) throw new UsageError(`invalid ${what} '${text}' (a non-negative integer)`)
-    const n = Number(text)
-    if (!Number.isSafeInteger(n)) throw new UsageError(`${what} '${text}' is too large`)
-    return n
-  }
-}
-
-function positiveArg(what: string) {
-  return (text: string): number => {
-    const n = intArg(what)(text)
-    if (n === 0) throw new UsageError(`invalid ${what} '${text}' (at least 1)`)
-    return n
-  }
-}
-
-function positiveSizeArg(what: string) {
-  return (text: string): number => {
-    const n = sizeArg(what)(text)
-    if (n <= 0) throw new UsageError(`invalid ${what} '${text}' (more than 0 bytes)`)
-    return n
-  }
-}
 
 /** Runs `fn` on the volume: live through its server if it is served, else by opening it. */
 export async function withVolume<T>(volumePath: string, fn: (ops: VolumeOps, live: boolean) => Promise<T>): Promise<T> {
@@ -143,49 +101,66 @@ function buildProgram(): Command {
     .option('--chunk-size <SIZE>', 'chunk size, a power of two from 512 to 512K', chunkArg, 4096)
     .addOption(new Option('--store <STORE>', 'exception store').choices(['persistent', 'transient']).default('persistent'))
     .option('--overflow', 'PO: a full COW refuses snapshot writes instead of invalidating')
-    .option('--cow-size <SIZE>', 'fixed COW size (default: grows on demand)', sizeArg('COW size'))
-    .action(async (spec: string, opts: { chunkSize: number; store: 'persistent' | 'transient'; overflow?: boolean; cowSize?: number }) => {
+    .option('--cow-size <SIZE>', "fixed COW size, or N% of the origin's size (default: grows on demand)", sizeOrShareArg('COW size', "the origin's size"))
+    .option('--json', 'print the new snapshot as JSON (docs/json.md)')
+    .action(async (spec: string, opts: { chunkSize: number; store: 'persistent' | 'transient'; overflow?: boolean; cowSize?: SizeOrShare; json?: boolean }) => {
       const { volume, snapshot } = await snapshotRequired(spec)
-      await withVolume(volume, async (ops, live) => {
+      const info = await withVolume(volume, async (ops, live) => {
         if (opts.store === 'transient' && !live) {
           throw new SnapError('SNAP_BAD_ARGUMENT', 'transient snapshots live only as long as a server: serve the volume first')
         }
+        const cowSizeBytes = opts.cowSize === undefined ? undefined : cowBytes(opts.cowSize, (await ops.list()).sizeBytes, opts.chunkSize)
         await ops.snapshot(snapshot, {
           chunkSizeBytes: opts.chunkSize,
           store: opts.store,
           ...(opts.overflow ? { overflow: true } : {}),
-          ...(opts.cowSize !== undefined ? { cowSizeBytes: opts.cowSize } : {}),
+          ...(cowSizeBytes !== undefined ? { cowSizeBytes } : {}),
         })
+        return opts.json ? ops.list() : null
       })
+      if (info) printJson({ device: spec, snapshot: snapshotInfo(info, snapshot) })
     })
 
   program
     .command('list')
     .description('list the snapshots of a volume')
     .argument('<VOL>')
-    .option('--json', 'machine-readable output')
+    .option('--json', 'machine-readable output (docs/json.md)')
     .action(async (vol: string, opts: { json?: boolean }) => {
       const info = await withVolume(vol, (ops) => ops.list())
-      process.stdout.write(opts.json ? `${JSON.stringify(info, null, 2)}\n` : formatList(info))
+      if (opts.json) printJson({ ...info })
+      else process.stdout.write(formatList(info))
     })
 
   program
     .command('status')
     .description("print the kernel's dmsetup status line for VOL or VOL@SNAP")
     .argument('<DEVICE>')
-    .action(async (spec: string) => {
+    .option('--json', 'the status line with the snapshot and merge it describes, as JSON (docs/json.md)')
+    .action(async (spec: string, opts: { json?: boolean }) => {
       const { volume, snapshot } = await deviceArg(spec)
       const { line, info } = await withVolume(volume, async (ops) => ({ line: await ops.status(snapshot), info: await ops.list() }))
-      process.stdout.write(`${line}\n`)
-      process.stderr.write(brokenWarnings(info, snapshot))
+      const warnings = brokenWarnings(info, snapshot)
+      if (opts.json) {
+        printJson({
+          device: spec,
+          statusLine: line,
+          snapshot: snapshot === null ? null : snapshotInfo(info, snapshot),
+          merge: info.merge,
+          warnings: warnings.split('\n').filter((w) => w !== '').map((w) => w.replace(/^blocksnap: warning: /, '')),
+        })
+      } else {
+        process.stdout.write(`${line}\n`)
+        process.stderr.write(warnings)
+      }
     })
 
   program
     .command('read')
     .description('read bytes from VOL or VOL@SNAP')
     .argument('<DEVICE>')
-    .option('--offset <N>', 'byte offset', intArg('offset'), 0)
-    .option('--length <N>', 'bytes to read (default: to the end)', intArg('length'))
+    .option('--offset <SIZE>', 'byte offset (bytes or K/M/G/T)', sizeArg('offset'), 0)
+    .option('--length <SIZE>', 'bytes to read (bytes or K/M/G/T; default: to the end)', sizeArg('length'))
     .option('--output <FILE>', 'write to FILE instead of stdout')
     .action(async (spec: string, opts: { offset: number; length?: number; output?: string }) => {
       const { volume, snapshot } = await deviceArg(spec)
@@ -214,7 +189,7 @@ function buildProgram(): Command {
     .command('write')
     .description('write stdin (or FILE) to VOL or VOL@SNAP at --offset')
     .argument('<DEVICE>')
-    .requiredOption('--offset <N>', 'byte offset', intArg('offset'))
+    .requiredOption('--offset <SIZE>', 'byte offset (bytes or K/M/G/T)', sizeArg('offset'))
     .option('--input <FILE>', 'read from FILE instead of stdin')
     .action(async (spec: string, opts: { offset: number; input?: string }) => {
       const { volume, snapshot } = await deviceArg(spec)
@@ -239,9 +214,18 @@ function buildProgram(): Command {
     .description('remove a snapshot and its COW file (one outside the volume directory is kept)')
     .argument('<VOL@SNAP>')
     .option('--force', 'remove even when NBD clients have it open, or when it is broken')
-    .action(async (spec: string, opts: { force?: boolean }) => {
+    .option('--json', 'print what was removed as JSON (docs/json.md)')
+    .action(async (spec: string, opts: { force?: boolean; json?: boolean }) => {
       const { volume, snapshot } = await snapshotRequired(spec)
-      await withVolume(volume, (ops) => ops.remove(snapshot, opts.force ? { force: true } : {}))
+      const removed = await withVolume(volume, async (ops) => {
+        const before = opts.json ? snapshotInfo(await ops.list(), snapshot) : null
+        await ops.remove(snapshot, opts.force ? { force: true } : {})
+        return before
+      })
+      if (removed) {
+        const cowDeleted = (await stat(removed.cowPath).catch(() => null)) === null
+        printJson({ device: spec, removed: { name: removed.name, cowPath: removed.cowPath, cowDeleted } })
+      }
     })
 
   program
@@ -250,16 +234,22 @@ function buildProgram(): Command {
     .argument('<VOL@SNAP>')
     .requiredOption('--cow <FILE>', 'the COW device image')
     .option('--in-place', 'use FILE where it is instead of copying it into the volume')
-    .action(async (spec: string, opts: { cow: string; inPlace?: boolean }) => {
+    .option('--json', 'print the adopted snapshot as JSON (docs/json.md)')
+    .action(async (spec: string, opts: { cow: string; inPlace?: boolean; json?: boolean }) => {
       const { volume, snapshot } = await snapshotRequired(spec)
-      await withVolume(volume, (ops) => ops.importCow(snapshot, resolve(opts.cow), opts.inPlace === true))
+      const info = await withVolume(volume, async (ops) => {
+        await ops.importCow(snapshot, resolve(opts.cow), opts.inPlace === true)
+        return opts.json ? ops.list() : null
+      })
+      if (info) printJson({ device: spec, snapshot: snapshotInfo(info, snapshot) })
     })
 
   program
     .command('check')
-    .description('verify COW metadata; exit 0 when clean, 1 with a description when not')
+    .description('verify COW metadata; exit 0 when clean, 3 with a description of the damage when not')
     .argument('<VOL[@SNAP]>')
-    .action(async (spec: string) => {
+    .option('--json', 'the verdict and the problems as JSON (docs/json.md)')
+    .action(async (spec: string, opts: { json?: boolean }) => {
       const { volume, snapshot } = await deviceArg(spec)
       // Offline, the COW files are verified without attaching them: attaching would stop at the
       // first problem, and check is there to describe all of them.
@@ -276,10 +266,15 @@ function buildProgram(): Command {
         const { checkVolumeFiles } = await import('../volume/check.js')
         result = await checkVolumeFiles(volume, snapshot)
       }
-      if (!result.clean) {
-        for (const p of result.problems) process.stderr.write(`blocksnap: check: ${p}\n`)
-        process.exitCode = EXIT_ERROR
-      }
+      if (opts.json) {
+        // Each problem is "SNAP: what is wrong" (checkCow's findings prefixed with the snapshot).
+        const problems = result.problems.map((p) => {
+          const colon = p.indexOf(': ')
+          return { snapshot: p.slice(0, colon), problem: p.slice(colon + 2) }
+        })
+        printJson({ device: spec, clean: result.clean, problems })
+      } else for (const p of result.problems) process.stderr.write(`blocksnap: check: ${p}\n`)
+      if (!result.clean) process.exitCode = EXIT_DAMAGE
     })
 
   program
@@ -310,6 +305,7 @@ function buildProgram(): Command {
       positiveSizeArg('max pending'),
       256 * 1024 * 1024,
     )
+    .option('--metrics <[HOST:]PORT>', 'serve Prometheus metrics at /metrics and a live status page at / over HTTP (HOST defaults to 127.0.0.1)')
     .option('--pid-file <PATH>', 'write the server\'s PID here once it serves; removed when it stops')
     .option('--log-file <PATH>', 'log here instead of stderr; SIGHUP reopens it (for logrotate) instead of stopping the server')
     .addHelpText('after', SERVE_TLS_HELP)
@@ -338,7 +334,32 @@ function buildProgram(): Command {
       await serveVolumes([dir], flags, { printHelp: true })
     })
 
+  program
+    .command('completion')
+    .description('print a shell completion script for bash or zsh')
+    .addArgument(new Argument('<SHELL>', 'the shell').choices(['bash', 'zsh']))
+    .action(async (shell: 'bash' | 'zsh') => {
+      const { bashCompletion, zshCompletion } = await import('./completion.js')
+      process.stdout.write(shell === 'bash' ? bashCompletion(program) : zshCompletion(program))
+    })
+
+  addExamples(program)
   return program
+}
+
+/** `name`'s entry in a listing (it was just created, imported or asked about, so it is there). */
+function snapshotInfo(info: VolumeInfo, name: string): SnapshotInfo {
+  const found = info.snapshots.find((s) => s.name === name)
+  if (!found) throw new SnapError('SNAP_NOT_FOUND', `no snapshot '${name}' in volume ${info.name}`)
+  return found
+}
+
+/** A fixed COW size: as given, or a share of the origin rounded up to whole chunks. */
+function cowBytes(size: SizeOrShare, originBytes: number, chunkBytes: number): number {
+  if ('bytes' in size) return size.bytes
+  const bytes = Math.ceil((originBytes * size.percent) / 100 / chunkBytes) * chunkBytes
+  if (!Number.isSafeInteger(bytes)) throw new UsageError(`COW size ${size.percent}% of ${originBytes} bytes is too large`)
+  return bytes
 }
 
 /** Who `serve` lets in under each TLS setup; docs/security.md says the same at more length. */
@@ -384,8 +405,18 @@ interface ServeFlags {
   handshakeLimit?: number
   maxConnections?: number
   maxPending?: number
+  metrics?: string
   pidFile?: string
   logFile?: string
+}
+
+/** `--metrics PORT` (loopback) or `HOST:PORT`, `[IPv6]:PORT`. */
+function parseMetricsAddress(text: string): { host: string; port: number } {
+  const m = /^(?:(.*):)?(\d+)$/.exec(text)
+  const port = Number(m?.[2])
+  if (!m || port > 65535) throw new UsageError(`invalid --metrics '${text}' ([HOST:]PORT)`)
+  const host = (m[1] ?? '').replace(/^\[(.*)\]$/, '$1')
+  return { host: host === '' ? '127.0.0.1' : host, port }
 }
 
 function parseServeFlags(opts: ServeFlags) {
@@ -410,6 +441,7 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.handshakeLimit === undefined ? {} : { handshakeTimeoutMs: opts.handshakeLimit * 1000 }),
     ...(opts.maxConnections === undefined ? {} : { maxConnections: opts.maxConnections }),
     ...(opts.maxPending === undefined ? {} : { maxPendingBytes: opts.maxPending }),
+    ...(opts.metrics === undefined ? {} : { metrics: parseMetricsAddress(opts.metrics) }),
     ...(opts.pidFile === undefined ? {} : { pidFile: resolve(opts.pidFile) }),
     ...(opts.logFile === undefined ? {} : { logFile: resolve(opts.logFile) }),
   }
@@ -421,26 +453,8 @@ export async function main(argv: string[]): Promise<number> {
     await program.parseAsync(argv, { from: 'user' })
     return typeof process.exitCode === 'number' ? process.exitCode : EXIT_OK
   } catch (err) {
-    if (err instanceof CommanderError) {
-      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return EXIT_OK
-      process.stderr.write(`blocksnap: error: ${err.message.replace(/^error: /, '')}\n`)
-      return EXIT_USAGE
-    }
-    if (err instanceof UsageError) {
-      process.stderr.write(`blocksnap: error: ${err.message}\n`)
-      return EXIT_USAGE
-    }
-    if (isSnapError(err)) {
-      process.stderr.write(`blocksnap: error: ${err.message}\n`)
-      return EXIT_ERROR
-    }
-    const e = err as NodeJS.ErrnoException
-    if (e && typeof e.code === 'string' && typeof e.message === 'string') {
-      process.stderr.write(`blocksnap: error: ${e.message}\n`)
-      return EXIT_ERROR
-    }
-    process.stderr.write(`blocksnap: internal error: ${String((err as Error)?.stack ?? err)}\n`)
-    return EXIT_ERROR
+    if (isHelpOrVersion(err)) return EXIT_OK
+    return reportError(err, wantsJson(argv))
   }
 }
 

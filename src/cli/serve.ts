@@ -17,6 +17,8 @@ import type { Merge } from '../merge/merge.js'
 import type { Snapshot } from '../snapshot/snapshot.js'
 import { Volume } from '../volume/volume.js'
 import { VolumeExports } from './volume-exports.js'
+import type { ServiceMetrics } from '../service/metrics.js'
+import type { ServiceHttpServer } from '../service/service-http.js'
 import { PidFile } from './pid-file.js'
 import { openServeLog, reopenOnHangup } from './serve-log.js'
 import { notifyReady, takePassedSockets } from './systemd.js'
@@ -37,6 +39,8 @@ export interface ServeOptions {
   readonly handshakeTimeoutMs?: number
   readonly maxConnections?: number
   readonly maxPendingBytes?: number
+  /** Serve Prometheus metrics and the status page on this address (HTTP). */
+  readonly metrics?: { readonly host: string; readonly port: number }
   /** Written once serving, removed on a clean stop. */
   readonly pidFile?: string
   /** Log here instead of stderr; SIGHUP reopens it. */
@@ -132,6 +136,21 @@ async function loadServeTls(options: ServeOptions): Promise<NbdTlsOptions | unde
   }
 }
 
+/** Starts the metrics and status page listener; a busy address fails `serve` like the NBD one. */
+async function listenService(metrics: ServiceMetrics, at: { host: string; port: number }, log: Logger): Promise<ServiceHttpServer> {
+  const { ServiceHttpServer } = await import('../service/service-http.js')
+  const http = new ServiceHttpServer(metrics, log.child({ component: 'metrics' }))
+  let bound: { host: string; port: number }
+  try {
+    bound = await http.listen(at.host, at.port)
+  } catch (err) {
+    throw new SnapError('SNAP_BUSY', `cannot listen on ${at.host.includes(':') ? `[${at.host}]` : at.host}:${at.port} for --metrics: ${(err as Error).message}`)
+  }
+  const url = `http://${bound.host.includes(':') ? `[${bound.host}]` : bound.host}:${bound.port}/`
+  log.info(`status page on ${url}, Prometheus metrics on ${url}metrics`)
+  return http
+}
+
 /**
  * Every signal that asks a daemon to stop; nbdkit treats them alike too. SIGHUP is among them only
  * while logging to stderr: with a log file it means "reopen the log" (logrotate).
@@ -216,8 +235,17 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     await cleanup()
     throw err
   }
+  const exports = new VolumeExports(volumes, { readOnly: options.readOnly })
+  const metrics = options.metrics
+    ? new (await import('../service/metrics.js')).ServiceMetrics({
+        volumes,
+        exportNames: () => exports.list().map((e) => e.name),
+        clientsOf: (name) => nbd?.clientsOf(name) ?? 0,
+      })
+    : null
   const server: NbdServer = new NbdServer({
-    exports: new VolumeExports(volumes, { readOnly: options.readOnly }),
+    exports,
+    ...(metrics ? { requestObserver: metrics.requestObserver } : {}),
     logger: log.child({ component: 'nbd' }),
     ...(tls ? { tls } : {}),
     ...(options.handshakeTimeoutMs === undefined ? {} : { handshakeTimeoutMs: options.handshakeTimeoutMs }),
@@ -227,6 +255,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   nbd = server
   let listening = `${options.host}:${options.port}`
   let socketAddress: UnixSocketAddress | null = null
+  let http: ServiceHttpServer | null = null
   let pidFile: PidFile | null = null
   try {
     if (passedSockets.length > 0) {
@@ -245,8 +274,10 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       socketAddress = await UnixSocketAddress.of(options.socket)
       await server.listen({ path: socketAddress.bindPath })
     }
+    if (metrics && options.metrics) http = await listenService(metrics, options.metrics, log)
     if (options.pidFile !== undefined) pidFile = await PidFile.write(options.pidFile)
   } catch (err) {
+    await http?.close()
     await server.close().catch(() => {})
     await socketAddress?.release()
     await cleanup()
@@ -287,6 +318,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     )
   }
   await signals.received
+  await http?.close() // first: a scrape reads the volumes
   await server.close().catch((err) => log.error(`closing NBD server: ${(err as Error).message}`))
   await socketAddress?.release() // after the close: libuv removes the socket file by its bound name
   await cleanup()

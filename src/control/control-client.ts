@@ -1,6 +1,8 @@
 /**
  * Client side of the control socket: VolumeOps carried out by the server that owns the volume.
  */
+import type { Stats } from 'node:fs'
+import { stat } from 'node:fs/promises'
 import { type Socket, createConnection } from 'node:net'
 import { join } from 'node:path'
 import { SnapError, type SnapErrorCode, isSnapError } from '../errors.js'
@@ -11,6 +13,34 @@ import type { DiffResult } from '../backup/diff.js'
 import type { ImportOptions, ImportSummary } from '../backup/import-diff.js'
 import { CONTROL_SOCKET, type ControlReply, HELLO, type VolumeIdentity, lineSplitter, sameVolume, volumeIdentity } from './control-protocol.js'
 import { IO_PIECE_BYTES, type RemoveOptions, type VolumeOps } from './volume-ops.js'
+
+/**
+ * The socket at `path` if it may be trusted with commands and data for the volume in `dir`:
+ * it must belong to the directory's owner, to root or to this user. Anyone else's socket was
+ * planted there (Node cannot ask the server's credentials, SO_PEERCRED, after connecting), and
+ * is refused with one line. Null when no socket is there: the volume is not served.
+ */
+async function trustedSocket(dir: string, path: string): Promise<Stats | null> {
+  const denied = () =>
+    new SnapError('SNAP_BUSY', `permission denied on ${path}: this user may not use the server of volume ${dir}`, { details: { path } })
+  const [dirStats, socketStats] = await Promise.all([
+    stat(dir),
+    stat(path).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'EACCES' || err.code === 'EPERM') throw denied()
+      return null // ENOENT, ENOTDIR, ELOOP: nothing usable is there
+    }),
+  ])
+  if (!socketStats?.isSocket()) return null
+  const owner = socketStats.uid
+  if (owner !== dirStats.uid && owner !== 0 && owner !== process.getuid?.()) {
+    throw new SnapError(
+      'SNAP_BUSY',
+      `${path} belongs to uid ${owner}, not to the volume's owner (uid ${dirStats.uid}) or root; refusing to send it a command for ${dir}`,
+      { details: { path } },
+    )
+  }
+  return socketStats
+}
 
 export class ControlClient implements VolumeOps {
   private readonly socket: Socket
@@ -53,6 +83,14 @@ export class ControlClient implements VolumeOps {
       if (isSnapError(err, 'SNAP_NOT_FOUND')) return null // no such directory: opening the volume says so
       throw err
     }
+    const checked = await trustedSocket(dir, path).catch(async (err: unknown) => {
+      await address.release()
+      throw err
+    })
+    if (!checked) {
+      await address.release()
+      return null
+    }
     let socket: Socket | null
     try {
       socket = await new Promise<Socket | null>((resolve, reject) => {
@@ -70,6 +108,12 @@ export class ControlClient implements VolumeOps {
     if (!socket) return null
     const client = new ControlClient(socket)
     try {
+      // The file connected to is the one checked, unless it was swapped in between (which only
+      // someone who may write the volume directory can do).
+      const now = await stat(path).catch(() => null)
+      if (!now || now.dev !== checked.dev || now.ino !== checked.ino) {
+        throw new SnapError('SNAP_BUSY', `${path} was replaced while connecting; refusing to send it a command for ${dir}`, { details: { path } })
+      }
       await client.confirm(dir, path)
     } catch (err) {
       client.close()

@@ -6,7 +6,7 @@ import { unlink } from 'node:fs/promises'
 import { type Server, type Socket, createServer } from 'node:net'
 import { join } from 'node:path'
 import { SnapError, isSnapError } from '../errors.js'
-import { UnixSocketAddress, clearStaleSocket } from '../util/unix-socket.js'
+import { type UnixSocketAddress, clearStaleSocket, listenPrivate } from '../util/unix-socket.js'
 import type { Volume } from '../volume/volume.js'
 import {
   CONTROL_SOCKET,
@@ -60,19 +60,9 @@ export class ControlServer {
   async listen(): Promise<void> {
     this.identity = await volumeIdentity(this.volume.dir)
     await clearStaleSocket(this.path, 'control socket') // a stale socket from a crashed server
-    const address = await UnixSocketAddress.of(this.path)
-    try {
-      await new Promise<void>((resolve, reject) => {
-        this.server.once('error', reject)
-        this.server.listen(address.bindPath, () => {
-          this.server.off('error', reject)
-          resolve()
-        })
-      })
-    } catch (err) {
-      await address.release()
-      throw new SnapError('SNAP_BUSY', `cannot listen on ${this.path}: ${(err as Error).message}`, { cause: err })
-    }
+    // Mode 0600 from the first instant: only this user (and root) may connect. There is no
+    // SO_PEERCRED in Node, so this mode is the server's gate; HELLO then checks the volume.
+    const address = await listenPrivate(this.server, this.path)
     this.address = address
   }
 

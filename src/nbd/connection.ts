@@ -29,6 +29,7 @@ import { isRefused, type ExportProvider, type NbdExport } from './export.js'
 import type { NbdLogger } from './logger.js'
 import type { PayloadPool } from './protocol/payload-pool.js'
 import type { PendingBytes } from './pending-bytes.js'
+import { opOfCommand, type NbdRequestObserver } from './request-observer.js'
 import { ByteQueue } from './protocol/byte-queue.js'
 import {
   BaseAllocation,
@@ -38,6 +39,7 @@ import {
   CommandFlag,
   Info,
   MAX_BLOCK_STATUS_EXTENTS,
+  MAX_HANDSHAKE_OPTIONS,
   MAX_PAYLOAD_BYTES,
   MIN_BLOCK_BYTES,
   NbdErrno,
@@ -62,6 +64,7 @@ import {
   buildOptionReply,
   buildRepMetaContext,
   buildRepServer,
+  decodeString,
   parseClientFlags,
   parseInfoRequest,
   parseMetaContextRequest,
@@ -104,6 +107,8 @@ export interface ConnectionOptions {
   /** Buffers for large WRITE payloads, shared by the server's connections. */
   readonly payloads: PayloadPool
   readonly clock: Clock
+  /** Told about every answered request (null: nobody listens, and nothing is measured). */
+  readonly requestObserver: NbdRequestObserver | null
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -146,6 +151,8 @@ export class NbdConnection {
   private requestParser: RequestParser | null = null
   private phase: Phase = 'client-flags'
   private noZeroes = false
+  /** Options received so far in the handshake (MAX_HANDSHAKE_OPTIONS). */
+  private optionCount = 0
   /** Who the client authenticated as, once TLS is up (null: plaintext so far). */
   private tlsPeer: TlsPeer | null = null
   private structured = false
@@ -319,6 +326,12 @@ export class NbdConnection {
       const event = this.optionParser.next()
       if (event === null) return
       if (event.kind === 'bad-magic') throw violation('bad option magic')
+      if (++this.optionCount > MAX_HANDSHAKE_OPTIONS) {
+        // Not a hard close: the answers already given still reach the client.
+        this.log.warn(`${this.label}: more than ${MAX_HANDSHAKE_OPTIONS} options without choosing an export; disconnecting`)
+        this.endSocket()
+        return
+      }
       if (event.kind === 'too-big') {
         if (event.code === Option.EXPORT_NAME) throw violation(`EXPORT_NAME of ${event.length} bytes`)
         this.optionError(event.code, Rep.ERR_TOO_BIG, `option data of ${event.length} bytes is too large`)
@@ -398,7 +411,9 @@ export class NbdConnection {
   }
 
   private optExportName(data: Buffer): void {
-    const name = data.toString('utf8')
+    const name = decodeString(data, 0, data.length)
+    // The same rule as GO's names; EXPORT_NAME cannot carry an error, so a bad name ends it.
+    if (typeof name !== 'string') throw violation(`EXPORT_NAME '${shownName(data.toString('utf8'))}' refused: ${name.error}`)
     const exp = this.resolveExport(name)
     // EXPORT_NAME cannot carry an error: closing is the only answer.
     if (exp === undefined) throw violation(`EXPORT_NAME for unknown export '${shownName(name)}'`)
@@ -587,6 +602,7 @@ export class NbdConnection {
       if (event.kind === 'dropped') {
         // The payload was drained unread; answering keeps the stream in sync.
         this.replyError(header, NbdErrno.EINVAL, `${nameOfCommand(header.type)} of ${header.length} bytes exceeds the maximum payload ${MAX_PAYLOAD_BYTES}`)
+        if (this.options.requestObserver !== null) this.observe(this.options.requestObserver, header, this.options.clock.now())
         continue
       }
       const bytes = header.type === Command.READ ? header.length : (event.payload?.length ?? 0)
@@ -623,6 +639,8 @@ export class NbdConnection {
   }
 
   private async runRequest(header: RequestHeader, payload: Buffer | null, bytes: number): Promise<void> {
+    const observer = this.options.requestObserver
+    const startedMs = observer === null ? 0 : this.options.clock.now()
     try {
       await this.handleRequest(header, payload)
       // The device is done with it (BlockDevice contract), whatever the outcome was. A closed
@@ -633,12 +651,20 @@ export class NbdConnection {
       this.log.error(`${this.label}: internal error in ${nameOfCommand(header.type)}: ${describeError(err)}`)
       this.hardClose()
     } finally {
+      if (observer !== null) this.observe(observer, header, startedMs)
       this.inFlight--
       this.inFlightBytes -= bytes
       this.options.pending.release(bytes)
       if (this.inputDone || this.shuttingDown) this.maybeFinish()
       else if (this.phase === 'transmission') this.pump()
     }
+  }
+
+  /** Reports an answered request; unknown commands are not reported (they have no op). */
+  private observe(observer: NbdRequestObserver, header: RequestHeader, startedMs: number): void {
+    const op = opOfCommand(header.type)
+    if (op === null || this.exp === null) return
+    observer.requestDone(this.exp.name, op, (this.options.clock.now() - startedMs) / 1000)
   }
 
   /** Ends the socket once the client is done (DISC/EOF) or the server shuts down, and nothing is in flight. */

@@ -23,6 +23,7 @@ import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
 import { PendingBytes } from './pending-bytes.js'
+import type { NbdRequestObserver } from './request-observer.js'
 import { PayloadPool } from './protocol/payload-pool.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions, type TlsContext } from './tls.js'
 
@@ -51,8 +52,10 @@ export interface NbdServerOptions {
   readonly closeTimeoutMs?: number
   /** How long a client may take from connecting to entering transmission (0: no limit). Default 10 s, as qemu-nbd. */
   readonly handshakeTimeoutMs?: number
-  /** Times the handshake limit; the system clock by default. */
+  /** Times the handshake limit (and requests, for the observer); the system clock by default. */
   readonly clock?: Clock
+  /** Told about every answered request, with its export, op and duration (metrics). */
+  readonly requestObserver?: NbdRequestObserver
 }
 
 /**
@@ -91,6 +94,7 @@ export class NbdServer {
   private readonly closeTimeoutMs: number
   private readonly handshakeTimeoutMs: number
   private readonly clock: Clock
+  private readonly requestObserver: NbdRequestObserver | null
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -111,6 +115,7 @@ export class NbdServer {
     this.closeTimeoutMs = options.closeTimeoutMs ?? 10_000
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
     this.clock = options.clock ?? systemClock
+    this.requestObserver = options.requestObserver ?? null
   }
 
   /** Number of clients currently connected. */
@@ -170,6 +175,13 @@ export class NbdServer {
         ? { kind: 'unix', path: 'path' in options ? options.path : 'fd' in options ? `${options.name} (fd ${options.fd})` : String(address) }
         : { kind: 'tcp', host: address.address, port: address.port }
     this.log.info(`nbd server listening on ${bound.kind === 'unix' ? bound.path : `${bound.host}:${bound.port}`}`)
+    if (bound.kind === 'tcp' && !isLoopback(bound.host) && this.tls?.mode !== 'require') {
+      // The default address is loopback for this reason; leaving it is allowed, not silently.
+      this.log.warn(
+        `nbd server: ${bound.host}:${bound.port} is reachable from other machines and TLS is not required: ` +
+          'anyone who can connect reads and writes every export',
+      )
+    }
     if (this.servers.length === 1 && this.tls !== null) {
       // Said once, loudly when it includes clients nobody authenticated.
       const { who, anonymous } = this.tls.admits
@@ -201,6 +213,7 @@ export class NbdServer {
       pending: this.pending,
       payloads: this.payloads,
       clock: this.clock,
+      requestObserver: this.requestObserver,
     })
     this.connections.add(connection)
     void connection.closed.then(() => {
@@ -250,6 +263,12 @@ export class NbdServer {
     }
     this.log.info('nbd server closed')
   }
+}
+
+/** 127.0.0.0/8 and ::1 (also IPv4-mapped): only this machine can connect there. */
+function isLoopback(host: string): boolean {
+  const v4 = host.startsWith('::ffff:') ? host.slice(7) : host
+  return v4.startsWith('127.') || host === '::1'
 }
 
 function isTlsFiles(tls: NbdTlsOptions | NbdTlsFiles): tls is NbdTlsFiles {

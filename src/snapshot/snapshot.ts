@@ -104,6 +104,8 @@ export class Snapshot extends BaseBlockDevice {
   /** The invalidation's header write has finished (origin writes need not wait for it). */
   private invalidationDurable = false
   private inProgress = 0
+  /** Chunks copied out of the origin into this snapshot since it was opened (monotonic). */
+  private copiedOut = 0
   private throttleWaiters: Array<() => void> = []
   private readonly usageThresholdBytes: number | undefined
   private thresholdFired = false
@@ -167,6 +169,14 @@ export class Snapshot extends BaseBlockDevice {
 
   get copiesInFlight(): number {
     return this.inProgress
+  }
+
+  /**
+   * Chunks this process copied out of the origin into the COW (origin writes that had to save
+   * the old data first), counted as they are published; a monotonic counter for metrics.
+   */
+  get copiedOutChunks(): number {
+    return this.copiedOut
   }
 
   usage(): StoreUsage {
@@ -403,7 +413,7 @@ export class Snapshot extends BaseBlockDevice {
         device: this.store.cow,
         to: pe.newChunk * cb,
         before: () => this.store.whenSpaceReady(pe.prepared),
-        done: (failure: CopyFailure | null) => void this.finishPending(pe, failure === null ? true : copyFailure(failure.cause)),
+        done: (failure: CopyFailure | null) => void this.finishPending(pe, failure === null ? true : copyFailure(failure.cause), true),
       }
     })
   }
@@ -417,8 +427,11 @@ export class Snapshot extends BaseBlockDevice {
     return pe
   }
 
-  /** Commit, publish and release a pending extent (kernel: pending_complete). */
-  private async finishPending(pe: PendingException, copied: CopyResult): Promise<void> {
+  /**
+   * Commit, publish and release a pending extent (kernel: pending_complete). `fromOrigin`: the
+   * extent was copied out of the origin (not written fresh by the snapshot's own write).
+   */
+  private async finishPending(pe: PendingException, copied: CopyResult, fromOrigin = false): Promise<void> {
     this.inProgress -= pe.count
     this.wakeThrottled()
     if (copied instanceof SnapError) return this.abandonPending(pe, copied)
@@ -433,6 +446,7 @@ export class Snapshot extends BaseBlockDevice {
       // before the origin write this copy protects may proceed.
       await this.trackedReads.drain(pe.firstChunk, pe.firstChunk + pe.count)
       success = true
+      if (fromOrigin) this.copiedOut += pe.count
     }
     this.pending.remove(pe)
     this.origin.events.completed()

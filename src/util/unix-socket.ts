@@ -14,9 +14,9 @@
  * name it was bound with when the server closes, so release() comes after the server's close.
  */
 import { constants } from 'node:fs'
-import { type FileHandle, lstat, open, stat, unlink } from 'node:fs/promises'
-import { createConnection } from 'node:net'
-import { basename, dirname } from 'node:path'
+import { type FileHandle, chmod, lstat, mkdtemp, open, rename, rm, stat, unlink } from 'node:fs/promises'
+import { type Server, createConnection } from 'node:net'
+import { basename, dirname, join } from 'node:path'
 import { SnapError } from '../errors.js'
 
 /** Longest path bind(2)/connect(2) take: sun_path is 108 bytes including the NUL. */
@@ -37,12 +37,13 @@ export class UnixSocketAddress {
 
   /**
    * An address for `path`. Errors are one line naming `path`: a missing directory is reported
-   * as such (bind alone would say EACCES), a denied one as permission denied.
+   * as such (bind alone would say EACCES), a denied one as permission denied. `viaDirectory`
+   * names it through the directory handle even when the path fits.
    */
-  static async of(path: string): Promise<UnixSocketAddress> {
+  static async of(path: string, options: { viaDirectory?: boolean } = {}): Promise<UnixSocketAddress> {
     const dir = dirname(path)
     const name = basename(path)
-    if (Buffer.byteLength(path) <= SUN_PATH_MAX_BYTES) {
+    if (options.viaDirectory !== true && Buffer.byteLength(path) <= SUN_PATH_MAX_BYTES) {
       await checkDirectory(dir, path)
       return new UnixSocketAddress(path, null)
     }
@@ -129,4 +130,53 @@ export async function clearStaleSocket(path: string, what: string): Promise<void
   const state = await probeSocket(path)
   if (state === 'live') throw new SnapError('SNAP_BUSY', `${what} ${path} is in use: another server listens on it`, { details: { path } })
   if (state === 'stale') await unlink(path).catch(() => {})
+}
+
+/** Mode of a socket only its owner may connect to (connect(2) needs write permission). */
+export const PRIVATE_SOCKET_MODE = 0o600
+
+/**
+ * Makes `server` listen at `path` with mode 0600, with no moment at which anyone else could
+ * connect. bind(2) creates the socket file with the process's umask, and a connection accepted
+ * before a chmod would outlive it; the umask is process-wide (changing it would race the
+ * process's other file creations). So the socket is bound in a fresh 0700 directory beside
+ * `path`, made 0600 there, and renamed into place: connect(2) reaches a socket by its inode,
+ * which a rename keeps. It is bound through the directory's handle (/proc/self/fd/N/NAME), so
+ * the name libuv unlinks when the server closes leads into that directory, by then removed,
+ * whatever was planted at its old name since.
+ *
+ * Returns the address, to release() after the server has closed. The caller has made `path`
+ * free (clearStaleSocket); a rename replaces a file planted there since, never a directory.
+ */
+export async function listenPrivate(server: Server, path: string): Promise<UnixSocketAddress> {
+  let staging: string
+  try {
+    staging = await mkdtemp(join(dirname(path), `.${basename(path)}-`))
+  } catch (err) {
+    throw directoryError(err, dirname(path), path)
+  }
+  const staged = join(staging, basename(path))
+  let address: UnixSocketAddress | null = null
+  let listening = false
+  try {
+    address = await UnixSocketAddress.of(staged, { viaDirectory: true })
+    const bindPath = address.bindPath
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject)
+      server.listen(bindPath, () => {
+        server.off('error', reject)
+        resolve()
+      })
+    })
+    listening = true
+    await chmod(staged, PRIVATE_SOCKET_MODE)
+    await rename(staged, path)
+    return address
+  } catch (err) {
+    if (listening) await new Promise<void>((resolve) => server.close(() => resolve()))
+    await address?.release()
+    throw new SnapError('SNAP_BUSY', `cannot listen on ${path}: ${(err as Error).message}`, { cause: err, details: { path } })
+  } finally {
+    await rm(staging, { recursive: true, force: true }).catch(() => {})
+  }
 }

@@ -9,7 +9,8 @@ import { SnapError, isSnapError } from '../errors.js'
 import { decodeArea } from '../format/area.js'
 import { decodeHeader } from '../format/header.js'
 import { FORMAT_VERSION, areaChunk, isMetadataChunk, layoutFor } from '../format/layout.js'
-import { cowPathOf, isExternal, readManifest } from './manifest.js'
+import { type Manifest, cowPathOf, isExternal, readManifest } from './manifest.js'
+import { VolumeLock } from './volume-lock.js'
 import { resolveInside } from './volume-files.js'
 import { MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SECTOR_BYTES, isPowerOfTwo } from '../units.js'
 
@@ -103,6 +104,16 @@ export async function checkCow(path: string, options: CheckCowOptions = {}): Pro
 export async function checkVolumeFiles(dirPath: string, snapshot: string | null): Promise<{ clean: boolean; problems: string[] }> {
   const dir = resolve(dirPath)
   const manifest = await readManifest(dir)
+  // A reader's lock: files an owner is writing (an offline merge, a write) would read as damage.
+  const lock = await VolumeLock.acquireShared(dir)
+  try {
+    return await checkRecords(dir, manifest, snapshot)
+  } finally {
+    await lock?.release()
+  }
+}
+
+async function checkRecords(dir: string, manifest: Manifest, snapshot: string | null): Promise<{ clean: boolean; problems: string[] }> {
   const records = snapshot ? manifest.snapshots.filter((r) => r.name === snapshot) : manifest.snapshots
   if (snapshot && records.length === 0) throw new SnapError('SNAP_NOT_FOUND', `no snapshot '${snapshot}' in volume ${dir}`)
   const problems: string[] = []

@@ -10,7 +10,7 @@
  * deletes. Anything else is refused when the manifest is read.
  */
 import { constants } from 'node:fs'
-import { open, readFile, rename, unlink } from 'node:fs/promises'
+import { lstat, open, readFile, rename, unlink } from 'node:fs/promises'
 import { isAbsolute, join, normalize } from 'node:path'
 import { SnapError } from '../errors.js'
 
@@ -167,14 +167,21 @@ function validateRecord(value: unknown, bad: (why: string) => SnapError): Snapsh
   return r as unknown as SnapshotRecord
 }
 
+/** Mode of a new manifest; a rewrite keeps the mode the file has (a chmod made on purpose). */
+export const MANIFEST_MODE = 0o600
+
 export async function writeManifest(dir: string, manifest: Manifest): Promise<void> {
   const path = join(dir, MANIFEST_FILE)
   const temp = `${path}.tmp-${process.pid}`
+  const existing = await lstat(path).catch(() => null)
+  const mode = existing?.isFile() ? existing.mode & 0o777 : MANIFEST_MODE
   // Exclusive and not following links: a symlink planted at the (guessable) temp name must not
   // make us write through it. A leftover of a crashed run with our pid is only ever a file.
   await unlink(temp).catch(() => {})
-  const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o666)
+  const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, MANIFEST_MODE)
   try {
+    // Exactly the mode chosen, whatever the umask (it could only narrow it, losing a chmod).
+    await handle.chmod(mode)
     await handle.writeFile(`${JSON.stringify(manifest, null, 2)}\n`)
     await handle.sync()
   } finally {

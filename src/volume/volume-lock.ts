@@ -46,12 +46,13 @@ export async function lockOwner(dir: string): Promise<number | null> {
 }
 
 /**
- * Runs flock(1) on `handle`'s descriptor: true when this process now holds an exclusive lock on
- * the file (or block device) open there, false when someone else holds one.
+ * Runs flock(1) on `handle`'s descriptor: true when this process now holds the lock (exclusive,
+ * or shared for readers such as `check`) on the file (or block device) open there, false when
+ * someone else holds a conflicting one.
  */
-export function flockNonBlocking(handle: FileHandle, path: string): Promise<boolean> {
+export function flockNonBlocking(handle: FileHandle, path: string, mode: '--exclusive' | '--shared' = '--exclusive'): Promise<boolean> {
   return new Promise((resolve, reject) => {
-    const child = spawn('flock', ['--exclusive', '--nonblock', '--conflict-exit-code', String(CONFLICT_EXIT), '3'], {
+    const child = spawn('flock', [mode, '--nonblock', '--conflict-exit-code', String(CONFLICT_EXIT), '3'], {
       stdio: ['ignore', 'ignore', 'pipe', handle.fd],
     })
     let stderr = ''
@@ -98,6 +99,34 @@ export class VolumeLock {
       await handle.close().catch(() => {}) // releases the lock too, if it was taken
       throw err
     }
+  }
+
+  /**
+   * A reader's lock, for looking at the volume's files without opening the volume (`check`): it
+   * fails (SNAP_BUSY) while an owner holds the volume, and while it is held nobody can take the
+   * volume. Readers share it. Needs only read access: no PID is written. Null when the volume has
+   * no lock file (nobody ever opened it, so nobody owns it).
+   */
+  static async acquireShared(dir: string): Promise<{ release(): Promise<void> } | null> {
+    const path = join(dir, LOCK_FILE)
+    let handle: FileHandle
+    try {
+      handle = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW)
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null
+      if ((err as NodeJS.ErrnoException).code === 'ELOOP') throw new SnapError('SNAP_BUSY', `cannot lock volume ${dir}: ${path} is a symbolic link`, { details: { path: dir } })
+      throw new SnapError('SNAP_IO', `cannot lock volume ${dir}: ${(err as Error).message}`, { cause: err, details: { path: dir } })
+    }
+    try {
+      if (!(await flockNonBlocking(handle, path, '--shared'))) {
+        const owner = await lockOwner(dir)
+        throw new SnapError('SNAP_BUSY', `volume ${dir} is in use by ${owner === null ? 'another process' : `process ${owner}`}`, { details: { path: dir } })
+      }
+    } catch (err) {
+      await handle.close().catch(() => {})
+      throw err
+    }
+    return { release: () => handle.close().catch(() => {}) }
   }
 
   async release(): Promise<void> {

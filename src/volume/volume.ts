@@ -43,6 +43,9 @@ import { claimOrigin, releaseOrigin } from './origin-registry.js'
 import { MAX_PROBLEMS, checkCow } from './check.js'
 
 export { SNAPSHOT_DIR }
+
+/** Mode of a new volume directory and its snapshots/ directory: the owner's alone. */
+export const VOLUME_DIR_MODE = 0o700
 export const ORIGIN_FILE = 'origin.img'
 
 const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/
@@ -84,6 +87,8 @@ export type SnapshotListState = SnapshotState | 'broken'
 
 export interface SnapshotInfo {
   readonly name: string
+  /** When the snapshot was taken or imported (ISO 8601, UTC); null for a manifest that does not say. */
+  readonly createdAt: string | null
   readonly chunkSizeBytes: number
   readonly store: StoreName
   readonly overflow: boolean
@@ -183,9 +188,11 @@ export class Volume {
       sizeBytes = options.sizeBytes ?? 0
     }
     checkVolumeSize(sizeBytes)
-    await mkdir(dir, { recursive: false })
+    // Private by default (the umask can only narrow a mode): the directory gates the control
+    // socket and every file in it. Sharing a volume is a chmod the owner makes on purpose.
+    await mkdir(dir, { recursive: false, mode: VOLUME_DIR_MODE })
     try {
-      await mkdir(join(dir, SNAPSHOT_DIR))
+      await mkdir(join(dir, SNAPSHOT_DIR), { mode: VOLUME_DIR_MODE })
       if (options.fromImage !== undefined && image) {
         const from = options.fromImage
         await copyPrivate(join(dir, ORIGIN_FILE), (temp) => copyImage(from, image, temp))
@@ -258,7 +265,7 @@ export class Volume {
         this.brokenByName.set(record.name, this.brokenReason(record, err))
       }
     }
-    if (kept.length !== this.manifest.snapshots.length) await this.saveManifest({ ...this.manifest, snapshots: kept })
+    if (kept.length !== this.manifest.snapshots.length) await this.updateManifest((m) => ({ ...m, snapshots: kept }))
   }
 
   cowPath(record: SnapshotRecord): string {
@@ -348,8 +355,11 @@ export class Volume {
   }
 
   /**
-   * Read-modify-write of the manifest, after every earlier one: a running merge's end (which
-   * drops its snapshot) and a rate change asked for meanwhile must not undo each other.
+   * Read-modify-write of the manifest, after every earlier one; the only way the manifest
+   * changes. Snapshot operations run at once on a served volume (a merge's end, which drops its
+   * snapshot, a remove and a create from other clients, a rate change): each must start from
+   * the others' result, or one undoes another (a removed snapshot listed again without its
+   * COW), and two writes at once would share writeManifest's temporary file.
    */
   private updateManifest(change: (current: Manifest) => Manifest): Promise<void> {
     const update = this.manifestUpdates.then(() => this.saveManifest(change(this.manifest)))
@@ -416,7 +426,7 @@ export class Volume {
       throw err
     }
     this.snapshotsByName.set(name, snap)
-    await this.saveManifest({ ...this.manifest, snapshots: [...this.manifest.snapshots, record] })
+    await this.updateManifest((m) => ({ ...m, snapshots: [...m.snapshots, record] }))
     return snap
   }
 
@@ -469,7 +479,7 @@ export class Volume {
       throw err
     }
     this.snapshotsByName.set(name, snap)
-    await this.saveManifest({ ...this.manifest, snapshots: [...this.manifest.snapshots, record] })
+    await this.updateManifest((m) => ({ ...m, snapshots: [...m.snapshots, record] }))
     return snap
   }
 
@@ -504,7 +514,7 @@ export class Volume {
       await this.origin.removeSnapshot(snap)
       this.snapshotsByName.delete(name)
     }
-    await this.saveManifest({ ...this.manifest, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    await this.updateManifest((m) => ({ ...m, snapshots: m.snapshots.filter((r) => r.name !== name) }))
     if (!options.keepCow && !isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
   }
 
@@ -520,8 +530,12 @@ export class Volume {
           `\`blocksnap remove ${this.deviceName(name)} --force\` drops it${deletes ? ` and deletes ${path}` : ''}`,
       )
     }
-    const merge = this.manifest.merge?.snapshot === name ? null : this.manifest.merge
-    await this.saveManifest({ ...this.manifest, merge, snapshots: this.manifest.snapshots.filter((r) => r.name !== name) })
+    await this.updateManifest((m) => ({
+      ...m,
+      merge: m.merge?.snapshot === name ? null : m.merge,
+      snapshots: m.snapshots.filter((r) => r.name !== name),
+    }))
+    const merge = this.manifest.merge
     this.brokenByName.delete(name)
     if (deletes) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
     // The last broken snapshot gone, a recorded merge of a healthy one is presented again; it
@@ -647,6 +661,7 @@ export class Volume {
       const originChunks = Math.ceil(this.manifest.sizeBytes / chunkSizeBytes)
       snapshots.push({
         name: record.name,
+        createdAt: typeof record.createdAt === 'string' ? record.createdAt : null,
         chunkSizeBytes,
         store: record.store,
         overflow: record.overflow,

@@ -2,7 +2,7 @@
  * Architecture check: every import inside src/ must respect the layer order
  *
  *   base (util, units, errors, log) <- device <- format <- store <- snapshot <- merge <- volume
- *     <- backup <- nbd / control <- cli, index (the package's public API)
+ *     <- backup <- nbd / control <- service (metrics, status page) <- cli, index (the package's public API)
  *
  * - a module may import only from its own layer or a lower one;
  * - nbd/ may import only base, device and nbd (it is a transport, it knows no snapshot engine);
@@ -39,8 +39,9 @@ const RANK: Readonly<Record<string, number>> = {
   backup: 7,
   nbd: 8,
   control: 8,
-  cli: 9,
-  index: 9,
+  service: 9,
+  cli: 10,
+  index: 10,
 }
 const NBD_MAY_IMPORT = new Set<string>([...BASE, 'device', 'nbd'])
 
@@ -173,6 +174,9 @@ test('arch: the checker reports synthetic bad edges (self-test)', () => {
     { from: 'src/merge/merge.ts', to: 'src/mystery/thing.js', specifier: '../mystery/thing.js' },
     { from: 'src/cli/serve.ts', to: 'src/index.js', specifier: '../index.js' },
     { from: 'src/index.ts', to: 'src/cli/main.js', specifier: './cli/main.js' },
+    { from: 'src/nbd/server.ts', to: 'src/service/metrics.js', specifier: '../service/metrics.js' },
+    { from: 'src/volume/volume.ts', to: 'src/service/status.js', specifier: '../service/status.js' },
+    { from: 'src/service/metrics.ts', to: 'src/cli/serve.js', specifier: '../cli/serve.js' },
   ]
   const violations = checkEdges(bad)
   const offenders = new Set(violations.map((v) => v.slice(0, v.indexOf(' -> '))))
@@ -187,10 +191,13 @@ test('arch: the checker reports synthetic bad edges (self-test)', () => {
       'src/merge/merge.ts',
       'src/nbd/export.ts',
       'src/nbd/server.ts',
+      'src/service/metrics.ts',
       'src/store/persistent-store.ts',
       'src/volume/volume.ts',
     ],
   )
+  assert.ok(violations.some((v) => v.startsWith('src/volume/volume.ts') && v.includes('volume (layer 6) must not import service (layer 9)')))
+  assert.ok(violations.some((v) => v.startsWith('src/service/metrics.ts') && v.includes('nothing may import cli')))
   assert.ok(violations.some((v) => v.startsWith('src/format/area.ts') && v.includes('format must not import device')))
   assert.ok(violations.some((v) => v.startsWith('src/nbd/server.ts') && v.includes('nbd may import only')))
   assert.ok(violations.some((v) => v.startsWith('src/control/control-server.ts') && v.includes('nothing may import cli')))
@@ -213,6 +220,9 @@ test('arch: the checker accepts edges that follow the layer order', () => {
     { from: 'src/snapshot/origin.ts', to: 'src/util/deferred.js', specifier: '../util/deferred.js' },
     { from: 'src/index.ts', to: 'src/volume/volume.js', specifier: './volume/volume.js' },
     { from: 'src/index.ts', to: 'src/nbd/server.js', specifier: './nbd/server.js' },
+    { from: 'src/service/status.ts', to: 'src/volume/volume.js', specifier: '../volume/volume.js' },
+    { from: 'src/service/metrics.ts', to: 'src/nbd/request-observer.js', specifier: '../nbd/request-observer.js' },
+    { from: 'src/cli/serve.ts', to: 'src/service/metrics.js', specifier: '../service/metrics.js' },
   ]
   assert.deepEqual(checkEdges(good), [])
 })

@@ -76,11 +76,11 @@ describe('cli: a broken snapshot is isolated', { concurrency: 1 }, () => {
 
     assertBytes((await cliOk(['read', vol])).subarray(), models.origin, 'read vm')
     assertBytes(await cliOk(['read', `${vol}@good`]), models.good, 'read vm@good')
-    assertError(await cli(['read', `${vol}@bad`, '--length', '512']), 1, new RegExp(`^blocksnap: error: snapshot vm@bad is broken: ${escape(reason)}\n$`))
+    assertError(await cli(['read', `${vol}@bad`, '--length', '512']), 1, new RegExp(`^blocksnap: error \\[SNAP_[A-Z_]+\\]: snapshot vm@bad is broken: ${escape(reason)}\n$`))
     assertError(
       await cli(['write', vol, '--offset', '0'], { input: pattern(4096, 1) }),
       1,
-      new RegExp(`^blocksnap: error: origin writes are refused: snapshot vm@bad is broken \\(${escape(reason)}\\); repair it, or drop it with \`blocksnap remove vm@bad --force\`\n$`),
+      new RegExp(`^blocksnap: error \\[SNAP_[A-Z_]+\\]: origin writes are refused: snapshot vm@bad is broken \\(${escape(reason)}\\); repair it, or drop it with \`blocksnap remove vm@bad --force\`\n$`),
     )
     assertError(await cli(['merge', `${vol}@good`]), 1, /merges are refused: snapshot vm@bad is broken .*--force/)
     assertError(await cli(['remove', `${vol}@bad`]), 1, /vm@bad is broken .*may be repairable.*remove vm@bad --force` drops it and deletes .*bad\.cow/)
@@ -100,7 +100,7 @@ describe('cli: a broken snapshot is isolated', { concurrency: 1 }, () => {
     assert.equal(status.stdout.toString(), `0 ${SECTORS} snapshot Broken\n`)
     assert.equal(status.stderr, `blocksnap: warning: vm@bad is broken: ${reason}\n`)
     const checked = await cli(['check', vol])
-    assert.equal(checked.code, 1, checked.stderr)
+    assert.equal(checked.code, 3, checked.stderr)
     assert.match(checked.stderr, /^blocksnap: check: bad: .*bad magic 0x58585858\n$/)
     await assertUnchanged(vol, before, 'the refused commands and the reads')
 
@@ -176,7 +176,7 @@ describe('cli: a broken snapshot is isolated', { concurrency: 1 }, () => {
       const listed = parseList(await cliOk(['list', vol, '--json']))
       assert.deepEqual(listed.snapshots.map((s) => s.state), ['active', 'broken'])
       const checked = await cli(['check', `${vol}@bad`])
-      assert.equal(checked.code, 1, checked.stderr)
+      assert.equal(checked.code, 3, checked.stderr)
       assert.match(checked.stderr, /^blocksnap: check: bad: .*bad magic/)
       await assertUnchanged(vol, before, 'refused writes and removal while served')
 

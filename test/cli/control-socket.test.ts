@@ -105,7 +105,7 @@ describe('control socket', () => {
         return true
       })
       const r = await cli(['write', b, '--offset', '0'], { input: Buffer.from('WRONG') })
-      assertError(r, 1, /control socket of another volume/)
+      assertError(r, 4, /control socket of another volume/)
 
       // A connection that skips HELLO, or names another volume, gets nothing done.
       const replies = await rawExchange(join(a, 'control.sock'), [

@@ -114,12 +114,12 @@ describe('hardening', () => {
     servers.add(s)
     // The socket is root's (mode 0755 under umask 022): nobody may not connect to it.
     const denied = await asNobody(['list', vol])
-    assert.equal(denied.code, 1, denied.stderr)
-    assert.match(denied.stderr, /^blocksnap: error: permission denied on \S+\/ro\/control\.sock[^\n]*\n$/)
+    assert.equal(denied.code, 4, denied.stderr)
+    assert.match(denied.stderr, /^blocksnap: error \[SNAP_BUSY\]: permission denied on \S+\/ro\/control\.sock[^\n]*\n$/)
     assert.doesNotMatch(denied.stderr, /in use by process/)
 
-    assertError(await cli(['write', vol, '--offset', '0'], { input: Buffer.from('NO') }), 1, /^blocksnap: error: volume ro is served read-only: write refused\n$/)
-    assertError(await cli(['snapshot', `${vol}@x`]), 1, /^blocksnap: error: volume ro is served read-only: snapshot refused\n$/)
+    assertError(await cli(['write', vol, '--offset', '0'], { input: Buffer.from('NO') }), 1, /^blocksnap: error \[SNAP_READ_ONLY\]: volume ro is served read-only: write refused\n$/)
+    assertError(await cli(['snapshot', `${vol}@x`]), 1, /^blocksnap: error \[SNAP_READ_ONLY\]: volume ro is served read-only: snapshot refused\n$/)
 
     process.kill(s.pid as number, 'SIGTERM')
     assert.deepEqual(await s.exit, { code: 0, signal: null }, s.log)
@@ -140,7 +140,7 @@ describe('hardening', () => {
     assertError(
       await cli(['serve', vol, '--listen', '127.0.0.1:0', '--socket', join(missing, 'nbd.sock')]),
       1,
-      new RegExp(`^blocksnap: error: cannot use socket \\S+/nbd\\.sock: directory ${missing} does not exist\\n$`),
+      new RegExp(`^blocksnap: error \\[SNAP_[A-Z_]+\\]: cannot use socket \\S+/nbd\\.sock: directory ${missing} does not exist\\n$`),
     )
   })
 

@@ -71,14 +71,22 @@ export async function cliOk(args: readonly string[], options: { input?: Uint8Arr
   return ok(await cli(args, runOptions), `blocksnap ${args.join(' ')}`, stderr ? { stderr } : {}).stdout
 }
 
-/** Exit code `code` and exactly one line `blocksnap: error: …` on stderr; no stack trace, no stdout. */
+/**
+ * Exit code `code` and exactly one line `blocksnap: error [SNAP_…]: …` on stderr; no stack trace,
+ * no stdout. `pattern` is matched against the whole line; errorMessage() strips the prefix.
+ */
 export function assertError(r: CliResult, code: number, pattern?: RegExp): string {
   assert.equal(r.code, code, `expected exit ${code}:\n${show(r)}`)
-  assert.match(r.stderr, /^blocksnap: error: [^\n]+\n$/, `expected one error line:\n${show(r)}`)
+  assert.match(r.stderr, /^blocksnap: error \[(SNAP_[A-Z_]+|NBD_PROTOCOL)\]: [^\n]+\n$/, `expected one error line:\n${show(r)}`)
   assert.doesNotMatch(r.stderr, /\n\s+at |internal error|Error: /, `stack trace or raw error:\n${show(r)}`)
   assert.equal(r.stdout.length, 0, `unexpected stdout:\n${show(r)}`)
   if (pattern) assert.match(r.stderr, pattern)
   return r.stderr
+}
+
+/** The error line's stable code (`SNAP_BUSY` of `blocksnap: error [SNAP_BUSY]: …`). */
+export function errorCode(stderr: string): string {
+  return /^blocksnap: error \[([A-Z_]+)\]: /.exec(stderr)?.[1] ?? ''
 }
 
 export function sha256(data: Uint8Array): string {
@@ -130,6 +138,7 @@ export function assertBytes(actual: Uint8Array, expected: Uint8Array, what: stri
 
 export interface SnapshotJson {
   name: string
+  createdAt: string | null
   chunkSizeBytes: number
   store: string
   overflow: boolean
@@ -145,6 +154,7 @@ export interface SnapshotJson {
 }
 
 export interface ListJson {
+  version: 1
   name: string
   path: string
   sizeBytes: number
@@ -153,9 +163,10 @@ export interface ListJson {
   merge: null | { snapshot: string; doneChunks: number; totalChunks: number }
 }
 
-const VOLUME_KEYS = ['name', 'path', 'sizeBytes', 'originPath', 'snapshots', 'merge']
+const VOLUME_KEYS = ['version', 'name', 'path', 'sizeBytes', 'originPath', 'snapshots', 'merge']
 const SNAPSHOT_KEYS = [
   'name',
+  'createdAt',
   'chunkSizeBytes',
   'store',
   'overflow',
@@ -175,6 +186,7 @@ const STATES = ['active', 'invalid', 'overflow', 'merging', 'merge-failed', 'bro
 export function parseList(stdout: Buffer): ListJson {
   const v = JSON.parse(stdout.toString('utf8')) as Record<string, unknown>
   assert.deepEqual(Object.keys(v).sort(), [...VOLUME_KEYS].sort(), 'list --json volume keys')
+  assert.equal(v.version, 1, 'list --json version')
   assert.equal(typeof v.name, 'string')
   assert.ok(typeof v.path === 'string' && v.path.startsWith('/'), `path is absolute: ${String(v.path)}`)
   assert.ok(typeof v.originPath === 'string' && v.originPath.startsWith('/'), `originPath is absolute: ${String(v.originPath)}`)
@@ -183,6 +195,7 @@ export function parseList(stdout: Buffer): ListJson {
   for (const s of v.snapshots as Record<string, unknown>[]) {
     assert.deepEqual(Object.keys(s).sort(), [...SNAPSHOT_KEYS].sort(), 'list --json snapshot keys')
     assert.equal(typeof s.name, 'string')
+    assert.ok(typeof s.createdAt === 'string' && !Number.isNaN(Date.parse(s.createdAt)), `createdAt ${String(s.createdAt)}`)
     assert.ok(s.store === 'persistent' || s.store === 'transient', `store ${String(s.store)}`)
     assert.equal(typeof s.overflow, 'boolean')
     assert.ok(typeof s.cowPath === 'string' && s.cowPath.startsWith('/'), `cowPath is absolute: ${String(s.cowPath)}`)

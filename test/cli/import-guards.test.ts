@@ -95,7 +95,7 @@ describe('import guards', { concurrency: 1 }, () => {
     await volumeWithSnapshot(dir, 256 * 1024, pattern(256 * 1024, 4), pattern(10_000, 5))
     const before = await fingerprint(dir)
     const r = await cli(['import', `${dir}@dup`, '--cow', join(dir, 'snapshots', 's.cow'), '--in-place'])
-    assertError(r, 1, /already used by snapshot 's'/)
+    assertError(r, 4, /already used by snapshot 's'/)
     await assertUnchanged(dir, before, 'the refused import')
   })
 

@@ -38,7 +38,7 @@ describe('cli: volume lock race', () => {
         cli(['write', vol, '--offset', '0', '--input', join(T, 'R.a')]),
         cli(['write', vol, '--offset', String(5 * MiB), '--input', join(T, 'R.b')]),
       ])
-      for (const r of [ra, rb]) if (r.code !== 0) assertError(r, 1, /is in use by /)
+      for (const r of [ra, rb]) if (r.code !== 0) assertError(r, 4, /is in use by /)
       assert.ok(volumeLockFree(vol), 'both commands released the lock')
       const origin = await readFile(join(vol, 'origin.img'))
       assert.ok(origin.subarray(0, 5 * MiB).equals(ra.code === 0 ? a : image.subarray(0, 5 * MiB)), `round ${round}: first half`)

@@ -104,8 +104,8 @@ describe('merge and remove (served)', { timeout: 120_000 }, () => {
       await client.handshake()
       await client.go(`${NAME}@b`, { structured: true })
       const refusal = `snapshot ${NAME}@b is open by 1 NBD client \\(export ${NAME}@b\\); use --force`
-      assertError(await cli(['remove', `${vol}@b`]), 1, new RegExp(refusal))
-      assertError(await cli(['merge', `${vol}@b`]), 1, new RegExp(refusal))
+      assertError(await cli(['remove', `${vol}@b`]), 4, new RegExp(refusal))
+      assertError(await cli(['merge', `${vol}@b`]), 4, new RegExp(refusal))
       assert.equal(parseList(await cliOk(['list', vol, '--json'])).snapshots[0]?.state, 'active', 'refusals change nothing')
 
       ok(await cli(['remove', `${vol}@b`, '--force']), 'remove --force')

@@ -1,8 +1,8 @@
 /**
  * `serve --config FILE` (issue 19, item 5): the file is checked against the schema and every
- * mistake is one line naming the key (exit 2); its values reach the server; flags given on the
- * command line override it and positional VOLs replace its volumes; `--pid-file` is written
- * once the server serves and removed when it stops.
+ * mistake is one line naming the key (exit 2); its values reach the server (metrics through
+ * --metrics' own parsing); flags given on the command line override it and positional VOLs
+ * replace its volumes; `--pid-file` is written once the server serves and removed when it stops.
  */
 import assert from 'node:assert/strict'
 import { access, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
@@ -134,6 +134,7 @@ describe('serve --config: parsing', () => {
     ['maxConnections', { maxConnections: 0 }, /^maxConnections: expected at least 1$/],
     ['maxPending', { maxPending: '0' }, /^maxPending: expected at least 1 bytes, got "0"$/],
     ['metrics', { metrics: ['127.0.0.1:9100'] }, /^metrics: expected HOST:PORT or a port number$/],
+    ['metrics port', { metrics: 65536 }, /^metrics: expected at most 65535$/],
     ['pidFile', { pidFile: 5 }, /^pidFile: expected a string, got a number$/],
     ['logFile', { logFile: '' }, /^logFile: expected a path/],
   ]
@@ -153,7 +154,7 @@ describe('serve --config: parsing', () => {
 describe('serve --config: the CLI', () => {
   it('an invalid file: one line naming the file and the key, exit 2', { timeout: TIMEOUT }, async () => {
     const file = await configFile({ volumes: [vol], tls: { mode: 'sometimes' } })
-    assertError(await cli(['serve', '--config', file]), 2, new RegExp(`^blocksnap: error: ${file}: tls\\.mode: expected one of off\\|allow\\|require`))
+    assertError(await cli(['serve', '--config', file]), 2, new RegExp(`^blocksnap: error \\[SNAP_USAGE\\]: ${file}: tls\\.mode: expected one of off\\|allow\\|require`))
     assertError(await cli(['serve']), 2, /serve needs at least one VOL/)
   })
 
@@ -166,7 +167,7 @@ describe('serve --config: the CLI', () => {
   it('the file\'s settings apply, flags override them; --pid-file is written while serving and removed after', { timeout: TIMEOUT }, async () => {
     await requireTools('nbdinfo')
     // Port 1 is privileged and unused: serving there would fail, so serving at all shows --listen won.
-    const file = await configFile({ volumes: ['vol'], listen: '127.0.0.1:1', readOnly: true, pidFile: 'from-config.pid' })
+    const file = await configFile({ volumes: ['vol'], listen: '127.0.0.1:1', readOnly: true, pidFile: 'from-config.pid', metrics: '127.0.0.1:0' })
     const pidFile = join(T, 'from-flag.pid')
     const s = await ServeProcess.start(['--config', file, '--listen', '127.0.0.1:0', '--pid-file', pidFile])
     try {
@@ -177,6 +178,12 @@ describe('serve --config: the CLI', () => {
       // readOnly from the file reaches the export (the volume path came from the file too).
       const info = JSON.parse((await runOk('nbdinfo', ['--json', `nbd://127.0.0.1:${port}/vol`])).stdout)
       assert.equal(info.exports[0]['is_read_only'], true, JSON.stringify(info))
+      // metrics from the file goes through --metrics' own parsing: Prometheus text on that listener.
+      const url = /status page on (http:\/\/127\.0\.0\.1:\d+\/)/.exec(s.log)?.[1]
+      assert.ok(url, s.log)
+      const scrape = await fetch(`${url}metrics`)
+      assert.equal(scrape.status, 200)
+      assert.match(await scrape.text(), /^blocksnap_nbd_connections\{export="vol"\} 0$/m)
     } finally {
       process.kill(s.pid as number, 'SIGTERM')
     }

@@ -108,7 +108,7 @@ describe('serve: signals', () => {
     const other = createServer((c) => c.on('error', () => {}).end('other\n'))
     await listen(other, sock)
     try {
-      assertError(await cli(['serve', vol, '--listen', '127.0.0.1:0', '--socket', sock]), 1, /socket .*live\.sock is in use: another server listens on it/)
+      assertError(await cli(['serve', vol, '--listen', '127.0.0.1:0', '--socket', sock]), 4, /socket .*live\.sock is in use: another server listens on it/)
       const reply = await new Promise<string>((resolve, reject) => {
         const c = createConnection(sock)
         c.once('data', (d) => resolve(d.toString()))

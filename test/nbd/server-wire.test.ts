@@ -163,7 +163,7 @@ test('wire: unknown, withdrawn and unimplemented options get ERR_UNSUP and parsi
 test('wire: a client that floods options without reading replies is throttled, and every reply arrives in order', { timeout: TIMEOUT }, async () => {
   const c = await client()
   c.socket.pause()
-  const count = 5000
+  const count = 1024 // the most options a handshake may have (MAX_HANDSHAKE_OPTIONS)
   c.write(Buffer.concat(Array.from({ length: count }, () => bytes().ascii('IHAVEOPT').u32(OPT.LIST).u32(0).build())))
   await new Promise((resolve) => setTimeout(resolve, 200))
   c.socket.resume()

@@ -198,8 +198,8 @@ describe('package: npm pack, install --omit=dev, use', { concurrency: false }, (
     await writeFile(input, data)
     await runOk(blocksnap, ['create', vol, '--size', '4M'], project)
     await runOk(blocksnap, ['snapshot', `${vol}@before`, '--chunk-size', '64K', '--cow-size', '2M'], project)
-    await runOk(blocksnap, ['write', vol, '--offset', '65536', '--input', input], project)
-    const range = ['--offset', '65536', '--length', String(data.length)]
+    await runOk(blocksnap, ['write', vol, '--offset', '64K', '--input', input], project)
+    const range = ['--offset', '64K', '--length', String(data.length)]
     assertBytes(await runOk(blocksnap, ['read', `${vol}@before`, ...range], project), Buffer.alloc(data.length), 'snapshot before the write')
     assertBytes(await runOk(blocksnap, ['read', vol, ...range], project), data, 'origin after the write')
 
@@ -210,7 +210,7 @@ describe('package: npm pack, install --omit=dev, use', { concurrency: false }, (
       [['before', 64 * 1024, 2 * 1024 * 1024, 'active']],
     )
 
-    await runOk(blocksnap, ['merge', `${vol}@before`, '--rate', String(24 * 1024 * 1024)], project, { stderr: MERGE_PROGRESS_LINE })
+    await runOk(blocksnap, ['merge', `${vol}@before`, '--rate', '24M'], project, { stderr: MERGE_PROGRESS_LINE })
     assertBytes(await runOk(blocksnap, ['read', vol, ...range], project), Buffer.alloc(data.length), 'origin after merging the snapshot back')
     assert.deepEqual(parseList(await runOk(blocksnap, ['list', vol, '--json'], project)).snapshots, [])
   })

@@ -159,6 +159,12 @@ export const MAX_STRING_BYTES = 4096
  * 4 GiB during the handshake.
  */
 export const MAX_OPTION_DATA_BYTES = 64 * 1024
+/**
+ * Options one connection may send before choosing an export (the spec sets no number; nbdkit
+ * allows 32). A client needs a handful, a listing client about two per export; past this a
+ * client is looping, and it is dropped rather than answered for as long as it likes.
+ */
+export const MAX_HANDSHAKE_OPTIONS = 1024
 /** The spec's cap on descriptors per BLOCK_STATUS chunk. */
 export const MAX_BLOCK_STATUS_EXTENTS = 1 << 20
 

@@ -210,11 +210,22 @@ export function parseMetaContextRequest(data: Buffer): MetaContextRequest | { re
   return { name, queries }
 }
 
-function decodeString(data: Buffer, at: number, length: number): string | { readonly error: string } {
+/** Strict: a name that is not UTF-8 must not decode (with U+FFFD) to some export's name. */
+const utf8 = new TextDecoder('utf-8', { fatal: true })
+
+/**
+ * A client string as the spec defines it: at most 4096 bytes of UTF-8 without NUL. Returns the
+ * string, or why it is not one.
+ */
+export function decodeString(data: Buffer, at: number, length: number): string | { readonly error: string } {
   if (length > MAX_STRING_BYTES) return { error: `string of ${length} bytes exceeds ${MAX_STRING_BYTES}` }
   const bytes = data.subarray(at, at + length)
   if (bytes.includes(0)) return { error: 'string contains a NUL byte' }
-  return bytes.toString('utf8')
+  try {
+    return utf8.decode(bytes)
+  } catch {
+    return { error: 'string is not valid UTF-8' }
+  }
 }
 
 /** Messages and descriptions must stay within the spec's 4096-byte string limit. */
