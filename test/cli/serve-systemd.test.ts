@@ -2,19 +2,20 @@
  * `blocksnap serve` as a systemd service (issue 19, item 4): it serves on the sockets socket
  * activation passes (systemd-socket-activate, the real peer, and nbdinfo through them), reports
  * readiness on NOTIFY_SOCKET once it serves (received by a Python datagram socket, as systemd
- * would), and with --log-file SIGHUP reopens the log (logrotate) instead of stopping.
+ * would), and with --log-file SIGHUP reopens the log (logrotate) instead of stopping. The
+ * shipped units pass systemd-analyze and run options serve has.
  */
 import assert from 'node:assert/strict'
 import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdtemp, readFile, rename, rm } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, rename, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Volume } from '../../src/volume/volume.js'
 import { freePort } from '../support/free-port.js'
-import { requireTools, runOk } from '../support/nbd-tools.js'
-import { BIN, REPO } from './helpers.js'
+import { requireTools, run, runOk } from '../support/nbd-tools.js'
+import { BIN, REPO, cli, ok } from './helpers.js'
 
 const TIMEOUT = 60_000
 const PYTHON = '/usr/bin/python3'
@@ -160,5 +161,21 @@ while True:
     assert.match(current, /"msg":"SIGTERM: stopping"/)
     assert.match(current, /"msg":"stopped"/)
     assert.doesNotMatch(current, /SIGHUP: stopping/)
+  })
+
+  it('the shipped units pass systemd-analyze verify; ExecStart uses options serve has', { timeout: TIMEOUT }, async () => {
+    await requireTools('systemd-analyze')
+    const units = join(T, 'units')
+    await mkdir(units)
+    const service = await readFile(join(REPO, 'contrib', 'systemd', 'blocksnap@.service'), 'utf8')
+    const execStart = /^ExecStart=blocksnap serve (.*)$/m.exec(service)?.[1]
+    assert.ok(execStart, 'ExecStart runs blocksnap serve')
+    // systemd looks the command up in its own search path: point it at this checkout.
+    await writeFile(join(units, 'blocksnap@test.service'), service.replace('ExecStart=blocksnap ', `ExecStart=${join(REPO, 'bin', 'blocksnap')} `))
+    await writeFile(join(units, 'blocksnap@test.socket'), await readFile(join(REPO, 'contrib', 'systemd', 'blocksnap@.socket')))
+    const verified = await run('systemd-analyze', ['verify', join(units, 'blocksnap@test.socket'), join(units, 'blocksnap@test.service')])
+    assert.deepEqual([verified.code, verified.stderr, verified.stdout], [0, '', ''], 'systemd-analyze verify is silent')
+    const help = ok(await cli(['serve', '--help']), 'serve --help').stdout.toString()
+    for (const option of execStart.match(/--[a-z-]+/g) ?? []) assert.match(help, new RegExp(`${option}\\b`), `serve has ${option}`)
   })
 })

@@ -26,6 +26,7 @@ const PACKAGES: Record<string, string> = {
   openssl: 'openssl',
   'systemd-socket-activate': 'systemd',
   'systemd-notify': 'systemd',
+  'systemd-analyze': 'systemd',
 }
 
 async function onPath(tool: string): Promise<boolean> {
