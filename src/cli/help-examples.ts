@@ -13,7 +13,11 @@ const EXAMPLES: Record<string, readonly string[]> = {
     'blocksnap serve vm --listen 127.0.0.1:10809',
     'blocksnap help snapshot',
   ],
-  create: ['blocksnap create vm --size 20G            # sparse 20 GiB origin', 'blocksnap create vm --from disk.img         # a copy of disk.img as the origin'],
+  create: [
+    'blocksnap create vm --size 20G            # sparse 20 GiB origin',
+    'blocksnap create vm --from disk.img         # a copy of disk.img as the origin',
+    'blocksnap create vm --origin /dev/vg/lv     # snapshot an existing disk in place',
+  ],
   snapshot: [
     'blocksnap snapshot vm@before-upgrade       # 4K chunks, the COW grows on demand',
     'blocksnap snapshot vm@fixed --chunk-size 64K --cow-size 2G --overflow',
@@ -33,6 +37,12 @@ const EXAMPLES: Record<string, readonly string[]> = {
     'blocksnap merge vm@s --json                # progress as JSON lines, then the result',
   ],
   map: ['blocksnap map vm@s', 'blocksnap map vm --json'],
+  diff: ['blocksnap diff vm@mon vm@tue                # extents changed between two snapshots', 'blocksnap diff vm@mon vm --json            # since vm@mon, on the live origin'],
+  'export-diff': [
+    'blocksnap export-diff vm@mon --output mon.full',
+    'blocksnap export-diff vm@tue --from mon --output - | ssh backup blocksnap import-diff /backup/vm --input -',
+  ],
+  'import-diff': ['blocksnap import-diff /backup/vm --input mon.full', 'blocksnap import-diff /backup/vm --input tue.diff --progress'],
   dump: ['blocksnap dump vm@s', 'blocksnap dump vm@s --json'],
   remove: ['blocksnap remove vm@fixed', 'blocksnap remove vm@bad --force          # even when broken or open by NBD clients'],
   import: ['blocksnap import vm@kernel --cow snap-cow.img', 'blocksnap import vm@kernel --cow /dev/vg/snap-cow --in-place'],

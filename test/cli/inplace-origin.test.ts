@@ -82,8 +82,8 @@ describe('in-place origins: CLI and block devices', { concurrency: 1 }, () => {
     const vol = join(T, 'cli-vol')
     ok(await cli(['create', vol, '--origin', img]), 'create --origin')
     assert.deepEqual((await readdir(vol)).sort(), ['snapshots', 'volume.json'])
-    const again = assertError(await cli(['create', join(T, 'cli-vol2'), '--origin', img]), 1)
-    assert.equal(again, `blocksnap: error: origin ${img} is already used by volume ${vol}\n`)
+    const again = assertError(await cli(['create', join(T, 'cli-vol2'), '--origin', img]), 4)
+    assert.equal(again, `blocksnap: error [SNAP_BUSY]: origin ${img} is already used by volume ${vol}\n`)
   })
 
   it('create --origin /dev/loopN: kernel size, no copy, writes land in the backing file', async (t) => {

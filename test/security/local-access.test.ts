@@ -174,8 +174,8 @@ describe('local access', () => {
       })
       assertError(
         await cli(['write', vol, '--offset', '0'], { input: Buffer.from('SECRET') }),
-        1,
-        /^blocksnap: error: \S+\/planted\/control\.sock belongs to uid 65534, not to the volume's owner \(uid 0\) or root; refusing to send it a command for \S+\n$/,
+        4,
+        /^blocksnap: error \[SNAP_BUSY\]: \S+\/planted\/control\.sock belongs to uid 65534, not to the volume's owner \(uid 0\) or root; refusing to send it a command for \S+\n$/,
       )
     } finally {
       listener.child.kill('SIGTERM')

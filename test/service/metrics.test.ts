@@ -243,6 +243,6 @@ describe('serve --metrics: the address', () => {
     const other = await mkdtemp(join(T, 'busy-'))
     await makeVolume(join(other, 'v2'))
     const r = await cli(['serve', join(other, 'v2'), '--listen', '127.0.0.1:0', '--metrics', port])
-    assertError(r, 1, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for --metrics`))
+    assertError(r, 4, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} for --metrics`))
   })
 })
