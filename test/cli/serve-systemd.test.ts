@@ -12,6 +12,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { PidFile } from '../../src/cli/pid-file.js'
+import { takePassedSockets } from '../../src/cli/systemd.js'
 import { Volume } from '../../src/volume/volume.js'
 import { freePort } from '../support/free-port.js'
 import { requireTools, run, runOk } from '../support/nbd-tools.js'
@@ -177,5 +179,34 @@ while True:
     assert.deepEqual([verified.code, verified.stderr, verified.stdout], [0, '', ''], 'systemd-analyze verify is silent')
     const help = ok(await cli(['serve', '--help']), 'serve --help').stdout.toString()
     for (const option of execStart.match(/--[a-z-]+/g) ?? []) assert.match(help, new RegExp(`${option}\\b`), `serve has ${option}`)
+  })
+})
+
+describe('the pieces, in process', () => {
+  it('passed sockets: only when LISTEN_PID names this process; the variables are cleared either way', () => {
+    const env: NodeJS.ProcessEnv = { LISTEN_PID: '4242', LISTEN_FDS: '3', LISTEN_FDNAMES: 'nbd::tcp', OTHER: 'kept' }
+    assert.deepEqual(takePassedSockets(env, 4242), [
+      { fd: 3, name: 'nbd' },
+      { fd: 4, name: 'unknown' },
+      { fd: 5, name: 'tcp' },
+    ])
+    assert.deepEqual(env, { OTHER: 'kept' }, 'children do not inherit them')
+    // Meant for another process (a parent that exec'd without clearing them): not ours to serve.
+    const inherited: NodeJS.ProcessEnv = { LISTEN_PID: '4241', LISTEN_FDS: '1' }
+    assert.deepEqual(takePassedSockets(inherited, 4242), [])
+    assert.deepEqual(inherited, {})
+    assert.deepEqual(takePassedSockets({ LISTEN_PID: '4242', LISTEN_FDS: 'x' }, 4242), [])
+    assert.deepEqual(takePassedSockets({}, 4242), [])
+  })
+
+  it('the PID file is removed only while it still holds this PID', async () => {
+    const path = join(T, 'unit.pid')
+    const mine = await PidFile.write(path, 4242)
+    assert.equal(await readFile(path, 'utf8'), '4242\n')
+    await PidFile.write(path, 4343) // another server took the path since
+    await mine.remove()
+    assert.equal(await readFile(path, 'utf8'), '4343\n')
+    await rm(path)
+    await assert.rejects(PidFile.write(join(T, 'no-such-dir', 'x.pid')), /cannot write the PID file .*no-such-dir/)
   })
 })
