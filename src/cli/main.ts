@@ -308,7 +308,8 @@ function buildProgram(): Command {
   program
     .command('serve')
     .description('serve volumes over NBD (origin as NAME, snapshots as NAME@SNAP) and take live commands')
-    .argument('<VOL...>')
+    .argument('[VOL...]', 'volume directories (replace the --config file\'s volumes)')
+    .option('--config <FILE>', 'read settings from this JSON file (keys as in README "Running blocksnap as a service"); flags override it')
     .option('--listen <HOST:PORT>', 'TCP address', '127.0.0.1:10809')
     .option('--socket <PATH>', 'also listen on this Unix socket')
     .option('--read-only', 'export everything read-only')
@@ -334,9 +335,13 @@ function buildProgram(): Command {
     )
     .option('--metrics <[HOST:]PORT>', 'serve Prometheus metrics at /metrics and a live status page at / over HTTP (HOST defaults to 127.0.0.1)')
     .option('--on-event <CMD>', 'run CMD with sh -c for every event (fill warnings, autoextend, invalidation, merges, client errors), the event as a JSON line on stdin')
+    .option('--pid-file <PATH>', 'write the server\'s PID here once it serves; removed when it stops')
+    .option('--log-file <PATH>', 'log here instead of stderr; SIGHUP reopens it (for logrotate) instead of stopping the server')
     .addHelpText('after', SERVE_TLS_HELP)
-    .action(async (vols: string[], opts: ServeFlags) => {
-      const flags = parseServeFlags(opts)
+    .action(async (vols: string[], opts: ServeFlags & { config?: string }, command: Command) => {
+      if (opts.config !== undefined) vols = await applyConfigFile(command, opts.config, vols)
+      if (vols.length === 0) throw new UsageError('serve needs at least one VOL (or "volumes" in the --config file)')
+      const flags = parseServeFlags(command.opts<ServeFlags>())
       const { serveVolumes } = await import('./serve.js')
       await serveVolumes(vols, flags)
     })
@@ -403,6 +408,18 @@ Who is authenticated (TLS is required once key material is given, unless --tls a
   --tls allow           plaintext clients too, unauthenticated
 `
 
+/** Applies `serve --config FILE` to the command's options; returns the volumes to serve. */
+async function applyConfigFile(command: Command, file: string, vols: string[]): Promise<string[]> {
+  const { ConfigError, applyServeConfig, loadServeConfig } = await import('./serve-config.js')
+  try {
+    const config = await loadServeConfig(file)
+    applyServeConfig(command, config, file)
+    return vols.length > 0 ? vols : [...(config.volumes ?? [])]
+  } catch (err) {
+    throw err instanceof ConfigError ? new UsageError(err.message) : err
+  }
+}
+
 interface SnapshotFlags {
   chunkSize: number
   store: 'persistent' | 'transient'
@@ -431,6 +448,8 @@ interface ServeFlags {
   maxPending?: number
   metrics?: string
   onEvent?: string
+  pidFile?: string
+  logFile?: string
 }
 
 /** `--metrics PORT` (loopback) or `HOST:PORT`, `[IPv6]:PORT`. */
@@ -466,6 +485,8 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.maxPending === undefined ? {} : { maxPendingBytes: opts.maxPending }),
     ...(opts.metrics === undefined ? {} : { metrics: parseMetricsAddress(opts.metrics) }),
     ...(opts.onEvent === undefined ? {} : { onEvent: opts.onEvent }),
+    ...(opts.pidFile === undefined ? {} : { pidFile: resolve(opts.pidFile) }),
+    ...(opts.logFile === undefined ? {} : { logFile: resolve(opts.logFile) }),
   }
 }
 

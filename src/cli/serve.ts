@@ -1,10 +1,12 @@
 /**
  * `blocksnap serve`: owns the volumes, exports them over NBD, and carries out other blocksnap
- * commands live through each volume's control socket. SIGHUP, SIGINT, SIGQUIT and SIGTERM stop
- * it cleanly: clients are drained, everything is flushed and committed, locks are released and
- * sockets removed.
+ * commands live through each volume's control socket. SIGINT, SIGQUIT and SIGTERM stop it
+ * cleanly: clients are drained, everything is flushed and committed, locks are released and
+ * sockets removed. SIGHUP does too when logging to stderr (the terminal went away); with
+ * `--log-file` it reopens the log file instead. Under systemd it serves on the sockets passed
+ * by socket activation and reports readiness (src/cli/systemd.ts).
  */
-import { type Logger, pino } from 'pino'
+import type { Logger } from 'pino'
 import { ControlServer } from '../control/control-server.js'
 import { type DeviceUsers, refuseIfOpen } from '../control/volume-ops.js'
 import { SnapError, isSnapError } from '../errors.js'
@@ -17,6 +19,9 @@ import type { ServiceMetrics } from '../service/metrics.js'
 import type { ServiceHttpServer } from '../service/service-http.js'
 import { EventHook } from './event-hook.js'
 import { type ServiceEvent, clientErrorEvent, logServiceEvent } from './service-events.js'
+import { PidFile } from './pid-file.js'
+import { openServeLog, reopenOnHangup } from './serve-log.js'
+import { notifyReady, takePassedSockets } from './systemd.js'
 
 export interface ServeOptions {
   readonly host: string
@@ -38,6 +43,10 @@ export interface ServeOptions {
   readonly metrics?: { readonly host: string; readonly port: number }
   /** Run through `sh -c` for every event, the event as JSON on stdin. */
   readonly onEvent?: string
+  /** Written once serving, removed on a clean stop. */
+  readonly pidFile?: string
+  /** Log here instead of stderr; SIGHUP reopens it. */
+  readonly logFile?: string
 }
 
 /** How long a stopping server lets the --on-event hook work through its queue. */
@@ -104,7 +113,10 @@ async function listenService(metrics: ServiceMetrics, at: { host: string; port: 
   return http
 }
 
-/** Every signal that asks a daemon to stop; nbdkit treats them alike too. */
+/**
+ * Every signal that asks a daemon to stop; nbdkit treats them alike too. SIGHUP is among them only
+ * while logging to stderr: with a log file it means "reopen the log" (logrotate).
+ */
 const STOP_SIGNALS: readonly NodeJS.Signals[] = ['SIGHUP', 'SIGINT', 'SIGQUIT', 'SIGTERM']
 
 /**
@@ -118,12 +130,12 @@ class StopSignals {
   readonly received: Promise<NodeJS.Signals>
   private first: NodeJS.Signals | null = null
 
-  constructor(log: { info(msg: string): void; warn(msg: string): void }) {
+  constructor(log: { info(msg: string): void; warn(msg: string): void }, signals: readonly NodeJS.Signals[]) {
     let resolve!: (signal: NodeJS.Signals) => void
     this.received = new Promise((r) => {
       resolve = r
     })
-    for (const signal of STOP_SIGNALS) {
+    for (const signal of signals) {
       process.on(signal, () => {
         if (this.first !== null) {
           log.warn(`${signal}: already stopping after ${this.first}; ignored`)
@@ -138,11 +150,12 @@ class StopSignals {
 }
 
 export async function serveVolumes(paths: string[], options: ServeOptions, extra: { printHelp?: boolean } = {}): Promise<void> {
-  const destination = pino.destination(2)
-  // stderr may be a terminal that hung up (SIGHUP): losing log lines must not stop the shutdown.
-  destination.on('error', () => {})
-  const log = pino({ name: 'blocksnap', level: process.env.BLOCKSNAP_LOG_LEVEL ?? 'info' }, destination)
-  const signals = new StopSignals(log)
+  const serveLog = openServeLog(options.logFile)
+  const log = serveLog.log
+  const signals = new StopSignals(log, serveLog.file === null ? STOP_SIGNALS : STOP_SIGNALS.filter((s) => s !== 'SIGHUP'))
+  if (serveLog.file !== null) reopenOnHangup(serveLog)
+  // Taken (and cleared from the environment) now, before anything is spawned.
+  const passedSockets = takePassedSockets()
   const tls = await loadServeTls(options)
   const hook = options.onEvent === undefined ? null : new EventHook(options.onEvent, log)
   // Every event: one structured log record, then the hook (queued, never waited for).
@@ -213,9 +226,18 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   let listening = `${options.host}:${options.port}`
   let socketAddress: UnixSocketAddress | null = null
   let http: ServiceHttpServer | null = null
+  let pidFile: PidFile | null = null
   try {
-    await server.listen({ host: options.host, port: options.port })
-    if (options.socket) {
+    if (passedSockets.length > 0) {
+      // Socket activation: systemd's sockets replace --listen and --socket.
+      for (const passed of passedSockets) {
+        listening = `${passed.name} (fd ${passed.fd}, passed by systemd)`
+        await server.listen(passed)
+      }
+    } else {
+      await server.listen({ host: options.host, port: options.port })
+    }
+    if (options.socket && passedSockets.length === 0) {
       listening = options.socket
       // A server killed outright leaves its socket file behind; qemu-nbd and nbdkit reuse the path too.
       await clearStaleSocket(options.socket, 'socket')
@@ -223,6 +245,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       await server.listen({ path: socketAddress.bindPath })
     }
     if (metrics && options.metrics) http = await listenService(metrics, options.metrics, log)
+    if (options.pidFile !== undefined) pidFile = await PidFile.write(options.pidFile)
   } catch (err) {
     await http?.close()
     await server.close().catch(() => {})
@@ -231,7 +254,14 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
     throw isSnapError(err) ? err : new SnapError('SNAP_BUSY', `cannot listen on ${listening}: ${(err as Error).message}`)
   }
   const where = `${options.host}:${options.port}`
-  log.info(`serving ${volumes.map((v) => v.name).join(', ')} on ${where}${options.socket ? ` and ${options.socket}` : ''}`)
+  const served = volumes.map((v) => v.name).join(', ')
+  if (passedSockets.length > 0) {
+    const sockets = passedSockets.map((p) => `${p.name} (fd ${p.fd})`).join(', ')
+    log.info(`serving ${served} on the sockets systemd passed: ${sockets}; --listen and --socket are not used`)
+  } else {
+    log.info(`serving ${served} on ${where}${options.socket ? ` and ${options.socket}` : ''}`)
+  }
+  await notifyReady(`serving ${served}`, log)
   if (extra.printHelp) {
     const v = volumes[0] as Volume
     const uri = `nbd://${where}/${v.name}`
@@ -262,5 +292,6 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   await server.close().catch((err) => log.error(`closing NBD server: ${(err as Error).message}`))
   await socketAddress?.release() // after the close: libuv removes the socket file by its bound name
   await cleanup()
+  await pidFile?.remove()
   log.info('stopped')
 }

@@ -71,7 +71,14 @@ export const DEFAULT_MAX_CONNECTIONS = 16
 /** Eight maximum-size (32 MiB) requests: a deep enough queue for full speed, and a known bound. */
 export const DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
 
-export type NbdListenOptions = { readonly host?: string; readonly port: number } | { readonly path: string }
+/**
+ * A TCP address, a Unix socket path, or a socket already bound and listening that the process
+ * was handed (systemd socket activation); `name` says which one in the log.
+ */
+export type NbdListenOptions =
+  | { readonly host?: string; readonly port: number }
+  | { readonly path: string }
+  | { readonly fd: number; readonly name: string }
 
 export type NbdAddress =
   | { readonly kind: 'tcp'; readonly host: string; readonly port: number }
@@ -163,13 +170,14 @@ export class NbdServer {
         resolve()
       }
       if ('path' in options) server.listen(options.path, done)
+      else if ('fd' in options) server.listen({ fd: options.fd }, done)
       else server.listen(options.port, options.host ?? '127.0.0.1', done)
     })
     this.servers.push(server)
     const address = server.address()
     const bound: NbdAddress =
       typeof address === 'string' || address === null
-        ? { kind: 'unix', path: 'path' in options ? options.path : String(address) }
+        ? { kind: 'unix', path: 'path' in options ? options.path : 'fd' in options ? `${options.name} (fd ${options.fd})` : String(address) }
         : { kind: 'tcp', host: address.address, port: address.port }
     this.log.info(`nbd server listening on ${bound.kind === 'unix' ? bound.path : `${bound.host}:${bound.port}`}`)
     if (bound.kind === 'tcp' && !isLoopback(bound.host) && this.tls?.mode !== 'require') {

@@ -174,12 +174,12 @@ describe('package: npm pack, install --omit=dev, use', { concurrency: false }, (
     if (tmp) await rm(tmp, { recursive: true, force: true })
   })
 
-  test('the tarball holds the build, docs, README and LICENSE, and no tests, benchmarks, fixtures, sources or CI files', async () => {
+  test('the tarball holds the build, docs, the systemd units, README and LICENSE, and no tests, benchmarks, fixtures, sources or CI files', async () => {
     const entries = (await runOk('tar', ['tzf', tarball], tmp)).toString('utf8').split('\n').filter((l) => l !== '' && !l.endsWith('/'))
-    for (const needed of ['package.json', 'README.md', 'LICENSE', 'dist/index.js', 'dist/index.d.ts', 'dist/cli/bin.cjs', 'dist/cli/main.js']) {
+    for (const needed of ['package.json', 'README.md', 'LICENSE', 'dist/index.js', 'dist/index.d.ts', 'dist/cli/bin.cjs', 'dist/cli/main.js', 'contrib/systemd/blocksnap@.service', 'contrib/systemd/blocksnap@.socket']) {
       assert.ok(entries.includes(`package/${needed}`), `${needed} missing from the tarball`)
     }
-    const allowed = /^package\/(package\.json|README\.md|LICENSE|docs\/[^/]+\.md|dist\/.+\.(c?js|d\.c?ts|c?js\.map))$/
+    const allowed = /^package\/(package\.json|README\.md|LICENSE|docs\/[^/]+\.md|contrib\/systemd\/blocksnap@\.(service|socket)|dist\/.+\.(c?js|d\.c?ts|c?js\.map))$/
     assert.deepEqual(entries.filter((e) => !allowed.test(e)), [], 'unexpected files in the tarball')
     for (const banned of [/\btest\//, /\bbench\//, /fixtures/, /\.ci\//, /\bscripts\//, /^package\/src\//, /\.test\./, /tsconfig/, /BENCHMARKS/, /\.github/]) {
       assert.deepEqual(entries.filter((e) => banned.test(e)), [], `tarball entries matching ${banned}`)

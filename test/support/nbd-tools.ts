@@ -24,6 +24,9 @@ const PACKAGES: Record<string, string> = {
   'qemu-io': 'qemu-utils',
   fio: 'fio',
   openssl: 'openssl',
+  'systemd-socket-activate': 'systemd',
+  'systemd-notify': 'systemd',
+  'systemd-analyze': 'systemd',
 }
 
 async function onPath(tool: string): Promise<boolean> {
