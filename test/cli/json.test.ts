@@ -24,6 +24,7 @@ after(async () => {
 
 const SNAPSHOT_KEYS = [
   'allocatedBytes',
+  'autoextend',
   'chunkSizeBytes',
   'cowCapacityBytes',
   'cowPath',
@@ -37,6 +38,7 @@ const SNAPSHOT_KEYS = [
   'reason',
   'state',
   'store',
+  'warnAtPercent',
 ]
 
 /** stdout as JSON lines, each a versioned document. */
