@@ -7,7 +7,8 @@
  * a merge runs. Expected events come from a model of the fill in chunks, not from the code.
  */
 import assert from 'node:assert/strict'
-import { mkdtemp, readFile, rm, stat } from 'node:fs/promises'
+import { spawnSync } from 'node:child_process'
+import { appendFile, mkdir, mkdtemp, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
@@ -316,6 +317,48 @@ describe('merge events', () => {
       assert.deepEqual(events.at(-1), { type: 'merge-done', ...base, totalBytes: total })
     } finally {
       await volume.close()
+    }
+  })
+
+  it('failed: a merge whose copy into another snapshot finds the file system full emits merge-failed', async (t) => {
+    // A real full file system: a small tmpfs (root only; skipped with the reason otherwise).
+    const mnt = join(T, `full-${++counter}`)
+    await mkdir(mnt)
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mnt], { encoding: 'utf8' })
+    if (mounted.error || mounted.status !== 0) return t.skip(`cannot mount a tmpfs: ${mounted.error?.message ?? mounted.stderr.trim()}`)
+    let volume: Volume | null = null
+    try {
+      const dir = join(mnt, 'v')
+      await Volume.create(dir, { sizeBytes: SIZE })
+      volume = await Volume.open(dir, { writeBackBytes: 0 })
+      await volume.origin.write(originPattern(), 0) // the origin is allocated: merging needs no room for it
+      await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
+      await overwrite(volume, 0, 20)
+      await volume.createSnapshot('o', { chunkSizeBytes: CHUNK }) // grows on demand; merging s copies into it
+      const events: VolumeEvent[] = []
+      volume.onEvent((e) => events.push(e))
+      // Fill the file system to the last byte.
+      await writeFile(join(mnt, 'filler'), Buffer.alloc(0))
+      for (let piece = 1024 * 1024; piece >= 512; piece /= 2) {
+        for (;;) {
+          const ok = await appendFile(join(mnt, 'filler'), Buffer.alloc(piece)).then(() => true, () => false)
+          if (!ok) break
+        }
+      }
+      // ...but for a few pages: the merge record still fits in the manifest, 20 copied chunks do not.
+      await truncate(join(mnt, 'filler'), Math.max(0, (await stat(join(mnt, 'filler'))).size - 16 * 1024))
+      const merge = await volume.startMerge('s', { maxStepChunks: 1 })
+      await assert.rejects(merge.done)
+      const base = { volume: 'v', snapshot: 's' }
+      assert.deepEqual(events[0], { type: 'merge-started', ...base, totalBytes: 20 * CHUNK, rateBytesPerSecond: null })
+      const failed = events.find((e) => e.type === 'merge-failed') as Extract<VolumeEvent, { type: 'merge-failed' }> | undefined
+      assert.ok(failed, `a merge-failed event: ${JSON.stringify(events)}`)
+      assert.deepEqual({ volume: failed.volume, snapshot: failed.snapshot, code: failed.code }, { ...base, code: 'SNAP_NO_SPACE' })
+      assert.ok(failed.reason.length > 0, 'the reason is given')
+      assert.ok(!events.some((e) => e.type === 'merge-done'), 'no merge-done')
+    } finally {
+      await volume?.close().catch(() => {})
+      spawnSync('umount', [mnt])
     }
   })
 })
