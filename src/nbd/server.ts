@@ -23,7 +23,7 @@ import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
 import { PendingBytes } from './pending-bytes.js'
-import { PayloadPool } from './protocol/payload-pool.js'
+import { PayloadPool } from './payload-pool.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions, type TlsContext } from './tls.js'
 
 export interface NbdServerOptions {
