@@ -4,6 +4,7 @@
  * MemoryDevice). Each device gets a server of its own, stopped by PID afterwards.
  */
 import { after } from 'node:test'
+import assert from 'node:assert/strict'
 import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -60,4 +61,29 @@ runBlockDeviceSuite(
     return NbdClientDevice.open(`nbd+unix:///mem?socket=${join(dir, `b${count - 1}.sock`)}`)
   },
   { discard: true, resize: false, readOnly: true },
+)
+
+// A server that refuses anything not aligned to 4 KiB: unaligned device I/O must become aligned
+// requests with read-modify-write at the edges, or the suite's odd offsets fail with EINVAL.
+runBlockDeviceSuite(
+  'nbd-client-device (nbdkit, 4 KiB minimum block)',
+  async (sizeBytes, options) => {
+    const peer = await PeerServer.nbdkit(
+      join(dir, `p${count++}.sock`),
+      [
+        'memory',
+        String(sizeBytes),
+        'blocksize-minimum=4096',
+        'blocksize-preferred=65536',
+        'blocksize-maximum=65536',
+        'blocksize-error-policy=error',
+      ],
+      ['--filter=blocksize-policy', ...(options?.readOnly ? ['-r'] : [])],
+    ).start()
+    peers.push(peer)
+    const device = await NbdClientDevice.open(peer.uri())
+    assert.equal(device.info.minBlockBytes, 4096)
+    return device
+  },
+  { discard: true, resize: false, readOnly: true, sizeBytes: 256 * 1024 + 4096 },
 )
