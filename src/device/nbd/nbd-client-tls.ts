@@ -41,6 +41,8 @@ export async function loadClientTls(uri: NbdUri): Promise<tls.ConnectionOptions 
   const settings = uri.tls
   if (settings === null) return null
   const base: tls.ConnectionOptions = {
+    // The certificate is checked against `host` (DNS name or IP); SNI takes names only.
+    host: settings.serverName,
     ...(isIP(settings.serverName) === 0 ? { servername: settings.serverName } : {}),
     rejectUnauthorized: settings.verifyPeer,
   }
