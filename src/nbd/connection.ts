@@ -343,7 +343,10 @@ export class NbdConnection {
     this.structured = structured
     this.session = {
       exportName: exp.name,
-      sizeBytes: exp.device.sizeBytes,
+      // Read per request, as before the split: a device's size is whatever it is now.
+      get sizeBytes() {
+        return exp.device.sizeBytes
+      },
       transmissionFlags: flags,
       structured,
       hasContexts: contexts.length > 0,
