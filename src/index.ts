@@ -11,6 +11,8 @@ export { SnapError, isSnapError, type SnapErrorCode, type SnapErrorDetails } fro
 export type { BlockDevice, DeviceCapabilities, WriteOptions } from './device/block-device.js'
 export { FileDevice, type FileDeviceOptions } from './device/file-device.js'
 export { MemoryDevice, type MemoryDeviceOptions } from './device/memory-device.js'
+export { NbdClientDevice, type NbdClientOptions, type NbdClientStats, type NbdReconnectPolicy } from './device/nbd-client-device.js'
+export { openDevice, type OpenDeviceOptions } from './device/open-device.js'
 
 // Exception stores (the COW formats).
 export type { ExceptionStore, StoreUsage } from './store/exception-store.js'

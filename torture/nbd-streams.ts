@@ -1,6 +1,6 @@
 /**
  * Client byte streams for NBD fuzzing, and an independent reading of both directions of a
- * connection (from the NBD protocol document; nothing shared with src/nbd/protocol).
+ * connection (from the NBD protocol document; nothing shared with src/protocol/nbd).
  *
  * buildStream() writes a plausible session (fixed-newstyle flags, some options, GO or
  * EXPORT_NAME, a batch of requests) and remembers where its fields are, so mutate() can damage

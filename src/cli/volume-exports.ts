@@ -9,7 +9,7 @@
  */
 import { SnapError } from '../errors.js'
 import type { BlockStatusExtent, ExportProvider, NbdExport, RefusedExport } from '../nbd/export.js'
-import { BaseAllocation } from '../nbd/protocol/constants.js'
+import { BaseAllocation } from '../protocol/nbd/constants.js'
 import type { Snapshot } from '../snapshot/snapshot.js'
 import { allocationExtents, dirtyExtents, dirtyMapRefusal } from '../volume/block-maps.js'
 import type { Volume } from '../volume/volume.js'

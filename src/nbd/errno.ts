@@ -3,7 +3,7 @@
  * errno a failure becomes (nbdkit's nbd_errno habit).
  */
 import { isSnapError } from '../errors.js'
-import { Command, NbdErrno, type NbdErrnoValue } from './protocol/constants.js'
+import { Command, NbdErrno, type NbdErrnoValue } from '../protocol/nbd/constants.js'
 
 /** Whether the command writes, so "out of range" means "no space" (spec: ENOSPC past the end). */
 function isWriteCommand(command: number): boolean {

@@ -2,7 +2,7 @@
  * What the server tells an observer about each answered request (metrics). The observer is
  * optional: without one, a request costs one null check and nothing else.
  */
-import { Command } from './protocol/constants.js'
+import { Command } from '../protocol/nbd/constants.js'
 
 /** A request's command as metrics name it (WRITE_ZEROES is `zero`). */
 export type NbdOp = 'read' | 'write' | 'flush' | 'trim' | 'zero' | 'block_status' | 'cache'

@@ -25,7 +25,7 @@ import { silentLogger, type NbdLogger } from './logger.js'
 import type { NbdFaultListener } from './client-fault.js'
 import { PendingBytes } from './pending-bytes.js'
 import type { NbdRequestObserver } from './request-observer.js'
-import { PayloadPool } from './protocol/payload-pool.js'
+import { PayloadPool } from './payload-pool.js'
 import { createTlsContext, loadTlsFiles, type NbdTlsFiles, type NbdTlsOptions, type TlsContext } from './tls.js'
 
 export interface NbdServerOptions {

@@ -1,10 +1,13 @@
 /**
  * Architecture check: every import inside src/ must respect the layer order
  *
- *   base (util, units, errors, log) <- device <- format <- store <- snapshot <- merge <- volume
- *     <- backup <- nbd / control <- service (metrics, status page) <- cli, index (the package's public API)
+ *   base (util, units, errors, log) <- protocol <- device <- format <- store <- snapshot <- merge
+ *     <- volume <- backup <- nbd / control <- service (metrics, status page) <- cli, index (the package's public API)
  *
  * - a module may import only from its own layer or a lower one;
+ * - protocol/ holds pure wire codecs (the NBD protocol, shared by the server in nbd/ and the
+ *   client device in device/): it sits below device so a device can speak it, and imports only
+ *   base and itself;
  * - nbd/ may import only base, device and nbd (it is a transport, it knows no snapshot engine);
  * - format/ never imports device/ (it is pure bytes);
  * - nothing outside cli/ imports cli/;
@@ -30,6 +33,7 @@ const RANK: Readonly<Record<string, number>> = {
   units: 0,
   errors: 0,
   log: 0,
+  protocol: 0.5,
   device: 1,
   format: 2,
   store: 3,
@@ -43,7 +47,7 @@ const RANK: Readonly<Record<string, number>> = {
   cli: 10,
   index: 10,
 }
-const NBD_MAY_IMPORT = new Set<string>([...BASE, 'device', 'nbd'])
+const NBD_MAY_IMPORT = new Set<string>([...BASE, 'protocol', 'device', 'nbd'])
 
 export interface ImportEdge {
   /** Importing file, relative to the repository root with '/' separators. */
@@ -118,7 +122,7 @@ export function checkEdges(edges: readonly ImportEdge[]): string[] {
     if (toLayer === 'cli' && fromLayer !== 'cli') report('nothing may import cli')
     if (toLayer === 'index') report('nothing may import index')
     if (fromLayer === 'format' && toLayer === 'device') report('format must not import device')
-    if (fromLayer === 'nbd' && !NBD_MAY_IMPORT.has(toLayer)) report(`nbd may import only base, device and nbd, not ${toLayer}`)
+    if (fromLayer === 'nbd' && !NBD_MAY_IMPORT.has(toLayer)) report(`nbd may import only base, protocol, device and nbd, not ${toLayer}`)
     if (toRank > fromRank) report(`${fromLayer} (layer ${fromRank}) must not import ${toLayer} (layer ${toRank})`)
   }
   return violations
@@ -155,7 +159,8 @@ test('arch: importSpecifiers finds static, type-only, re-export, side-effect and
 
 test('arch: topLevel maps folders and root files under src to their layer name', () => {
   assert.equal(topLevel('src/format/layout.js'), 'format')
-  assert.equal(topLevel('src/nbd/protocol/reply.ts'), 'nbd')
+  assert.equal(topLevel('src/nbd/negotiation.ts'), 'nbd')
+  assert.equal(topLevel('src/protocol/nbd/reply.ts'), 'protocol')
   assert.equal(topLevel('src/errors.js'), 'errors')
   assert.equal(topLevel('src/units.ts'), 'units')
   assert.equal(topLevel('test/support/random.js'), null)
@@ -172,6 +177,7 @@ test('arch: the checker reports synthetic bad edges (self-test)', () => {
     { from: 'src/control/control-server.ts', to: 'src/cli/main.js', specifier: '../cli/main.js' },
     { from: 'src/volume/volume.ts', to: 'test/support/random.js', specifier: '../../test/support/random.js' },
     { from: 'src/merge/merge.ts', to: 'src/mystery/thing.js', specifier: '../mystery/thing.js' },
+    { from: 'src/protocol/nbd/reply.ts', to: 'src/device/block-device.js', specifier: '../../device/block-device.js' },
     { from: 'src/cli/serve.ts', to: 'src/index.js', specifier: '../index.js' },
     { from: 'src/index.ts', to: 'src/cli/main.js', specifier: './cli/main.js' },
     { from: 'src/nbd/server.ts', to: 'src/service/metrics.js', specifier: '../service/metrics.js' },
@@ -191,6 +197,7 @@ test('arch: the checker reports synthetic bad edges (self-test)', () => {
       'src/merge/merge.ts',
       'src/nbd/export.ts',
       'src/nbd/server.ts',
+      'src/protocol/nbd/reply.ts',
       'src/service/metrics.ts',
       'src/store/persistent-store.ts',
       'src/volume/volume.ts',
@@ -210,7 +217,8 @@ test('arch: the checker accepts edges that follow the layer order', () => {
   const good: ImportEdge[] = [
     { from: 'src/nbd/export.ts', to: 'src/device/block-device.js', specifier: '../device/block-device.js' },
     { from: 'src/nbd/server.ts', to: 'src/errors.js', specifier: '../errors.js' },
-    { from: 'src/nbd/server.ts', to: 'src/nbd/protocol/reply.js', specifier: './protocol/reply.js' },
+    { from: 'src/nbd/connection.ts', to: 'src/protocol/nbd/reply.js', specifier: '../protocol/nbd/reply.js' },
+    { from: 'src/device/nbd-client-device.ts', to: 'src/protocol/nbd/request.js', specifier: '../protocol/nbd/request.js' },
     { from: 'src/cli/main.ts', to: 'src/cli/volume-exports.js', specifier: './volume-exports.js' },
     { from: 'src/cli/main.ts', to: 'src/nbd/server.js', specifier: '../nbd/server.js' },
     { from: 'src/control/volume-ops.ts', to: 'src/volume/volume.js', specifier: '../volume/volume.js' },

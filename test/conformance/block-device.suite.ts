@@ -19,10 +19,12 @@ export interface BlockDeviceTraits {
   readonly resize: boolean
   /** The factory honours { readOnly: true } with a device whose contents are zeros. */
   readonly readOnly: boolean
+  /** Size the factory is asked for, when the device cannot have the default (qemu-nbd serves whole sectors only). */
+  readonly sizeBytes?: number
 }
 
 // Not a multiple of 512 or of 64 KiB, so edge handling in paged and sector-minded code is hit.
-const SIZE = 256 * 1024 + 1000
+const DEFAULT_SIZE = 256 * 1024 + 1000
 
 export async function rejectsWith(promise: Promise<unknown>, code: SnapErrorCode): Promise<void> {
   await assert.rejects(promise, (err: unknown) => {
@@ -32,6 +34,7 @@ export async function rejectsWith(promise: Promise<unknown>, code: SnapErrorCode
 }
 
 export function runBlockDeviceSuite(name: string, factory: DeviceFactory, traits: BlockDeviceTraits): void {
+  const SIZE = traits.sizeBytes ?? DEFAULT_SIZE
   describe(`${name}: BlockDevice conformance`, () => {
     const opened: BlockDevice[] = []
     const make = async (sizeBytes = SIZE, options?: DeviceFactoryOptions): Promise<BlockDevice> => {

@@ -1,13 +1,13 @@
 /**
- * Codec tests for src/nbd/protocol. Expected bytes come from an independent builder
+ * Codec tests for src/protocol/nbd. Expected bytes come from an independent builder
  * (test/support/nbd-bytes.ts) and from hex captured off a live nbdkit (reference §3-§7);
  * parsers are fed every possible split of their input.
  */
 import assert from 'node:assert/strict'
 import { readFileSync } from 'node:fs'
 import { test } from 'node:test'
-import { ByteQueue } from '../../src/nbd/protocol/byte-queue.js'
-import { Command, MAX_OPTION_DATA_BYTES, NbdErrno, Rep, nameOfCommand, nameOfOption } from '../../src/nbd/protocol/constants.js'
+import { ByteQueue } from '../../src/protocol/nbd/byte-queue.js'
+import { Command, MAX_OPTION_DATA_BYTES, NbdErrno, Rep, nameOfCommand, nameOfOption } from '../../src/protocol/nbd/constants.js'
 import {
   OptionParser,
   buildExportNameReply,
@@ -22,7 +22,7 @@ import {
   parseInfoRequest,
   parseMetaContextRequest,
   type OptionEvent,
-} from '../../src/nbd/protocol/handshake.js'
+} from '../../src/protocol/nbd/handshake.js'
 import {
   buildBlockStatusChunk,
   buildErrorChunk,
@@ -30,9 +30,9 @@ import {
   buildOffsetDataHeader,
   buildOffsetHoleChunk,
   buildSimpleReply,
-} from '../../src/nbd/protocol/reply.js'
-import { RequestParser, parseRequestHeader, type RequestEvent } from '../../src/nbd/protocol/request.js'
-import { normalizeExtents } from '../../src/nbd/connection.js'
+} from '../../src/protocol/nbd/reply.js'
+import { RequestParser, parseRequestHeader, type RequestEvent } from '../../src/protocol/nbd/request.js'
+import { normalizeExtents } from '../../src/protocol/nbd/extents.js'
 import { nbdErrnoFor } from '../../src/nbd/errno.js'
 import { parsePskFile } from '../../src/nbd/tls.js'
 import { SnapError, type SnapErrorCode } from '../../src/errors.js'

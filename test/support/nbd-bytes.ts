@@ -1,6 +1,6 @@
 /**
  * An independent big-endian byte builder for NBD codec tests. It deliberately shares nothing
- * with src/nbd/protocol (no Buffer write helpers, no constants): expected bytes are spelled out
+ * with src/protocol/nbd (no Buffer write helpers, no constants): expected bytes are spelled out
  * the way the spec's tables describe them.
  */
 export class Bytes {

@@ -1,7 +1,7 @@
 /**
  * A raw-socket NBD client for wire-level tests: it can send what libnbd refuses to (bad magic,
  * unknown client flags, truncated options, oversized frames) and shows every reply byte. It
- * decodes with its own code, independent of src/nbd/protocol.
+ * decodes with its own code, independent of src/protocol/nbd.
  */
 import net from 'node:net'
 import { infoRequestBytes, metaContextBytes, optionBytes, requestBytes } from './nbd-bytes.js'

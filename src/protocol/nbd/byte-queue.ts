@@ -51,6 +51,24 @@ export class ByteQueue {
     return out
   }
 
+  /** The next four bytes as a big-endian u32, without consuming them (null: not here yet). */
+  peekU32(): number | null {
+    if (this.total < 4) return null
+    const first = this.chunks[0]!
+    if (first.length - this.head >= 4) return first.readUInt32BE(this.head)
+    let value = 0
+    let chunk = 0
+    let at = this.head
+    for (let i = 0; i < 4; i++) {
+      while (at >= this.chunks[chunk]!.length) {
+        chunk++
+        at = 0
+      }
+      value = value * 256 + this.chunks[chunk]![at++]!
+    }
+    return value
+  }
+
   /** Moves up to `target.length - at` bytes into `target` from `at` on; returns how many. */
   takeInto(target: Buffer, at: number): number {
     let filled = at
