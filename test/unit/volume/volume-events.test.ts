@@ -294,6 +294,45 @@ describe('autoextend', () => {
   })
 })
 
+describe('space events', () => {
+  it('a copy-out that finds the file system full emits snapshot-no-space, and space-restored once copies succeed again', async (t) => {
+    const mnt = join(T, `space-${++counter}`)
+    await mkdir(mnt)
+    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mnt], { encoding: 'utf8' })
+    if (mounted.error || mounted.status !== 0) return t.skip(`cannot mount a tmpfs: ${mounted.error?.message ?? mounted.stderr.trim()}`)
+    let volume: Volume | null = null
+    try {
+      const dir = join(mnt, 'v')
+      await Volume.create(dir, { sizeBytes: SIZE })
+      volume = await Volume.open(dir, { writeBackBytes: 0 })
+      await volume.origin.write(originPattern(), 0) // allocated: only the COW needs room later
+      await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
+      const events: VolumeEvent[] = []
+      volume.onEvent((e) => events.push(e))
+      const filler = join(mnt, 'filler')
+      await writeFile(filler, Buffer.alloc(0))
+      for (let piece = 1024 * 1024; piece >= 512; piece /= 2) {
+        while (await appendFile(filler, Buffer.alloc(piece)).then(() => true, () => false));
+      }
+      await assert.rejects(volume.origin.write(new Uint8Array(64 * CHUNK).fill(0xee), 0), (err: unknown) => isSnapError(err, 'SNAP_NO_SPACE'))
+      await volume.settled()
+      const cowPath = join(dir, 'snapshots', 's.cow')
+      const noSpace = events.filter((e) => e.type === 'snapshot-no-space')
+      assert.equal(noSpace.length, 1, `one snapshot-no-space event: ${JSON.stringify(events)}`)
+      assert.deepEqual({ ...noSpace[0], reason: undefined }, { type: 'snapshot-no-space', volume: 'v', snapshot: 's', cowPath, reason: undefined })
+      assert.ok(!events.some((e) => e.type === 'snapshot-invalidated'), 'nothing invalidated')
+      await rm(filler)
+      await volume.origin.write(new Uint8Array(64 * CHUNK).fill(0xee), 0)
+      await volume.settled()
+      assert.deepEqual(events.filter((e) => e.type === 'snapshot-space-restored'), [{ type: 'snapshot-space-restored', volume: 'v', snapshot: 's', cowPath }])
+      assert.deepEqual(Buffer.from(await volume.snapshot('s').read(0, 64 * CHUNK)), Buffer.from(originPattern().subarray(0, 64 * CHUNK)), 'the snapshot kept its view')
+    } finally {
+      await volume?.close().catch(() => {})
+      spawnSync('umount', [mnt])
+    }
+  })
+})
+
 describe('merge events', () => {
   it('started, every ten percent, done', async () => {
     const { volume, events } = await volumeWithSnapshot({})
