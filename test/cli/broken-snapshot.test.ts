@@ -7,7 +7,7 @@
  * Volumes are built through the Volume API to keep the CLI spawn count down.
  */
 import assert from 'node:assert/strict'
-import { access, mkdtemp, open, readFile, rm, unlink } from 'node:fs/promises'
+import { access, mkdtemp, readFile, rm, unlink } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
@@ -16,6 +16,7 @@ import { freePort } from '../support/free-port.js'
 import { requireTools, run } from '../support/nbd-tools.js'
 import { ServeProcess } from '../support/serve-process.js'
 import { assertBytes, assertError, assertUnchanged, cli, cliOk, fingerprint, ok, parseList, pattern } from './helpers.js'
+import { poke } from '../support/poke.js'
 
 const KiB = 1024
 const SIZE = 1024 * KiB
@@ -35,14 +36,6 @@ const exists = (p: string) => access(p).then(
   () => false,
 )
 
-async function poke(file: string, offset: number, bytes: Uint8Array): Promise<void> {
-  const h = await open(file, 'r+')
-  try {
-    await h.write(bytes, 0, bytes.length, offset)
-  } finally {
-    await h.close()
-  }
-}
 
 /** Volume `vol` with snapshots `good` and `bad`, each holding copies; returns the byte models. */
 async function makeVolume(vol: string, seed: number): Promise<{ origin: Buffer; good: Buffer }> {

@@ -5,7 +5,7 @@
  * time.
  */
 import assert from 'node:assert/strict'
-import { cp, mkdtemp, readFile, rm, stat, truncate, writeFile, open } from 'node:fs/promises'
+import { cp, mkdtemp, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
@@ -23,6 +23,7 @@ import {
   persistentStatus,
   sha256,
 } from './helpers.js'
+import { poke } from '../support/poke.js'
 
 const MiB = 1024 * 1024
 let T = ''
@@ -36,14 +37,6 @@ after(async () => {
 })
 
 /** Overwrites `bytes` at `offset` of `file` in place. */
-async function poke(file: string, offset: number, bytes: Uint8Array): Promise<void> {
-  const h = await open(file, 'r+')
-  try {
-    await h.write(bytes, 0, bytes.length, offset)
-  } finally {
-    await h.close()
-  }
-}
 
 const sizeOf = async (p: string) => (await stat(p)).size
 

@@ -14,10 +14,10 @@ import { mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
-import { SnapError } from '../../src/errors.js'
 import { readManifest } from '../../src/volume/manifest.js'
 import { Volume } from '../../src/volume/volume.js'
 import { assertBytes, assertError, cli, ok, pattern } from './helpers.js'
+import { refusedWith } from '../support/refused-with.js'
 
 const MiB = 1024 * 1024
 let T = ''
@@ -64,15 +64,6 @@ after(async () => {
   if (T) await rm(T, { recursive: true, force: true })
 })
 
-function refusedWith(code: string, pattern: RegExp) {
-  return (err: unknown) => {
-    assert.ok(err instanceof SnapError, `a SnapError, got ${String(err)}`)
-    assert.equal(err.code, code, err.message)
-    assert.match(err.message, pattern)
-    assert.doesNotMatch(err.message, /\n/)
-    return true
-  }
-}
 
 describe('in-place origins: CLI and block devices', { concurrency: 1 }, () => {
   it('cli: create takes exactly one of --size, --from, --origin; --origin on a file copies nothing', async () => {

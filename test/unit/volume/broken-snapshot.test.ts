@@ -18,6 +18,7 @@ import type { Merge } from '../../../src/merge/merge.js'
 import { MANIFEST_FILE } from '../../../src/volume/manifest.js'
 import { Volume } from '../../../src/volume/volume.js'
 import { assertBytes, assertUnchanged, fingerprint, pattern } from '../../cli/helpers.js'
+import { poke } from '../../support/poke.js'
 
 const KiB = 1024
 const SIZE = 1024 * KiB
@@ -36,14 +37,6 @@ const exists = (p: string) => access(p).then(
   () => false,
 )
 
-async function poke(file: string, offset: number, bytes: Uint8Array): Promise<void> {
-  const h = await open(file, 'r+')
-  try {
-    await h.write(bytes, 0, bytes.length, offset)
-  } finally {
-    await h.close()
-  }
-}
 
 /** Asserts `promise` rejects with SnapError `code` whose message matches every pattern. */
 async function rejects(promise: Promise<unknown>, code: string, ...patterns: RegExp[]): Promise<void> {

@@ -15,11 +15,11 @@ import { cp, mkdtemp, readFile, readdir, rm, stat, truncate, writeFile, link } f
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
-import { SnapError } from '../../../src/errors.js'
 import { MANIFEST_FILE, readManifest } from '../../../src/volume/manifest.js'
 import { Volume } from '../../../src/volume/volume.js'
 import { decodeHeader } from '../../../src/format/header.js'
 import { assertBytes, pattern } from '../../cli/helpers.js'
+import { refusedWith } from '../../support/refused-with.js'
 
 const MiB = 1024 * 1024
 let T = ''
@@ -37,15 +37,6 @@ after(async () => {
   if (T) await rm(T, { recursive: true, force: true })
 })
 
-function refusedWith(code: string, pattern: RegExp) {
-  return (err: unknown) => {
-    assert.ok(err instanceof SnapError, `a SnapError, got ${String(err)}`)
-    assert.equal(err.code, code, err.message)
-    assert.match(err.message, pattern)
-    assert.doesNotMatch(err.message, /\n/)
-    return true
-  }
-}
 
 async function image(name: string, content: Buffer): Promise<string> {
   const path = join(T, name)
