@@ -6,7 +6,6 @@
  * never sends most of these.
  */
 import assert from 'node:assert/strict'
-import tls from 'node:tls'
 import { test } from 'node:test'
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import { staticExports } from '../../src/nbd/export.js'
@@ -70,21 +69,7 @@ test('TLS required: before STARTTLS every option but ABORT gets ERR_TLS_REQD, EX
 
     // Only now, STARTTLS with the key: the same session then lists the export, so the refusals
     // above were TLS's doing and nothing else's.
-    c.option(OPT.STARTTLS)
-    assert.equal((await c.optionReplies())[0]!.type, REP.ACK)
-    c.socket.removeAllListeners('data')
-    const secure = tls.connect({
-      socket: c.socket,
-      pskCallback: () => ({ psk: key, identity: 'alice' }),
-      ciphers: 'PSK-AES128-GCM-SHA256',
-      maxVersion: 'TLSv1.2',
-      checkServerIdentity: () => undefined,
-    })
-    await new Promise<void>((resolve, reject) => {
-      secure.once('secureConnect', resolve)
-      secure.once('error', reject)
-    })
-    const t = RawNbdClient.wrap(secure)
+    const t = await c.startTlsPsk(key)
     t.option(OPT.LIST)
     const listed = await t.optionReplies()
     assert.deepEqual(listed.map((r) => r.type), [REP.SERVER, REP.ACK])

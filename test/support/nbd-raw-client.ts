@@ -4,6 +4,7 @@
  * decodes with its own code, independent of src/protocol/nbd.
  */
 import net from 'node:net'
+import tls from 'node:tls'
 import { infoRequestBytes, metaContextBytes, optionBytes, requestBytes } from './nbd-bytes.js'
 
 export interface OptionReply {
@@ -51,6 +52,29 @@ export class RawNbdClient {
   /** Continues on another socket, e.g. the TLS socket after STARTTLS. */
   static wrap(socket: net.Socket): RawNbdClient {
     return new RawNbdClient(socket)
+  }
+
+  /**
+   * STARTTLS (option 5), then a TLS 1.2 PSK handshake as `identity` on the same socket; returns
+   * the client that speaks through TLS. Throws unless the server answers STARTTLS with ACK (1).
+   */
+  async startTlsPsk(key: Buffer, identity = 'alice'): Promise<RawNbdClient> {
+    this.option(5)
+    const reply = (await this.optionReplies())[0]
+    if (reply?.type !== 1) throw new Error(`STARTTLS answered ${reply?.type}, not ACK`)
+    this.socket.removeAllListeners('data')
+    const secure = tls.connect({
+      socket: this.socket,
+      pskCallback: () => ({ psk: key, identity }),
+      ciphers: 'PSK-AES128-GCM-SHA256',
+      maxVersion: 'TLSv1.2',
+      checkServerIdentity: () => undefined,
+    })
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', resolve)
+      secure.once('error', reject)
+    })
+    return RawNbdClient.wrap(secure)
   }
 
   static connect(address: RawAddress): Promise<RawNbdClient> {
