@@ -7,6 +7,7 @@ import type { BlockDevice } from './block-device.js'
 import { FileDevice } from './file-device.js'
 import { NbdClientDevice, type NbdClientOptions } from './nbd-client-device.js'
 import { isNbdUri } from './nbd/nbd-uri.js'
+import { RbdDevice, isRbdAddress } from './rbd-device.js'
 
 export interface OpenDeviceOptions {
   readonly readOnly?: boolean
@@ -19,5 +20,6 @@ export { isNbdUri }
 export async function openDevice(address: string, options: OpenDeviceOptions = {}): Promise<BlockDevice> {
   const readOnly = options.readOnly === true
   if (isNbdUri(address)) return NbdClientDevice.open(address, { ...options.nbd, readOnly })
+  if (isRbdAddress(address)) return RbdDevice.open(address, { readOnly })
   return FileDevice.open(address, { readOnly })
 }
