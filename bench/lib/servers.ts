@@ -146,3 +146,16 @@ export async function startBlocksnap(ctx: BenchContext, dir: string, label = 'bl
   if (profileOptions !== undefined) env.BLOCKSNAP_NODE_FLAGS = profileOptions
   return startServer(ctx, label, join(ROOT, 'bin', 'blocksnap'), ['serve', dir, '--listen', `127.0.0.1:${port}`], port, dir.split('/').pop() as string, env)
 }
+
+/** qemu-nbd serving any qemu filename (e.g. `rbd:POOL/IMAGE:conf=FILE`) raw, with its cache off, as blocksnap's gateway does. */
+export async function startQemuNbdRaw(ctx: BenchContext, label: string, filename: string): Promise<Server> {
+  const port = await freePort()
+  return startServer(
+    ctx,
+    label,
+    'qemu-nbd',
+    ['-b', '127.0.0.1', '-p', String(port), '-x', 'disk', '-f', 'raw', '-t', '-e', '8', '--cache=none', '--discard=unmap', filename],
+    port,
+    'disk',
+  )
+}

@@ -9,6 +9,7 @@ import { firstTouchSuite } from './first-touch.js'
 import { jsWorkSuite } from './js-work.js'
 import { memorySuite } from './memory.js'
 import { mergeSuite } from './merge.js'
+import { rbdSuite } from './rbd.js'
 import { scaleSuite } from './scale.js'
 import { snapReadSuite } from './snap-read.js'
 import { standardSuite } from './standard.js'
@@ -24,4 +25,5 @@ export const SUITES: readonly Suite[] = [
   jsWorkSuite,
   startupSuite,
   memorySuite,
+  rbdSuite,
 ]
