@@ -12,6 +12,7 @@ export type { BlockDevice, DeviceCapabilities, WriteOptions } from './device/blo
 export { FileDevice, type FileDeviceOptions } from './device/file-device.js'
 export { MemoryDevice, type MemoryDeviceOptions } from './device/memory-device.js'
 export { NbdClientDevice, type NbdClientOptions, type NbdClientStats, type NbdReconnectPolicy } from './device/nbd-client-device.js'
+export { RbdDevice, type RbdDeviceOptions } from './device/rbd-device.js'
 export { openDevice, type OpenDeviceOptions } from './device/open-device.js'
 
 // Exception stores (the COW formats).
