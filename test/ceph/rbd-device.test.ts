@@ -7,7 +7,7 @@
 import { describe, it } from 'node:test'
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
-import { mkdtemp, readFile, symlink } from 'node:fs/promises'
+import { mkdtemp, readFile, readdir, symlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { openDevice } from '../../src/device/open-device.js'
 import { RbdDevice } from '../../src/device/rbd-device.js'
@@ -42,6 +42,18 @@ async function processState(pid: number): Promise<string | null> {
 
 async function processName(pid: number): Promise<string | null> {
   return (await readFile(`/proc/${pid}/comm`, 'utf8').catch(() => null))?.trim() ?? null
+}
+
+/** Live qemu-nbd processes whose command line names `conf`. */
+async function gatewaysOf(conf: string): Promise<number[]> {
+  const pids: number[] = []
+  for (const entry of await readdir('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    const cmdline = await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '')
+    const state = await processState(Number(entry))
+    if (cmdline.startsWith('qemu-nbd\0') && cmdline.includes(conf) && state !== null && state !== 'Z') pids.push(Number(entry))
+  }
+  return pids
 }
 
 async function rejectsOneLine(promise: Promise<unknown>, code: string, pattern: RegExp): Promise<void> {
@@ -88,6 +100,16 @@ describe('rbd-device: data, gateway and errors', () => {
     await rejectsOneLine(RbdDevice.open('rbd:rbd/x?conf=/nonexistent/ceph.conf'), 'SNAP_NOT_FOUND', /error reading conf file \/nonexistent\/ceph\.conf/)
   })
 
+  it('a cluster that does not answer is SNAP_IO after the start timeout, and the gateway is stopped', async () => {
+    const conf = join(cluster.dir, 'nobody.conf')
+    // A monitor address nothing listens on: librados retries for minutes (client_mount_timeout).
+    await writeFile(conf, '[global]\nmon host = 127.0.0.1:9\nauth client required = none\n')
+    const before = await gatewaysOf(conf)
+    assert.deepEqual(before, [])
+    await rejectsOneLine(RbdDevice.open(`rbd:rbd/x?conf=${conf}`, { startTimeoutMs: 1500 }), 'SNAP_IO', /did not open the image within 2 s \(is the Ceph cluster reachable\?\)/)
+    assert.deepEqual(await gatewaysOf(conf), [], 'the gateway that never opened the image is stopped')
+  })
+
   it('a malformed address is SNAP_BAD_ARGUMENT before anything starts', async () => {
     await rejectsOneLine(openDevice('rbd:just-a-pool'), 'SNAP_BAD_ARGUMENT', /rbd:POOL\/IMAGE/)
   })
@@ -118,7 +140,10 @@ describe('rbd-device: data, gateway and errors', () => {
       process.stdout.write(device.gatewayPid + '\\n')
       setInterval(() => {}, 1000)
     `
-    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] })
+    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+      env: { ...process.env, TMPDIR: cluster.dir }, // the gateway's directory, which nobody removes after a kill -9
+    })
     const gatewayPid = await new Promise<number>((resolve, reject) => {
       let out = ''
       child.stdout!.on('data', (d: Buffer) => {

@@ -118,17 +118,17 @@ export class RbdGateway {
       }
       throw startFailure(address, spawnError, child.exitCode, stderr)
     } catch (err) {
-      await gateway.stop()
+      await gateway.stop(0) // it never served a byte: nothing to flush
       throw err
     }
   }
 
-  /** Stops the gateway by PID (SIGTERM, then SIGKILL after a grace period) and removes its directory. */
-  stop(): Promise<void> {
+  /** Stops the gateway by PID (SIGTERM, then SIGKILL after `graceMs`) and removes its directory. */
+  stop(graceMs = STOP_GRACE_MS): Promise<void> {
     this.stopping ??= (async () => {
       if (this.alive && this.child.pid !== undefined) {
-        this.child.kill('SIGTERM')
-        const timer = setTimeout(() => this.child.kill('SIGKILL'), STOP_GRACE_MS)
+        this.child.kill(graceMs === 0 ? 'SIGKILL' : 'SIGTERM')
+        const timer = setTimeout(() => this.child.kill('SIGKILL'), graceMs)
         await this.exited
         clearTimeout(timer)
       }
