@@ -70,7 +70,7 @@ export function isDeviceUri(address: string): boolean {
 export function checkNotUnknownUri(address: string): void {
   const scheme = /^([A-Za-z][A-Za-z0-9+.-]*):\/\//.exec(address)?.[1]
   if (scheme !== undefined && !isDeviceUri(address)) {
-    throw badArgument(`'${address}' is not a device address: unknown URI scheme '${scheme}:' (known: nbd://, nbds://, nbd+unix://, nbds+unix://)`)
+    throw badArgument(`'${address}' is not a device address: unknown URI scheme '${scheme}:' (known: nbd://, nbds://, nbd+unix://, nbds+unix://, rbd:POOL/IMAGE)`)
   }
 }
 

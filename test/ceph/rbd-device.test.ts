@@ -6,7 +6,7 @@
  */
 import { describe, it } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
+import { type ChildProcess, spawn } from 'node:child_process'
 import { mkdtemp, readFile, readdir, symlink, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { openDevice } from '../../src/device/open-device.js'
@@ -131,41 +131,65 @@ describe('rbd-device: data, gateway and errors', () => {
 
   it('kill -9 of a process holding an RbdDevice leaves no qemu-nbd behind, and the flushed data is in the image', async () => {
     const address = await cluster.createImage('killed', 1024 * 1024)
-    const module = new URL('../../src/device/rbd-device.ts', import.meta.url).pathname
-    const script = `
-      import { RbdDevice } from ${JSON.stringify(module)}
-      const device = await RbdDevice.open(${JSON.stringify(address)})
-      await device.write(new Uint8Array(4096).fill(0x5a), 8192)
-      await device.flush()
-      process.stdout.write(device.gatewayPid + '\\n')
-      setInterval(() => {}, 1000)
-    `
-    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
-      stdio: ['ignore', 'pipe', 'inherit'],
-      env: { ...process.env, TMPDIR: cluster.dir }, // the gateway's directory, which nobody removes after a kill -9
-    })
-    const gatewayPid = await new Promise<number>((resolve, reject) => {
-      let out = ''
-      child.stdout!.on('data', (d: Buffer) => {
-        out += d.toString()
-        if (out.includes('\n')) resolve(Number(out.trim()))
-      })
-      child.once('exit', (code) => reject(new Error(`the holder exited (${code}) before opening the device`)))
-    })
-    assert.equal(await processName(gatewayPid), 'qemu-nbd')
-    const exited = new Promise((resolve) => child.once('exit', resolve))
-    process.kill(child.pid!, 'SIGKILL')
+    const tmp = await mkdtemp(join(cluster.dir, 'tmp-'))
+    const holder = await startHolder(address, tmp, 'hold')
+    assert.equal(await processName(holder.gatewayPid), 'qemu-nbd')
+    assert.deepEqual(await gatewayDirs(tmp), [`blocksnap-rbd-${holder.child.pid}`])
+    const exited = new Promise((resolve) => holder.child.once('exit', resolve))
+    process.kill(holder.child.pid!, 'SIGKILL')
     await exited
     // The kernel delivers the parent-death signal as the parent exits; a zombie is a dead
     // process whose exit nobody collected (PID 1 here may not reap orphans).
-    let state = await processState(gatewayPid)
+    let state = await processState(holder.gatewayPid)
     for (let i = 0; i < 100 && state !== null && state !== 'Z'; i++) {
       await new Promise((r) => setTimeout(r, 50))
-      state = await processState(gatewayPid)
+      state = await processState(holder.gatewayPid)
     }
-    assert.ok(state === null || state === 'Z', `qemu-nbd ${gatewayPid} is still running (state ${state})`)
+    assert.ok(state === null || state === 'Z', `qemu-nbd ${holder.gatewayPid} is still running (state ${state})`)
     const image = await cluster.exportImage('killed')
     assert.ok(image.subarray(8192, 8192 + 4096).every((b) => b === 0x5a))
     assert.ok(image.subarray(0, 8192).every((b) => b === 0))
+
+    // The killed holder's socket directory is left; the next process's first gateway removes it,
+    // and a process that exits without closing its device removes its own.
+    assert.deepEqual(await gatewayDirs(tmp), [`blocksnap-rbd-${holder.child.pid}`])
+    const next = await startHolder(address, tmp, 'exit')
+    await new Promise((resolve) => (next.child.exitCode !== null ? resolve(null) : next.child.once('exit', resolve)))
+    assert.equal(next.child.exitCode, 0)
+    assert.deepEqual(await gatewayDirs(tmp), [])
   })
 })
+
+/** `blocksnap-rbd-PID` of each gateway socket directory in `dir`. */
+async function gatewayDirs(dir: string): Promise<string[]> {
+  return (await readdir(dir)).filter((n) => n.startsWith('blocksnap-rbd-')).map((n) => n.replace(/-[^-]*$/, ''))
+}
+
+/**
+ * A child process that opens an RbdDevice on `address` (its gateway directory under `tmp`),
+ * writes and flushes 4 KiB of 0x5a at 8192, reports the gateway PID, then holds the device
+ * ('hold') or exits at once without closing it ('exit').
+ */
+async function startHolder(address: string, tmp: string, mode: 'hold' | 'exit'): Promise<{ child: ChildProcess; gatewayPid: number }> {
+  const module = new URL('../../src/device/rbd-device.ts', import.meta.url).pathname
+  const script = `
+    import { RbdDevice } from ${JSON.stringify(module)}
+    const device = await RbdDevice.open(${JSON.stringify(address)})
+    await device.write(new Uint8Array(4096).fill(0x5a), 8192)
+    await device.flush()
+    process.stdout.write(device.gatewayPid + '\\n', () => ${mode === 'exit' ? 'process.exit(0)' : 'setInterval(() => {}, 1000)'})
+  `
+  const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, TMPDIR: tmp },
+  })
+  const gatewayPid = await new Promise<number>((resolve, reject) => {
+    let out = ''
+    child.stdout!.on('data', (d: Buffer) => {
+      out += d.toString()
+      if (out.includes('\n')) resolve(Number(out.trim()))
+    })
+    child.once('exit', (code) => (out.includes('\n') ? resolve(Number(out.trim())) : reject(new Error(`the holder exited (${code}) before opening the device`))))
+  })
+  return { child, gatewayPid }
+}

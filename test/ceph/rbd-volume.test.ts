@@ -12,7 +12,7 @@
  * The steps run in order and share one cluster and one volume.
  */
 import assert from 'node:assert/strict'
-import { readFile, readdir, stat, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
 import { CephCluster } from '../support/ceph.js'
@@ -39,6 +39,7 @@ const T = cluster.dir
 const vol = join(T, NAME)
 const fileVol = join(T, 'fvol')
 let savedStateDir: string | undefined
+let savedTmpDir: string | undefined
 let server: ServeProcess | null = null
 let port = 0
 
@@ -46,9 +47,13 @@ let port = 0
 const origin = Buffer.alloc(ORIGIN_BYTES)
 const snaps = new Map<string, { view: Buffer; chunks: Set<number> }>()
 
-before(() => {
+before(async () => {
   savedStateDir = process.env['BLOCKSNAP_STATE_DIR']
+  savedTmpDir = process.env['TMPDIR']
   process.env['BLOCKSNAP_STATE_DIR'] = join(T, 'state') // inherited by the CLI processes
+  // The gateways' socket directories: the one a kill -9 of serve leaves goes with the cluster's.
+  await mkdir(join(T, 'tmp'))
+  process.env['TMPDIR'] = join(T, 'tmp')
 })
 
 after(async () => {
@@ -58,6 +63,8 @@ after(async () => {
   }
   if (savedStateDir === undefined) delete process.env['BLOCKSNAP_STATE_DIR']
   else process.env['BLOCKSNAP_STATE_DIR'] = savedStateDir
+  if (savedTmpDir === undefined) delete process.env['TMPDIR']
+  else process.env['TMPDIR'] = savedTmpDir
 })
 
 function chunksOf(offset: number, length: number): number[] {

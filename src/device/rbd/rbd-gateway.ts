@@ -16,9 +16,13 @@
  * - `-t` keeps the gateway up across client connections (the NBD client reconnects), `-e 4`
  *   lets up to four connections share it (qemu-nbd then advertises multi-conn), `--cache=none`
  *   turns librbd's cache off so an acknowledged write is in RADOS, not in this host's memory.
+ * - The socket directory is named after this process (`blocksnap-rbd-PID-…`). A process that
+ *   exits without closing its devices removes its directories on 'exit'; one killed outright
+ *   cannot, so each process's first gateway removes the directories of processes that are gone.
  */
 import { type ChildProcess, spawn } from 'node:child_process'
-import { mkdtemp, rm } from 'node:fs/promises'
+import { rmSync } from 'node:fs'
+import { mkdtemp, readdir, rm } from 'node:fs/promises'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -34,6 +38,37 @@ export interface RbdGatewayOptions {
 }
 
 const POLL_MS = 20
+const DIR_PREFIX = 'blocksnap-rbd-'
+
+/** Socket directories of this process's running gateways, removed if the process exits with them. */
+const liveDirs = new Set<string>()
+let swept = false
+
+function removeLiveDirs(): void {
+  for (const dir of liveDirs) rmSync(dir, { recursive: true, force: true })
+}
+
+/** Removes the socket directories that processes killed before closing their gateways left behind. */
+async function sweepDeadOwners(): Promise<void> {
+  if (swept) return
+  swept = true
+  process.once('exit', removeLiveDirs)
+  const names = await readdir(tmpdir()).catch(() => [] as string[])
+  for (const name of names) {
+    const owner = new RegExp(`^${DIR_PREFIX}(\\d+)-`).exec(name)?.[1]
+    if (owner === undefined || Number(owner) === process.pid || processExists(Number(owner))) continue
+    await rm(join(tmpdir(), name), { recursive: true, force: true }).catch(() => {})
+  }
+}
+
+function processExists(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM' // someone else's: not ours to judge
+  }
+}
 const STOP_GRACE_MS = 5000
 
 export class RbdGateway {
@@ -79,7 +114,9 @@ export class RbdGateway {
 
   /** Starts qemu-nbd on `address` and resolves once the image is open and served. */
   static async start(address: RbdAddress, options: RbdGatewayOptions = {}): Promise<RbdGateway> {
-    const dir = await mkdtemp(join(tmpdir(), 'blocksnap-rbd-')) // mkdtemp makes it 0700
+    await sweepDeadOwners()
+    const dir = await mkdtemp(join(tmpdir(), `${DIR_PREFIX}${process.pid}-`)) // mkdtemp makes it 0700
+    liveDirs.add(dir)
     const socketPath = join(dir, 'nbd.sock')
     const args = [
       '--pdeathsig',
@@ -134,6 +171,7 @@ export class RbdGateway {
       }
       await this.exited
       await rm(this.dir, { recursive: true, force: true })
+      liveDirs.delete(this.dir)
     })()
     return this.stopping
   }
