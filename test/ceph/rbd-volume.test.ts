@@ -33,6 +33,15 @@ const SEED = 1803
 const SLOW_RATE = 32 * KiB
 const NAME = 'rvol'
 
+let server: ServeProcess | null = null
+// Registered before the cluster's own after(), so a server still running dies before the cluster stops.
+after(async () => {
+  if (server?.alive() && server.pid !== undefined) {
+    process.kill(server.pid, 'SIGKILL')
+    await server.exit
+  }
+})
+
 await requireTools('qemu-io')
 const cluster = await CephCluster.startForFile()
 const T = cluster.dir
@@ -40,7 +49,6 @@ const vol = join(T, NAME)
 const fileVol = join(T, 'fvol')
 let savedStateDir: string | undefined
 let savedTmpDir: string | undefined
-let server: ServeProcess | null = null
 let port = 0
 
 /** The models: what the origin and each snapshot must read as, and the chunks each snapshot's COW holds. */
@@ -56,11 +64,7 @@ before(async () => {
   process.env['TMPDIR'] = join(T, 'tmp')
 })
 
-after(async () => {
-  if (server?.alive() && server.pid !== undefined) {
-    process.kill(server.pid, 'SIGKILL')
-    await server.exit
-  }
+after(() => {
   if (savedStateDir === undefined) delete process.env['BLOCKSNAP_STATE_DIR']
   else process.env['BLOCKSNAP_STATE_DIR'] = savedStateDir
   if (savedTmpDir === undefined) delete process.env['TMPDIR']
