@@ -23,7 +23,10 @@ export class HeldWrite {
   readonly data: Uint8Array
   /** Acceptance order: when two held writes overlap, the higher one is newer. */
   readonly seq: number
-  private readonly landing: Deferred<void> = deferred<void>()
+  private left = false
+  private listeners: Array<() => void> | null = null
+  /** Made only when someone asks for a promise. */
+  private landing: Deferred<void> | null = null
 
   constructor(offset: number, data: Uint8Array, seq: number) {
     this.offset = offset
@@ -37,12 +40,35 @@ export class HeldWrite {
 
   /** Resolves (never rejects) once the write has left the set, landed or failed. */
   get landed(): Promise<void> {
+    if (this.left) return Promise.resolve()
+    this.landing ??= deferred<void>()
     return this.landing.promise
   }
 
-  markLanded(): void {
-    this.landing.resolve()
+  /** Calls `fn` once the write has left the set (at once if it has): `landed` without a promise. */
+  whenLanded(fn: () => void): void {
+    if (this.left) fn()
+    else (this.listeners ??= []).push(fn)
   }
+
+  markLanded(): void {
+    if (this.left) return
+    this.left = true
+    const listeners = this.listeners
+    this.listeners = null
+    if (listeners) for (const fn of listeners) fn()
+    this.landing?.resolve()
+  }
+}
+
+/** Calls `fn` once every write in `writes` has left the set (at once when none is held). */
+export function whenAllLanded(writes: readonly HeldWrite[], fn: () => void): void {
+  let left = writes.length + 1
+  const one = (): void => {
+    if (--left === 0) fn()
+  }
+  for (const w of writes) w.whenLanded(one)
+  one()
 }
 
 export class HeldWrites {

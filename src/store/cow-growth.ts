@@ -25,6 +25,7 @@ export class CowGrowth {
   private targetBytes = 0 // highest size asked for (lowered again when a step fails)
   private coveredBytes: number // [0, coveredBytes) is sized and prepared
   private pending: Promise<void> = Promise.resolve()
+  private lastFailed = false
 
   /**
    * `alignBytes` is read at each request: a persistent store may adopt its header's chunk size.
@@ -43,12 +44,18 @@ export class CowGrowth {
     this.targetBytes = Math.min(this.targetBytes, bytes)
   }
 
-  /** Makes sure the device will be at least `minBytes` long (and prepared that far). */
+  /**
+   * Makes sure the device will be at least `minBytes` long (and prepared that far). The next
+   * step is asked for half a step early, so a steady stream of allocations finds its space
+   * ready instead of waiting for each step (unless the last step failed: then only a request
+   * that really needs more space tries again).
+   */
   request(minBytes: number): void {
-    if (minBytes <= this.targetBytes || minBytes <= this.coveredBytes) return
-    const step = Math.max(1024 * 1024, Math.floor(this.cow.sizeBytes / 8))
+    const step = Math.max(1024 * 1024, Math.floor(Math.max(this.cow.sizeBytes, this.targetBytes) / 8))
+    const early = this.lastFailed ? 0 : step / 2
+    if (minBytes + early <= this.targetBytes || minBytes + early <= this.coveredBytes) return
     const align = this.alignBytes()
-    const target = Math.ceil((minBytes + step) / align) * align
+    const target = Math.ceil((Math.max(minBytes, this.targetBytes) + step) / align) * align
     this.targetBytes = target
     const run = this.pending.catch(() => {}).then(async () => {
       if (this.coveredBytes >= target) return
@@ -56,10 +63,16 @@ export class CowGrowth {
       if (this.prepare) await this.prepare(this.coveredBytes, target)
       this.coveredBytes = target
     })
-    // A failed step is tried again by the next request that needs it.
-    run.catch(() => {
-      this.targetBytes = Math.min(this.targetBytes, this.coveredBytes)
-    })
+    run.then(
+      () => {
+        this.lastFailed = false
+      },
+      // A failed step is tried again by the next request that needs it.
+      () => {
+        this.lastFailed = true
+        this.targetBytes = Math.min(this.targetBytes, this.coveredBytes)
+      },
+    )
     this.pending = run
   }
 
