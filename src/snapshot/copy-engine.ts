@@ -45,6 +45,8 @@ export interface CopyTarget {
    * rejection (or a throw) fails this target at 'prepare'. Runs while the source is read.
    */
   readonly before?: () => Promise<void> | null
+  /** `before` with a callback (null or the error), which it may call at once: no promise per target. */
+  readonly prepare?: (ready: (err: unknown) => void) => void
   /** Called exactly once: null when the data is on the device, else the failure. */
   readonly done: (failure: CopyFailure | null) => void
 }
@@ -109,6 +111,14 @@ export class CopyEngine {
       for (const t of waiting) write(t)
     })
     for (const t of targets) {
+      if (t.prepare) {
+        t.prepare((err) => {
+          if (err === null) prepared(t)
+          // Reported later, never from inside copyOut.
+          else queueMicrotask(() => this.targetDone(t, new CopyFailure('prepare', err)))
+        })
+        continue
+      }
       let wait: Promise<void> | null
       try {
         wait = t.before ? t.before() : null

@@ -255,9 +255,6 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     }
   }
 
-  /** endMutation as a value, for promise callbacks (one closure per origin, not per write). */
-  private readonly mutationEnded = (): void => this.endMutation()
-
   private endMutation(): void {
     if (--this.mutations === 0 && this.drainWaiters.length > 0) {
       const waiters = this.drainWaiters
@@ -393,19 +390,29 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    * An origin write outside a merge. Runs synchronously up to the point of answering, so writes
    * are ordered as they arrive: a write that overlaps held bytes lands after them.
    */
-  private writeOrigin(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+  private writeOrigin(data: Uint8Array, offset: number, fua: boolean, endMutation: () => void): Promise<void> {
     const earlier = this.held.overlapping(offset, data.length)
     const { waits, invalidations } = this.protectPass(offset, data.length)
     if (earlier.length === 0 && waits.length === 0 && invalidations.length === 0) {
-      return this.device.write(data, offset, { fua })
+      // Nothing to wait for: straight to the device, one promise, the mutation ended by its callback.
+      return new Promise((resolve, reject) =>
+        this.device.writeThen(data, offset, fua, (err) => {
+          endMutation()
+          if (err === null) resolve()
+          else reject(err)
+        }),
+      )
     }
     if (!fua && this.held.hasRoomFor(data.length)) {
       const write = this.held.add(offset, data)
       // The landing is a mutation of its own, so hold() drains it like a write in flight.
       this.land(write, earlier, waits, invalidations, this.enterMutation())
+      endMutation()
       return RESOLVED
     }
-    return this.writeAfter(data, offset, fua, earlier)
+    const after = this.writeAfter(data, offset, fua, earlier)
+    after.then(endMutation, endMutation)
+    return after
   }
 
   /** Write-through: answered once the write is on the device. */
@@ -503,29 +510,27 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     this.checkWritable()
     const wait = this.throttleWait()
     if (wait !== null || this.gate !== null) return this.writeWhenAllowed(data, offset, fua, wait)
-    this.mutations++
+    const interceptor = this.interceptorNow
+    const endMutation = this.enterMutation()
     let answer: Promise<void>
     try {
-      answer = this.routeWrite(data, offset, fua)
+      answer = interceptor ? interceptor.write(data, offset, fua) : this.writeOrigin(data, offset, fua, endMutation)
     } catch (err) {
-      this.endMutation()
+      endMutation()
       throw err
     }
-    if (answer === RESOLVED) this.endMutation()
-    else answer.then(this.mutationEnded, this.mutationEnded)
+    if (interceptor) answer.then(endMutation, endMutation)
     return answer
   }
 
   /** _write once throttling and a hold let it go. */
   private async writeWhenAllowed(data: Uint8Array, offset: number, fua: boolean, wait: Promise<void> | null): Promise<void> {
     for (; wait; wait = this.throttleWait()) await wait
-    await this.runMutation(() => this.routeWrite(data, offset, fua))
-  }
-
-  private routeWrite(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
-    const interceptor = this.interceptorNow
-    if (interceptor) return interceptor.write(data, offset, fua)
-    return this.writeOrigin(data, offset, fua)
+    await this.runMutation(() => {
+      const interceptor = this.interceptorNow
+      if (interceptor) return interceptor.write(data, offset, fua)
+      return this.writeOrigin(data, offset, fua, () => {})
+    })
   }
 
   protected async _flush(): Promise<void> {

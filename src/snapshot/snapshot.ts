@@ -451,7 +451,7 @@ export class Snapshot extends BaseBlockDevice {
         length: Math.min((pe.firstChunk + pe.count) * cb, originBytes) - from,
         device: this.store.cow,
         to: pe.newChunk * cb,
-        before: () => (this.store.spaceReady(pe.prepared) ? null : this.store.whenSpaceReady(pe.prepared)),
+        prepare: (ready) => this.store.whenSpaceReadyThen(pe.prepared, ready),
         done: (failure: CopyFailure | null) => this.finishPending(pe, failure === null ? true : copyFailure(failure.cause), true),
       }
     })

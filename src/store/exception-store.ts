@@ -72,11 +72,10 @@ export interface ExceptionStore {
    */
   whenSpaceReady(e: PreparedException): Promise<void>
   /**
-   * Whether `e` needs no wait for space: true when whenSpaceReady would resolve at once (the
-   * synchronous check the copy path makes before it asks for a promise). Asks for growth as
-   * whenSpaceReady does.
+   * whenSpaceReady with a callback (null or the error) instead of a promise; called at once,
+   * synchronously, when no growth has to be waited for.
    */
-  spaceReady(e: PreparedException): boolean
+  whenSpaceReadyThen(e: PreparedException, done: (err: unknown) => void): void
   /**
    * Records every chunk of `e` (ok = its data copy succeeded). Resolves true when they are durable
    * (persistent) or recorded (transient); false when the store is or became invalid.

@@ -37,7 +37,7 @@ import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
 import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth, growFixedCow } from './cow-growth.js'
+import { CowGrowth, growFixedCow, spaceOutcome } from './cow-growth.js'
 import { type CommitDone, type CommitKind, InOrderCommitter } from './in-order-committer.js'
 
 export interface PersistentStoreOptions {
@@ -279,22 +279,15 @@ export class PersistentStore implements ExceptionStore {
     return (isMetadataChunk(this.layout, last + 1) ? last + 2 : last + 1) * chunkBytes
   }
 
-  spaceReady(e: PreparedException): boolean {
-    if (!this.growable) return true
-    const needed = this.spaceNeededBytes(e)
-    this.growth.request(needed)
-    return this.growth.covers(needed)
+  whenSpaceReady(e: PreparedException): Promise<void> {
+    return new Promise((resolve, reject) => this.whenSpaceReadyThen(e, (err) => (err === null ? resolve() : reject(err))))
   }
 
-  async whenSpaceReady(e: PreparedException): Promise<void> {
-    if (this.spaceReady(e)) return
+  whenSpaceReadyThen(e: PreparedException, done: (err: unknown) => void): void {
+    if (!this.growable) return done(null)
     const needed = this.spaceNeededBytes(e)
-    try {
-      await this.growth.ready
-    } catch (err) {
-      if (!this.growth.covers(needed)) throw asSnapError(err, `growing the COW device to ${needed} bytes`)
-    }
-    if (!this.growth.covers(needed)) throw noSpace(`COW device could not grow to ${needed} bytes`)
+    this.growth.request(needed)
+    this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
   }
 
   /** Writes zeros to the metadata areas after the current one that lie in [fromBytes, toBytes). */

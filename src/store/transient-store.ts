@@ -4,10 +4,10 @@
  * A copy abandoned for want of space leaves its chunk unused.
  */
 import type { BlockDevice } from '../device/block-device.js'
-import { SnapError, asSnapError, noSpace } from '../errors.js'
+import { SnapError, noSpace } from '../errors.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth, growFixedCow } from './cow-growth.js'
+import { CowGrowth, growFixedCow, spaceOutcome } from './cow-growth.js'
 import { type CommitDone, InOrderCommitter } from './in-order-committer.js'
 
 export interface TransientStoreOptions {
@@ -71,22 +71,15 @@ export class TransientStore implements ExceptionStore {
     return { oldChunk, newChunk, count, sequence: this.committer.allocateSequence() }
   }
 
-  spaceReady(e: PreparedException): boolean {
-    if (!this.growable) return true
-    const needed = (e.newChunk + e.count) * this.chunkBytes
-    this.growth.request(needed) // again: an earlier step for it may have failed
-    return this.growth.covers(needed)
+  whenSpaceReady(e: PreparedException): Promise<void> {
+    return new Promise((resolve, reject) => this.whenSpaceReadyThen(e, (err) => (err === null ? resolve() : reject(err))))
   }
 
-  async whenSpaceReady(e: PreparedException): Promise<void> {
-    if (this.spaceReady(e)) return
+  whenSpaceReadyThen(e: PreparedException, done: (err: unknown) => void): void {
+    if (!this.growable) return done(null)
     const needed = (e.newChunk + e.count) * this.chunkBytes
-    try {
-      await this.growth.ready
-    } catch (err) {
-      if (!this.growth.covers(needed)) throw asSnapError(err, `growing the COW device to ${needed} bytes`)
-    }
-    if (!this.growth.covers(needed)) throw noSpace(`COW device could not grow to ${needed} bytes`)
+    this.growth.request(needed) // again: an earlier step for it may have failed
+    this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {
