@@ -18,6 +18,7 @@
  */
 import type { BlockDevice } from '../device/block-device.js'
 import { WriteCombiner } from '../device/write-combiner.js'
+import { slabBytes } from '../util/slab.js'
 
 /** Largest single read or write of a region copy. */
 export const COPY_PIECE_BYTES = 1024 * 1024
@@ -88,7 +89,7 @@ export class CopyEngine {
       if (t.from < start) start = t.from
       if (t.from + t.length > end) end = t.from + t.length
     }
-    const data = new Uint8Array(end - start)
+    const data = slabBytes(end - start)
     let readEnded = false
     let readError: unknown = null
     let ready: CopyTarget[] | null = [] // prepared targets waiting for the read

@@ -15,6 +15,7 @@
  * never scans the whole set.
  */
 import { type Deferred, deferred } from '../util/deferred.js'
+import { slabBytes } from '../util/slab.js'
 
 const BUCKET_BYTES = 64 * 1024
 
@@ -100,7 +101,8 @@ export class HeldWrites {
    * lands, and the BlockDevice contract lets the caller reuse its buffer once answered.
    */
   add(offset: number, data: Uint8Array): HeldWrite {
-    const owned = new Uint8Array(data)
+    const owned = slabBytes(data.length)
+    owned.set(data)
     const write = new HeldWrite(offset, owned, this.nextSeq++)
     this.all.add(write)
     this.heldBytes += owned.length
