@@ -65,6 +65,12 @@ export interface JsWorkCase {
   /** Every async resource type the hook saw, per MiB. */
   asyncResourcesPerMiB: Record<string, number>
   heapBytesPerMiB: number
+  /**
+   * CPU time of this process (user + system, process.cpuUsage) per MiB in the heap pass: the
+   * main thread and the I/O threads together, so it is a load-independent cost, unlike seconds.
+   * Absent from baselines recorded before it was measured.
+   */
+  cpuMsPerMiB?: number
   gcs: number
   /** Wall time of the heap pass (no hook), for orientation only. */
   seconds: number
@@ -90,7 +96,8 @@ interface Baseline {
 }
 
 const METHOD = 'in-process Volume over FileDevices, write-back default; each chunk of a fresh region written once, then flush; ' +
-  'promises: async_hooks init count; heap bytes: v8.GCProfiler (used after - used before + freed by each GC), separate pass without hooks'
+  'promises: async_hooks init count; heap bytes: v8.GCProfiler (used after - used before + freed by each GC), separate pass without hooks; ' +
+  'CPU: process.cpuUsage (user + system, every thread) over that pass'
 
 /** Offsets of the measured region's writes: every write-sized block once, shuffled when random (seeded, replayable). */
 function writeOffsets(pattern: Pattern, startBytes: number, lengthBytes: number): number[] {
@@ -130,6 +137,7 @@ type Measure = 'promises' | 'heap'
 interface PassResult {
   counts: Map<string, number>
   heapBytes: number
+  cpuMs: number
   gcs: number
   seconds: number
 }
@@ -157,17 +165,19 @@ async function pass(ctx: BenchContext, config: (typeof CONFIGS)[number], pattern
       } finally {
         hook.disable()
       }
-      return { counts, heapBytes: NaN, gcs: 0, seconds: (performance.now() - t0) / 1000 }
+      return { counts, heapBytes: NaN, cpuMs: NaN, gcs: 0, seconds: (performance.now() - t0) / 1000 }
     }
     const profiler = new GCProfiler()
     profiler.start()
     const usedBefore = getHeapStatistics().used_heap_size
+    const cpuBefore = process.cpuUsage()
     await firstTouch(origin, pattern, views, offsets)
+    const cpu = process.cpuUsage(cpuBefore)
     const usedAfter = getHeapStatistics().used_heap_size
     const seconds = (performance.now() - t0) / 1000
     const gcs = profiler.stop().statistics
     const freed = gcs.reduce((sum, g) => sum + (g.beforeGC.heapStatistics.usedHeapSize - g.afterGC.heapStatistics.usedHeapSize), 0)
-    return { counts, heapBytes: usedAfter - usedBefore + freed, gcs: gcs.length, seconds }
+    return { counts, heapBytes: usedAfter - usedBefore + freed, cpuMs: (cpu.user + cpu.system) / 1000, gcs: gcs.length, seconds }
   } finally {
     await volume.close()
     rmSync(dir, { recursive: true, force: true })
@@ -192,10 +202,11 @@ export async function measureJsWork(ctx: BenchContext, measuredMiB: number): Pro
         promisesPerMiB: perMiB(counted.counts.get('PROMISE') ?? 0),
         asyncResourcesPerMiB: Object.fromEntries([...counted.counts].sort((a, b) => b[1] - a[1]).map(([type, n]) => [type, perMiB(n)])),
         heapBytesPerMiB: Math.round(heap.heapBytes / measuredMiB),
+        cpuMsPerMiB: Number((heap.cpuMs / measuredMiB).toFixed(2)),
         gcs: heap.gcs,
         seconds: Number(heap.seconds.toFixed(3)),
       }
-      log(`  js work ${c.config.padEnd(10)} ${c.pattern.padEnd(18)} ${k(c.promisesPerMiB).padStart(7)} promises/MiB ${fmt(c.heapBytesPerMiB / KiB, 0).padStart(7)} KiB heap/MiB (${c.gcs} GCs, ${fmt(c.seconds)} s)`)
+      log(`  js work ${c.config.padEnd(10)} ${c.pattern.padEnd(18)} ${k(c.promisesPerMiB).padStart(7)} promises/MiB ${fmt(c.heapBytesPerMiB / KiB, 0).padStart(7)} KiB heap/MiB ${fmt(c.cpuMsPerMiB ?? NaN).padStart(6)} CPU ms/MiB (${c.gcs} GCs, ${fmt(c.seconds)} s)`)
       cases.push(c)
     }
   }
@@ -252,14 +263,15 @@ function section(results: Results): string[] {
   const lines = ['## JavaScript work per MiB of first-touch (in-process)', '']
   lines.push(`Method: ${r.method}; ${r.measuredMiB} MiB per case. Baseline: ${baseline ? `${baseline.commit}, recorded ${baseline.recordedAt}` : 'none recorded'}.`)
   lines.push('')
-  lines.push('| Config | Pattern | Promises/MiB | × fewer | Heap KiB/MiB | × fewer | Other async resources/MiB |')
-  lines.push('| --- | --- | --- | --- | --- | --- | --- |')
+  lines.push('| Config | Pattern | Promises/MiB | × fewer | Heap KiB/MiB | × fewer | CPU ms/MiB (baseline) | Other async resources/MiB |')
+  lines.push('| --- | --- | --- | --- | --- | --- | --- | --- |')
   for (const c of r.cases) {
     const base = baseline ? findCase(baseline.cases, c.config, c.pattern) : undefined
     const others = Object.entries(c.asyncResourcesPerMiB).filter(([type]) => type !== 'PROMISE')
     lines.push(
       `| ${c.config} | ${c.pattern} | ${k(c.promisesPerMiB)} | ${fmt(timesFewer(base?.promisesPerMiB, c.promisesPerMiB), 1)} | ` +
         `${fmt(c.heapBytesPerMiB / KiB, 0)} | ${fmt(timesFewer(base?.heapBytesPerMiB, c.heapBytesPerMiB), 1)} | ` +
+        `${fmt(c.cpuMsPerMiB ?? NaN)}${base?.cpuMsPerMiB === undefined ? '' : ` (${fmt(base.cpuMsPerMiB)})`} | ` +
         `${others.map(([type, n]) => `${type} ${k(n)}`).join(', ') || '—'} |`,
     )
   }

@@ -28,8 +28,8 @@ function floors(results: Results): FloorRow[] {
     for (const r of et.results.filter((x) => x.n === nMax && !x.case.startsWith('sequential'))) {
       rows.push({
         what: `Exception table memory, ${r.case}, N = ${r.n.toExponential(0)}${nMax < 1e8 ? ' (1e8: run with --full)' : ''}`,
-        floor: '≤ 24 B',
-        ok: (x) => x <= 24,
+        floor: '≤ 16 B',
+        ok: (x) => x <= 16,
         ratios: [r.bytesPerException],
         raw: `${fmt(r.bytesPerException)} bytes/exception`,
       })

@@ -24,6 +24,12 @@ export interface DeviceCapabilities {
   readonly resize: boolean
 }
 
+/**
+ * Completion of a callback-form request (readIntoThen, writeThen): null, or the error. Called
+ * exactly once and never synchronously; it must not throw.
+ */
+export type IoDone = (err: unknown) => void
+
 export interface WriteOptions {
   /** Force unit access: the data is durable when the promise resolves. */
   readonly fua?: boolean
@@ -43,10 +49,25 @@ export interface BlockDevice {
    * and copies whatever it keeps longer, so the caller may reuse the buffer from then on.
    */
   write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void>
+  /**
+   * readInto and write with a completion callback instead of a promise, for the engine's hot
+   * paths (a copy-out read, a write-back landing), which would otherwise allocate a promise and a
+   * continuation per request. Same checks and semantics as the promise forms.
+   */
+  readIntoThen(target: Uint8Array, offset: number, done: IoDone): void
+  writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void
   flush(): Promise<void>
   discard(offset: number, length: number): Promise<void>
   resize(sizeBytes: number): Promise<void>
   close(): Promise<void>
+}
+
+/** A settled promise handed out where nothing is left to do (no new promise per call). */
+export const RESOLVED: Promise<void> = Promise.resolve()
+
+/** Calls `done` with null or the error once `p` settles. */
+function callbackOf(p: Promise<void>, done: IoDone): void {
+  p.then(() => done(null), done)
 }
 
 export abstract class BaseBlockDevice implements BlockDevice {
@@ -87,11 +108,18 @@ export abstract class BaseBlockDevice implements BlockDevice {
     }
   }
 
-  async readInto(target: Uint8Array, offset: number): Promise<void> {
-    this.checkOpen()
-    this.checkRange(offset, target.length)
-    if (target.length === 0) return
-    await this._readInto(target, offset)
+  // The public methods are not async functions: each returns the hook's own promise (or a
+  // rejection for a request that fails the checks), so a request costs no promise per layer.
+
+  readInto(target: Uint8Array, offset: number): Promise<void> {
+    try {
+      this.checkOpen()
+      this.checkRange(offset, target.length)
+      if (target.length === 0) return RESOLVED
+      return this._readInto(target, offset)
+    } catch (err) {
+      return Promise.reject(err)
+    }
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {
@@ -102,20 +130,52 @@ export abstract class BaseBlockDevice implements BlockDevice {
     return target
   }
 
-  async write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void> {
-    this.checkOpen()
-    if (!this.capabilities.writable) throw readOnly(this.name)
-    this.checkRange(offset, data.length)
-    if (data.length === 0) {
-      if (options?.fua) await this._flush()
-      return
+  write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void> {
+    try {
+      this.checkWrite(offset, data.length)
+      if (data.length === 0) return options?.fua ? this._flush() : RESOLVED
+      return this._write(data, offset, options?.fua === true)
+    } catch (err) {
+      return Promise.reject(err)
     }
-    await this._write(data, offset, options?.fua === true)
   }
 
-  async flush(): Promise<void> {
+  readIntoThen(target: Uint8Array, offset: number, done: IoDone): void {
+    try {
+      this.checkOpen()
+      this.checkRange(offset, target.length)
+    } catch (err) {
+      queueMicrotask(() => done(err))
+      return
+    }
+    if (target.length === 0) queueMicrotask(() => done(null))
+    else this._readIntoThen(target, offset, done)
+  }
+
+  writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {
+    try {
+      this.checkWrite(offset, data.length)
+    } catch (err) {
+      queueMicrotask(() => done(err))
+      return
+    }
+    if (data.length === 0) this._flush().then(() => done(null), done)
+    else this._writeThen(data, offset, fua, done)
+  }
+
+  private checkWrite(offset: number, length: number): void {
     this.checkOpen()
-    await this._flush()
+    if (!this.capabilities.writable) throw readOnly(this.name)
+    this.checkRange(offset, length)
+  }
+
+  flush(): Promise<void> {
+    try {
+      this.checkOpen()
+      return this._flush()
+    } catch (err) {
+      return Promise.reject(err)
+    }
   }
 
   async discard(offset: number, length: number): Promise<void> {
@@ -146,6 +206,21 @@ export abstract class BaseBlockDevice implements BlockDevice {
   protected abstract _readInto(target: Uint8Array, offset: number): Promise<void>
   protected abstract _write(data: Uint8Array, offset: number, fua: boolean): Promise<void>
   protected abstract _flush(): Promise<void>
+  /** Callback forms of the hooks; devices that can do without a promise override them. */
+  protected _readIntoThen(target: Uint8Array, offset: number, done: IoDone): void {
+    try {
+      callbackOf(this._readInto(target, offset), done)
+    } catch (err) {
+      queueMicrotask(() => done(err))
+    }
+  }
+  protected _writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {
+    try {
+      callbackOf(this._write(data, offset, fua), done)
+    } catch (err) {
+      queueMicrotask(() => done(err))
+    }
+  }
   protected _discard(_offset: number, _length: number): Promise<void> {
     return Promise.reject(notSupported(`${this.name}: discard is not supported`))
   }

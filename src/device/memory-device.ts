@@ -5,7 +5,7 @@
  * The `*Sync` methods exist for the crash recorder, which must apply an operation at the exact
  * moment it records it; they go through the same checks as the async API.
  */
-import { BaseBlockDevice, type DeviceCapabilities } from './block-device.js'
+import { BaseBlockDevice, type DeviceCapabilities, type IoDone } from './block-device.js'
 import { notSupported, outOfRange, readOnly as readOnlyError } from '../errors.js'
 
 export const MEMORY_PAGE_BYTES = 64 * 1024
@@ -85,6 +85,16 @@ export class MemoryDevice extends BaseBlockDevice {
 
   protected override async _write(data: Uint8Array, offset: number, _fua: boolean): Promise<void> {
     this.copyIn(data, offset)
+  }
+
+  protected override _readIntoThen(target: Uint8Array, offset: number, done: IoDone): void {
+    this.copyOut(target, offset)
+    queueMicrotask(() => done(null))
+  }
+
+  protected override _writeThen(data: Uint8Array, offset: number, _fua: boolean, done: IoDone): void {
+    this.copyIn(data, offset)
+    queueMicrotask(() => done(null))
   }
 
   protected override async _flush(): Promise<void> {}

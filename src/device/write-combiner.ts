@@ -10,7 +10,7 @@
  *
  * Callers must not have overlapping writes in flight at once: merged runs may be reordered.
  */
-import type { BlockDevice } from './block-device.js'
+import type { BlockDevice, IoDone } from './block-device.js'
 
 export interface WriteCombinerOptions {
   /** Writes larger than this go out alone, at once: merging them would only add a copy. */
@@ -22,8 +22,7 @@ export interface WriteCombinerOptions {
 interface Piece {
   readonly offset: number
   readonly data: Uint8Array
-  readonly resolve: () => void
-  readonly reject: (err: unknown) => void
+  readonly done: IoDone
 }
 
 export class WriteCombiner {
@@ -46,17 +45,27 @@ export class WriteCombiner {
   }
 
   write(data: Uint8Array, offset: number): Promise<void> {
-    if (data.length > this.maxPieceBytes || this.inFlight === 0) return this.issue(this.device.write(data, offset))
-    return new Promise<void>((resolve, reject) => this.queue.push({ offset, data, resolve, reject }))
+    return new Promise((resolve, reject) => this.writeThen(data, offset, (err) => (err === null ? resolve() : reject(err))))
   }
 
-  private async issue(write: Promise<void>): Promise<void> {
+  /** write() with a callback: a piece costs no promise (the copy engine's form). */
+  writeThen(data: Uint8Array, offset: number, done: IoDone): void {
+    if (data.length > this.maxPieceBytes || this.inFlight === 0) this.issue(data, offset, [{ offset, data, done }])
+    else this.queue.push({ offset, data, done })
+  }
+
+  /** One device write for `run`; each piece hears how it went once the queue behind it is drained. */
+  private issue(data: Uint8Array, offset: number, run: readonly Piece[]): void {
     this.inFlight++
-    try {
-      await write
-    } finally {
-      if (--this.inFlight === 0 && this.queue.length > 0) this.drain()
-    }
+    this.device.write(data, offset).then(
+      () => this.finished(run, null),
+      (err: unknown) => this.finished(run, err),
+    )
+  }
+
+  private finished(run: readonly Piece[], err: unknown): void {
+    if (--this.inFlight === 0 && this.queue.length > 0) this.drain()
+    for (const p of run) p.done(err)
   }
 
   private drain(): void {
@@ -90,13 +99,6 @@ export class WriteCombiner {
       }
       this.merged += run.length - 1
     }
-    this.issue(this.device.write(data, first.offset)).then(
-      () => {
-        for (const p of run) p.resolve()
-      },
-      (err: unknown) => {
-        for (const p of run) p.reject(err)
-      },
-    )
+    this.issue(data, first.offset, run)
   }
 }

@@ -7,7 +7,8 @@
  * - read, c not merged yet (the merging snapshot still has an exception for it, including c in
  *   the current step) → the snapshot's COW; never blocked.
  * - read, c merged or never changed → the origin device.
- * - write, c not merged yet and outside the current step → the COW, tracked in `trackedWrites`;
+ * - write, c not merged yet and outside the current step → the COW, tracked in `trackedWrites`
+ *   (one write and one tracked range per run of such chunks consecutive in the COW);
  *   the step that later merges c waits for those writes first (§8.4 step 6).
  * - write, c inside a step's window → held; once that step has committed it goes DIRECTLY to
  *   the origin device (the other snapshots saved the chunk during the step's relocation).
@@ -101,8 +102,14 @@ export class MergeView implements OriginInterceptor {
     }
   }
 
-  /** The held-write list of the open window covering `chunk`, if any (binary search of its disjoint ranges). */
-  private heldFor(chunk: number): Array<Deferred<void>> | null {
+  /**
+   * How chunks from `chunk` (up to `endChunk`) are routed by the open windows: the held-write
+   * list of the window covering `chunk` (null when none does), and where that stops being true
+   * — the end of the covering range, or the start of the next window range. Binary searches of
+   * each window's disjoint ranges.
+   */
+  private windowSpan(chunk: number, endChunk: number): { readonly held: Array<Deferred<void>> | null; readonly end: number } {
+    let end = endChunk
     for (const w of this.windows) {
       const sorted = w.sorted
       let lo = 0
@@ -114,9 +121,11 @@ export class MergeView implements OriginInterceptor {
         else hi = mid
       }
       const r = sorted[lo]
-      if (r !== undefined && r.firstChunk <= chunk) return w.held
+      if (r === undefined) continue
+      if (r.firstChunk <= chunk) return { held: w.held, end: Math.min(endChunk, r.firstChunk + r.count) }
+      end = Math.min(end, r.firstChunk)
     }
-    return null
+    return { held: null, end }
   }
 
   /** COW chunk of origin chunk `chunk` while it is unmerged, else -1. */
@@ -197,21 +206,25 @@ export class MergeView implements OriginInterceptor {
     await settleAll(jobs)
   }
 
+  /**
+   * One write per run: a run of merged (or never changed) chunks goes through the origin's
+   * copy-on-write path; a run of unmerged chunks consecutive in the COW with one routing (held
+   * by the same window, or outside every window) is one held write or one COW write, tracked
+   * as one range.
+   */
   private async mappedWrite(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
     const cb = this.snapshot.chunkBytes
     const cow = this.snapshot.store.cow
     const device = this.origin.device
     const end = offset + data.length
+    const endChunk = Math.floor((end - 1) / cb) + 1
     const jobs: Array<Promise<void>> = []
     let pos = offset
-    // Pieces never span a chunk of the merging snapshot; consecutive pieces for the plain origin
-    // path are coalesced (writeThroughCow splits its COW triggering at the minimum chunk size).
     while (pos < end) {
       const chunk = Math.floor(pos / cb)
-      const pieceEnd = Math.min(end, (chunk + 1) * cb)
       const newChunk = this.unmerged(chunk)
       if (newChunk === -1) {
-        let runEnd = pieceEnd
+        let runEnd = Math.min(end, (chunk + 1) * cb)
         let next = chunk + 1
         while (runEnd < end && this.unmerged(next) === -1) {
           runEnd = Math.min(end, (next + 1) * cb)
@@ -221,16 +234,18 @@ export class MergeView implements OriginInterceptor {
         pos = runEnd
         continue
       }
-      const piece = data.subarray(pos - offset, pieceEnd - offset)
+      const run = this.snapshot.table.mappedRun(chunk, endChunk) as { readonly cow: number; readonly count: number }
+      const span = this.windowSpan(chunk, chunk + run.count)
+      const runEnd = Math.min(end, span.end * cb)
+      const piece = data.subarray(pos - offset, runEnd - offset)
       const at = pos
-      const held = this.heldFor(chunk)
-      if (held) {
+      if (span.held) {
         const d = deferred<void>()
-        held.push(d)
+        span.held.push(d)
         this.counters.heldWrites++
         jobs.push(d.promise.then(() => device.write(piece, at, { fua })))
       } else {
-        const tracked = this.trackedWrites.add(chunk, chunk + 1)
+        const tracked = this.trackedWrites.add(chunk, span.end)
         this.counters.remappedWrites++
         jobs.push(
           (async () => {
@@ -242,7 +257,7 @@ export class MergeView implements OriginInterceptor {
           })(),
         )
       }
-      pos = pieceEnd
+      pos = runEnd
     }
     await settleAll(jobs)
   }

@@ -18,6 +18,7 @@
  */
 import type { BlockDevice } from '../device/block-device.js'
 import { WriteCombiner } from '../device/write-combiner.js'
+import { slabBytes } from '../util/slab.js'
 
 /** Largest single read or write of a region copy. */
 export const COPY_PIECE_BYTES = 1024 * 1024
@@ -40,8 +41,13 @@ export interface CopyTarget {
   readonly length: number
   readonly device: BlockDevice
   readonly to: number
-  /** Runs before the write (e.g. growing the COW); a rejection fails this target at 'prepare'. */
-  readonly before?: () => Promise<void>
+  /**
+   * Runs before the write (e.g. growing the COW): null when there is nothing to wait for; a
+   * rejection (or a throw) fails this target at 'prepare'. Runs while the source is read.
+   */
+  readonly before?: () => Promise<void> | null
+  /** `before` with a callback (null or the error), which it may call at once: no promise per target. */
+  readonly prepare?: (ready: (err: unknown) => void) => void
   /** Called exactly once: null when the data is on the device, else the failure. */
   readonly done: (failure: CopyFailure | null) => void
 }
@@ -71,10 +77,11 @@ export class CopyEngine {
   /**
    * Copies the source bytes each target needs, with one read over the span of all of them (the
    * bytes in between are read but unused; callers keep the targets close together). Returns at
-   * once; every target's `done` is called when its copy ends. `preRead`, when given, is that
-   * read already issued (its data starting at `preRead.start`).
+   * once; every target's `done` is called when its copy ends. Driven by callbacks from the read
+   * to each target's coalesced write: a copy-out allocates no promise unless a target's
+   * `before` has to wait.
    */
-  copyOut(source: BlockDevice, targets: readonly CopyTarget[], preRead?: { readonly start: number; readonly data: Promise<Uint8Array> }): void {
+  copyOut(source: BlockDevice, targets: readonly CopyTarget[]): void {
     if (targets.length === 0) return
     let start = Infinity
     let end = 0
@@ -82,38 +89,49 @@ export class CopyEngine {
       if (t.from < start) start = t.from
       if (t.from + t.length > end) end = t.from + t.length
     }
-    const read = preRead ?? { start, data: source.read(start, end - start) }
-    // Each target awaits `read.data` and handles a failure itself; this keeps an unobserved
-    // rejection from being reported as unhandled before they get there.
-    read.data.catch(() => {})
+    const data = slabBytes(end - start)
+    let readEnded = false
+    let readError: unknown = null
+    let ready: CopyTarget[] | null = [] // prepared targets waiting for the read
+    const write = (t: CopyTarget): void => {
+      if (readError !== null) return this.targetDone(t, new CopyFailure('read', readError))
+      this.writerFor(t.device).writeThen(data.subarray(t.from - start, t.from - start + t.length), t.to, (err) =>
+        this.targetDone(t, err === null ? null : new CopyFailure('write', err)),
+      )
+    }
+    const prepared = (t: CopyTarget): void => {
+      if (readEnded) write(t)
+      else ready?.push(t)
+    }
     this.active += targets.length
-    for (const t of targets) void this.copyTarget(t, read)
+    source.readIntoThen(data, start, (err) => {
+      readEnded = true
+      readError = err
+      const waiting = ready as CopyTarget[]
+      ready = null
+      for (const t of waiting) write(t)
+    })
+    for (const t of targets) {
+      if (t.prepare) {
+        t.prepare((err) => {
+          if (err === null) prepared(t)
+          // Reported later, never from inside copyOut.
+          else queueMicrotask(() => this.targetDone(t, new CopyFailure('prepare', err)))
+        })
+        continue
+      }
+      let wait: Promise<void> | null
+      try {
+        wait = t.before ? t.before() : null
+      } catch (err) {
+        wait = Promise.reject(err) // reported later, like every other outcome
+      }
+      if (wait === null) prepared(t)
+      else wait.then(() => prepared(t), (err: unknown) => this.targetDone(t, new CopyFailure('prepare', err)))
+    }
   }
 
-  private async copyTarget(t: CopyTarget, read: { readonly start: number; readonly data: Promise<Uint8Array> }): Promise<void> {
-    let failure: CopyFailure | null = null
-    try {
-      if (t.before) {
-        try {
-          await t.before()
-        } catch (err) {
-          throw new CopyFailure('prepare', err)
-        }
-      }
-      let data: Uint8Array
-      try {
-        data = (await read.data).subarray(t.from - read.start, t.from - read.start + t.length)
-      } catch (err) {
-        throw new CopyFailure('read', err)
-      }
-      try {
-        await this.writerFor(t.device).write(data, t.to)
-      } catch (err) {
-        throw new CopyFailure('write', err)
-      }
-    } catch (err) {
-      failure = err as CopyFailure
-    }
+  private targetDone(t: CopyTarget, failure: CopyFailure | null): void {
     this.active--
     t.done(failure)
   }

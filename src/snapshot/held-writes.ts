@@ -15,6 +15,7 @@
  * never scans the whole set.
  */
 import { type Deferred, deferred } from '../util/deferred.js'
+import { slabBytes } from '../util/slab.js'
 
 const BUCKET_BYTES = 64 * 1024
 
@@ -23,7 +24,10 @@ export class HeldWrite {
   readonly data: Uint8Array
   /** Acceptance order: when two held writes overlap, the higher one is newer. */
   readonly seq: number
-  private readonly landing: Deferred<void> = deferred<void>()
+  private left = false
+  private listeners: Array<() => void> | null = null
+  /** Made only when someone asks for a promise. */
+  private landing: Deferred<void> | null = null
 
   constructor(offset: number, data: Uint8Array, seq: number) {
     this.offset = offset
@@ -37,12 +41,35 @@ export class HeldWrite {
 
   /** Resolves (never rejects) once the write has left the set, landed or failed. */
   get landed(): Promise<void> {
+    if (this.left) return Promise.resolve()
+    this.landing ??= deferred<void>()
     return this.landing.promise
   }
 
-  markLanded(): void {
-    this.landing.resolve()
+  /** Calls `fn` once the write has left the set (at once if it has): `landed` without a promise. */
+  whenLanded(fn: () => void): void {
+    if (this.left) fn()
+    else (this.listeners ??= []).push(fn)
   }
+
+  markLanded(): void {
+    if (this.left) return
+    this.left = true
+    const listeners = this.listeners
+    this.listeners = null
+    if (listeners) for (const fn of listeners) fn()
+    this.landing?.resolve()
+  }
+}
+
+/** Calls `fn` once every write in `writes` has left the set (at once when none is held). */
+export function whenAllLanded(writes: readonly HeldWrite[], fn: () => void): void {
+  let left = writes.length + 1
+  const one = (): void => {
+    if (--left === 0) fn()
+  }
+  for (const w of writes) w.whenLanded(one)
+  one()
 }
 
 export class HeldWrites {
@@ -74,7 +101,8 @@ export class HeldWrites {
    * lands, and the BlockDevice contract lets the caller reuse its buffer once answered.
    */
   add(offset: number, data: Uint8Array): HeldWrite {
-    const owned = new Uint8Array(data)
+    const owned = slabBytes(data.length)
+    owned.set(data)
     const write = new HeldWrite(offset, owned, this.nextSeq++)
     this.all.add(write)
     this.heldBytes += owned.length
@@ -128,8 +156,9 @@ export class HeldWrites {
   }
 
   /** Resolves once every write held now has landed (later ones are not waited for). */
-  async drain(): Promise<void> {
-    if (this.all.size === 0) return
-    await Promise.all([...this.all].map((w) => w.landed))
+  drain(): Promise<void> {
+    if (this.all.size === 0) return Promise.resolve()
+    // One promise for the lot, not one per held write (up to limitBytes of 4 KiB writes).
+    return new Promise((resolve) => whenAllLanded([...this.all], resolve))
   }
 }

@@ -28,13 +28,13 @@
  *   held write in that case is dropped: its bytes never land, and the next flush fails.
  */
 import { EventEmitter } from 'node:events'
-import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities } from '../device/block-device.js'
+import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities, RESOLVED } from '../device/block-device.js'
 import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
 import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
-import { type HeldWrite, HeldWrites } from './held-writes.js'
+import { type HeldWrite, HeldWrites, whenAllLanded } from './held-writes.js'
 import { CopyEngine, type CopyTarget } from './copy-engine.js'
-import type { PendingException, PendingOutcome } from './pending-exception.js'
+import { type OriginWait, type PendingException, whenAllSettled } from './pending-exception.js'
 import type { OriginBacking, Snapshot } from './snapshot.js'
 import { settleAll } from './snapshot.js'
 
@@ -271,7 +271,13 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    * Returns what to wait for (empty: all saved).
    */
   triggerExceptions(offset: number, length: number): { waits: Array<PendingException['done']>; invalidations: Array<Promise<void>> } {
-    const waits: Array<PendingException['done']> = []
+    const { waits, invalidations } = this.protectPass(offset, length)
+    return { waits: waits.map((pe) => pe.done), invalidations }
+  }
+
+  /** triggerExceptions with the pending extents themselves to wait for (no promise per extent). */
+  private protectPass(offset: number, length: number): { waits: OriginWait[]; invalidations: Array<Promise<void>> } {
+    const waits: OriginWait[] = []
     const invalidations: Array<Promise<void>> = []
     if (this.list.length === 0) return { waits, invalidations }
     const end = offset + length
@@ -321,23 +327,20 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    */
   async protect(offset: number, length: number): Promise<void> {
     for (;;) {
-      const { waits, invalidations } = this.triggerExceptions(offset, length)
+      const { waits, invalidations } = this.protectPass(offset, length)
       if (invalidations.length > 0) await Promise.all(invalidations)
       if (waits.length === 0) return
-      this.refuseWithoutSpace(await Promise.all(waits), offset, length)
+      const noSpace = await new Promise<SnapError | null>((resolve) => whenAllSettled(waits, resolve))
+      if (noSpace) throw this.noSpaceRefusal(noSpace, offset, length)
     }
   }
 
-  /** Throws if a copy the write at [offset, offset+length) waited for ran out of space. */
-  private refuseWithoutSpace(outcomes: readonly PendingOutcome[], offset: number, length: number): void {
-    for (const outcome of outcomes) {
-      if (outcome instanceof SnapError) {
-        throw new SnapError('SNAP_NO_SPACE', `${this.name}: write of ${length} bytes at ${offset} refused, nothing written: ${outcome.message}`, {
-          cause: outcome,
-          details: { ...outcome.details, offset, length },
-        })
-      }
-    }
+  /** The error of a write at [offset, offset+length) that waited for a copy that ran out of space. */
+  private noSpaceRefusal(cause: SnapError, offset: number, length: number): SnapError {
+    return new SnapError('SNAP_NO_SPACE', `${this.name}: write of ${length} bytes at ${offset} refused, nothing written: ${cause.message}`, {
+      cause,
+      details: { ...cause.details, offset, length },
+    })
   }
 
   /**
@@ -387,19 +390,29 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    * An origin write outside a merge. Runs synchronously up to the point of answering, so writes
    * are ordered as they arrive: a write that overlaps held bytes lands after them.
    */
-  private writeOrigin(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+  private writeOrigin(data: Uint8Array, offset: number, fua: boolean, endMutation: () => void): Promise<void> {
     const earlier = this.held.overlapping(offset, data.length)
-    const { waits, invalidations } = this.triggerExceptions(offset, data.length)
+    const { waits, invalidations } = this.protectPass(offset, data.length)
     if (earlier.length === 0 && waits.length === 0 && invalidations.length === 0) {
-      return this.device.write(data, offset, { fua })
+      // Nothing to wait for: straight to the device, one promise, the mutation ended by its callback.
+      return new Promise((resolve, reject) =>
+        this.device.writeThen(data, offset, fua, (err) => {
+          endMutation()
+          if (err === null) resolve()
+          else reject(err)
+        }),
+      )
     }
     if (!fua && this.held.hasRoomFor(data.length)) {
       const write = this.held.add(offset, data)
       // The landing is a mutation of its own, so hold() drains it like a write in flight.
-      void this.land(write, earlier, waits, invalidations, this.enterMutation())
-      return Promise.resolve()
+      this.land(write, earlier, waits, invalidations, this.enterMutation())
+      endMutation()
+      return RESOLVED
     }
-    return this.writeAfter(data, offset, fua, earlier)
+    const after = this.writeAfter(data, offset, fua, earlier)
+    after.then(endMutation, endMutation)
+    return after
   }
 
   /** Write-through: answered once the write is on the device. */
@@ -408,34 +421,64 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     await this.writeThroughCow(data, offset, fua)
   }
 
-  /** Puts a held write on the device once every copy it needs is committed. */
-  private async land(
+  /**
+   * Puts a held write on the device once every copy it needs is committed. Driven by callbacks
+   * (pending extents settling, earlier held writes landing, the device write completing), so a
+   * landing allocates no promise; a pass that meets an invalidation goes the async way.
+   */
+  private land(write: HeldWrite, earlier: readonly HeldWrite[], waits: OriginWait[], invalidations: Array<Promise<void>>, endMutation: () => void): void {
+    if (invalidations.length > 0) {
+      void this.landSlowly(write, earlier, waits, invalidations, endMutation)
+      return
+    }
+    whenAllSettled(waits, (noSpace) => {
+      try {
+        // A copy without space drops the write: its bytes never land, the next flush fails.
+        if (noSpace) return this.landed(write, endMutation, this.noSpaceRefusal(noSpace, write.offset, write.data.length))
+        // Once more, as protect() does: a range query that finds nothing once every snapshot holds the range.
+        const again = this.protectPass(write.offset, write.data.length)
+        if (again.waits.length > 0 || again.invalidations.length > 0) return this.land(write, earlier, again.waits, again.invalidations, endMutation)
+        whenAllLanded(earlier, () => this.device.writeThen(write.data, write.offset, false, (err) => this.landed(write, endMutation, err)))
+      } catch (err) {
+        this.landed(write, endMutation, err)
+      }
+    })
+  }
+
+  /** land() with invalidations to wait for first: the rare path, as async code. */
+  private async landSlowly(
     write: HeldWrite,
     earlier: readonly HeldWrite[],
-    waits: Array<PendingException['done']>,
+    waits: OriginWait[],
     invalidations: Array<Promise<void>>,
     endMutation: () => void,
   ): Promise<void> {
+    let failure: unknown = null
     try {
-      if (invalidations.length > 0) await Promise.all(invalidations)
-      // A copy without space drops the write: its bytes never land, the next flush fails.
-      if (waits.length > 0) this.refuseWithoutSpace(await Promise.all(waits), write.offset, write.data.length)
+      await Promise.all(invalidations)
+      const noSpace = await new Promise<SnapError | null>((resolve) => whenAllSettled(waits, resolve))
+      if (noSpace) throw this.noSpaceRefusal(noSpace, write.offset, write.data.length)
       await this.protect(write.offset, write.data.length)
       for (const w of earlier) await w.landed
       await this.device.write(write.data, write.offset)
     } catch (err) {
-      // Already answered: like a disk's write cache, the failure surfaces at the next flush.
-      if (this.writeBackError === null) {
-        const failure = asSnapError(err, 'device write')
-        const where = `${write.data.length} bytes at ${write.offset}`
-        this.writeBackError = new SnapError(failure.code, `${this.name}: write-back of ${where} failed: ${failure.message}`, { cause: err })
-        // Once per flush interval, like the error itself: a dying device must not flood the owner.
-        this.notices.emit('write-back-failed', { offsetBytes: write.offset, lengthBytes: write.data.length, error: failure })
-      }
-    } finally {
-      this.held.release(write)
-      endMutation()
+      failure = err
     }
+    this.landed(write, endMutation, failure)
+  }
+
+  /** A held write is done: on the device (`err` null) or dropped, its failure kept for the next flush. */
+  private landed(write: HeldWrite, endMutation: () => void, err: unknown): void {
+    // Already answered: like a disk's write cache, the failure surfaces at the next flush.
+    if (err !== null && this.writeBackError === null) {
+      const failure = asSnapError(err, 'device write')
+      const where = `${write.data.length} bytes at ${write.offset}`
+      this.writeBackError = new SnapError(failure.code, `${this.name}: write-back of ${where} failed: ${failure.message}`, { cause: err })
+      // Once per flush interval, like the error itself: a dying device must not flood the owner.
+      this.notices.emit('write-back-failed', { offsetBytes: write.offset, lengthBytes: write.data.length, error: failure })
+    }
+    this.held.release(write)
+    endMutation()
   }
 
   /** Throws (once) the first failure of a held write since the last flush. */
@@ -458,13 +501,35 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     if (held.length > 0) this.held.overlay(target, offset, held)
   }
 
-  protected async _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
+  /**
+   * Not an async function: with no hold and no throttling, the write is routed synchronously
+   * and counted as a mutation without a promise of its own (a write-back answer ends it at once,
+   * its landing being a mutation of its own).
+   */
+  protected _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
     this.checkWritable()
-    for (let wait = this.throttleWait(); wait; wait = this.throttleWait()) await wait
+    const wait = this.throttleWait()
+    if (wait !== null || this.gate !== null) return this.writeWhenAllowed(data, offset, fua, wait)
+    const interceptor = this.interceptorNow
+    const endMutation = this.enterMutation()
+    let answer: Promise<void>
+    try {
+      answer = interceptor ? interceptor.write(data, offset, fua) : this.writeOrigin(data, offset, fua, endMutation)
+    } catch (err) {
+      endMutation()
+      throw err
+    }
+    if (interceptor) answer.then(endMutation, endMutation)
+    return answer
+  }
+
+  /** _write once throttling and a hold let it go. */
+  private async writeWhenAllowed(data: Uint8Array, offset: number, fua: boolean, wait: Promise<void> | null): Promise<void> {
+    for (; wait; wait = this.throttleWait()) await wait
     await this.runMutation(() => {
       const interceptor = this.interceptorNow
       if (interceptor) return interceptor.write(data, offset, fua)
-      return this.writeOrigin(data, offset, fua)
+      return this.writeOrigin(data, offset, fua, () => {})
     })
   }
 

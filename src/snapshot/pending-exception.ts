@@ -15,9 +15,13 @@ import { type Deferred, deferred } from '../util/deferred.js'
  */
 export type PendingOutcome = boolean | SnapError
 
-export class PendingException {
+export class PendingException implements OriginWait {
   readonly prepared: PreparedException
-  private readonly settled: Deferred<PendingOutcome> = deferred<PendingOutcome>()
+  private outcomeNow: PendingOutcome | undefined = undefined
+  /** Callbacks for the outcome; most extents have one waiter (the write that made them). */
+  private listeners: Array<(outcome: PendingOutcome) => void> | null = null
+  /** Made only when someone asks for a promise. */
+  private settled: Deferred<PendingOutcome> | null = null
 
   constructor(prepared: PreparedException) {
     this.prepared = prepared
@@ -38,12 +42,96 @@ export class PendingException {
     return this.prepared.newChunk
   }
 
+  /** The outcome once settled, undefined before. */
+  get outcome(): PendingOutcome | undefined {
+    return this.outcomeNow
+  }
+
   /** Resolves (never rejects) with the outcome once the extent is settled. */
   get done(): Promise<PendingOutcome> {
+    if (this.outcomeNow !== undefined) return Promise.resolve(this.outcomeNow)
+    this.settled ??= deferred<PendingOutcome>()
     return this.settled.promise
   }
 
-  settle(outcome: PendingOutcome): void {
-    this.settled.resolve(outcome)
+  /**
+   * Calls `fn` with the outcome once the extent is settled (the promise-free form of `done`,
+   * for the origin's write path); at once if it already is.
+   */
+  whenSettled(fn: (outcome: PendingOutcome) => void): void {
+    if (this.outcomeNow !== undefined) fn(this.outcomeNow)
+    else (this.listeners ??= []).push(fn)
   }
+
+  settle(outcome: PendingOutcome): void {
+    if (this.outcomeNow !== undefined) return
+    this.outcomeNow = outcome
+    const listeners = this.listeners
+    this.listeners = null
+    if (listeners) for (const fn of listeners) fn(outcome)
+    this.settled?.resolve(outcome)
+  }
+}
+
+/**
+ * What an origin write waits for before it looks again: a pending extent, or an extension of a
+ * full fixed-size COW (autoextend) that the copy it needs must wait for.
+ */
+export interface OriginWait {
+  readonly outcome: PendingOutcome | undefined
+  readonly done: Promise<PendingOutcome>
+  whenSettled(fn: (outcome: PendingOutcome) => void): void
+}
+
+/**
+ * Waits for an extension of a full COW in flight (from the snapshot's CowFullHandler). Settles
+ * true whatever the extension's outcome: nothing to refuse, the write looks again, and a failed
+ * extension leaves the COW full, which that second look then meets.
+ */
+export class ExtensionWait implements OriginWait {
+  private outcomeNow: PendingOutcome | undefined = undefined
+  private listeners: Array<(outcome: PendingOutcome) => void> | null = null
+  readonly done: Promise<PendingOutcome>
+
+  /** `extension` must not reject. */
+  constructor(extension: Promise<void>) {
+    this.done = extension.then(() => {
+      this.outcomeNow = true
+      const listeners = this.listeners
+      this.listeners = null
+      if (listeners) for (const fn of listeners) fn(true)
+      return true
+    })
+  }
+
+  get outcome(): PendingOutcome | undefined {
+    return this.outcomeNow
+  }
+
+  whenSettled(fn: (outcome: PendingOutcome) => void): void {
+    if (this.outcomeNow !== undefined) fn(this.outcomeNow)
+    else (this.listeners ??= []).push(fn)
+  }
+}
+
+/**
+ * Calls `fn` once every wait in `waits` is settled, with the first SNAP_NO_SPACE error among
+ * their outcomes (or null); at once when `waits` is empty or all are settled.
+ */
+export function whenAllSettled(waits: readonly OriginWait[], fn: (noSpace: SnapError | null) => void): void {
+  let left = waits.length + 1
+  const one = (): void => {
+    if (--left > 0) return
+    let noSpace: SnapError | null = null
+    for (const pe of waits) {
+      const outcome = pe.outcome
+      if (typeof outcome !== 'boolean' && outcome !== undefined) {
+        noSpace = outcome
+        break
+      }
+    }
+    fn(noSpace)
+  }
+  for (const pe of waits) pe.whenSettled(one)
+  one()
 }

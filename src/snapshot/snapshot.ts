@@ -45,7 +45,7 @@ import { ExceptionTable } from './exception-table.js'
 import { type ChunkRun, exceptionRunsIn } from './exception-runs.js'
 import type { ExceptionEvents } from './exception-events.js'
 import { ExtentList } from './extent-list.js'
-import { PendingException, type PendingOutcome } from './pending-exception.js'
+import { ExtensionWait, type OriginWait, PendingException } from './pending-exception.js'
 import { RangeTracker } from './range-tracker.js'
 
 /** Invalidation reasons (the kernel logs "Unable to allocate exception." and "Error reading/writing."). */
@@ -372,7 +372,7 @@ export class Snapshot extends BaseBlockDevice {
   protectOrigin(
     offset: number,
     end: number,
-    waits: Array<Promise<PendingOutcome>>,
+    waits: OriginWait[],
     invalidations: Array<Promise<void>>,
     started: PendingException[],
   ): void {
@@ -392,7 +392,7 @@ export class Snapshot extends BaseBlockDevice {
     while (c < last) {
       const pe = this.pending.firstFrom(c)
       if (pe !== null && pe.firstChunk <= c) {
-        waits.push(pe.done)
+        waits.push(pe)
         c = pe.firstChunk + pe.count
         continue
       }
@@ -408,12 +408,12 @@ export class Snapshot extends BaseBlockDevice {
           if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
           const extension = this.extensionForFullCow()
           // The origin write rescans once the extension settles (true: nothing to refuse).
-          if (extension !== null) waits.push(extension.then(() => true))
+          if (extension !== null) waits.push(new ExtensionWait(extension))
           else invalidations.push(this.invalidate(COW_FULL))
           return
         }
         started.push(created)
-        waits.push(created.done)
+        waits.push(created)
         c += created.count
       }
     }
@@ -424,7 +424,7 @@ export class Snapshot extends BaseBlockDevice {
    * (or can be) needed; starts the copy itself.
    */
   protectOriginChunk(offset: number, invalidations: Array<Promise<void>>): PendingException | null {
-    const waits: Array<Promise<PendingOutcome>> = []
+    const waits: OriginWait[] = []
     const started: PendingException[] = []
     this.protectOrigin(offset, offset + 1, waits, invalidations, started)
     this.startCopies(started)
@@ -451,8 +451,8 @@ export class Snapshot extends BaseBlockDevice {
         length: Math.min((pe.firstChunk + pe.count) * cb, originBytes) - from,
         device: this.store.cow,
         to: pe.newChunk * cb,
-        before: () => this.store.whenSpaceReady(pe.prepared),
-        done: (failure: CopyFailure | null) => void this.finishPending(pe, failure === null ? true : copyFailure(failure.cause), true),
+        prepare: (ready) => this.store.whenSpaceReadyThen(pe.prepared, ready),
+        done: (failure: CopyFailure | null) => this.finishPending(pe, failure === null ? true : copyFailure(failure.cause), true),
       }
     })
   }
@@ -467,29 +467,38 @@ export class Snapshot extends BaseBlockDevice {
   }
 
   /**
-   * Commit, publish and release a pending extent (kernel: pending_complete). `fromOrigin`: the
-   * extent was copied out of the origin (not written fresh by the snapshot's own write).
+   * Commit, publish and release a pending extent (kernel: pending_complete). Driven by the
+   * store's commit callback: no promise per extent unless a tracked read has to be waited for.
+   * `fromOrigin`: the extent was copied out of the origin (not written fresh by the snapshot's
+   * own write).
    */
-  private async finishPending(pe: PendingException, copied: CopyResult, fromOrigin = false): Promise<void> {
+  private finishPending(pe: PendingException, copied: CopyResult, fromOrigin = false): void {
     this.inProgress -= pe.count
     this.wakeThrottled()
-    if (copied instanceof SnapError) return this.abandonPending(pe, copied)
-    const copyOk = copied
-    const committed = await this.store.commitException(pe.prepared, copyOk)
-    let success = false
-    if (!copyOk || !committed) {
-      await this.invalidate(COW_IO_ERROR)
-    } else if (this.condition !== 'invalid') {
+    if (copied instanceof SnapError) {
+      void this.abandonPending(pe, copied)
+      return
+    }
+    this.store.commitExceptionThen(pe.prepared, copied, (committed) => {
+      if (!copied || !committed) {
+        void this.invalidate(COW_IO_ERROR).then(() => this.releasePending(pe, false))
+        return
+      }
+      if (this.condition === 'invalid') return this.releasePending(pe, false)
+      const end = pe.firstChunk + pe.count
       this.exceptions.insertRun(pe.firstChunk, pe.newChunk, pe.count)
       // Published: later reads go to the COW. Reads of the origin that started before must end
       // before the origin write this copy protects may proceed.
-      await this.trackedReads.drain(pe.firstChunk, pe.firstChunk + pe.count)
-      success = true
       if (fromOrigin) this.copiedOut += pe.count
-    }
+      if (this.trackedReads.overlaps(pe.firstChunk, end)) void this.trackedReads.drain(pe.firstChunk, end).then(() => this.releasePending(pe, true))
+      else this.releasePending(pe, true)
+    })
+  }
+
+  /** The end of pending_complete: the extent leaves the pending list and its waiters are told. */
+  private releasePending(pe: PendingException, success: boolean): void {
     this.pending.remove(pe)
     this.origin.events.completed()
-    pe.settle(success)
     if (success) {
       this.checkThreshold()
       if (this.outOfSpace) {
@@ -497,6 +506,8 @@ export class Snapshot extends BaseBlockDevice {
         this.emitter.emit('space-restored')
       }
     }
+    // Last: a waiter may start new work at once.
+    pe.settle(success)
   }
 
   /**
@@ -750,7 +761,7 @@ export class Snapshot extends BaseBlockDevice {
     } catch (err) {
       copied = copyFailure(err)
     }
-    await this.finishPending(pe, copied)
+    this.finishPending(pe, copied)
     await this.outcomeOf(pe, 'COW write failed')
   }
 

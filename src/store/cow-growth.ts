@@ -14,9 +14,19 @@
  * their blocks now, while a failure can still be answered by failing the copy that needed them.
  */
 import type { BlockDevice } from '../device/block-device.js'
-import { badArgument } from '../errors.js'
+import { type SnapError, asSnapError, badArgument, noSpace } from '../errors.js'
 
 export type GrowthPrepare = (fromBytes: number, toBytes: number) => Promise<void>
+
+/** Whether the bytes waited for are covered, and the last step's failure if it failed. */
+export type CoveredDone = (covered: boolean, err: unknown) => void
+
+/** A store's whenSpaceReady outcome once growth has run: null, or why the space is not there. */
+export function spaceOutcome(covered: boolean, err: unknown, neededBytes: number): SnapError | null {
+  if (covered) return null
+  if (err !== null) return asSnapError(err, `growing the COW device to ${neededBytes} bytes`)
+  return noSpace(`COW device could not grow to ${neededBytes} bytes`)
+}
 
 export class CowGrowth {
   private readonly cow: BlockDevice
@@ -25,6 +35,10 @@ export class CowGrowth {
   private targetBytes = 0 // highest size asked for (lowered again when a step fails)
   private coveredBytes: number // [0, coveredBytes) is sized and prepared
   private pending: Promise<void> = Promise.resolve()
+  private lastFailed = false
+  private lastError: unknown = null
+  /** Waiters of the last step asked for (null when it has run). */
+  private stepWaiters: Array<{ readonly bytes: number; readonly done: CoveredDone }> | null = null
 
   /**
    * `alignBytes` is read at each request: a persistent store may adopt its header's chunk size.
@@ -43,12 +57,18 @@ export class CowGrowth {
     this.targetBytes = Math.min(this.targetBytes, bytes)
   }
 
-  /** Makes sure the device will be at least `minBytes` long (and prepared that far). */
+  /**
+   * Makes sure the device will be at least `minBytes` long (and prepared that far). The next
+   * step is asked for half a step early, so a steady stream of allocations finds its space
+   * ready instead of waiting for each step (unless the last step failed: then only a request
+   * that really needs more space tries again).
+   */
   request(minBytes: number): void {
-    if (minBytes <= this.targetBytes || minBytes <= this.coveredBytes) return
-    const step = Math.max(1024 * 1024, Math.floor(this.cow.sizeBytes / 8))
+    const step = Math.max(1024 * 1024, Math.floor(Math.max(this.cow.sizeBytes, this.targetBytes) / 8))
+    const early = this.lastFailed ? 0 : step / 2
+    if (minBytes + early <= this.targetBytes || minBytes + early <= this.coveredBytes) return
     const align = this.alignBytes()
-    const target = Math.ceil((minBytes + step) / align) * align
+    const target = Math.ceil((Math.max(minBytes, this.targetBytes) + step) / align) * align
     this.targetBytes = target
     const run = this.pending.catch(() => {}).then(async () => {
       if (this.coveredBytes >= target) return
@@ -56,11 +76,34 @@ export class CowGrowth {
       if (this.prepare) await this.prepare(this.coveredBytes, target)
       this.coveredBytes = target
     })
-    // A failed step is tried again by the next request that needs it.
-    run.catch(() => {
-      this.targetBytes = Math.min(this.targetBytes, this.coveredBytes)
-    })
+    const waiters: Array<{ readonly bytes: number; readonly done: CoveredDone }> = []
+    const settled = (err: unknown): void => {
+      this.lastFailed = err !== null
+      this.lastError = err
+      if (this.stepWaiters === waiters) this.stepWaiters = null
+      for (const w of waiters) w.done(this.covers(w.bytes), err)
+    }
+    run.then(
+      () => settled(null),
+      // A failed step is tried again by the next request that needs it.
+      (err: unknown) => {
+        this.targetBytes = Math.min(this.targetBytes, this.coveredBytes)
+        settled(err)
+      },
+    )
     this.pending = run
+    this.stepWaiters = waiters
+  }
+
+  /**
+   * Calls `done(true, null)` once [0, bytes) is covered (at once if it is), else `done(false,
+   * err)` once every step asked for so far has run: `ready` and `covers` without a promise.
+   * `err` is the last step's failure, null if it did not fail.
+   */
+  whenCovers(bytes: number, done: CoveredDone): void {
+    if (this.covers(bytes)) done(true, null)
+    else if (this.stepWaiters !== null) this.stepWaiters.push({ bytes, done })
+    else done(false, this.lastError)
   }
 
   /** Whether [0, bytes) is sized and prepared. */

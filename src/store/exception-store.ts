@@ -72,10 +72,17 @@ export interface ExceptionStore {
    */
   whenSpaceReady(e: PreparedException): Promise<void>
   /**
+   * whenSpaceReady with a callback (null or the error) instead of a promise; called at once,
+   * synchronously, when no growth has to be waited for.
+   */
+  whenSpaceReadyThen(e: PreparedException, done: (err: unknown) => void): void
+  /**
    * Records every chunk of `e` (ok = its data copy succeeded). Resolves true when they are durable
    * (persistent) or recorded (transient); false when the store is or became invalid.
    */
   commitException(e: PreparedException, ok: boolean): Promise<boolean>
+  /** commitException with a callback instead of a promise (same order, same result). */
+  commitExceptionThen(e: PreparedException, ok: boolean, done: (ok: boolean) => void): void
   /**
    * Hands `e` back unrecorded, in place of commitException, when its copy could not get space:
    * no entry is written, the store stays valid, and its chunk is never referenced (a hole).

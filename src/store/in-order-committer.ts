@@ -2,16 +2,21 @@
  * Parks out-of-order commit requests until every lower sequence number has been handed over,
  * then releases them in sequence order. Both stores use it so the order guarantee does not
  * depend on how copies happen to complete.
+ *
+ * Callback driven: a commit costs no promise of its own (commit() is the promise form).
  */
 import type { PreparedException } from './exception-store.js'
 
 /** How a prepared exception ended: its copy landed, failed (I/O), or was given up for want of space. */
 export type CommitKind = 'copied' | 'failed' | 'abandoned'
 
+/** Receives a commit's result: true when recorded (durable, for a persistent store). */
+export type CommitDone = (ok: boolean) => void
+
 interface Parked {
   readonly e: PreparedException
   readonly kind: CommitKind
-  readonly settle: (result: Promise<boolean>) => void
+  readonly done: CommitDone
 }
 
 export class InOrderCommitter {
@@ -19,9 +24,10 @@ export class InOrderCommitter {
   private nextToRelease = 0 // lowest sequence not yet released
   private readonly parked = new Map<number, Parked>()
 
-  private readonly release: (e: PreparedException, kind: CommitKind) => Promise<boolean>
+  /** Records `e` and calls `done` with the result (later, or at once). */
+  private readonly release: (e: PreparedException, kind: CommitKind, done: CommitDone) => void
 
-  constructor(release: (e: PreparedException, kind: CommitKind) => Promise<boolean>) {
+  constructor(release: (e: PreparedException, kind: CommitKind, done: CommitDone) => void) {
     this.release = release
   }
 
@@ -30,10 +36,20 @@ export class InOrderCommitter {
   }
 
   commit(e: PreparedException, kind: CommitKind): Promise<boolean> {
-    return new Promise<boolean>((resolve) => {
-      this.parked.set(e.sequence, { e, kind, settle: (result) => resolve(result) })
-      this.drain()
-    })
+    // Resolved from a microtask: a release made inside this executor (in order already) must
+    // not settle this promise ahead of those released just before it.
+    return new Promise<boolean>((resolve) => this.commitThen(e, kind, (ok) => queueMicrotask(() => resolve(ok))))
+  }
+
+  commitThen(e: PreparedException, kind: CommitKind, done: CommitDone): void {
+    if (e.sequence === this.nextToRelease && this.parked.size === 0) {
+      // In order already (the common case): no parking.
+      this.nextToRelease++
+      this.release(e, kind, done)
+      return
+    }
+    this.parked.set(e.sequence, { e, kind, done })
+    this.drain()
   }
 
   private drain(): void {
@@ -42,7 +58,7 @@ export class InOrderCommitter {
       if (!next) return
       this.parked.delete(this.nextToRelease)
       this.nextToRelease++
-      next.settle(this.release(next.e, next.kind))
+      this.release(next.e, next.kind, next.done)
     }
   }
 }

@@ -37,8 +37,8 @@ import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
 import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth, growFixedCow } from './cow-growth.js'
-import { type CommitKind, InOrderCommitter } from './in-order-committer.js'
+import { CowGrowth, growFixedCow, spaceOutcome } from './cow-growth.js'
+import { type CommitDone, type CommitKind, InOrderCommitter } from './in-order-committer.js'
 
 export interface PersistentStoreOptions {
   /** Chunk size for a new COW; 0 or absent: take it from the header, or 16 KiB (kernel default). */
@@ -90,7 +90,7 @@ export class PersistentStore implements ExceptionStore {
     checkChunkSizeBytes(chunkBytes)
     this.layout = layoutFor(chunkBytes)
     this.area = new Uint8Array(chunkBytes)
-    this.committer = new InOrderCommitter((e, kind) => this.record(e, kind))
+    this.committer = new InOrderCommitter((e, kind, done) => this.record(e, kind, done))
     this.growth = new CowGrowth(cow, () => this.layout.chunkBytes, { prepare: (from, to) => this.zeroFutureAreas(from, to) })
   }
 
@@ -279,17 +279,15 @@ export class PersistentStore implements ExceptionStore {
     return (isMetadataChunk(this.layout, last + 1) ? last + 2 : last + 1) * chunkBytes
   }
 
-  async whenSpaceReady(e: PreparedException): Promise<void> {
-    if (!this.growable) return
+  whenSpaceReady(e: PreparedException): Promise<void> {
+    return new Promise((resolve, reject) => this.whenSpaceReadyThen(e, (err) => (err === null ? resolve() : reject(err))))
+  }
+
+  whenSpaceReadyThen(e: PreparedException, done: (err: unknown) => void): void {
+    if (!this.growable) return done(null)
     const needed = this.spaceNeededBytes(e)
     this.growth.request(needed)
-    if (this.growth.covers(needed)) return
-    try {
-      await this.growth.ready
-    } catch (err) {
-      if (!this.growth.covers(needed)) throw asSnapError(err, `growing the COW device to ${needed} bytes`)
-    }
-    if (!this.growth.covers(needed)) throw noSpace(`COW device could not grow to ${needed} bytes`)
+    this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
   }
 
   /** Writes zeros to the metadata areas after the current one that lie in [fromBytes, toBytes). */
@@ -310,12 +308,16 @@ export class PersistentStore implements ExceptionStore {
     return this.committer.commit(e, ok ? 'copied' : 'failed')
   }
 
+  commitExceptionThen(e: PreparedException, ok: boolean, done: CommitDone): void {
+    this.committer.commitThen(e, ok ? 'copied' : 'failed', done)
+  }
+
   async abandonException(e: PreparedException): Promise<void> {
     await this.committer.commit(e, 'abandoned')
   }
 
   /** Called in allocation order, once per extent; writes one entry per chunk. */
-  private record(e: PreparedException, kind: CommitKind): Promise<boolean> {
+  private record(e: PreparedException, kind: CommitKind, done: CommitDone): void {
     if (kind === 'abandoned') {
       // No entry: the chunks stay an unreferenced hole, handed out again when nothing allocated
       // after them is still outstanding (so a full file system does not leak chunks on every
@@ -323,17 +325,17 @@ export class PersistentStore implements ExceptionStore {
       this.pendingCount -= e.count
       if (this.pendingCount === 0) this.nextFree = this.recordedEnd
       this.kick()
-      return Promise.resolve(false)
+      done(false)
+      return
     }
     if (kind === 'failed') this._valid = false
     this.recordedEnd = Math.max(this.recordedEnd, nextDataChunk(this.layout, e.newChunk + e.count - 1))
     this.pendingCount -= e.count
-    let done!: Promise<boolean>
     for (let k = 0; k < e.count; k++) {
       writeEntry(this.area, this.currentCommitted, e.oldChunk + k, e.newChunk + k)
       this.currentCommitted++
       // The extent's one waiter goes with the area write that carries its last entry.
-      if (k === e.count - 1) done = new Promise<boolean>((resolve) => this.waiters.push(resolve))
+      if (k === e.count - 1) this.waiters.push(done)
       if (this.currentCommitted === this.layout.exceptionsPerArea) {
         this.jobs.push({ area: this.currentArea, image: this.area, sealed: true, waiters: this.waiters })
         this.waiters = []
@@ -343,7 +345,6 @@ export class PersistentStore implements ExceptionStore {
       }
     }
     this.kick()
-    return done
   }
 
   private kick(): void {

@@ -4,11 +4,11 @@
  * A copy abandoned for want of space leaves its chunk unused.
  */
 import type { BlockDevice } from '../device/block-device.js'
-import { SnapError, asSnapError, noSpace } from '../errors.js'
+import { SnapError, noSpace } from '../errors.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth, growFixedCow } from './cow-growth.js'
-import { InOrderCommitter } from './in-order-committer.js'
+import { CowGrowth, growFixedCow, spaceOutcome } from './cow-growth.js'
+import { type CommitDone, InOrderCommitter } from './in-order-committer.js'
 
 export interface TransientStoreOptions {
   readonly chunkBytes: number
@@ -26,16 +26,16 @@ export class TransientStore implements ExceptionStore {
   private recordedEndBytes = 0 // nextFreeBytes as if only recorded exceptions had been allocated
   private outstanding = 0 // prepared, not yet released by the committer
   private readonly growth: CowGrowth
-  private readonly committer = new InOrderCommitter((e, kind) => {
+  private readonly committer = new InOrderCommitter((e, kind, done) => {
     this.outstanding--
     if (kind === 'abandoned') {
       // Its chunk is handed out again once nothing allocated after it is outstanding.
       if (this.outstanding === 0) this.nextFreeBytes = this.recordedEndBytes
-      return Promise.resolve(false)
+      return done(false)
     }
     this.recordedEndBytes = Math.max(this.recordedEndBytes, (e.newChunk + e.count) * this.chunkBytes)
     if (kind === 'failed') this._valid = false
-    return Promise.resolve(this._valid)
+    done(this._valid)
   })
 
   constructor(cow: BlockDevice, options: TransientStoreOptions) {
@@ -71,21 +71,23 @@ export class TransientStore implements ExceptionStore {
     return { oldChunk, newChunk, count, sequence: this.committer.allocateSequence() }
   }
 
-  async whenSpaceReady(e: PreparedException): Promise<void> {
-    if (!this.growable) return
+  whenSpaceReady(e: PreparedException): Promise<void> {
+    return new Promise((resolve, reject) => this.whenSpaceReadyThen(e, (err) => (err === null ? resolve() : reject(err))))
+  }
+
+  whenSpaceReadyThen(e: PreparedException, done: (err: unknown) => void): void {
+    if (!this.growable) return done(null)
     const needed = (e.newChunk + e.count) * this.chunkBytes
     this.growth.request(needed) // again: an earlier step for it may have failed
-    if (this.growth.covers(needed)) return
-    try {
-      await this.growth.ready
-    } catch (err) {
-      if (!this.growth.covers(needed)) throw asSnapError(err, `growing the COW device to ${needed} bytes`)
-    }
-    if (!this.growth.covers(needed)) throw noSpace(`COW device could not grow to ${needed} bytes`)
+    this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {
     return this.committer.commit(e, ok ? 'copied' : 'failed')
+  }
+
+  commitExceptionThen(e: PreparedException, ok: boolean, done: CommitDone): void {
+    this.committer.commitThen(e, ok ? 'copied' : 'failed', done)
   }
 
   /** Nothing to record: the chunk stays an unused hole in the COW file. */

@@ -201,13 +201,25 @@ describe('serve --metrics', { concurrency: 1 }, () => {
     const totalBytes = (WRITTEN_CHUNKS + (2 * 1024 * 1024) / CHUNK_BYTES) * CHUNK_BYTES
     // 1 byte/s: the first step merges one chunk, the next is due in over an hour.
     await cliOk(['merge', `${dir}@grow`, '--rate', '1'])
-    const status = await until(() => statusJson(served!.base), (s) => s.volumes[0].merge?.doneBytes > 0, 'the first merge step')
+    // The merge pipelines its steps, so one may still finish between reading status.json and
+    // scraping: compare only a scrape taken while status.json read the same progress before and
+    // after it (the merge then waits over an hour for its next step, so this settles).
+    const settled = async () => {
+      const before = await statusJson(served!.base)
+      const exposition: Exposition = await scrape(served!.base)
+      const afterwards = await statusJson(served!.base)
+      return { before, exposition, afterwards }
+    }
+    const { before: status, exposition: e } = await until(
+      settled,
+      (r) => r.before.volumes[0].merge?.doneBytes > 0 && r.before.volumes[0].merge.doneBytes === r.afterwards.volumes[0].merge?.doneBytes,
+      'a settled merge step',
+    )
     const merge = status.volumes[0].merge
     assert.equal(merge.snapshot, 'grow')
     assert.equal(merge.state, 'running')
     assert.equal(merge.totalBytes, totalBytes)
     assert.equal(merge.rateLimitBytesPerSecond, 1)
-    const e: Exposition = await scrape(served!.base)
     assert.deepEqual(
       select(e, 'blocksnap_merge_remaining_bytes').map((s) => [s.labels.volume, s.labels.snapshot, s.value]),
       [['vol', 'grow', totalBytes - merge.doneBytes]],
