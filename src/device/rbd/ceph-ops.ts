@@ -189,11 +189,9 @@ export class CephOps {
       throw new SnapError('SNAP_IO', `cannot read the OSD blocklist: ${err.message}`, { cause: err })
     })
     if (r.code !== 0) throw new SnapError('SNAP_IO', `cannot read the OSD blocklist: ${reason(r)}`)
-    try {
-      const entries = JSON.parse(r.stdout) as { addr: string }[]
-      return new Set(entries.map((e) => e.addr))
-    } catch {
-      throw new SnapError('SNAP_IO', 'cannot read the OSD blocklist: ceph printed no JSON')
-    }
+    // Pacific prints two JSON arrays back to back: the address entries, then the range entries.
+    const text = r.stdout.trim()
+    if (!text.startsWith('[')) throw new SnapError('SNAP_IO', 'cannot read the OSD blocklist: ceph printed no JSON')
+    return new Set([...text.matchAll(/"addr"\s*:\s*"([^"]+)"/g)].map((m) => m[1] as string))
   }
 }
