@@ -77,6 +77,16 @@ async function snapshotRequired(spec: string): Promise<{ volume: string; snapsho
   return { volume, snapshot }
 }
 
+/**
+ * A device address as the engine takes it: a device URI as given, a path made absolute (a served
+ * volume's server runs elsewhere).
+ */
+async function deviceAddressArg(text: string): Promise<string> {
+  const { checkNotUnknownUri, isDeviceUri } = await import('../device/open-device.js')
+  checkNotUnknownUri(text)
+  return isDeviceUri(text) ? text : resolve(text)
+}
+
 async function readStdin(): Promise<Uint8Array> {
   const pieces: Buffer[] = []
   for await (const chunk of process.stdin) pieces.push(chunk as Buffer)
@@ -98,14 +108,14 @@ function buildProgram(): Command {
     .argument('<VOL>', 'volume directory to create')
     .option('--size <SIZE>', 'origin size (bytes or K/M/G/T)', sizeArg('size'))
     .option('--from <IMAGE>', 'copy this image as the origin')
-    .option('--origin <PATH>', 'use this image file or block device as the origin in place, without copying it')
+    .option('--origin <PATH|URI>', 'use this image file, block device or NBD URI as the origin in place, without copying it')
     .action(async (vol: string, opts: { size?: number; from?: string; origin?: string }) => {
       const given = [opts.size, opts.from, opts.origin].filter((o) => o !== undefined).length
       if (given !== 1) throw new UsageError('give exactly one of --size, --from or --origin')
       const { Volume } = await volumeModule()
       await Volume.create(
         vol,
-        opts.origin !== undefined ? { inPlaceOrigin: opts.origin } : opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number },
+        opts.origin !== undefined ? { inPlaceOrigin: await deviceAddressArg(opts.origin) } : opts.from !== undefined ? { fromImage: opts.from } : { sizeBytes: opts.size as number },
       )
     })
 
@@ -117,6 +127,7 @@ function buildProgram(): Command {
     .addOption(new Option('--store <STORE>', 'exception store').choices(['persistent', 'transient']).default('persistent'))
     .option('--overflow', 'PO: a full COW refuses snapshot writes instead of invalidating')
     .option('--cow-size <SIZE>', "fixed COW size, or N% of the origin's size (default: grows on demand)", sizeOrShareArg('COW size', "the origin's size"))
+    .option('--cow <PATH|URI>', "put the COW on this device (NBD URI, block device, file), kept on remove; fixed at the device's size unless a new file")
     .option('--warn-at <PCT>', 'warn when the COW is PCT% full, then at every 5% up to 95 (default 80 with --cow-size)', percentArg('--warn-at', 1, 99))
     .option('--no-warn-at', 'no fill warnings')
     .option('--autoextend-threshold <PCT>', 'with --cow-size: grow the COW once it is PCT% full (100: never)', percentArg('--autoextend-threshold', 1, 100))
@@ -127,6 +138,7 @@ function buildProgram(): Command {
       if (opts.autoextendPercent !== undefined && opts.autoextendThreshold === undefined) {
         throw new UsageError('--autoextend-percent needs --autoextend-threshold')
       }
+      const cowDevice = opts.cow === undefined ? undefined : await deviceAddressArg(opts.cow)
       if (opts.autoextendThreshold !== undefined && opts.cowSize === undefined) {
         throw new UsageError('--autoextend-threshold needs --cow-size: a COW without one grows on demand')
       }
@@ -140,6 +152,7 @@ function buildProgram(): Command {
           store: opts.store,
           ...(opts.overflow ? { overflow: true } : {}),
           ...(cowSizeBytes !== undefined ? { cowSizeBytes } : {}),
+          ...(cowDevice !== undefined ? { cowDevice } : {}),
           ...(opts.warnAt === undefined ? {} : { warnAtPercent: opts.warnAt === false ? null : opts.warnAt }),
           ...(opts.autoextendThreshold === undefined ? {} : { autoextendThresholdPercent: opts.autoextendThreshold }),
           ...(opts.autoextendPercent === undefined ? {} : { autoextendPercent: opts.autoextendPercent }),
@@ -251,7 +264,7 @@ function buildProgram(): Command {
         return before
       })
       if (removed) {
-        const cowDeleted = (await stat(removed.cowPath).catch(() => null)) === null
+        const cowDeleted = !removed.cowExternal && (await stat(removed.cowPath).catch(() => null)) === null
         printJson({ device: spec, removed: { name: removed.name, cowPath: removed.cowPath, cowDeleted } })
       }
     })
@@ -260,13 +273,13 @@ function buildProgram(): Command {
     .command('import')
     .description('adopt a kernel-format persistent COW made for this origin')
     .argument('<VOL@SNAP>')
-    .requiredOption('--cow <FILE>', 'the COW device image')
-    .option('--in-place', 'use FILE where it is instead of copying it into the volume')
+    .requiredOption('--cow <FILE|URI>', 'the COW device image (a file, block device or NBD URI)')
+    .option('--in-place', 'use it where it is instead of copying it into the volume')
     .option('--json', 'print the adopted snapshot as JSON (docs/json.md)')
     .action(async (spec: string, opts: { cow: string; inPlace?: boolean; json?: boolean }) => {
       const { volume, snapshot } = await snapshotRequired(spec)
       const info = await withVolume(volume, async (ops) => {
-        await ops.importCow(snapshot, resolve(opts.cow), opts.inPlace === true)
+        await ops.importCow(snapshot, await deviceAddressArg(opts.cow), opts.inPlace === true)
         return opts.json ? ops.list() : null
       })
       if (info) printJson({ device: spec, snapshot: snapshotInfo(info, snapshot) })
@@ -425,6 +438,7 @@ interface SnapshotFlags {
   store: 'persistent' | 'transient'
   overflow?: boolean
   cowSize?: SizeOrShare
+  cow?: string
   json?: boolean
   /** false: --no-warn-at. */
   warnAt?: number | false

@@ -1,14 +1,16 @@
 /**
  * Paths that may stand for a disk image or a COW device: regular files and block devices (sized
- * by the kernel, see block-device-size.ts). Anything else is refused.
+ * by the kernel, see block-device-size.ts). Anything else is refused. Device URIs
+ * (open-device.ts) stand for images too: kind 'uri', sized by their server.
  */
 import { copyFile, stat } from 'node:fs/promises'
 import type { BigIntStats } from 'node:fs'
 import { SnapError, badArgument, ioError } from '../errors.js'
 import { blockDeviceSizeBytes, majorMinor } from './block-device-size.js'
 import { FileDevice } from './file-device.js'
+import { deviceUriIdentity, isDeviceUri, openDevice } from './open-device.js'
 
-export type ImageKind = 'file' | 'block'
+export type ImageKind = 'file' | 'block' | 'uri'
 
 export interface ImageFile {
   readonly kind: ImageKind
@@ -52,8 +54,26 @@ export async function identityOfPath(path: string): Promise<string | null> {
 }
 
 /**
+ * What storage `address` is, comparable across addresses: a file's inode or a block device's
+ * number for a path (null when nothing is there), the URI's identity for a device URI.
+ */
+export async function identityOfAddress(address: string): Promise<string | null> {
+  return isDeviceUri(address) ? deviceUriIdentity(address) : identityOfPath(address)
+}
+
+/** statImage for any device address: a path, or a device URI (opened to learn its size). */
+export async function statAddress(address: string, what: string): Promise<ImageFile> {
+  if (!isDeviceUri(address)) return statImage(address, what)
+  const identity = deviceUriIdentity(address)
+  const dev = await openDevice(address, { readOnly: true })
+  const sizeBytes = dev.sizeBytes
+  await dev.close()
+  return { kind: 'uri', sizeBytes, identity }
+}
+
+/**
  * Copies image `source` to a new file `dest`. A file is copied by the kernel (copyFile); a block
- * device's stat size is 0, so copyFile would copy nothing: it is read in pieces, and all-zero
+ * device's stat size is 0, so copyFile would copy nothing: it (or a device URI) is read in pieces, and all-zero
  * pieces are left as holes so the copy of a mostly empty disk stays sparse.
  */
 export async function copyImage(source: string, image: ImageFile, dest: string): Promise<void> {
@@ -61,7 +81,7 @@ export async function copyImage(source: string, image: ImageFile, dest: string):
     await copyFile(source, dest)
     return
   }
-  const from = await FileDevice.open(source, { readOnly: true })
+  const from = await openDevice(source, { readOnly: true })
   try {
     const to = await FileDevice.open(dest, { create: image.sizeBytes })
     try {

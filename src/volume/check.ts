@@ -1,10 +1,11 @@
 /**
- * Offline verification of a persistent COW file: header, every metadata area, chunk bounds,
+ * Offline verification of a persistent COW (a file, block device or device URI): header, every metadata area, chunk bounds,
  * entries pointing at metadata chunks, and duplicate origin chunks. Returns the problems found
  * (empty when clean); never modifies the file.
  */
 import { resolve } from 'node:path'
-import { FileDevice } from '../device/file-device.js'
+import type { BlockDevice } from '../device/block-device.js'
+import { openDevice } from '../device/open-device.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { decodeArea } from '../format/area.js'
 import { decodeHeader } from '../format/header.js'
@@ -28,9 +29,9 @@ export interface CheckCowOptions {
 }
 
 export async function checkCow(path: string, options: CheckCowOptions = {}): Promise<string[]> {
-  let dev: FileDevice
+  let dev: BlockDevice
   try {
-    dev = await FileDevice.open(path, { readOnly: true })
+    dev = await openDevice(path, { readOnly: true })
   } catch (err) {
     return [`cannot open ${path}: ${(err as Error).message}`]
   }

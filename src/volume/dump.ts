@@ -4,14 +4,14 @@
  * A damaged file is read as far as it decodes; `stop` says where and why reading ended, for a
  * clean table too (the terminator entry, or the last area full). Never writes.
  */
-import { isAbsolute, join, resolve } from 'node:path'
-import { FileDevice } from '../device/file-device.js'
+import { resolve } from 'node:path'
+import { openDevice } from '../device/open-device.js'
 import { SnapError, isSnapError } from '../errors.js'
 import { decodeArea } from '../format/area.js'
 import { decodeHeader } from '../format/header.js'
 import { ENTRY_BYTES, FORMAT_VERSION, areaChunk, layoutFor } from '../format/layout.js'
 import { MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SECTOR_BYTES, isPowerOfTwo } from '../units.js'
-import { readManifest } from './manifest.js'
+import { cowPathOf, readManifest } from './manifest.js'
 
 export interface DumpRun {
   readonly originChunk: number
@@ -47,7 +47,7 @@ function pushEntry(runs: DumpRun[], oldChunk: number, newChunk: number): void {
 }
 
 export async function dumpCow(path: string): Promise<CowDump> {
-  const dev = await FileDevice.open(path, { readOnly: true })
+  const dev = await openDevice(path, { readOnly: true })
   const runs: DumpRun[] = []
   let exceptions = 0
   const base = { version: 1 as const, cowPath: path, cowSizeBytes: dev.sizeBytes }
@@ -127,5 +127,5 @@ export async function snapshotCowPath(dirPath: string, snapshot: string): Promis
   const record = manifest.snapshots.find((r) => r.name === snapshot)
   if (!record) throw new SnapError('SNAP_NOT_FOUND', `no snapshot '${snapshot}' in volume ${dir}`)
   if (record.store !== 'persistent') throw new SnapError('SNAP_BAD_ARGUMENT', `snapshot ${snapshot} is transient: its exceptions live only in the server's memory`)
-  return isAbsolute(record.cowFile) ? record.cowFile : join(dir, record.cowFile)
+  return cowPathOf(dir, record)
 }

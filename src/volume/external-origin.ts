@@ -11,18 +11,23 @@
  *   refuses a device that is mounted or held by device-mapper or md — writes that bypass
  *   blocksnap would silently change what the snapshots show — and refuses those while the volume
  *   is open.
+ * - An origin named by a device URI (an NBD export) has no local file to lock: the flock is
+ *   taken on a lock file named by the URI's identity in blocksnap's state directory instead, so
+ *   two volumes of this host (and state directory) never have one export open at once. Other
+ *   hosts are not kept out by it.
  * - Which other (closed) volume uses an origin is origin-registry.ts's business.
  */
 import { constants } from 'node:fs'
-import { type FileHandle, open, readFile, readdir, realpath, stat } from 'node:fs/promises'
+import { type FileHandle, mkdir, open, readFile, readdir, realpath, stat } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
+import type { BlockDevice } from '../device/block-device.js'
 import { FileDevice } from '../device/file-device.js'
 import { majorMinor } from '../device/block-device-size.js'
 import { type ImageFile, identityOf, identityOfPath } from '../device/image-file.js'
 import { SnapError, badArgument } from '../errors.js'
 import { SNAP_MAGIC } from '../format/layout.js'
 import { MANIFEST_FILE } from './manifest.js'
-import { originOwner } from './origin-registry.js'
+import { originLockFile, originOwner } from './origin-registry.js'
 import { flockNonBlocking } from './volume-lock.js'
 
 const changed = (path: string) =>
@@ -53,6 +58,30 @@ export class OriginLock {
         const owner = await originOwner(identity)
         const who = owner === null || owner === dir ? 'another open volume' : `volume ${owner}`
         throw new SnapError('SNAP_BUSY', `origin ${path} is in use by ${who}`, { details: { path } })
+      }
+      return new OriginLock(handle)
+    } catch (err) {
+      await handle.close().catch(() => {})
+      throw err
+    }
+  }
+
+  /**
+   * Locks origin `address`, a device URI of storage `identity`, for volume `dir`: a flock on its
+   * lock file in the state directory (see the top); refused while another volume holds it.
+   */
+  static async acquireUri(address: string, identity: string, dir: string): Promise<OriginLock> {
+    const path = originLockFile(identity)
+    const handle = await mkdir(dirname(path), { recursive: true, mode: 0o700 })
+      .then(() => open(path, constants.O_RDWR | constants.O_CREAT | constants.O_NOFOLLOW, 0o600))
+      .catch((err: NodeJS.ErrnoException) => {
+        throw new SnapError('SNAP_IO', `cannot lock origin ${address}: ${err.message} (BLOCKSNAP_STATE_DIR chooses another directory)`, { cause: err })
+      })
+    try {
+      if (!(await flockNonBlocking(handle, path))) {
+        const owner = await originOwner(identity)
+        const who = owner === null || owner === dir ? 'another open volume' : `volume ${owner}`
+        throw new SnapError('SNAP_BUSY', `origin ${address} is in use by ${who}`, { details: { path: address } })
       }
       return new OriginLock(handle)
     } catch (err) {
@@ -92,12 +121,14 @@ export async function refuseVolumePart(path: string, image: ImageFile, dev: File
   const file = image.kind === 'file' ? await realpath(path) : await loopBackingFile(path)
   const volumeDir = file === null ? null : await enclosingVolume(file)
   if (volumeDir !== null) throw badArgument(`origin ${path} is inside volume ${volumeDir}${file === path ? '' : ` (${file})`}: a volume's files are not an origin`)
-  if (dev.sizeBytes >= 4) {
-    const head = await dev.read(0, 4)
-    if (new DataView(head.buffer, head.byteOffset, 4).getUint32(0, true) === SNAP_MAGIC) {
-      throw badArgument(`origin ${path} holds a snapshot COW (its header says SnAp): a COW is not an origin`)
-    }
-  }
+  if (await holdsCowHeader(dev)) throw badArgument(`origin ${path} holds a snapshot COW (its header says SnAp): a COW is not an origin`)
+}
+
+/** True when `dev` starts with a snapshot COW header's magic (valid or invalidated). */
+export async function holdsCowHeader(dev: BlockDevice): Promise<boolean> {
+  if (dev.sizeBytes < 4) return false
+  const head = await dev.read(0, 4)
+  return new DataView(head.buffer, head.byteOffset, 4).getUint32(0, true) === SNAP_MAGIC
 }
 
 /**

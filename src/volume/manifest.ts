@@ -6,12 +6,14 @@
  * root `serve` or `list` must not be steered by it to files elsewhere. So the files it names are
  * confined: the origin is a plain name in the directory, a COW is `snapshots/NAME` — except an
  * origin used in place (`create --origin`, recorded as `originExternal`) and a COW imported in
- * place (recorded as `external`), each with its absolute path, which blocksnap uses but never
- * deletes. Anything else is refused when the manifest is read.
+ * place or put on a given device (`snapshot --cow`, recorded as `external`), each with its device
+ * address: an absolute path, or a device URI (open-device.ts) that must parse. blocksnap uses
+ * them but never deletes them. Anything else is refused when the manifest is read.
  */
 import { constants } from 'node:fs'
 import { lstat, open, readFile, rename, unlink } from 'node:fs/promises'
 import { isAbsolute, join, normalize } from 'node:path'
+import { deviceUriIdentity, isDeviceUri } from '../device/open-device.js'
 import { SnapError } from '../errors.js'
 
 export const MANIFEST_FILE = 'volume.json'
@@ -28,12 +30,12 @@ export interface SnapshotRecord {
   readonly overflow: boolean
   /**
    * The volume's own COW: `snapshots/NAME`, relative to the volume directory. An external COW:
-   * its absolute path.
+   * its device address (absolute path or device URI).
    */
   readonly cowFile: string
   /**
-   * Set (true) for a COW imported in place: it lives outside the volume and is never deleted by
-   * blocksnap. Absent for the volume's own COWs. Manifests written before this field existed
+   * Set (true) for a COW imported in place or made on a given device (`snapshot --cow`): it lives
+   * outside the volume and is never deleted by blocksnap. Absent for the volume's own COWs. Manifests written before this field existed
    * marked in-place imports by an absolute cowFile alone; reading them sets it.
    */
   readonly external?: true
@@ -66,7 +68,7 @@ export interface Manifest {
   readonly sizeBytes: number
   /**
    * The volume's own origin: a file name in the volume directory. An external origin: its
-   * absolute path.
+   * device address (absolute path or device URI).
    */
   readonly originFile: string
   /**
@@ -117,6 +119,17 @@ export function originPathOf(dir: string, manifest: Manifest): string {
   return isExternalOrigin(manifest) ? manifest.originFile : join(dir, manifest.originFile)
 }
 
+/** A device URI that parses, or a clean absolute path: where an external origin or COW may be. */
+function isExternalAddress(address: string): boolean {
+  if (!isDeviceUri(address)) return isCleanAbsolute(address)
+  try {
+    deviceUriIdentity(address)
+    return true
+  } catch {
+    return false
+  }
+}
+
 /** One path component: no separator, not `.` or `..`, no NUL. */
 function isPlainName(name: string): boolean {
   return name.length > 0 && name !== '.' && name !== '..' && !name.includes('/') && !name.includes('\0')
@@ -137,7 +150,7 @@ function validateManifest(value: unknown, dir: string): Manifest {
   if (m.originExternal !== undefined && m.originExternal !== true) throw bad(`originExternal ${JSON.stringify(m.originExternal)} must be true or absent`)
   // Only the explicit marker makes an absolute origin path acceptable: no older manifest had one.
   if (m.originExternal === true) {
-    if (!isCleanAbsolute(m.originFile)) throw bad(`external originFile ${JSON.stringify(m.originFile)} is not a clean absolute path`)
+    if (!isExternalAddress(m.originFile)) throw bad(`external originFile ${JSON.stringify(m.originFile)} is neither a clean absolute path nor a valid device URI`)
   } else if (!isPlainName(m.originFile)) {
     throw bad(`originFile ${JSON.stringify(m.originFile)} is not a file name inside the volume directory`)
   }
@@ -167,8 +180,8 @@ function validateRecord(value: unknown, bad: (why: string) => SnapError): Snapsh
   // COW can be imported, so an absolute transient one was never written by blocksnap.
   const external = r.external === true || (r.store === 'persistent' && isAbsolute(cowFile))
   if (external) {
-    if (r.store !== 'persistent') throw bad(`external cowFile ${JSON.stringify(cowFile)} ${of}: only persistent COWs are imported in place`)
-    if (!isCleanAbsolute(cowFile)) throw bad(`external cowFile ${JSON.stringify(cowFile)} ${of} is not a clean absolute path`)
+    if (r.store !== 'persistent') throw bad(`external cowFile ${JSON.stringify(cowFile)} ${of}: only persistent COWs live outside the volume`)
+    if (!isExternalAddress(cowFile)) throw bad(`external cowFile ${JSON.stringify(cowFile)} ${of} is neither a clean absolute path nor a valid device URI`)
     return { ...(r as unknown as SnapshotRecord), external: true }
   }
   const [folder, file, ...rest] = cowFile.split('/')

@@ -4,7 +4,8 @@
  * other's COWs. The origin itself cannot say who uses it (blocksnap never writes it outside its
  * data), so the claim is recorded beside the user's other state: one small file per origin,
  * named by the origin's identity (inode of a file, device number of a block device, so an alias
- * path or a hard link is the same origin), holding the volume directory that claimed it.
+ * path or a hard link is the same origin; for a device URI, its server and export), holding the
+ * volume directory that claimed it.
  *
  * Design notes:
  * - An entry is trusted only while it is true: the volume it names still has a manifest whose
@@ -21,7 +22,7 @@ import { mkdir, readFile, rename, unlink, writeFile } from 'node:fs/promises'
 import { homedir } from 'node:os'
 import { isAbsolute, join, resolve } from 'node:path'
 import { SnapError } from '../errors.js'
-import { identityOfPath } from '../device/image-file.js'
+import { identityOfAddress } from '../device/image-file.js'
 import { isExternalOrigin, originPathOf, readManifest } from './manifest.js'
 
 const ORIGINS_DIR = 'origins'
@@ -38,6 +39,11 @@ export function stateDir(): string {
 function entryPath(identity: string): string {
   // "inode 64768:1234" -> "inode-64768-1234", "block 7:0" -> "block-7-0"
   return join(stateDir(), ORIGINS_DIR, identity.replace(/[^A-Za-z0-9]+/g, '-'))
+}
+
+/** The file whose flock stands for a lock on an origin with no local file (a device URI). */
+export function originLockFile(identity: string): string {
+  return `${entryPath(identity)}.lock`
 }
 
 interface Entry {
@@ -60,7 +66,7 @@ async function readEntry(identity: string): Promise<Entry | null> {
 async function usesOrigin(dir: string, identity: string): Promise<boolean> {
   try {
     const manifest = await readManifest(dir)
-    return isExternalOrigin(manifest) && (await identityOfPath(originPathOf(dir, manifest))) === identity
+    return isExternalOrigin(manifest) && (await identityOfAddress(originPathOf(dir, manifest))) === identity
   } catch {
     return false
   }

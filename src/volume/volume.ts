@@ -1,7 +1,8 @@
 /**
  * Volume: a directory holding an origin image (or naming one used in place: external-origin.ts),
  * one kernel-format COW file per persistent snapshot and a manifest, opened as an Origin with its
- * Snapshots. The Volume owns the directory (VolumeLock), and an in-place origin (OriginLock), for
+ * Snapshots. The Volume owns the directory (VolumeLock; a lease on the cluster for a volume on a
+ * shared store: ownership.ts), and an in-place origin (OriginLock), for
  * as long as it is open.
  *
  * Snapshot names follow ZFS/RBD style devices: `VOL` is the origin, `VOL@SNAP` a snapshot.
@@ -9,10 +10,13 @@
  * exist only while this process has the volume open, and are dropped at the next open.
  */
 import { EventEmitter } from 'node:events'
-import { mkdir, rm, stat, statfs } from 'node:fs/promises'
+import { mkdir, rm, stat, statfs, unlink } from 'node:fs/promises'
 import { basename, dirname, join, resolve } from 'node:path'
-import { FileDevice } from '../device/file-device.js'
-import { type ImageFile, copyImage, identityOfPath, statImage } from '../device/image-file.js'
+import type { BlockDevice } from '../device/block-device.js'
+import { DeviceWindow } from '../device/device-window.js'
+import { FileDevice, type FileDeviceOptions } from '../device/file-device.js'
+import { type ImageFile, copyImage, identityOfAddress, statAddress, statImage } from '../device/image-file.js'
+import { checkNotUnknownUri, deviceUriIdentity, isDeviceUri, openDevice } from '../device/open-device.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
 import { decodeHeader } from '../format/header.js'
 import { ExceptionEvents, defaultExceptionEvents } from '../snapshot/exception-events.js'
@@ -39,8 +43,8 @@ import {
 import { copyPrivate } from './private-copy.js'
 import { openVolumeFile, removeVolumeFile, resolveInside } from './volume-files.js'
 import { type OwnershipOptions, type VolumeOwnership, acquireOwnership, rbdImagesOf } from './ownership.js'
-import { OriginLock, openExternalOrigin, refuseAliasInUse, refuseVolumePart } from './external-origin.js'
-import { claimOrigin, releaseOrigin } from './origin-registry.js'
+import { OriginLock, holdsCowHeader, openExternalOrigin, refuseAliasInUse, refuseVolumePart } from './external-origin.js'
+import { claimOrigin, originOwner, releaseOrigin } from './origin-registry.js'
 import { MAX_PROBLEMS, checkCow } from './check.js'
 import { type AutoextendPolicy, FillWatch, type FillPolicy } from './fill-watch.js'
 import { type VolumeEvent, fillPercent } from './volume-events.js'
@@ -64,8 +68,8 @@ export interface CreateVolumeOptions {
   /** Copy this image as the origin (its size becomes the volume size). */
   readonly fromImage?: string
   /**
-   * Use this image file or block device as the origin where it is, without copying it (its size
-   * becomes the volume size). blocksnap never deletes it.
+   * Use this image file, block device or device URI (an NBD export) as the origin where it is,
+   * without copying it (its size becomes the volume size). blocksnap never deletes it.
    */
   readonly inPlaceOrigin?: string
 }
@@ -94,6 +98,13 @@ export interface SnapshotCreateOptions {
   readonly autoextendThresholdPercent?: number
   /** By this percent of its size (default 20, as in LVM). */
   readonly autoextendPercent?: number
+  /**
+   * Put the COW on this device, in place (never deleted by blocksnap): a device URI, a block
+   * device or an existing file, used fixed-size (its size, or `cowSizeBytes` of it); or a file
+   * path that does not exist yet (or an empty file), made a COW that grows on demand (fixed at
+   * `cowSizeBytes` when given). Refused when it already holds a COW header.
+   */
+  readonly cowDevice?: string
 }
 
 /** LVM's snapshot_autoextend_percent default. */
@@ -111,7 +122,10 @@ export interface SnapshotInfo {
   readonly chunkSizeBytes: number
   readonly store: StoreName
   readonly overflow: boolean
+  /** The COW's device address: a path, or a device URI. */
   readonly cowPath: string
+  /** The COW lives outside the volume (imported in place, or `snapshot --cow`): never deleted. */
+  readonly cowExternal: boolean
   readonly cowSizeBytes: number
   readonly allocatedBytes: number
   readonly metadataBytes: number
@@ -140,7 +154,10 @@ export interface VolumeInfo {
   readonly name: string
   readonly path: string
   readonly sizeBytes: number
+  /** The origin's device address: a path, or a device URI. */
   readonly originPath: string
+  /** The origin is used in place (`create --origin`): never deleted. */
+  readonly originExternal: boolean
   readonly snapshots: SnapshotInfo[]
   readonly merge: { snapshot: string; doneChunks: number; totalChunks: number } | null
 }
@@ -266,7 +283,9 @@ export class Volume {
       () => false,
     )
     if (exists) throw new SnapError('SNAP_EXISTS', `${dir} already exists`, { details: { path: dir } })
-    if (options.inPlaceOrigin !== undefined) return createInPlace(dir, resolve(options.inPlaceOrigin))
+    const inPlace = options.inPlaceOrigin
+    if (inPlace !== undefined) checkNotUnknownUri(inPlace)
+    if (inPlace !== undefined) return isDeviceUri(inPlace) ? createOnUri(dir, inPlace) : createInPlace(dir, resolve(inPlace))
     let sizeBytes: number
     let image: ImageFile | null = null
     if (options.fromImage !== undefined) {
@@ -300,9 +319,17 @@ export class Volume {
     const manifest = await readManifest(dir)
     const lock = await acquireOwnership(dir, manifest, options.ownership)
     let originLock: OriginLock | null = null
-    let originDev: FileDevice | null = null
+    let originDev: BlockDevice | null = null
     try {
-      if (isExternalOrigin(manifest)) {
+      if (isExternalOrigin(manifest) && isDeviceUri(manifest.originFile)) {
+        const address = manifest.originFile
+        const identity = deviceUriIdentity(address)
+        // A leased volume's lease already excludes every other owner, on this host as on others;
+        // a host-local lock would outlive a stalled owner and block its takeover.
+        if (lock.kind !== 'lease') originLock = await OriginLock.acquireUri(address, identity, dir)
+        await claimOrigin(identity, address, dir, { bestEffort: true })
+        originDev = await openDevice(address)
+      } else if (isExternalOrigin(manifest)) {
         const path = manifest.originFile
         const image = await statImage(path, 'origin').catch((err: unknown) => {
           if (!isSnapError(err, 'SNAP_NOT_FOUND')) throw err
@@ -347,7 +374,7 @@ export class Volume {
       }
       kept.push(record)
       try {
-        this.snapshotsByName.set(record.name, await this.openSnapshot(record, false))
+        this.snapshotsByName.set(record.name, await this.openSnapshot(record, 'existing'))
       } catch (err) {
         // One bad COW must not take the origin and the other snapshots down with it.
         this.brokenByName.set(record.name, this.brokenReason(record, err))
@@ -413,17 +440,27 @@ export class Volume {
     }
   }
 
-  private async openSnapshot(record: SnapshotRecord, create: boolean): Promise<Snapshot> {
+  /**
+   * Opens `record`'s COW and attaches its snapshot. `how`: 'create' makes the volume's own COW
+   * file, 'initialise' takes a prepared external COW with no header yet, 'existing' requires the
+   * header a recorded persistent snapshot always has.
+   */
+  private async openSnapshot(record: SnapshotRecord, how: 'create' | 'initialise' | 'existing'): Promise<Snapshot> {
+    const create = how === 'create'
     const growable = record.cowSizeBytes === null
     const path = this.cowPath(record)
     // A fixed-size COW with autoextend is resized by its FillWatch.
     const resizable = growable || (record.autoextend ?? null) !== null
     const options = create ? { create: record.cowSizeBytes ?? 0, resizable } : { resizable }
-    const cow = isExternal(record) ? await FileDevice.open(path, options) : await openVolumeFile(this.dir, record.cowFile, options)
+    let cow: BlockDevice = isExternal(record) ? await openExternalCow(path, options) : await openVolumeFile(this.dir, record.cowFile, options)
     let store: ExceptionStore
     try {
+      // A COW given a size on a larger device (`snapshot --cow DEV --cow-size`) sees that size.
+      if (isExternal(record) && !resizable && record.cowSizeBytes !== null && cow.sizeBytes > record.cowSizeBytes) {
+        cow = new DeviceWindow(cow, record.cowSizeBytes, path)
+      }
       // A recorded persistent snapshot always has a header: never re-initialise a truncated or zeroed COW.
-      if (!create && record.store === 'persistent' && (cow.sizeBytes < SECTOR_BYTES || decodeHeader(await cow.read(0, SECTOR_BYTES)).kind !== 'existing')) {
+      if (how === 'existing' && record.store === 'persistent' && (cow.sizeBytes < SECTOR_BYTES || decodeHeader(await cow.read(0, SECTOR_BYTES)).kind !== 'existing')) {
         throw new SnapError('SNAP_CORRUPT_METADATA', `no snapshot header (truncated or overwritten)`, { details: { path } })
       }
       store =
@@ -536,6 +573,7 @@ export class Volume {
         throw badArgument(`COW size ${cowSizeBytes} is too small for chunk size ${chunkSizeBytes} (at least ${minimum})`)
       }
     }
+    if (options.cowDevice !== undefined) return this.createSnapshotOn(name, options.cowDevice, { ...options, chunkSizeBytes, store })
     const record: SnapshotRecord = {
       name,
       chunkSizeBytes,
@@ -549,9 +587,70 @@ export class Volume {
     await removeVolumeFile(this.dir, record.cowFile) // leftover of a crash between file creation and manifest write
     let snap: Snapshot
     try {
-      snap = await this.openSnapshot(record, true)
+      snap = await this.openSnapshot(record, 'create')
     } catch (err) {
       await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
+      throw err
+    }
+    this.snapshotsByName.set(name, snap)
+    await this.updateManifest((m) => ({ ...m, snapshots: [...m.snapshots, record] }))
+    return snap
+  }
+
+  /**
+   * createSnapshot with the COW on device `address` (SnapshotCreateOptions.cowDevice), in place.
+   * Like lvcreate over a device in use, refused when the device already holds a COW header (a
+   * snapshot's, this volume's or another's) or is this volume's origin or another's.
+   */
+  private async createSnapshotOn(name: string, address: string, options: SnapshotCreateOptions & { chunkSizeBytes: number; store: StoreName }): Promise<Snapshot> {
+    if (options.store !== 'persistent') throw badArgument('--cow applies to persistent snapshots only: a transient COW lives in the volume directory')
+    if (options.autoextendThresholdPercent !== undefined && options.autoextendThresholdPercent !== 100) {
+      throw badArgument('--autoextend-threshold does not apply to --cow: a COW on a given device keeps its size')
+    }
+    checkNotUnknownUri(address)
+    const where = isDeviceUri(address) ? address : resolve(address)
+    const identity = await identityOfAddress(where)
+    if (identity !== null) {
+      await this.refuseCowInUse(where, identity)
+      const owner = await originOwner(identity)
+      if (owner !== null) throw new SnapError('SNAP_BUSY', `COW ${where} is the origin of volume ${owner}`, { details: { path: where } })
+    }
+    // A file to make (or an empty one) grows on demand unless given a size; anything else has one.
+    const image = identity === null || isDeviceUri(where) ? null : await statImage(where, 'COW')
+    const fresh = identity === null || (image?.kind === 'file' && image.sizeBytes === 0)
+    let cowSizeBytes = options.cowSizeBytes ?? null
+    if (fresh) {
+      if (identity === null) {
+        // Made exclusively here; a fixed size is the file's size from the start.
+        await (await FileDevice.open(where, { create: cowSizeBytes ?? 0 })).close()
+      } else if (cowSizeBytes !== null) {
+        const dev = await FileDevice.open(where, { resizable: true })
+        await dev.resize(cowSizeBytes).finally(() => dev.close())
+      }
+    } else {
+      cowSizeBytes = await prepareCowDevice(where, cowSizeBytes, options.chunkSizeBytes)
+    }
+    const minimum = 3 * options.chunkSizeBytes
+    if (cowSizeBytes !== null && cowSizeBytes < minimum) {
+      throw badArgument(`COW ${where} (${cowSizeBytes} bytes) is too small for chunk size ${options.chunkSizeBytes} (at least ${minimum})`)
+    }
+    const record: SnapshotRecord = {
+      name,
+      chunkSizeBytes: options.chunkSizeBytes,
+      store: 'persistent',
+      overflow: options.overflow === true,
+      cowFile: where,
+      external: true,
+      cowSizeBytes,
+      createdAt: new Date().toISOString(),
+      ...fillOptions({ ...(options.warnAtPercent === undefined ? {} : { warnAtPercent: options.warnAtPercent }) }, cowSizeBytes !== null),
+    }
+    let snap: Snapshot
+    try {
+      snap = await this.openSnapshot(record, 'initialise')
+    } catch (err) {
+      // Only a file this call made is ours to take back.
+      if (identity === null) await unlink(where).catch(() => {})
       throw err
     }
     this.snapshotsByName.set(name, snap)
@@ -569,10 +668,11 @@ export class Volume {
     if (this.manifest.snapshots.some((r) => r.name === name)) {
       throw new SnapError('SNAP_EXISTS', `snapshot '${name}' already exists in volume ${this.name}`)
     }
-    const source = resolve(cowFile)
-    const image = await statImage(source, 'COW')
+    checkNotUnknownUri(cowFile)
+    const source = isDeviceUri(cowFile) ? cowFile : resolve(cowFile)
+    const image = await statAddress(source, 'COW')
     await this.refuseCowInUse(source, image.identity)
-    const probe = await FileDevice.open(source, { readOnly: true })
+    const probe = await openDevice(source, { readOnly: true })
     let chunkSizeBytes: number
     try {
       const header = decodeHeader(await probe.read(0, Math.min(512, probe.sizeBytes)))
@@ -602,7 +702,7 @@ export class Volume {
     if (!isExternal(record)) await copyPrivate(await resolveInside(this.dir, record.cowFile, false), (temp) => copyImage(source, image, temp))
     let snap: Snapshot
     try {
-      snap = await this.openSnapshot(record, false)
+      snap = await this.openSnapshot(record, 'existing')
     } catch (err) {
       if (!isExternal(record)) await removeVolumeFile(this.dir, record.cowFile).catch(() => {})
       throw err
@@ -612,15 +712,18 @@ export class Volume {
     return snap
   }
 
-  /** Throws when `path` (storage `identity`) is the origin or a COW of this volume. */
+  /**
+   * Throws when `path` (storage `identity`) is the origin or a COW of this volume. A device URI
+   * is the same storage as another when both name one export of one server.
+   */
   private async refuseCowInUse(path: string, identity: string): Promise<void> {
     const originPath = originPathOf(this.dir, this.manifest)
-    if (path === originPath || (await identityOfPath(originPath)) === identity) {
+    if (path === originPath || (await identityOfAddress(originPath)) === identity) {
       throw badArgument(`${path} is the origin of volume ${this.name}`)
     }
     for (const record of this.manifest.snapshots) {
       const used = this.cowPath(record)
-      if (path === used || (await identityOfPath(used)) === identity) {
+      if (path === used || (await identityOfAddress(used)) === identity) {
         throw new SnapError('SNAP_BUSY', `COW ${path} is already used by snapshot '${record.name}' of volume ${this.name}`)
       }
     }
@@ -817,6 +920,7 @@ export class Volume {
         store: record.store,
         overflow: record.overflow,
         cowPath,
+        cowExternal: isExternal(record),
         cowSizeBytes,
         allocatedBytes,
         metadataBytes,
@@ -844,6 +948,7 @@ export class Volume {
       path: this.dir,
       sizeBytes: this.manifest.sizeBytes,
       originPath: originPathOf(this.dir, this.manifest),
+      originExternal: isExternalOrigin(this.manifest),
       snapshots,
       merge,
     }
@@ -933,6 +1038,80 @@ async function createInPlace(dir: string, path: string): Promise<void> {
     }
   } finally {
     await lock.release()
+  }
+}
+
+/**
+ * Creates volume `dir` over origin `address`, a device URI (an NBD export) used in place: as
+ * createInPlace, with the URI's identity (its server and export) standing for the storage.
+ */
+async function createOnUri(dir: string, address: string): Promise<void> {
+  const identity = deviceUriIdentity(address)
+  const lock = await OriginLock.acquireUri(address, identity, dir)
+  try {
+    const dev = await openDevice(address, { readOnly: true })
+    let sizeBytes: number
+    try {
+      sizeBytes = dev.sizeBytes
+      if (sizeBytes <= 0 || sizeBytes % SECTOR_BYTES !== 0) {
+        throw badArgument(`origin ${address} is ${sizeBytes} bytes: a volume's size must be a positive multiple of 512 bytes`)
+      }
+      if (await holdsCowHeader(dev)) throw badArgument(`origin ${address} holds a snapshot COW (its header says SnAp): a COW is not an origin`)
+    } finally {
+      await dev.close()
+    }
+    await claimOrigin(identity, address, dir)
+    await writeInPlaceVolume(dir, address, sizeBytes).catch(async (err: unknown) => {
+      await releaseOrigin(identity, dir)
+      throw err
+    })
+  } finally {
+    await lock.release()
+  }
+}
+
+/** The directory and manifest of a new volume over an origin used in place. */
+async function writeInPlaceVolume(dir: string, address: string, sizeBytes: number): Promise<void> {
+  await mkdir(dir, { recursive: false })
+  try {
+    await mkdir(join(dir, SNAPSHOT_DIR))
+    await writeManifest(dir, { version: MANIFEST_VERSION, sizeBytes, originFile: address, originExternal: true, snapshots: [], merge: null })
+  } catch (err) {
+    // Only what this create made: the origin is not in it.
+    await rm(dir, { recursive: true, force: true })
+    throw err
+  }
+}
+
+/** Opens an external COW: a device URI through openDevice, a path as a file or block device. */
+async function openExternalCow(address: string, options: FileDeviceOptions): Promise<BlockDevice> {
+  return isDeviceUri(address) ? openDevice(address) : FileDevice.open(address, options)
+}
+
+/**
+ * Makes device `address` ready to become a fixed-size COW of `cowSizeBytes` (null: the device's
+ * size, in whole chunks): refused when it already holds a COW header or is read-only; its header
+ * chunk is then zeroed, as a never-initialised COW's, so the store writes a fresh one. Returns
+ * the COW size.
+ */
+async function prepareCowDevice(address: string, cowSizeBytes: number | null, chunkSizeBytes: number): Promise<number> {
+  const dev = await openDevice(address)
+  try {
+    if (await holdsCowHeader(dev)) {
+      throw new SnapError('SNAP_BUSY', `COW device ${address} already holds a snapshot COW header (SnAp), perhaps another snapshot's: wipe its first sector to reuse it`, {
+        details: { path: address },
+      })
+    }
+    if (!dev.capabilities.writable) throw new SnapError('SNAP_READ_ONLY', `COW device ${address} is read-only`, { details: { path: address } })
+    if (cowSizeBytes !== null && cowSizeBytes > dev.sizeBytes) {
+      throw badArgument(`COW size ${cowSizeBytes} is larger than COW device ${address} (${dev.sizeBytes} bytes)`)
+    }
+    const size = cowSizeBytes ?? dev.sizeBytes - (dev.sizeBytes % chunkSizeBytes)
+    await dev.write(new Uint8Array(Math.min(chunkSizeBytes, dev.sizeBytes)), 0)
+    await dev.flush()
+    return size
+  } finally {
+    await dev.close()
   }
 }
 

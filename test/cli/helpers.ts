@@ -143,6 +143,7 @@ export interface SnapshotJson {
   store: string
   overflow: boolean
   cowPath: string
+  cowExternal: boolean
   cowSizeBytes: number
   allocatedBytes: number
   metadataBytes: number
@@ -159,11 +160,12 @@ export interface ListJson {
   path: string
   sizeBytes: number
   originPath: string
+  originExternal: boolean
   snapshots: SnapshotJson[]
   merge: null | { snapshot: string; doneChunks: number; totalChunks: number }
 }
 
-const VOLUME_KEYS = ['version', 'name', 'path', 'sizeBytes', 'originPath', 'snapshots', 'merge']
+const VOLUME_KEYS = ['version', 'name', 'path', 'sizeBytes', 'originPath', 'originExternal', 'snapshots', 'merge']
 const SNAPSHOT_KEYS = [
   'name',
   'createdAt',
@@ -171,6 +173,7 @@ const SNAPSHOT_KEYS = [
   'store',
   'overflow',
   'cowPath',
+  'cowExternal',
   'cowSizeBytes',
   'allocatedBytes',
   'metadataBytes',
@@ -191,7 +194,9 @@ export function parseList(stdout: Buffer): ListJson {
   assert.equal(v.version, 1, 'list --json version')
   assert.equal(typeof v.name, 'string')
   assert.ok(typeof v.path === 'string' && v.path.startsWith('/'), `path is absolute: ${String(v.path)}`)
-  assert.ok(typeof v.originPath === 'string' && v.originPath.startsWith('/'), `originPath is absolute: ${String(v.originPath)}`)
+  // A path is absolute; an origin used in place may also be a device URI (nbd+unix://…).
+  assert.ok(typeof v.originPath === 'string' && (v.originPath.startsWith('/') || /^[a-z+]+:/.test(v.originPath)), `originPath is absolute or a URI: ${String(v.originPath)}`)
+  assert.equal(typeof v.originExternal, 'boolean')
   assert.ok(Number.isSafeInteger(v.sizeBytes))
   assert.ok(Array.isArray(v.snapshots))
   for (const s of v.snapshots as Record<string, unknown>[]) {
@@ -200,7 +205,8 @@ export function parseList(stdout: Buffer): ListJson {
     assert.ok(typeof s.createdAt === 'string' && !Number.isNaN(Date.parse(s.createdAt)), `createdAt ${String(s.createdAt)}`)
     assert.ok(s.store === 'persistent' || s.store === 'transient', `store ${String(s.store)}`)
     assert.equal(typeof s.overflow, 'boolean')
-    assert.ok(typeof s.cowPath === 'string' && s.cowPath.startsWith('/'), `cowPath is absolute: ${String(s.cowPath)}`)
+    assert.ok(typeof s.cowPath === 'string' && (s.cowPath.startsWith('/') || /^[a-z+]+:/.test(s.cowPath)), `cowPath is absolute or a URI: ${String(s.cowPath)}`)
+    assert.equal(typeof s.cowExternal, 'boolean')
     for (const k of ['chunkSizeBytes', 'cowSizeBytes', 'allocatedBytes', 'metadataBytes', 'cowCapacityBytes']) {
       assert.ok(Number.isSafeInteger(s[k]) && (s[k] as number) >= 0, `${k} = ${String(s[k])}`)
     }

@@ -27,6 +27,7 @@ const SNAPSHOT_KEYS = [
   'autoextend',
   'chunkSizeBytes',
   'cowCapacityBytes',
+  'cowExternal',
   'cowPath',
   'cowSizeBytes',
   'createdAt',

@@ -9,7 +9,8 @@
  * export). Query parameters, as libnbd reads them: `socket`, `tls-psk-file` (user:hexkey lines,
  * the identity is USER or `tls-username`, else the login name), `tls-certificates` (a directory
  * with ca-cert.pem and optionally client-cert.pem/client-key.pem), `tls-verify-peer` (default
- * true). Unknown parameters are refused, so a typo never silently drops a security setting.
+ * true). Unknown parameters are refused, so a typo never silently drops a security setting, and
+ * so is a password in the user part: a URI is stored and shown, so no secret may live in it.
  */
 import { userInfo } from 'node:os'
 import { badArgument } from '../../errors.js'
@@ -52,6 +53,8 @@ export function parseNbdUri(text: string): NbdUri {
   }
   const scheme = url.protocol.toLowerCase()
   if (!SCHEMES.has(scheme)) throw badArgument(`'${text}': scheme must be nbd://, nbds://, nbd+unix:// or nbds+unix://`)
+  // A URI is recorded in volume manifests and shown in listings: keys live in files it names.
+  if (url.password !== '') throw badArgument(`an NBD URI must not carry a password (keys go in a file: ?tls-psk-file=PATH)`)
   for (const key of url.searchParams.keys()) {
     if (!KNOWN_QUERY.has(key)) throw badArgument(`'${text}': unknown query parameter '${key}'`)
   }
