@@ -16,6 +16,8 @@ import type { BlockDevice } from './block-device.js'
 import { FileDevice } from './file-device.js'
 import { NbdClientDevice, type NbdClientOptions } from './nbd-client-device.js'
 import { isNbdUri, parseNbdUri } from './nbd/nbd-uri.js'
+import { RbdDevice } from './rbd-device.js'
+import { cephConfOf, isRbdAddress, parseRbdAddress } from './rbd/rbd-address.js'
 import { badArgument } from '../errors.js'
 
 export interface OpenDeviceOptions {
@@ -42,7 +44,17 @@ const NBD_KIND: UriKind = {
   open: (address, options) => NbdClientDevice.open(address, { ...options.nbd, readOnly: options.readOnly === true }),
 }
 
-const URI_KINDS: readonly UriKind[] = [NBD_KIND]
+/** An image is its pool and name in the cluster its ceph.conf names (not the client id). */
+const RBD_KIND: UriKind = {
+  matches: isRbdAddress,
+  storage(address) {
+    const rbd = parseRbdAddress(address)
+    return `rbd ${normalize(cephConfOf(rbd))} ${rbd.pool}/${rbd.image}`
+  },
+  open: (address, options) => RbdDevice.open(address, { readOnly: options.readOnly === true }),
+}
+
+const URI_KINDS: readonly UriKind[] = [NBD_KIND, RBD_KIND]
 
 export { isNbdUri }
 
