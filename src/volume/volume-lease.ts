@@ -12,7 +12,9 @@
  * Whether the holder lives is judged without comparing clocks across hosts: a contender reads
  * the holder's counter and watches it for 1.5 × the holder's lease period, on its own clock. If
  * it moves, the holder lives (refused: SNAP_BUSY, unless `takeover`). If not, the holder is dead
- * or stalled, and is fenced exactly as a takeover fences it.
+ * or stalled, and is fenced exactly as a takeover fences it. One shortcut: an owner recorded in
+ * this kernel's boot and PID namespace whose PID is gone is dead without waiting (a restart after
+ * kill -9 on the same host).
  *
  * Fencing comes before anything else: every client watching one of the volume's images (the
  * contender has opened none yet, so all of them are the old owner's gateways or other readers)
@@ -27,6 +29,7 @@
  * throws.
  */
 import { randomBytes } from 'node:crypto'
+import { readFileSync, readlinkSync } from 'node:fs'
 import { hostname } from 'node:os'
 import { CephOps, type CephTarget, type Locker } from '../device/rbd/ceph-ops.js'
 import { type RbdAddress, cephConfOf } from '../device/rbd/rbd-address.js'
@@ -54,6 +57,30 @@ export interface Heartbeat {
   readonly leaseSeconds: number
   /** Addresses of the RADOS clients seen on the volume's images while this owner held it. */
   readonly gateways: readonly string[]
+  /** Kernel boot and PID namespace of the owner: where its `pid` means something. */
+  readonly pidSpace?: string
+}
+
+/**
+ * This kernel boot and PID namespace. An owner recorded with the same one is a process this one
+ * can see: when its PID is gone it is dead for sure (a restart after kill -9 need not wait out
+ * its lease). Hostnames repeat across containers and hosts; boot ids and namespaces do not.
+ */
+function localPidSpace(): string | null {
+  try {
+    return `${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+  } catch {
+    return null
+  }
+}
+
+function processGone(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return false
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ESRCH'
+  }
 }
 
 export interface LeaseOptions {
@@ -65,6 +92,8 @@ export interface LeaseOptions {
   readonly onLost?: (err: SnapError) => void
   /** Progress worth a log line (waiting on a holder, fencing). */
   readonly onNotice?: (message: string) => void
+  /** Where this owner's PID means something (tests stand in for other hosts); default: this kernel's. */
+  readonly pidSpace?: string | null
 }
 
 function targetOf(address: RbdAddress): CephTarget {
@@ -106,6 +135,7 @@ export class VolumeLease {
   private lostError: SnapError | null = null
   private released = false
   private beating: Promise<void> = Promise.resolve()
+  private readonly pidSpace: string | null
 
   private constructor(origin: RbdAddress, volume: string, images: () => readonly RbdAddress[], options: LeaseOptions) {
     this.token = randomBytes(8).toString('hex')
@@ -115,6 +145,7 @@ export class VolumeLease {
     this.volume = volume
     this.images = images
     this.options = options
+    this.pidSpace = options.pidSpace === undefined ? localPidSpace() : options.pidSpace
   }
 
   /**
@@ -150,7 +181,9 @@ export class VolumeLease {
       const holder = (await this.ops.lockInfo(this.object, LEASE_LOCK))[0]
       if (!holder) continue // released meanwhile: try again
       const hb = await this.readHeartbeat(holder.cookie)
-      if (this.options.takeover !== true) {
+      if (this.options.takeover !== true && hb !== null && this.pidSpace !== null && hb.pidSpace === this.pidSpace && processGone(hb.pid)) {
+        this.options.onNotice?.(`the owner of ${this.volume}, ${describe(hb, holder)}, is gone from this host: fencing it and taking the lease`)
+      } else if (this.options.takeover !== true) {
         const verdict = await this.watch(holder, hb)
         if (verdict === 'changed') continue
         if (verdict === 'live') {
@@ -245,7 +278,16 @@ export class VolumeLease {
   }
 
   private heartbeat(): Heartbeat {
-    return { token: this.token, host: hostname(), pid: process.pid, volume: this.volume, counter: this.counter, leaseSeconds: this.leaseSeconds, gateways: this.gateways }
+    return {
+      token: this.token,
+      host: hostname(),
+      pid: process.pid,
+      volume: this.volume,
+      counter: this.counter,
+      leaseSeconds: this.leaseSeconds,
+      gateways: this.gateways,
+      ...(this.pidSpace === null ? {} : { pidSpace: this.pidSpace }),
+    }
   }
 
   private async writeHeartbeat(): Promise<void> {

@@ -34,7 +34,7 @@ class Holder {
   private readonly waiters: (() => void)[] = []
   stderr = ''
 
-  constructor(address: string, volume: string, mode: 'wait' | 'takeover' = 'wait') {
+  constructor(address: string, volume: string, mode: 'wait' | 'takeover' | 'local' = 'wait') {
     this.child = spawn(process.execPath, ['--import', 'tsx', HOLDER, address, volume, String(LEASE_SECONDS), mode], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] })
     this.child.stderr.on('data', (d: Buffer) => (this.stderr += d.toString('utf8')))
     createInterface({ input: this.child.stdout }).on('line', (line) => {
@@ -167,6 +167,25 @@ test('an owner killed with SIGKILL is judged dead after 1.5 leases of silence, f
   }
   assert.equal(await lockToken(object), null, 'release gives the lock back')
   assert.deepEqual((await ops.listXattrs(object)).filter((n) => n.startsWith('blocksnap.heartbeat.')), [])
+})
+
+test('an owner of this host whose PID is gone is dead at once: no wait for its lease to lapse', async () => {
+  await cluster.createImage('local', MiB)
+  const origin = parseRbdAddress(cluster.address('local'))
+  const object = leaseObjectOf(origin)
+  const a = new Holder(cluster.address('local'), '/vol/local', 'local')
+  await a.line('held ')
+  a.kill('SIGKILL')
+  await a.exit
+  const notices: string[] = []
+  const lease = await VolumeLease.acquire(origin, '/vol/local', () => [origin], { leaseSeconds: 60, onNotice: (m) => notices.push(m) })
+  try {
+    assert.ok(notices.some((n) => /is gone from this host/.test(n)), notices.join(' | '))
+    assert.ok(!notices.some((n) => /watching its heartbeat/.test(n)), notices.join(' | '))
+    assert.equal(await lockToken(object), lease.token)
+  } finally {
+    await lease.release()
+  }
 })
 
 test('takeover of a stalled owner: its gateway is blocklisted first, its late writes fail, and on SIGCONT it finds the lease lost without touching the new heartbeat', async () => {

@@ -1,6 +1,6 @@
 /**
  * A process that holds a volume lease, standing in for an owner on another host in the lease
- * tests: `lease-holder.ts ADDRESS VOLUME LEASE_SECONDS [takeover]` takes the lease of the volume
+ * tests: `lease-holder.ts ADDRESS VOLUME LEASE_SECONDS [takeover|local]` takes the lease of the volume
  * whose origin is ADDRESS and prints `held TOKEN`, or `busy MESSAGE` / `error MESSAGE` and exits
  * 4 / 1. While it holds the lease it renews it; when it finds the lease taken from it, it prints
  * `lost MESSAGE` and exits 4, as `serve` does.
@@ -15,6 +15,9 @@ try {
   const lease = await VolumeLease.acquire(origin, volume as string, () => [origin], {
     leaseSeconds: Number(seconds),
     takeover: mode === 'takeover',
+    // Another host's owner (its PID means nothing to the contenders in the test process), unless
+    // told to be a local one.
+    ...(mode === 'local' ? {} : { pidSpace: `test-host-${process.pid}` }),
     onLost: (err) => {
       process.stdout.write(`lost ${err.message}\n`)
       process.exit(4)
