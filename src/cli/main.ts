@@ -350,6 +350,8 @@ function buildProgram(): Command {
     .option('--on-event <CMD>', 'run CMD with sh -c for every event (fill warnings, autoextend, invalidation, merges, client errors), the event as a JSON line on stdin')
     .option('--pid-file <PATH>', 'write the server\'s PID here once it serves; removed when it stops')
     .option('--log-file <PATH>', 'log here instead of stderr; SIGHUP reopens it (for logrotate) instead of stopping the server')
+    .option('--lease-seconds <N>', 'lease period of volumes on Ceph RBD, renewed every third of it; another host takes a volume whose lease went unrenewed for 1.5 periods', positiveArg('lease seconds'))
+    .option('--takeover', 'take volumes on Ceph RBD over from a live owner: fence it (OSD blocklist) first, then take its lease')
     .addHelpText('after', SERVE_TLS_HELP)
     .action(async (vols: string[], opts: ServeFlags & { config?: string }, command: Command) => {
       if (opts.config !== undefined) vols = await applyConfigFile(command, opts.config, vols)
@@ -464,6 +466,8 @@ interface ServeFlags {
   onEvent?: string
   pidFile?: string
   logFile?: string
+  leaseSeconds?: number
+  takeover?: boolean
 }
 
 /** `--metrics PORT` (loopback) or `HOST:PORT`, `[IPv6]:PORT`. */
@@ -501,6 +505,8 @@ function parseServeFlags(opts: ServeFlags) {
     ...(opts.onEvent === undefined ? {} : { onEvent: opts.onEvent }),
     ...(opts.pidFile === undefined ? {} : { pidFile: resolve(opts.pidFile) }),
     ...(opts.logFile === undefined ? {} : { logFile: resolve(opts.logFile) }),
+    ...(opts.leaseSeconds === undefined ? {} : { leaseSeconds: opts.leaseSeconds }),
+    ...(opts.takeover === true ? { takeover: true } : {}),
   }
 }
 

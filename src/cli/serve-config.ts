@@ -73,6 +73,7 @@ export const serveConfigSchema = z
     }),
     pidFile: path,
     logFile: path,
+    leaseSeconds: z.number().int().min(1).max(3600),
   })
   .partial()
   .strict()

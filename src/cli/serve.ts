@@ -20,6 +20,7 @@ import type { ServiceHttpServer } from '../service/service-http.js'
 import { EventHook } from './event-hook.js'
 import { type ServiceEvent, clientErrorEvent, logServiceEvent } from './service-events.js'
 import { PidFile } from './pid-file.js'
+import { exitCodeFor } from './exit-codes.js'
 import { openServeLog, reopenOnHangup } from './serve-log.js'
 import { notifyReady, takePassedSockets } from './systemd.js'
 
@@ -47,6 +48,21 @@ export interface ServeOptions {
   readonly pidFile?: string
   /** Log here instead of stderr; SIGHUP reopens it. */
   readonly logFile?: string
+  /** Lease period of volumes on a shared store (RBD origin); renewed every third of it. */
+  readonly leaseSeconds?: number
+  /** Take leased volumes over from a live owner, fencing it first (`--takeover`). */
+  readonly takeover?: boolean
+}
+
+/**
+ * A lease taken over by another host: this process was fenced (its writes fail on the OSDs) and
+ * must stop at once. Nothing is flushed or closed: a manifest write or a last flush would be the
+ * stale owner's late write. Clients see their connections drop; the gateways die with us.
+ */
+function leaseLost(err: SnapError, log: Logger): never {
+  log.fatal({ code: err.code }, err.message)
+  process.stderr.write(`blocksnap: error [${err.code}]: ${err.message}\n`)
+  process.exit(exitCodeFor(err.code))
 }
 
 /** How long a stopping server lets the --on-event hook work through its queue. */
@@ -176,7 +192,15 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
   }
   try {
     for (const p of paths) {
-      const volume = await Volume.open(p, options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes })
+      const volume = await Volume.open(p, {
+        ...(options.writeBackBytes === undefined ? {} : { writeBackBytes: options.writeBackBytes }),
+        ownership: {
+          ...(options.leaseSeconds === undefined ? {} : { leaseSeconds: options.leaseSeconds }),
+          takeover: options.takeover === true,
+          onLost: (err) => leaseLost(err, log),
+          onNotice: (message) => log.warn(message),
+        },
+      })
       volumes.push(volume)
       volume.onEvent(report)
       // Snapshots already past a warning level are said once at start.
@@ -190,7 +214,7 @@ export async function serveVolumes(paths: string[], options: ServeOptions, extra
       if (volume.pendingMerge !== null && volume.merge === null) {
         log.warn(`${volume.name}: the merge of ${volume.name}@${volume.pendingMerge} waits for the broken snapshots; origin reads fail (EIO) until then`)
       }
-      const control = new ControlServer(volume, mergeHandlers(volume, users), { readOnly: options.readOnly, users })
+      const control = new ControlServer(volume, mergeHandlers(volume, users), { readOnly: options.readOnly, users, replaceLive: volume.ownedBy === 'lease' })
       await control.listen()
       controls.push(control)
       // Serving is asking for it: a merge interrupted earlier goes on, at the user's rate.

@@ -2,7 +2,7 @@
  * Serves VolumeOps (plus merge control supplied by the owner) on the volume's control socket,
  * so that CLI commands run against a served volume are carried out live by the server.
  */
-import { unlink } from 'node:fs/promises'
+import { lstat, unlink } from 'node:fs/promises'
 import { type Server, type Socket, createServer } from 'node:net'
 import { join } from 'node:path'
 import { SnapError, isSnapError } from '../errors.js'
@@ -27,6 +27,12 @@ export interface ControlServerOptions {
   readonly readOnly?: boolean
   /** Who has the volume's devices open over NBD (remove and merge refuse open snapshots). */
   readonly users?: DeviceUsers
+  /**
+   * The volume is leased (on a shared store): holding the lease makes this server the owner, so
+   * a socket still answering at the path belongs to a former owner (stalled, fenced) and is
+   * replaced instead of refusing to start.
+   */
+  readonly replaceLive?: boolean
 }
 
 /** Operations that change the volume's data or its set of snapshots. */
@@ -46,6 +52,9 @@ export class ControlServer {
   private readonly sockets = new Set<Socket>()
   private identity: VolumeIdentity | null = null
   private address: UnixSocketAddress | null = null
+  /** Inode of the socket file this server bound, so close() removes only its own. */
+  private socketInode: number | null = null
+  private readonly replaceLive: boolean
   readonly path: string
 
   constructor(volume: Volume, extra: Record<string, ExtraHandler> = {}, options: ControlServerOptions = {}) {
@@ -53,17 +62,21 @@ export class ControlServer {
     this.ops = localOps(volume, options.users)
     this.extra = new Map(Object.entries(extra))
     this.readOnly = options.readOnly === true
+    this.replaceLive = options.replaceLive === true
     this.path = join(volume.dir, CONTROL_SOCKET)
     this.server = createServer((socket) => this.accept(socket))
   }
 
   async listen(): Promise<void> {
     this.identity = await volumeIdentity(this.volume.dir)
-    await clearStaleSocket(this.path, 'control socket') // a stale socket from a crashed server
+    // A stale socket from a crashed server goes; a live one of a former lease holder too (the
+    // rename in listenPrivate replaces it).
+    if (!this.replaceLive) await clearStaleSocket(this.path, 'control socket')
     // Mode 0600 from the first instant: only this user (and root) may connect. There is no
     // SO_PEERCRED in Node, so this mode is the server's gate; HELLO then checks the volume.
     const address = await listenPrivate(this.server, this.path)
     this.address = address
+    this.socketInode = (await lstat(this.path).catch(() => null))?.ino ?? null
   }
 
   private accept(socket: Socket): void {
@@ -156,6 +169,8 @@ export class ControlServer {
     // only now may that handle close.
     await this.address?.release()
     this.address = null
-    await unlink(this.path).catch(() => {})
+    // Only our own: a server that took the volume over since has its socket at the same path.
+    const st = await lstat(this.path).catch(() => null)
+    if (st !== null && st.ino === this.socketInode) await unlink(this.path).catch(() => {})
   }
 }

@@ -1,7 +1,8 @@
 /**
  * Volume: a directory holding an origin image (or naming one used in place: external-origin.ts),
  * one kernel-format COW file per persistent snapshot and a manifest, opened as an Origin with its
- * Snapshots. The Volume owns the directory (VolumeLock), and an in-place origin (OriginLock), for
+ * Snapshots. The Volume owns the directory (VolumeLock; a lease on the cluster for a volume on a
+ * shared store: ownership.ts), and an in-place origin (OriginLock), for
  * as long as it is open.
  *
  * Snapshot names follow ZFS/RBD style devices: `VOL` is the origin, `VOL@SNAP` a snapshot.
@@ -41,7 +42,7 @@ import {
 } from './manifest.js'
 import { copyPrivate } from './private-copy.js'
 import { openVolumeFile, removeVolumeFile, resolveInside } from './volume-files.js'
-import { VolumeLock } from './volume-lock.js'
+import { type OwnershipOptions, type VolumeOwnership, acquireOwnership, rbdImagesOf } from './ownership.js'
 import { OriginLock, holdsCowHeader, openExternalOrigin, refuseAliasInUse, refuseVolumePart } from './external-origin.js'
 import { claimOrigin, originOwner, releaseOrigin } from './origin-registry.js'
 import { MAX_PROBLEMS, checkCow } from './check.js'
@@ -77,6 +78,8 @@ export interface VolumeOpenOptions {
   readonly events?: ExceptionEvents
   /** Origin write-back limit in bytes (Origin's default when absent; 0: off). */
   readonly writeBackBytes?: number
+  /** How a volume on a shared store (RBD origin) takes and keeps its lease (ownership.ts). */
+  readonly ownership?: OwnershipOptions
 }
 
 export interface SnapshotCreateOptions {
@@ -163,7 +166,8 @@ export class Volume {
   readonly dir: string
   readonly origin: Origin
   private manifest: Manifest
-  private readonly lock: VolumeLock
+  /** The directory's flock, or the lease of a volume on a shared store (ownership.ts). */
+  private readonly lock: VolumeOwnership
   /** The flock on an in-place origin (external-origin.ts); null for the volume's own origin. */
   private readonly originLock: OriginLock | null
   private readonly snapshotsByName = new Map<string, Snapshot>()
@@ -182,10 +186,11 @@ export class Volume {
   private readonly fillWatches = new Map<string, FillWatch>()
   private readonly eventEmitter = new EventEmitter()
 
-  private constructor(dir: string, manifest: Manifest, lock: VolumeLock, originLock: OriginLock | null, origin: Origin) {
+  private constructor(dir: string, manifest: Manifest, lock: VolumeOwnership, originLock: OriginLock | null, origin: Origin) {
     this.dir = dir
     this.manifest = manifest
     this.lock = lock
+    lock.trackImages?.(() => rbdImagesOf(this.manifest))
     this.originLock = originLock
     this.origin = origin
     this.forwardOriginNotices()
@@ -246,6 +251,14 @@ export class Volume {
     return basename(this.dir)
   }
 
+  /**
+   * 'lease' when the volume lives on a shared store and is owned through a lease on it, so its
+   * directory's sockets and flock prove nothing about other hosts; 'flock' otherwise.
+   */
+  get ownedBy(): 'flock' | 'lease' {
+    return this.lock.kind
+  }
+
   get sizeBytes(): number {
     return this.manifest.sizeBytes
   }
@@ -304,14 +317,16 @@ export class Volume {
   static async open(dirPath: string, options: VolumeOpenOptions = {}): Promise<Volume> {
     const dir = resolve(dirPath)
     const manifest = await readManifest(dir)
-    const lock = await VolumeLock.acquire(dir)
+    const lock = await acquireOwnership(dir, manifest, options.ownership)
     let originLock: OriginLock | null = null
     let originDev: BlockDevice | null = null
     try {
       if (isExternalOrigin(manifest) && isDeviceUri(manifest.originFile)) {
         const address = manifest.originFile
         const identity = deviceUriIdentity(address)
-        originLock = await OriginLock.acquireUri(address, identity, dir)
+        // A leased volume's lease already excludes every other owner, on this host as on others;
+        // a host-local lock would outlive a stalled owner and block its takeover.
+        if (lock.kind !== 'lease') originLock = await OriginLock.acquireUri(address, identity, dir)
         await claimOrigin(identity, address, dir, { bestEffort: true })
         originDev = await openDevice(address)
       } else if (isExternalOrigin(manifest)) {
@@ -498,6 +513,8 @@ export class Volume {
   }
 
   private async saveManifest(next: Manifest): Promise<void> {
+    // A lease taken over while this process stalled: the new owner's manifest is not ours to write.
+    await this.lock.assertHeld()
     await writeManifest(this.dir, next)
     this.manifest = next
   }
