@@ -15,6 +15,9 @@ import type { Readable } from 'node:stream'
 import { parseRbdAddress } from '../../src/device/rbd/rbd-address.js'
 import { CephOps } from '../../src/device/rbd/ceph-ops.js'
 import { LEASE_LOCK, VolumeLease, leaseObjectOf } from '../../src/volume/volume-lease.js'
+import { isSnapError } from '../../src/errors.js'
+import { checkVolumeFiles } from '../../src/volume/check.js'
+import { Volume } from '../../src/volume/volume.js'
 import { CephCluster } from '../support/ceph.js'
 import { run } from '../support/nbd-tools.js'
 
@@ -269,5 +272,25 @@ test('an owner whose lease was taken over sees it at the next check: assertHeld 
     assert.equal(await lockToken(leaseObjectOf(origin)), second.token)
   } finally {
     await second.release()
+  }
+})
+
+test('check of a volume whose lease a live owner on another host holds is refused, naming that owner', async () => {
+  await cluster.createImage('checked', MiB)
+  const address = cluster.address('checked')
+  const vol = join(cluster.dir, 'checked-vol')
+  await Volume.create(vol, { inPlaceOrigin: address })
+  const holder = new Holder(address, vol)
+  try {
+    assert.match(await holder.first(), /^held /)
+    // The COWs may be changing under that owner: a check there would read them half-written.
+    await assert.rejects(checkVolumeFiles(vol, null), (err: unknown) => {
+      assert.ok(isSnapError(err, 'SNAP_BUSY'), String(err))
+      assert.match((err as Error).message, new RegExp(`pid ${holder.child.pid}\\b`))
+      return true
+    })
+  } finally {
+    holder.kill()
+    await holder.exit
   }
 })
