@@ -122,6 +122,17 @@ function lastSlotOf(hashes: Uint32Array, runs: number, capacity: number): number
   return last
 }
 
+function usedWords(slotCount: number): number {
+  return (slotCount + 31) >>> 5
+}
+
+/** The occupancy bitmap of a filled slot array. */
+function usedOf(slots: Int32Array, slotCount: number): Int32Array {
+  const used = new Int32Array(usedWords(slotCount))
+  for (let i = 0; i < slotCount; i++) if (slots[i * STRIDE + 2] !== 0) used[i >>> 5]! |= 1 << (i & 31)
+  return used
+}
+
 function checkOld(old: number): void {
   if (!Number.isInteger(old) || old < 0 || old >= MAX_ORIGIN_CHUNK) {
     throw new SnapError('SNAP_OUT_OF_RANGE', `origin chunk ${old} is not an integer in [0, 2^44)`, { details: { chunk: old } })
@@ -139,7 +150,10 @@ export class ExceptionTable {
   private capacity = INITIAL_CAPACITY
   private slotCount = INITIAL_CAPACITY + tailFor(INITIAL_CAPACITY, 0)
   private growAt = Math.floor(INITIAL_CAPACITY * MAX_LOAD)
-  private slots = new Int32Array(this.slotCount * STRIDE)
+  private slots: Int32Array = new Int32Array(this.slotCount * STRIDE)
+  // bit i set = slot i occupied: finds the end of a cluster 32 slots per step when an insert
+  // shifts it (crowded groups make clusters of hundreds of slots); 1/96 of the slot bytes
+  private used: Int32Array = new Int32Array(usedWords(this.slotCount))
   private runsUsed = 0
   private chunks = 0
 
@@ -155,7 +169,7 @@ export class ExceptionTable {
 
   /** Bytes held by the typed array backing the table. */
   memoryBytes(): number {
-    return this.slots.byteLength
+    return this.slots.byteLength + this.used.byteLength
   }
 
   clear(): void {
@@ -163,6 +177,7 @@ export class ExceptionTable {
     this.slotCount = INITIAL_CAPACITY + tailFor(INITIAL_CAPACITY, 0)
     this.growAt = Math.floor(INITIAL_CAPACITY * MAX_LOAD)
     this.slots = new Int32Array(this.slotCount * STRIDE)
+    this.used = new Int32Array(usedWords(this.slotCount))
     this.runsUsed = 0
     this.chunks = 0
   }
@@ -307,6 +322,7 @@ export class ExceptionTable {
       slots[at + 2] = OCCUPIED | ((runOld[i]! & 0xff) << 8) | runLast[i]!
     }
     this.slots = slots
+    this.used = usedOf(slots, slotCount)
     this.slotCount = slotCount
     this.capacity = cap
     this.growAt = growAt
@@ -605,16 +621,24 @@ export class ExceptionTable {
   /** Puts a new run at slot q, shifting the rest of its cluster one slot up. */
   private placeAt(q: number, h: number, newLo: number, meta: number): void {
     let s = this.slots
-    let e = q
-    while (s[e * STRIDE + 2] !== 0) e++
+    let used = this.used
+    // e: the first empty slot from q on (the last slot is always empty)
+    let w = q >>> 5
+    let free = ~used[w]! & (-1 << (q & 31))
+    while (free === 0) free = ~used[++w]!
+    const e = (w << 5) + (31 - Math.clz32(free & -free))
     if (e === this.slotCount - 1) {
       // the last slot must stay empty: a longer tail (a function of the highest slot used)
       const slotCount = this.capacity + tailFor(this.capacity, e)
       const grown = new Int32Array(slotCount * STRIDE)
       grown.set(s)
+      const grownUsed = new Int32Array(usedWords(slotCount))
+      grownUsed.set(used)
       this.slots = s = grown
+      this.used = used = grownUsed
       this.slotCount = slotCount
     }
+    used[e >>> 5]! |= 1 << (e & 31)
     if (e - q > 16) s.copyWithin((q + 1) * STRIDE, q * STRIDE, e * STRIDE)
     else for (let j = e * STRIDE - 1; j >= q * STRIDE; j--) s[j + STRIDE] = s[j]!
     s[q * STRIDE] = h
@@ -635,6 +659,7 @@ export class ExceptionTable {
     // runs in (hole, e) sit past their homes; each moves down one slot
     s.copyWithin(hole * STRIDE, (hole + 1) * STRIDE, e * STRIDE)
     s.fill(0, (e - 1) * STRIDE, e * STRIDE)
+    this.used[(e - 1) >>> 5]! &= ~(1 << ((e - 1) & 31))
   }
 
   private grow(): void {
@@ -643,30 +668,43 @@ export class ExceptionTable {
       throw new SnapError('SNAP_OUT_OF_RANGE', `exception table cannot grow beyond ${MAX_CAPACITY} runs`)
     }
     // Slot order is hash order in every capacity: walk the old slots, filling the new ones in
-    // order. The tail is sized first (one pass over the hashes) so the layout is history-free.
+    // order. The tail is what tailFor gives for the highest slot used, so the layout stays
+    // history-free; the default one nearly always suffices, else a second pass fits it.
     const old = this.slots
     const oldCount = this.slotCount
-    let lastUsed = -1
-    for (let i = 0; i < oldCount; i++) {
-      if (old[i * STRIDE + 2] === 0) continue
-      const home = homeOf(old[i * STRIDE]!, cap)
-      lastUsed = home > lastUsed ? home : lastUsed + 1
-    }
-    const slotCount = cap + tailFor(cap, lastUsed)
-    const slots = new Int32Array(slotCount * STRIDE)
-    for (let i = 0, prev = -1; i < oldCount; i++) {
-      const from = i * STRIDE
-      const m = old[from + 2]!
-      if (m === 0) continue
-      const h = old[from]!
-      const home = homeOf(h, cap)
-      prev = home > prev ? home : prev + 1
-      const at = prev * STRIDE
-      slots[at] = h
-      slots[at + 1] = old[from + 1]!
-      slots[at + 2] = m
+    let slots = new Int32Array(0)
+    let used = new Int32Array(0)
+    let slotCount = 0
+    for (let lastUsed = 0; ; ) {
+      slotCount = cap + tailFor(cap, lastUsed)
+      slots = new Int32Array(slotCount * STRIDE)
+      used = new Int32Array(usedWords(slotCount))
+      let prev = -1
+      let i = 0
+      for (; i < oldCount; i++) {
+        const from = i * STRIDE
+        const m = old[from + 2]!
+        if (m === 0) continue
+        const h = old[from]!
+        const home = homeOf(h, cap)
+        prev = home > prev ? home : prev + 1
+        if (prev === slotCount - 1) break
+        const at = prev * STRIDE
+        slots[at] = h
+        slots[at + 1] = old[from + 1]!
+        slots[at + 2] = m
+        used[prev >>> 5]! |= 1 << (prev & 31)
+      }
+      if (i === oldCount) break
+      for (i++; i < oldCount; i++) {
+        if (old[i * STRIDE + 2] === 0) continue
+        const home = homeOf(old[i * STRIDE]!, cap)
+        prev = home > prev ? home : prev + 1
+      }
+      lastUsed = prev
     }
     this.slots = slots
+    this.used = used
     this.slotCount = slotCount
     this.capacity = cap
     this.growAt = Math.floor(cap * MAX_LOAD)
