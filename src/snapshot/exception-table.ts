@@ -4,9 +4,10 @@
  *
  * Why not a Map: a Map holds at most 2^24 entries and costs ~50-80 bytes per entry, while a
  * snapshot of a large device can hold 10^8 exceptions. This table keeps one 12-byte slot per
- * run in a single Int32Array and stays between load 0.78 and 0.9, so memory is <= 15.4 bytes
- * per exception (plus a small tail) at every size even when nothing compresses, and sequential
- * copy-outs compress up to 256 chunks per slot.
+ * run in a single Int32Array (plus one occupancy bit) and stays between load 0.78 and 0.9, so
+ * memory is <= 15.5 bytes per exception (plus a tail of <= 1024 slots) at every size even when
+ * nothing compresses (the old 1.5x growth at load 0.8 swung between 15 and 22.6), and
+ * sequential copy-outs compress up to 256 chunks per slot.
  *
  * Layout decisions:
  * - The hash key is the GROUP `floor(old / 256)`, exactly like the kernel's `old >> 8` bucket,
