@@ -49,7 +49,7 @@ export function build(results: Results, args: Pick<Args, 'rounds' | 'only' | 'si
   lines.push(`Machine: ${m.nproc} vCPU (${m.cpu}), ${m.memGiB} GiB RAM, Linux ${m.kernel}, ${m.filesystem}; Node ${m.node}; ${m.fio}; ${m.nbdkit}; ${m.qemu}.`)
   lines.push(`Origin ${args.size / MiB} MiB; fio jobs ${args.runtime} s each; whole run ${fmt(results.totalSeconds / 60, 1)} min.`)
   lines.push('')
-  lines.push('## Floors (issue 7)')
+  lines.push('## Floors (issues 7, 15 and 16)')
   lines.push('')
   lines.push('| Measure | Floor | Ratio: median [rounds] | Raw | Met |')
   lines.push('| --- | --- | --- | --- | --- |')
