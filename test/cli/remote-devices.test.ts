@@ -3,6 +3,8 @@
  * an origin and a COW on qemu-nbd exports of raw files (so the bytes can be read behind the
  * server), an origin on nbdkit `memory`, and a small fixed COW on nbdkit `memory`.
  *
+ * diff reads both views through the devices and lists the same extents as on files.
+ *
  * Every result is checked against an independent model (byte arrays updated by the test) or the
  * raw files themselves: the COW an NBD server holds is byte-for-byte the COW blocksnap makes in a
  * file for the same operations, i.e. the kernel's format.
@@ -133,6 +135,19 @@ describe('a volume whose origin and COW are NBD exports', () => {
       assertError(await cli(['snapshot', `${vol}@t`, '--cow', address]), 4, /\[SNAP_BUSY\]: COW nbd\+unix:.* is already used by snapshot 's' of volume nbdvol$/m)
     }
     assertError(await cli(['snapshot', `${vol}@t`, '--cow', originPeer.uri()]), 1, /is the origin of volume nbdvol/)
+
+    // diff reads both views through the devices: the same extents as on the volume of files, and
+    // exactly the bytes where the two models differ.
+    const diffOf = async (v: string) => JSON.parse((await cliOk(['diff', `${v}@s`, v, '--json'])).toString()) as { changedBytes: number; granularityBytes: number; extents: Array<{ offset: number; length: number }> }
+    const nbdDiff = await diffOf(vol)
+    const fileDiff = await diffOf(fileVol)
+    assert.deepEqual([nbdDiff.granularityBytes, nbdDiff.changedBytes, nbdDiff.extents], [fileDiff.granularityBytes, fileDiff.changedBytes, fileDiff.extents])
+    assert.ok(nbdDiff.changedBytes > 0)
+    for (let at = 0; at < originBytes; at += nbdDiff.granularityBytes) {
+      const differs = !originModel.subarray(at, at + nbdDiff.granularityBytes).equals(snapModel.subarray(at, at + nbdDiff.granularityBytes))
+      const listed = nbdDiff.extents.some((e) => at >= e.offset && at < e.offset + e.length)
+      assert.equal(listed, differs, `diff at ${at}`)
+    }
 
     const merged = await cli(['merge', `${vol}@s`])
     assert.equal(merged.code, 0, merged.stderr)
