@@ -49,6 +49,12 @@ describe('nbd-client-device: TLS', () => {
     await rejectsWithMessage(NbdClientDevice.open(`nbds+unix:///?socket=${socket}&tls-psk-file=${wrong}&tls-username=alice`), 'SNAP_IO', /TLS handshake failed|closed/)
     await rejectsWithMessage(NbdClientDevice.open(`nbd+unix:///?socket=${socket}`), 'SNAP_IO', /requires TLS \(use nbds:\/\/\)/)
     await rejectsWithMessage(NbdClientDevice.open(`nbds+unix:///?socket=${socket}&tls-psk-file=${keys}&tls-username=bob`), 'SNAP_BAD_ARGUMENT', /no key for 'bob'/)
+    // libnbd's form with the user before an empty host names the PSK identity too.
+    const byUser = await NbdClientDevice.open(`nbds+unix://alice@/?socket=${socket}&tls-psk-file=${keys}`)
+    assert.deepEqual(await byUser.read(8192, 4096), new Uint8Array(4096).fill(0x5a))
+    await byUser.close()
+    await rejectsWithMessage(NbdClientDevice.open(`nbds+unix://bob@/?socket=${socket}&tls-psk-file=${keys}`), 'SNAP_BAD_ARGUMENT', /no key for 'bob'/)
+    await rejectsWithMessage(NbdClientDevice.open(`nbds+unix://alice:secret@/?socket=${socket}&tls-psk-file=${keys}`), 'SNAP_BAD_ARGUMENT', /must not carry a password/)
   })
 
   it('nbd-client-device: X.509 against blocksnap NbdServer: a client certificate from tls-certificates gets in; a foreign client certificate, or a server not signed by the client CA, is refused', async () => {

@@ -44,10 +44,21 @@ export function isNbdUri(text: string): boolean {
   return /^nbds?(\+unix)?:\/\//i.test(text)
 }
 
+/**
+ * `nbds+unix://USER@/EXPORT?socket=…` names a TLS user with no host, which libnbd accepts but
+ * WHATWG URL refuses (credentials need a host): the user is lifted out before parsing.
+ */
+function splitUnixUser(text: string): { rest: string; user: string | null } {
+  const m = /^(nbds?\+unix:\/\/)([^@/?#]*)@(?=[/?#]|$)/i.exec(text)
+  return m ? { rest: `${m[1]}${text.slice(m[0].length)}`, user: m[2] as string } : { rest: text, user: null }
+}
+
 export function parseNbdUri(text: string): NbdUri {
+  const { rest, user: unixUser } = splitUnixUser(text)
+  if (unixUser !== null && unixUser.includes(':')) throw badArgument(`an NBD URI must not carry a password (keys go in a file: ?tls-psk-file=PATH)`)
   let url: URL
   try {
-    url = new URL(text)
+    url = new URL(rest)
   } catch {
     throw badArgument(`'${text}' is not a valid NBD URI`)
   }
@@ -90,7 +101,13 @@ export function parseNbdUri(text: string): NbdUri {
     if (verify !== null && !['true', 'false', '1', '0', 'yes', 'no'].includes(verify.toLowerCase())) {
       throw badArgument(`'${text}': tls-verify-peer must be true or false`)
     }
-    const username = query('tls-username') ?? (url.username !== '' ? decodeURIComponent(url.username) : userInfo().username)
+    const uriUser = unixUser ?? url.username
+    let username: string
+    try {
+      username = query('tls-username') ?? (uriUser !== '' ? decodeURIComponent(uriUser) : userInfo().username)
+    } catch {
+      throw badArgument(`'${text}': the user name is not valid percent-encoding`)
+    }
     tls = {
       serverName,
       pskFile: query('tls-psk-file'),
