@@ -34,6 +34,7 @@ import { hostname } from 'node:os'
 import { CephOps, type CephTarget, type Locker } from '../device/rbd/ceph-ops.js'
 import { type RbdAddress, cephConfOf } from '../device/rbd/rbd-address.js'
 import { SnapError, isSnapError } from '../errors.js'
+import { processExists } from '../util/process-exists.js'
 
 export const LEASE_LOCK = 'blocksnap'
 export const DEFAULT_LEASE_SECONDS = 15
@@ -71,15 +72,6 @@ function localPidSpace(): string | null {
     return `${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
   } catch {
     return null
-  }
-}
-
-function processGone(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return false
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'ESRCH'
   }
 }
 
@@ -181,7 +173,7 @@ export class VolumeLease {
       const holder = (await this.ops.lockInfo(this.object, LEASE_LOCK))[0]
       if (!holder) continue // released meanwhile: try again
       const hb = await this.readHeartbeat(holder.cookie)
-      if (this.options.takeover !== true && hb !== null && this.pidSpace !== null && hb.pidSpace === this.pidSpace && processGone(hb.pid)) {
+      if (this.options.takeover !== true && hb !== null && this.pidSpace !== null && hb.pidSpace === this.pidSpace && !processExists(hb.pid)) {
         this.options.onNotice?.(`the owner of ${this.volume}, ${describe(hb, holder)}, is gone from this host: fencing it and taking the lease`)
       } else if (this.options.takeover !== true) {
         const verdict = await this.watch(holder, hb)

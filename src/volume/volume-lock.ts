@@ -20,26 +20,19 @@ import { constants } from 'node:fs'
 import { type FileHandle, open, readFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { SnapError } from '../errors.js'
+import { processExists } from '../util/process-exists.js'
 
 export const LOCK_FILE = 'lock'
 
 /** flock(1)'s exit status when the lock is held by someone else (EX_TEMPFAIL). */
 const CONFLICT_EXIT = 75
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM'
-  }
-}
 
 /** The PID the current owner recorded, when it is a live process; for messages only. */
 export async function lockOwner(dir: string): Promise<number | null> {
   try {
     const pid = Number.parseInt(await readFile(join(dir, LOCK_FILE), 'utf8'), 10)
-    return Number.isSafeInteger(pid) && pid > 0 && alive(pid) ? pid : null
+    return Number.isSafeInteger(pid) && pid > 0 && processExists(pid) ? pid : null
   } catch {
     return null
   }

@@ -28,6 +28,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { SnapError, ioError } from '../../errors.js'
 import { type RbdAddress, qemuRbdFilename } from './rbd-address.js'
+import { processExists } from '../../util/process-exists.js'
 
 export interface RbdGatewayOptions {
   readonly readOnly?: boolean
@@ -61,14 +62,6 @@ async function sweepDeadOwners(): Promise<void> {
   }
 }
 
-function processExists(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM' // someone else's: not ours to judge
-  }
-}
 const STOP_GRACE_MS = 5000
 
 export class RbdGateway {

@@ -14,6 +14,7 @@ import { isSnapError } from '../../../src/errors.js'
 import { MANIFEST_FILE, readManifest } from '../../../src/volume/manifest.js'
 import { Volume } from '../../../src/volume/volume.js'
 import { PeerServer } from '../../support/nbd-peer.js'
+import { type Json, editManifest } from '../../support/edit-manifest.js'
 
 const KiB = 1024
 const MiB = 1024 * KiB
@@ -40,14 +41,6 @@ async function memory(name: string, sizeBytes: number): Promise<PeerServer> {
   return peer
 }
 
-type Json = Record<string, unknown>
-
-async function editManifest(vol: string, edit: (m: Json & { snapshots: Json[] }) => void): Promise<void> {
-  const path = join(vol, MANIFEST_FILE)
-  const m = JSON.parse(await readFile(path, 'utf8'))
-  edit(m)
-  await writeFile(path, JSON.stringify(m))
-}
 
 async function refusedCode(promise: Promise<unknown>, code: string, pattern: RegExp): Promise<void> {
   await assert.rejects(promise, (err: unknown) => {

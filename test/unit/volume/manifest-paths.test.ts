@@ -13,6 +13,7 @@ import { isSnapError } from '../../../src/errors.js'
 import { MANIFEST_FILE, isExternal } from '../../../src/volume/manifest.js'
 import { Volume } from '../../../src/volume/volume.js'
 import { checkVolumeFiles } from '../../../src/volume/check.js'
+import { type Json, editManifest } from '../../support/edit-manifest.js'
 
 const SIZE = 1024 * 1024
 
@@ -36,14 +37,6 @@ async function makeVolume(root: string): Promise<string> {
   return vol
 }
 
-type Json = Record<string, unknown>
-
-async function editManifest(vol: string, edit: (m: Json & { snapshots: Json[] }) => void): Promise<void> {
-  const path = join(vol, MANIFEST_FILE)
-  const m = JSON.parse(await readFile(path, 'utf8'))
-  edit(m)
-  await writeFile(path, JSON.stringify(m))
-}
 
 const transient = (cowFile: string): Json => ({
   name: 't',
