@@ -19,9 +19,8 @@
  *   images as K single-run steps would have, so the on-disk format is unchanged; batching only
  *   saves the per-run flush and FUA write (random 4 KiB changes are all 1-chunk runs; 4 KiB
  *   chunks put only 256 entries in an area).
- *   Steps overlap: step N + 1 is prepared (its batch ends where N's begins), relocated and
- *   copied while the flushes and commits of steps N and N - 1 run, and it commits only after
- *   N has (COMMITTING_STEPS). Each step
+ *   Steps overlap by one: step N + 1 is prepared (its batch ends where N's begins), relocated
+ *   and copied while step N's flush and commit run, and it commits only after N has. Each step
  *   runs as an origin mutation (its commit as one more, entered before the copy's ends), so
  *   live snapshot creation (which drains mutations) never sees a half-done step.
  * - Relocation samples the global pending-exception done counter before every scan, triggers
@@ -110,25 +109,22 @@ export interface MergeOptions {
 }
 
 /**
- * Runs of one step copied at the same time (at most this many pieces in memory). Three keep
- * the copy ahead of the origin flushes; eight measured slower (a merge of 256 MiB of
- * sequential 4 KiB-chunk changes: their reads and writes queue ahead of the flushes and
- * commits that steps wait for, in the same four I/O threads).
+ * Runs of one step copied at the same time (at most this many pieces in memory). Eight
+ * measured slower than three (a merge of 256 MiB of sequential 4 KiB-chunk changes, 64 MiB
+ * steps: loop 0.15-0.16 s with three, 0.15-0.17 s with eight; with 16 MiB steps 0.18-0.21 s
+ * vs 0.22-0.24 s): their reads and writes queue ahead of the flushes and commits the steps
+ * wait for, in the same four I/O threads.
  */
 const COPY_CONCURRENCY = 3
 /**
  * Most bytes one step merges: bounds how long writes to the step's chunks are held. With
- * 4 KiB chunks that is 64 metadata areas. Every step costs an origin flush and a commit of
- * two COW flushes, each a cache flush of the device: 16 MiB steps spent more time in those
- * than in copying (the same merge, loop 0.3 s with 16 MiB steps vs 0.22 s with 64 MiB).
+ * 4 KiB chunks that is 64 metadata areas. Every step costs an origin flush and a commit with
+ * two COW flushes, each a cache flush of the device; with 16 MiB steps the same merge spent
+ * longer waiting on those than copying (loop 0.18-0.21 s vs 0.14-0.16 s with 64 MiB steps).
+ * Measured again once copies stopped allocating a buffer per piece: before that, allocation
+ * and garbage collection hid the difference.
  */
 const STEP_BYTES = 64 * 1024 * 1024
-/**
- * Steps whose flush and commit may still be running while the next step copies. With one,
- * the copies waited for the commit before last and the device sat idle between flushes;
- * two keep a flush going while the next step copies (measured: loop 0.3 s → 0.22 s).
- */
-const COMMITTING_STEPS = 2
 /** With a rate limit, a step merges at most this many seconds' worth of it (at least 1 chunk), so the rate stays smooth. */
 const RATE_STEP_SECONDS = 0.02
 
@@ -300,9 +296,9 @@ export class Merge extends EventEmitter<MergeEvents> {
   }
 
   /**
-   * @internal Runs the loop; called once by startMerge. Steps overlap: step N + 1 is prepared,
-   * relocated and copied while the origin flushes and commits of up to COMMITTING_STEPS steps
-   * before it run, and commits only after step N has (the batch of N + 1 ends where N's begins, so the table shrinks from its
+   * @internal Runs the loop; called once by startMerge. Steps overlap by one: step N + 1 is
+   * prepared, relocated and copied while step N's origin flush and commit run, and commits only
+   * after step N has (the batch of N + 1 ends where N's begins, so the table shrinks from its
    * end as before). Controls act at step boundaries: a pause, stop or rate wait first lets the
    * committing step finish.
    */
@@ -310,14 +306,10 @@ export class Merge extends EventEmitter<MergeEvents> {
     this.resetRateBase()
     let committing: Promise<void> | null = null // never rejects: failures land in stepFailure
     let nextEnd: number | undefined // table index the next batch ends at (undefined: the end)
-    // Commits not waited for yet, oldest first. Each commit waits for the one before it, so
-    // waiting for the newest (committing) waits for them all.
-    const unsettled: Array<Promise<void>> = []
     // Lets the committing step finish; the next batch then ends at the table's end again.
     const settle = async (): Promise<void> => {
       if (committing) await committing
       committing = null
-      unsettled.length = 0
       nextEnd = undefined
       this.throwStepFailure()
     }
@@ -363,9 +355,8 @@ export class Merge extends EventEmitter<MergeEvents> {
           continue
         }
         nextEnd = copied.firstIndex
-        // At most COMMITTING_STEPS steps commit while the next one copies.
-        if (committing) unsettled.push(committing)
-        while (unsettled.length >= COMMITTING_STEPS) await unsettled.shift()
+        // At most one step commits while the next one copies.
+        if (previous) await previous
         this.throwStepFailure()
       }
     } catch (err) {
