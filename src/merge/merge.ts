@@ -44,7 +44,7 @@ import { EventEmitter } from 'node:events'
 import { SnapError, isSnapError } from '../errors.js'
 import type { Origin } from '../snapshot/origin.js'
 import { type Clock, systemClock } from '../util/clock.js'
-import { CopyFailure, type CopyRegion } from '../snapshot/copy-engine.js'
+import { COPY_PIECE_BYTES, CopyFailure, type CopyRegion } from '../snapshot/copy-engine.js'
 import type { Snapshot } from '../snapshot/snapshot.js'
 import { type ChunkRange, MergeView, type MergeWindow, mergeFailedError } from './merge-view.js'
 
@@ -109,13 +109,17 @@ export interface MergeOptions {
 }
 
 /**
- * Runs of one step copied at the same time (at most this many pieces in memory). Eight
- * measured slower than three (a merge of 256 MiB of sequential 4 KiB-chunk changes, 64 MiB
- * steps: loop 0.15-0.16 s with three, 0.15-0.17 s with eight; with 16 MiB steps 0.18-0.21 s
- * vs 0.22-0.24 s): their reads and writes queue ahead of the flushes and commits the steps
- * wait for, in the same four I/O threads.
+ * Copy workers of one step: enough to keep about COPY_IN_FLIGHT_BYTES moving, between
+ * MIN_COPY_WORKERS and MAX_COPY_WORKERS (at most that many pieces in memory). Small runs
+ * (random 4 KiB changes) need many requests in flight; big ones (sequential changes, 1 MiB
+ * pieces) went slower with eight than with three: their reads and writes queue ahead of the
+ * flushes and commits the steps wait for, in the same four I/O threads (256 MiB of sequential
+ * 4 KiB-chunk changes: loop 0.15-0.16 s with three, 0.15-0.17 s with eight at 64 MiB steps;
+ * random 4 KiB changes took 1.5x as long with three or four as with eight).
  */
-const COPY_CONCURRENCY = 3
+const COPY_IN_FLIGHT_BYTES = 3 * 1024 * 1024
+const MIN_COPY_WORKERS = 3
+const MAX_COPY_WORKERS = 8
 /**
  * Most bytes one step merges: bounds how long writes to the step's chunks are held. With
  * 4 KiB chunks that is 64 metadata areas. Every step costs an origin flush and a commit with
@@ -503,7 +507,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     }
   }
 
-  /** Copies every range COW → origin through the copy engine, up to COPY_CONCURRENCY at once. */
+  /** Copies every range COW → origin through the copy engine, copyWorkers() pieces at once. */
   private async copyRanges(ranges: readonly StepRange[]): Promise<void> {
     const cb = this.snapshot.chunkBytes
     const regions: CopyRegion[] = []
@@ -514,7 +518,7 @@ export class Merge extends EventEmitter<MergeEvents> {
       if (length > 0) regions.push({ from: r.cowChunk * cb, to, length })
     }
     try {
-      await this.origin.copies.copyRegions(this.snapshot.store.cow, this.origin.device, regions, { concurrency: COPY_CONCURRENCY })
+      await this.origin.copies.copyRegions(this.snapshot.store.cow, this.origin.device, regions, { concurrency: copyWorkers(regions) })
     } catch (err) {
       const stage = err instanceof CopyFailure && err.stage === 'read' ? 'read' : 'write'
       throw mergeFailedError(`${this.snapshot.snapshotName}: ${stage} error: shutting down merge`, err instanceof CopyFailure ? err.cause : err)
@@ -566,6 +570,18 @@ export class Merge extends EventEmitter<MergeEvents> {
   private detachSignal(): void {
     this.signal?.removeEventListener('abort', this.onAbort)
   }
+}
+
+/** Workers for a step's regions: about COPY_IN_FLIGHT_BYTES in flight, by their mean piece size. */
+function copyWorkers(regions: readonly CopyRegion[]): number {
+  let bytes = 0
+  let pieces = 0
+  for (const r of regions) {
+    bytes += r.length
+    pieces += Math.ceil(r.length / COPY_PIECE_BYTES)
+  }
+  const meanPieceBytes = pieces === 0 ? COPY_PIECE_BYTES : bytes / pieces
+  return Math.max(MIN_COPY_WORKERS, Math.min(MAX_COPY_WORKERS, Math.floor(COPY_IN_FLIGHT_BYTES / meanPieceBytes)))
 }
 
 function checkRate(rate: number | undefined): number {
