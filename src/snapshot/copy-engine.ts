@@ -155,14 +155,21 @@ export class CopyEngine {
     const pieceBytes = options.pieceBytes ?? COPY_PIECE_BYTES
     let next = 0
     let failure: CopyFailure | null = null
+    let longest = 0
+    for (const r of regions) if (r.length > longest) longest = r.length
+    const bufferBytes = Math.min(pieceBytes, longest)
     const worker = async (): Promise<void> => {
+      // One buffer per worker, reused for every piece: a fresh 1 MiB buffer per piece cost a
+      // merge more in zeroing and garbage collection than its reads and writes.
+      let buffer: Uint8Array | null = null
       while (failure === null && next < regions.length) {
         const r = regions[next++] as CopyRegion
         for (let done = 0; done < r.length && failure === null; done += pieceBytes) {
           const n = Math.min(pieceBytes, r.length - done)
+          buffer ??= new Uint8Array(bufferBytes)
           this.active++
           try {
-            await this.copyPiece(source, target, r.from + done, r.to + done, n)
+            await this.copyPiece(source, target, r.from + done, r.to + done, buffer.subarray(0, n))
           } catch (err) {
             failure ??= err as CopyFailure
           } finally {
@@ -176,10 +183,10 @@ export class CopyEngine {
     if (failure) throw failure
   }
 
-  private async copyPiece(source: BlockDevice, target: BlockDevice, from: number, to: number, length: number): Promise<void> {
-    let data: Uint8Array
+  /** Copies `data.length` bytes through `data`, which the caller reuses once this settles. */
+  private async copyPiece(source: BlockDevice, target: BlockDevice, from: number, to: number, data: Uint8Array): Promise<void> {
     try {
-      data = await source.read(from, length)
+      await source.readInto(data, from)
     } catch (err) {
       throw new CopyFailure('read', err)
     }
