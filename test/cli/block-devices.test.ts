@@ -19,37 +19,20 @@ import { FileDevice } from '../../src/device/file-device.js'
 import { SnapError } from '../../src/errors.js'
 import { Volume } from '../../src/volume/volume.js'
 import { assertBytes, assertError, cli, ok, pattern } from './helpers.js'
+import { LoopDevices } from '../support/loop-devices.js'
 
 const MiB = 1024 * 1024
 let T = ''
-const loops: string[] = []
+const loops = new LoopDevices()
 let noLoop: string | null = null
-
-/** Attaches `file` to a free loop device and returns its path (detached in `after`). */
-function attachLoop(file: string): string {
-  const dev = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim()
-  loops.push(dev)
-  return dev
-}
 
 before(async () => {
   T = await mkdtemp(join(tmpdir(), 'blocksnap-blockdev-'))
-  try {
-    await writeFile(join(T, 'probe.img'), Buffer.alloc(64 * 1024))
-    attachLoop(join(T, 'probe.img'))
-  } catch (err) {
-    noLoop = `no loop devices here (losetup: ${(err as Error).message.split('\n')[0]})`
-  }
+  noLoop = await loops.probe(T)
 })
 
 after(async () => {
-  for (const dev of loops) {
-    try {
-      execFileSync('losetup', ['-d', dev], { stdio: 'ignore' })
-    } catch {
-      // already gone
-    }
-  }
+  loops.detachAll()
   if (T) await rm(T, { recursive: true, force: true })
 })
 
@@ -109,7 +92,7 @@ describe('block devices', { concurrency: 1 }, () => {
     const file = join(T, 'dev.img')
     const content = pattern(3 * MiB + 512, 1)
     await writeFile(file, content)
-    const loop = attachLoop(file)
+    const loop = loops.attach(file)
     assert.equal(majorMinor((await stat(loop, { bigint: true })).rdev), statMajorMinor(loop), 'the kernel numbers of the node')
     const dev = await FileDevice.open(loop, { resizable: true })
     try {
@@ -132,7 +115,7 @@ describe('block devices', { concurrency: 1 }, () => {
     const file = join(T, 'origin-src.img')
     const content = Buffer.concat([pattern(MiB, 2), Buffer.alloc(MiB), pattern(512, 3)])
     await writeFile(file, content)
-    const loop = attachLoop(file)
+    const loop = loops.attach(file)
     const vol = join(T, 'from-loop')
     ok(await cli(['create', vol, '--from', loop]), `create --from ${loop}`)
     assertBytes(await readFile(join(vol, 'origin.img')), content, 'origin.img is the device content')
@@ -164,7 +147,7 @@ describe('block devices', { concurrency: 1 }, () => {
     assertBytes(view, taken, 'A@s is the origin when it was taken')
     const cowFile = join(T, 'cow-on-loop.img')
     await writeFile(cowFile, cowBytes)
-    const loop = attachLoop(cowFile)
+    const loop = loops.attach(cowFile)
 
     const originFile = join(T, 'origin-b.img')
     await writeFile(originFile, originNow)

@@ -18,30 +18,20 @@ import { readManifest } from '../../src/volume/manifest.js'
 import { Volume } from '../../src/volume/volume.js'
 import { assertBytes, assertError, cli, ok, pattern } from './helpers.js'
 import { refusedWith } from '../support/refused-with.js'
+import { LoopDevices } from '../support/loop-devices.js'
 
 const MiB = 1024 * 1024
 let T = ''
-const loops: string[] = []
+const loops = new LoopDevices()
 const mounts: string[] = []
 let noLoop: string | null = null
 let savedStateDir: string | undefined
-
-function attachLoop(file: string): string {
-  const dev = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim()
-  loops.push(dev)
-  return dev
-}
 
 before(async () => {
   T = await mkdtemp(join(tmpdir(), 'blocksnap-inplace-cli-'))
   savedStateDir = process.env.BLOCKSNAP_STATE_DIR
   process.env.BLOCKSNAP_STATE_DIR = join(T, 'state') // inherited by the CLI processes
-  try {
-    await writeFile(join(T, 'probe.img'), Buffer.alloc(64 * 1024))
-    attachLoop(join(T, 'probe.img'))
-  } catch (err) {
-    noLoop = `no loop devices here (losetup: ${(err as Error).message.split('\n')[0]})`
-  }
+  noLoop = await loops.probe(T)
 })
 
 after(async () => {
@@ -52,13 +42,7 @@ after(async () => {
       // not mounted
     }
   }
-  for (const dev of loops) {
-    try {
-      execFileSync('losetup', ['-d', dev], { stdio: 'ignore' })
-    } catch {
-      // already gone
-    }
-  }
+  loops.detachAll()
   if (savedStateDir === undefined) delete process.env.BLOCKSNAP_STATE_DIR
   else process.env.BLOCKSNAP_STATE_DIR = savedStateDir
   if (T) await rm(T, { recursive: true, force: true })
@@ -82,7 +66,7 @@ describe('in-place origins: CLI and block devices', { concurrency: 1 }, () => {
     const file = join(T, 'loop-origin.img')
     const content = pattern(3 * MiB + 512, 2)
     await writeFile(file, content)
-    const loop = attachLoop(file)
+    const loop = loops.attach(file)
     const dir = join(T, 'loop-vol')
     ok(await cli(['create', dir, '--origin', loop]), `create --origin ${loop}`)
     const manifest = await readManifest(dir)
@@ -126,7 +110,7 @@ describe('in-place origins: CLI and block devices', { concurrency: 1 }, () => {
     if (noLoop) return t.skip(noLoop)
     const file = join(T, 'fs.img')
     await writeFile(file, Buffer.alloc(8 * MiB))
-    const loop = attachLoop(file)
+    const loop = loops.attach(file)
     const where = join(T, 'mnt')
     await mkdir(where)
     try {
