@@ -7,8 +7,7 @@
  * the fixed-size COW case: kernel semantics (Invalid), and a warning line from the CLI.
  */
 import assert from 'node:assert/strict'
-import { spawnSync } from 'node:child_process'
-import { mkdir, mkdtemp, rm, statfs, writeFile } from 'node:fs/promises'
+import { mkdtemp, rm, statfs, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, it } from 'node:test'
@@ -20,36 +19,11 @@ import { RawNbdClient } from '../support/nbd-raw-client.js'
 import { Random } from '../support/random.js'
 import { ServeProcess } from '../support/serve-process.js'
 import { assertError, cli, ok } from './helpers.js'
+import { onTmpfs } from '../support/tmpfs.js'
 
 const KiB = 1024
 const MiB = 1024 * KiB
 const VOLUME_BYTES = 16 * MiB
-
-/** Mounts a tmpfs of `sizeMiB` under a fresh directory; null (with the reason) when not permitted. */
-function mountTmpfs(dir: string, sizeMiB: number): string | null {
-  const r = spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${sizeMiB}m`, 'tmpfs', dir], { encoding: 'utf8' })
-  if (r.error) return `mount not available: ${r.error.message}`
-  if (r.status !== 0) return `mount -t tmpfs not permitted: ${(r.stderr || '').trim()}`
-  return null
-}
-
-async function onTmpfs(fn: (mnt: string, T: string) => Promise<void>, skip: (reason: string) => void): Promise<void> {
-  const T = await mkdtemp(join(tmpdir(), 'blocksnap-nospace-'))
-  const mnt = join(T, 'mnt')
-  await mkdir(mnt)
-  const refused = mountTmpfs(mnt, 40)
-  if (refused) {
-    await rm(T, { recursive: true, force: true })
-    skip(refused)
-    return
-  }
-  try {
-    await fn(mnt, T)
-  } finally {
-    spawnSync('umount', [mnt])
-    await rm(T, { recursive: true, force: true })
-  }
-}
 
 /** A 16 MiB volume on the tmpfs whose origin is fully allocated (so only COW copies need space). */
 async function volumeWithTwoSnapshots(mnt: string, T: string, seed: number): Promise<{ vol: string; image: Uint8Array }> {
@@ -94,7 +68,7 @@ async function checkVolume(vol: string, origin: Uint8Array, snapshot: Uint8Array
 
 describe('no space (CLI, real tmpfs)', () => {
   it('the issue scenario: writes without COW space fail with one ENOSPC line, both snapshots stay valid, writes succeed once space is freed', async (t) => {
-    await onTmpfs(async (mnt, T) => {
+    await onTmpfs(40, async (mnt, T) => {
       const { vol, image } = await volumeWithTwoSnapshots(mnt, T, 14)
       const filler = await leaveFree(mnt, 3 * MiB)
       const model = image.slice()
@@ -129,7 +103,7 @@ describe('no space (CLI, real tmpfs)', () => {
   })
 
   it('served: an NBD write without COW space gets ENOSPC, serve logs a warning naming volume, snapshot and path; it succeeds once space is freed', async (t) => {
-    await onTmpfs(async (mnt, T) => {
+    await onTmpfs(40, async (mnt, T) => {
       const { vol, image } = await volumeWithTwoSnapshots(mnt, T, 16)
       const port = await freePort()
       const server = await ServeProcess.start([vol, '--listen', `127.0.0.1:${port}`, '--write-back', '0'])

@@ -7,8 +7,7 @@
  * a merge runs. Expected events come from a model of the fill in chunks, not from the code.
  */
 import assert from 'node:assert/strict'
-import { spawnSync } from 'node:child_process'
-import { appendFile, mkdir, mkdtemp, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, stat, truncate } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { after, before, describe, it } from 'node:test'
@@ -20,6 +19,7 @@ import { MANIFEST_FILE } from '../../../src/volume/manifest.js'
 import { checkCow } from '../../../src/volume/check.js'
 import type { VolumeEvent } from '../../../src/volume/volume-events.js'
 import { type SnapshotCreateOptions, Volume } from '../../../src/volume/volume.js'
+import { fillFileSystem, onTmpfs } from '../../support/tmpfs.js'
 
 const CHUNK = 4096
 const SIZE = 1024 * 1024
@@ -296,40 +296,34 @@ describe('autoextend', () => {
 
 describe('space events', () => {
   it('a copy-out that finds the file system full emits snapshot-no-space, and space-restored once copies succeed again', async (t) => {
-    const mnt = join(T, `space-${++counter}`)
-    await mkdir(mnt)
-    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mnt], { encoding: 'utf8' })
-    if (mounted.error || mounted.status !== 0) return t.skip(`cannot mount a tmpfs: ${mounted.error?.message ?? mounted.stderr.trim()}`)
-    let volume: Volume | null = null
-    try {
-      const dir = join(mnt, 'v')
-      await Volume.create(dir, { sizeBytes: SIZE })
-      volume = await Volume.open(dir, { writeBackBytes: 0 })
-      await volume.origin.write(originPattern(), 0) // allocated: only the COW needs room later
-      await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
-      const events: VolumeEvent[] = []
-      volume.onEvent((e) => events.push(e))
-      const filler = join(mnt, 'filler')
-      await writeFile(filler, Buffer.alloc(0))
-      for (let piece = 1024 * 1024; piece >= 512; piece /= 2) {
-        while (await appendFile(filler, Buffer.alloc(piece)).then(() => true, () => false));
+    await onTmpfs(4, async (mnt) => {
+      let volume: Volume | null = null
+      try {
+        const dir = join(mnt, 'v')
+        await Volume.create(dir, { sizeBytes: SIZE })
+        volume = await Volume.open(dir, { writeBackBytes: 0 })
+        await volume.origin.write(originPattern(), 0) // allocated: only the COW needs room later
+        await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
+        const events: VolumeEvent[] = []
+        volume.onEvent((e) => events.push(e))
+        const filler = join(mnt, 'filler')
+        await fillFileSystem(filler)
+        await assert.rejects(volume.origin.write(new Uint8Array(64 * CHUNK).fill(0xee), 0), (err: unknown) => isSnapError(err, 'SNAP_NO_SPACE'))
+        await volume.settled()
+        const cowPath = join(dir, 'snapshots', 's.cow')
+        const noSpace = events.filter((e) => e.type === 'snapshot-no-space')
+        assert.equal(noSpace.length, 1, `one snapshot-no-space event: ${JSON.stringify(events)}`)
+        assert.deepEqual({ ...noSpace[0], reason: undefined }, { type: 'snapshot-no-space', volume: 'v', snapshot: 's', cowPath, reason: undefined })
+        assert.ok(!events.some((e) => e.type === 'snapshot-invalidated'), 'nothing invalidated')
+        await rm(filler)
+        await volume.origin.write(new Uint8Array(64 * CHUNK).fill(0xee), 0)
+        await volume.settled()
+        assert.deepEqual(events.filter((e) => e.type === 'snapshot-space-restored'), [{ type: 'snapshot-space-restored', volume: 'v', snapshot: 's', cowPath }])
+        assert.deepEqual(Buffer.from(await volume.snapshot('s').read(0, 64 * CHUNK)), Buffer.from(originPattern().subarray(0, 64 * CHUNK)), 'the snapshot kept its view')
+      } finally {
+        await volume?.close().catch(() => {})
       }
-      await assert.rejects(volume.origin.write(new Uint8Array(64 * CHUNK).fill(0xee), 0), (err: unknown) => isSnapError(err, 'SNAP_NO_SPACE'))
-      await volume.settled()
-      const cowPath = join(dir, 'snapshots', 's.cow')
-      const noSpace = events.filter((e) => e.type === 'snapshot-no-space')
-      assert.equal(noSpace.length, 1, `one snapshot-no-space event: ${JSON.stringify(events)}`)
-      assert.deepEqual({ ...noSpace[0], reason: undefined }, { type: 'snapshot-no-space', volume: 'v', snapshot: 's', cowPath, reason: undefined })
-      assert.ok(!events.some((e) => e.type === 'snapshot-invalidated'), 'nothing invalidated')
-      await rm(filler)
-      await volume.origin.write(new Uint8Array(64 * CHUNK).fill(0xee), 0)
-      await volume.settled()
-      assert.deepEqual(events.filter((e) => e.type === 'snapshot-space-restored'), [{ type: 'snapshot-space-restored', volume: 'v', snapshot: 's', cowPath }])
-      assert.deepEqual(Buffer.from(await volume.snapshot('s').read(0, 64 * CHUNK)), Buffer.from(originPattern().subarray(0, 64 * CHUNK)), 'the snapshot kept its view')
-    } finally {
-      await volume?.close().catch(() => {})
-      spawnSync('umount', [mnt])
-    }
+    }, (reason) => t.skip(reason))
   })
 })
 
@@ -361,44 +355,34 @@ describe('merge events', () => {
 
   it('failed: a merge whose copy into another snapshot finds the file system full emits merge-failed', async (t) => {
     // A real full file system: a small tmpfs (root only; skipped with the reason otherwise).
-    const mnt = join(T, `full-${++counter}`)
-    await mkdir(mnt)
-    const mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mnt], { encoding: 'utf8' })
-    if (mounted.error || mounted.status !== 0) return t.skip(`cannot mount a tmpfs: ${mounted.error?.message ?? mounted.stderr.trim()}`)
-    let volume: Volume | null = null
-    try {
-      const dir = join(mnt, 'v')
-      await Volume.create(dir, { sizeBytes: SIZE })
-      volume = await Volume.open(dir, { writeBackBytes: 0 })
-      await volume.origin.write(originPattern(), 0) // the origin is allocated: merging needs no room for it
-      await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
-      await overwrite(volume, 0, 20)
-      await volume.createSnapshot('o', { chunkSizeBytes: CHUNK }) // grows on demand; merging s copies into it
-      const events: VolumeEvent[] = []
-      volume.onEvent((e) => events.push(e))
-      // Fill the file system to the last byte.
-      await writeFile(join(mnt, 'filler'), Buffer.alloc(0))
-      for (let piece = 1024 * 1024; piece >= 512; piece /= 2) {
-        for (;;) {
-          const ok = await appendFile(join(mnt, 'filler'), Buffer.alloc(piece)).then(() => true, () => false)
-          if (!ok) break
-        }
+    await onTmpfs(4, async (mnt) => {
+      let volume: Volume | null = null
+      try {
+        const dir = join(mnt, 'v')
+        await Volume.create(dir, { sizeBytes: SIZE })
+        volume = await Volume.open(dir, { writeBackBytes: 0 })
+        await volume.origin.write(originPattern(), 0) // the origin is allocated: merging needs no room for it
+        await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
+        await overwrite(volume, 0, 20)
+        await volume.createSnapshot('o', { chunkSizeBytes: CHUNK }) // grows on demand; merging s copies into it
+        const events: VolumeEvent[] = []
+        volume.onEvent((e) => events.push(e))
+        await fillFileSystem(join(mnt, 'filler'))
+        // ...but for a few pages: the merge record still fits in the manifest, 20 copied chunks do not.
+        await truncate(join(mnt, 'filler'), Math.max(0, (await stat(join(mnt, 'filler'))).size - 16 * 1024))
+        const merge = await volume.startMerge('s', { maxStepChunks: 1 })
+        await assert.rejects(merge.done)
+        const base = { volume: 'v', snapshot: 's' }
+        assert.deepEqual(events[0], { type: 'merge-started', ...base, totalBytes: 20 * CHUNK, rateBytesPerSecond: null })
+        const failed = events.find((e) => e.type === 'merge-failed') as Extract<VolumeEvent, { type: 'merge-failed' }> | undefined
+        assert.ok(failed, `a merge-failed event: ${JSON.stringify(events)}`)
+        assert.deepEqual({ volume: failed.volume, snapshot: failed.snapshot, code: failed.code }, { ...base, code: 'SNAP_NO_SPACE' })
+        assert.ok(failed.reason.length > 0, 'the reason is given')
+        assert.ok(!events.some((e) => e.type === 'merge-done'), 'no merge-done')
+      } finally {
+        await volume?.close().catch(() => {})
       }
-      // ...but for a few pages: the merge record still fits in the manifest, 20 copied chunks do not.
-      await truncate(join(mnt, 'filler'), Math.max(0, (await stat(join(mnt, 'filler'))).size - 16 * 1024))
-      const merge = await volume.startMerge('s', { maxStepChunks: 1 })
-      await assert.rejects(merge.done)
-      const base = { volume: 'v', snapshot: 's' }
-      assert.deepEqual(events[0], { type: 'merge-started', ...base, totalBytes: 20 * CHUNK, rateBytesPerSecond: null })
-      const failed = events.find((e) => e.type === 'merge-failed') as Extract<VolumeEvent, { type: 'merge-failed' }> | undefined
-      assert.ok(failed, `a merge-failed event: ${JSON.stringify(events)}`)
-      assert.deepEqual({ volume: failed.volume, snapshot: failed.snapshot, code: failed.code }, { ...base, code: 'SNAP_NO_SPACE' })
-      assert.ok(failed.reason.length > 0, 'the reason is given')
-      assert.ok(!events.some((e) => e.type === 'merge-done'), 'no merge-done')
-    } finally {
-      await volume?.close().catch(() => {})
-      spawnSync('umount', [mnt])
-    }
+    }, (reason) => t.skip(reason))
   })
 })
 
