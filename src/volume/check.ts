@@ -11,8 +11,7 @@ import { decodeArea } from '../format/area.js'
 import { decodeHeader } from '../format/header.js'
 import { FORMAT_VERSION, areaChunk, isMetadataChunk, layoutFor } from '../format/layout.js'
 import { type Manifest, cowPathOf, isExternal, readManifest } from './manifest.js'
-import { acquireOwnership, sharedOriginOf } from './ownership.js'
-import { VolumeLock } from './volume-lock.js'
+import { acquireOwnership } from './ownership.js'
 import { resolveInside } from './volume-files.js'
 import { MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SECTOR_BYTES, isPowerOfTwo } from '../units.js'
 
@@ -109,11 +108,11 @@ export async function checkVolumeFiles(dirPath: string, snapshot: string | null)
   // A reader's lock: files an owner is writing (an offline merge, a write) would read as damage.
   // A volume on a shared store may be written from another host, where no flock reaches: there
   // the check holds the volume's lease, so it refuses while a live owner serves it anywhere.
-  const lock = sharedOriginOf(manifest) === null ? await VolumeLock.acquireShared(dir) : await acquireOwnership(dir, manifest)
+  const owner = await acquireOwnership(dir, manifest, { shared: true })
   try {
     return await checkRecords(dir, manifest, snapshot)
   } finally {
-    await lock?.release()
+    await owner.release()
   }
 }
 

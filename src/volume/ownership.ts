@@ -35,6 +35,12 @@ export interface OwnershipOptions {
   readonly onLost?: (err: SnapError) => void
   /** Lease progress worth a log line (waiting for a holder, fencing). */
   readonly onNotice?: (message: string) => void
+  /**
+   * For a reader that must not see files an owner is writing (check): a shared flock beside other
+   * readers on a local volume. A lease has no shared form, so a volume on a shared store is
+   * still taken whole.
+   */
+  readonly shared?: boolean
 }
 
 /** The volume's origin when it lives on a shared store (an RBD image), else null. */
@@ -55,17 +61,18 @@ export function rbdImagesOf(manifest: Manifest): RbdAddress[] {
 
 class FlockOwnership implements VolumeOwnership {
   readonly kind = 'flock' as const
-  private readonly lock: VolumeLock
+  // null: a shared lock on a volume without a lock file (nothing to lock against)
+  private readonly lock: { release(): Promise<void> } | null
 
-  constructor(lock: VolumeLock) {
+  constructor(lock: { release(): Promise<void> } | null) {
     this.lock = lock
   }
 
   // The kernel never takes a flock away from a live process.
   async assertHeld(): Promise<void> {}
 
-  release(): Promise<void> {
-    return this.lock.release()
+  async release(): Promise<void> {
+    await this.lock?.release()
   }
 }
 
@@ -93,7 +100,7 @@ class LeaseOwnership implements VolumeOwnership {
 /** Takes ownership of volume `dir` as its manifest calls for. */
 export async function acquireOwnership(dir: string, manifest: Manifest, options: OwnershipOptions = {}): Promise<VolumeOwnership> {
   const origin = sharedOriginOf(manifest)
-  if (origin === null) return new FlockOwnership(await VolumeLock.acquire(dir))
+  if (origin === null) return new FlockOwnership(options.shared === true ? await VolumeLock.acquireShared(dir) : await VolumeLock.acquire(dir))
   const lease = await VolumeLease.acquire(origin, dir, () => rbdImagesOf(manifest), options)
   return new LeaseOwnership(lease)
 }
