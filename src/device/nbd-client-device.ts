@@ -149,6 +149,11 @@ export class NbdClientDevice extends BaseBlockDevice {
     return this.slots.filter((slot) => slot.connection?.alive === true).length
   }
 
+  /** Requests sent on a live connection and not yet answered (for tests and status output). */
+  get inFlightCount(): number {
+    return this.slots.reduce((sum, slot) => sum + (slot.connection?.alive === true ? slot.connection.inFlightCount : 0), 0)
+  }
+
   /** NBD TRIM: a hint that the range is unused; what it then reads back as is unspecified. */
   async trim(offset: number, length: number): Promise<void> {
     this.checkOpen()

@@ -56,7 +56,12 @@ describe('nbd-client-device: reconnection', () => {
     // Batch B: sent to a stopped server, so none of it is answered, then the server dies.
     await peer.signal('SIGSTOP')
     const batchB = Promise.all(Array.from({ length: 16 }, (_, i) => write(2 * 1024 * 1024 + i * 65_536 + 7, 9000)))
-    await flushTicks()
+    // The stopped server answers nothing: once all 16 are on the wire they stay in flight.
+    for (let spins = 0; device.inFlightCount < 16; spins++) {
+      assert.ok(spins < 100_000, `only ${device.inFlightCount} of batch B went out`)
+      await flushTicks()
+    }
+    await flushTicks() // and their bytes reach the socket
     await peer.signal('SIGKILL')
     await peer.start()
     await batchB
