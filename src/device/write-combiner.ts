@@ -10,6 +10,7 @@
  *
  * Callers must not have overlapping writes in flight at once: merged runs may be reordered.
  */
+import { enginePool } from '../util/buffer-pool.js'
 import type { BlockDevice, IoDone } from './block-device.js'
 
 export interface WriteCombinerOptions {
@@ -54,13 +55,16 @@ export class WriteCombiner {
     else this.queue.push({ offset, data, done })
   }
 
-  /** One device write for `run`; each piece hears how it went once the queue behind it is drained. */
-  private issue(data: Uint8Array, offset: number, run: readonly Piece[]): void {
+  /**
+   * One device write for `run`; each piece hears how it went once the queue behind it is drained.
+   * `merged` is the pooled buffer the run was copied into (null: the piece's own bytes).
+   */
+  private issue(data: Uint8Array, offset: number, run: readonly Piece[], merged: Uint8Array | null = null): void {
     this.inFlight++
-    this.device.write(data, offset).then(
-      () => this.finished(run, null),
-      (err: unknown) => this.finished(run, err),
-    )
+    this.device.writeThen(data, offset, false, (err) => {
+      if (merged !== null) enginePool.release(merged)
+      this.finished(run, err)
+    })
   }
 
   private finished(run: readonly Piece[], err: unknown): void {
@@ -89,16 +93,14 @@ export class WriteCombiner {
 
   private writeRun(run: Piece[], bytes: number): void {
     const first = run[0] as Piece
-    let data = first.data
-    if (run.length > 1) {
-      data = new Uint8Array(bytes)
-      let at = 0
-      for (const p of run) {
-        data.set(p.data, at)
-        at += p.data.length
-      }
-      this.merged += run.length - 1
+    if (run.length === 1) return this.issue(first.data, first.offset, run)
+    const merged = enginePool.acquire(bytes)
+    let at = 0
+    for (const p of run) {
+      merged.set(p.data, at)
+      at += p.data.length
     }
-    this.issue(data, first.offset, run)
+    this.merged += run.length - 1
+    this.issue(merged, first.offset, run, merged)
   }
 }

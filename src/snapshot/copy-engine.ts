@@ -18,7 +18,7 @@
  */
 import type { BlockDevice } from '../device/block-device.js'
 import { WriteCombiner } from '../device/write-combiner.js'
-import { slabBytes } from '../util/slab.js'
+import { enginePool } from '../util/buffer-pool.js'
 
 /** Largest single read or write of a region copy. */
 export const COPY_PIECE_BYTES = 1024 * 1024
@@ -89,14 +89,20 @@ export class CopyEngine {
       if (t.from < start) start = t.from
       if (t.from + t.length > end) end = t.from + t.length
     }
-    const data = slabBytes(end - start)
+    const data = enginePool.acquire(end - start)
     let readEnded = false
     let readError: unknown = null
     let ready: CopyTarget[] | null = [] // prepared targets waiting for the read
+    let targetsLeft = targets.length
+    // The buffer goes back once the read has ended and every target's write is done with it.
+    const finish = (t: CopyTarget, failure: CopyFailure | null): void => {
+      if (--targetsLeft === 0 && readEnded) enginePool.release(data)
+      this.targetDone(t, failure)
+    }
     const write = (t: CopyTarget): void => {
-      if (readError !== null) return this.targetDone(t, new CopyFailure('read', readError))
+      if (readError !== null) return finish(t, new CopyFailure('read', readError))
       this.writerFor(t.device).writeThen(data.subarray(t.from - start, t.from - start + t.length), t.to, (err) =>
-        this.targetDone(t, err === null ? null : new CopyFailure('write', err)),
+        finish(t, err === null ? null : new CopyFailure('write', err)),
       )
     }
     const prepared = (t: CopyTarget): void => {
@@ -109,6 +115,7 @@ export class CopyEngine {
       readError = err
       const waiting = ready as CopyTarget[]
       ready = null
+      if (targetsLeft === 0) enginePool.release(data)
       for (const t of waiting) write(t)
     })
     for (const t of targets) {
@@ -116,7 +123,7 @@ export class CopyEngine {
         t.prepare((err) => {
           if (err === null) prepared(t)
           // Reported later, never from inside copyOut.
-          else queueMicrotask(() => this.targetDone(t, new CopyFailure('prepare', err)))
+          else queueMicrotask(() => finish(t, new CopyFailure('prepare', err)))
         })
         continue
       }
@@ -127,7 +134,7 @@ export class CopyEngine {
         wait = Promise.reject(err) // reported later, like every other outcome
       }
       if (wait === null) prepared(t)
-      else wait.then(() => prepared(t), (err: unknown) => this.targetDone(t, new CopyFailure('prepare', err)))
+      else wait.then(() => prepared(t), (err: unknown) => finish(t, new CopyFailure('prepare', err)))
     }
   }
 

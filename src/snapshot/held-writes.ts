@@ -12,10 +12,11 @@
  * to leak into a snapshot, since the device itself is not touched before the copies commit.
  *
  * Writes are indexed by 64 KiB buckets, so finding the few held writes that overlap a request
- * never scans the whole set.
+ * never scans the whole set. A held write's bytes live in a buffer from the engine's pool, which
+ * goes back once the write has left the set and no read that found it still has to copy from it.
  */
 import { type Deferred, deferred } from '../util/deferred.js'
-import { slabBytes } from '../util/slab.js'
+import { enginePool } from '../util/buffer-pool.js'
 
 const BUCKET_BYTES = 64 * 1024
 
@@ -25,6 +26,8 @@ export class HeldWrite {
   /** Acceptance order: when two held writes overlap, the higher one is newer. */
   readonly seq: number
   private left = false
+  /** Reads that found this write and have not copied its bytes yet (pinForRead). */
+  private readers = 0
   private listeners: Array<() => void> | null = null
   /** Made only when someone asks for a promise. */
   private landing: Deferred<void> | null = null
@@ -52,9 +55,19 @@ export class HeldWrite {
     else (this.listeners ??= []).push(fn)
   }
 
+  /** A read will copy from `data` later: the buffer stays until unpin(). */
+  pin(): void {
+    this.readers++
+  }
+
+  unpin(): void {
+    if (--this.readers === 0 && this.left) enginePool.release(this.data)
+  }
+
   markLanded(): void {
     if (this.left) return
     this.left = true
+    if (this.readers === 0) enginePool.release(this.data)
     const listeners = this.listeners
     this.listeners = null
     if (listeners) for (const fn of listeners) fn()
@@ -101,7 +114,7 @@ export class HeldWrites {
    * lands, and the BlockDevice contract lets the caller reuse its buffer once answered.
    */
   add(offset: number, data: Uint8Array): HeldWrite {
-    const owned = slabBytes(data.length)
+    const owned = enginePool.acquire(data.length)
     owned.set(data)
     const write = new HeldWrite(offset, owned, this.nextSeq++)
     this.all.add(write)
@@ -145,14 +158,25 @@ export class HeldWrites {
     return found
   }
 
-  /** Copies the held bytes over `target`, which holds the device's bytes at `offset`. */
-  overlay(target: Uint8Array, offset: number, writes: readonly HeldWrite[]): void {
+  /**
+   * overlapping() for a read that copies their bytes after an await: each stays readable, even
+   * if it lands meanwhile, until overlayAndUnpin() or unpin().
+   */
+  pinForRead(offset: number, length: number): HeldWrite[] {
+    const found = this.overlapping(offset, length)
+    for (const w of found) w.pin()
+    return found
+  }
+
+  /** Copies the held bytes over `target`, which holds the device's bytes at `offset`, and unpins them. */
+  overlayAndUnpin(target: Uint8Array, offset: number, writes: readonly HeldWrite[]): void {
     const end = offset + target.length
     for (const w of writes) {
       const from = Math.max(offset, w.offset)
       const to = Math.min(end, w.end)
       if (from < to) target.set(w.data.subarray(from - w.offset, to - w.offset), from - offset)
     }
+    unpin(writes)
   }
 
   /** Resolves once every write held now has landed (later ones are not waited for). */
@@ -161,4 +185,9 @@ export class HeldWrites {
     // One promise for the lot, not one per held write (up to limitBytes of 4 KiB writes).
     return new Promise((resolve) => whenAllLanded([...this.all], resolve))
   }
+}
+
+/** Lets go of writes pinned by pinForRead() whose bytes are not needed after all. */
+export function unpin(writes: readonly HeldWrite[]): void {
+  for (const w of writes) w.unpin()
 }

@@ -32,7 +32,7 @@ import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities, RESOLVED } 
 import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
 import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
-import { type HeldWrite, HeldWrites, whenAllLanded } from './held-writes.js'
+import { type HeldWrite, HeldWrites, unpin, whenAllLanded } from './held-writes.js'
 import { CopyEngine, type CopyTarget } from './copy-engine.js'
 import { type OriginWait, type PendingException, whenAllSettled } from './pending-exception.js'
 import type { OriginBacking, Snapshot } from './snapshot.js'
@@ -496,9 +496,14 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     const interceptor = this.interceptorNow
     if (interceptor) return interceptor.readInto(target, offset)
     if (this.held.size === 0) return this.device.readInto(target, offset)
-    const held = this.held.overlapping(offset, target.length)
-    await this.device.readInto(target, offset)
-    if (held.length > 0) this.held.overlay(target, offset, held)
+    const held = this.held.pinForRead(offset, target.length)
+    try {
+      await this.device.readInto(target, offset)
+    } catch (err) {
+      unpin(held)
+      throw err
+    }
+    this.held.overlayAndUnpin(target, offset, held)
   }
 
   /**

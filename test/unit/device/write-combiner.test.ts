@@ -10,11 +10,10 @@ import { Random } from '../../support/random.js'
 function counted(base: MemoryDevice) {
   const writes: Array<[number, number]> = []
   const device = new FaultyDevice(base)
-  const write = device.write.bind(device)
-  device.write = async (data, offset, options) => {
+  const writeThen = device.writeThen.bind(device)
+  device.writeThen = (data, offset, fua, done) => {
     writes.push([offset, data.length])
-    await new Promise((resolve) => setTimeout(resolve, 2))
-    return write(data, offset, options)
+    setTimeout(() => writeThen(data, offset, fua, done), 2)
   }
   return { device, writes }
 }

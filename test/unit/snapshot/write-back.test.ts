@@ -157,6 +157,35 @@ test('write-back: a held write keeps its own copy: the caller may reuse its buff
   await origin.close()
 })
 
+test('write-back: a read that found a held write copies its bytes even if it landed, and its buffer was reused, meanwhile', async () => {
+  // Held bytes live in pooled buffers; one goes back to the pool when its write lands. A read
+  // that found the write before its device read started must still copy the right bytes.
+  const { origin, originBase, gate } = await rig()
+  await origin.write(filled(4 * KiB, 0xaa), 8 * KiB)
+  const readInto = originBase.readInto.bind(originBase)
+  let unblock!: () => void
+  const blocked = new Promise<void>((resolve) => (unblock = resolve))
+  let intercepted = false
+  originBase.readInto = async (target, offset) => {
+    if (!intercepted && offset === 8 * KiB) {
+      intercepted = true
+      await blocked
+    }
+    return readInto(target, offset)
+  }
+  const read = origin.read(8 * KiB, 4 * KiB)
+  gate.open()
+  await origin.flush() // the held write lands and leaves the set
+  assert.equal(origin.heldBytes, 0)
+  gate.close()
+  // Later first-touch writes take buffers from the pool: the landed write's among them.
+  for (let i = 0; i < 4; i++) await origin.write(filled(4 * KiB, 0xb0 + i), (40 + 8 * i) * KiB)
+  unblock()
+  assert.deepEqual(await read, filled(4 * KiB, 0xaa))
+  gate.open()
+  await origin.close()
+})
+
 test('write-back: a discard waits for the held writes it overlaps', async () => {
   const { origin, originBase, gate } = await rig()
   await origin.write(filled(8 * KiB, 1), 0)

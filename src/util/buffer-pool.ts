@@ -1,0 +1,69 @@
+/**
+ * Recycled buffers for the engine's short-lived copies: the old data a copy-out reads, the held
+ * copy of a write-back write, a coalesced COW write. Fresh ArrayBuffers for these (even carved
+ * from shared slabs) cost a page fault per 4 KiB on first touch, zeroing, and unmapping when the
+ * garbage collector frees them: on first-touch writes with 4 KiB chunks, filling held copies and
+ * merged COW writes was the largest item in the main thread's profile. A released buffer goes
+ * back on a free list and comes out again still mapped.
+ *
+ * Buffers come in power-of-two classes from 512 B up; a caller gets a view of exactly the bytes
+ * it asked for and must hand that same view back once nothing reads or writes it any more.
+ * Requests above MAX_POOLED_BYTES get a buffer of their own, which release() ignores.
+ */
+const MIN_CLASS_SHIFT = 9
+const MAX_POOLED_BYTES = 4 * 1024 * 1024
+
+export class BufferPool {
+  private readonly maxFreeBytes: number
+  /** Free buffers per class (index: log2 of the class size minus MIN_CLASS_SHIFT). */
+  private readonly free: ArrayBuffer[][] = []
+  private freeBytes = 0
+  /** Buffers handed out and not yet released: release() of anything else is ignored. */
+  private readonly lent = new WeakSet<ArrayBuffer>()
+
+  constructor(options: { maxFreeBytes?: number } = {}) {
+    this.maxFreeBytes = options.maxFreeBytes ?? 64 * 1024 * 1024
+  }
+
+  /** Bytes held in free buffers, ready to be handed out again. */
+  get freeByteCount(): number {
+    return this.freeBytes
+  }
+
+  /** A view of `bytes` bytes whose contents are undefined: the caller overwrites them in full. */
+  acquire(bytes: number): Uint8Array {
+    if (bytes > MAX_POOLED_BYTES) return new Uint8Array(bytes)
+    const shift = classShift(bytes)
+    let buffer = this.free[shift - MIN_CLASS_SHIFT]?.pop()
+    if (buffer === undefined) buffer = new ArrayBuffer(1 << shift)
+    else this.freeBytes -= buffer.byteLength
+    this.lent.add(buffer)
+    return new Uint8Array(buffer, 0, bytes)
+  }
+
+  /**
+   * Takes back a view from acquire(); nothing may use it afterwards. Views it did not hand out,
+   * and a second release of the same one, are ignored.
+   */
+  release(view: Uint8Array): void {
+    const buffer = view.buffer as ArrayBuffer
+    if (!this.lent.delete(buffer)) return
+    // Past the cap the buffer is left to the garbage collector.
+    if (this.freeBytes + buffer.byteLength > this.maxFreeBytes) return
+    ;(this.free[classShift(buffer.byteLength) - MIN_CLASS_SHIFT] ??= []).push(buffer)
+    this.freeBytes += buffer.byteLength
+  }
+
+  /** Lets the garbage collector have every free buffer (e.g. when the engine goes idle). */
+  trim(): void {
+    this.free.length = 0
+    this.freeBytes = 0
+  }
+}
+
+function classShift(bytes: number): number {
+  return Math.max(MIN_CLASS_SHIFT, 32 - Math.clz32(Math.max(1, bytes) - 1))
+}
+
+/** The pool the engine's copies share. */
+export const enginePool = new BufferPool()
