@@ -6,12 +6,13 @@
  * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
  * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
-import { type BigIntStats, constants, fdatasync, read as readFd, write as writeFd } from 'node:fs'
+import { type BigIntStats, constants, read as readFd, write as writeFd } from 'node:fs'
 import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities, type IoDone } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 import { blockDeviceSizeBytes } from './block-device-size.js'
 import { FileAllocation } from './file-allocation.js'
+import { fdatasyncOffPool } from './flush-thread.js'
 
 export interface FileDeviceOptions {
   readonly readOnly?: boolean
@@ -174,7 +175,7 @@ export class FileDevice extends BaseBlockDevice {
       if (bytesWritten === 0) return fail(ioError(`${this.name}: write made no progress`, undefined, { offset: offset + put }))
       put += bytesWritten
       if (put < data.length) writeFd(fd, data, put, data.length - put, offset + put, step)
-      else if (fua) fdatasync(fd, synced)
+      else if (fua) fdatasyncOffPool(fd, synced)
       else synced(null)
     }
     this.ioInFlight++
@@ -187,11 +188,12 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override async _flush(): Promise<void> {
-    try {
-      await this.handle.datasync()
-    } catch (err) {
-      throw asSnapError(err, `${this.name}: flush`, { path: this.path })
-    }
+    // Off libuv's pool (flush-thread.ts), counted as I/O in flight so close() keeps the
+    // descriptor open until the flush thread is done with it.
+    this.ioInFlight++
+    const err = await new Promise<NodeJS.ErrnoException | null>((resolve) => fdatasyncOffPool(this.handle.fd, resolve))
+    if (--this.ioInFlight === 0 && this.idle) this.idle()
+    if (err !== null) throw asSnapError(err, `${this.name}: flush`, { path: this.path })
   }
 
   protected override async _discard(offset: number, length: number): Promise<void> {
