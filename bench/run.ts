@@ -36,8 +36,11 @@ import { fmt } from './report/format.js'
 import { machine } from './report/machine.js'
 import { build, NOTES_PLACEHOLDER } from './report/markdown.js'
 import { SUITES } from './suites/index.js'
+import { keepFreedHeapMapped } from '../src/util/heap-trim.js'
 
 async function main(): Promise<void> {
+  // The in-process suites run the engine here, so this process is tuned as the CLI is.
+  keepFreedHeapMapped()
   const argv = process.argv.slice(2)
   const args = parseArgs(argv, SUITES.map((s) => s.name))
   const selected = SUITES.filter((s) => args.only.has(s.name))

@@ -45,3 +45,6 @@ export type { ConnectionLimits } from './nbd/connection.js'
 export type { NbdLogger } from './nbd/logger.js'
 export type { NbdClientFault } from './nbd/client-fault.js'
 export type { NbdTlsFiles, NbdTlsOptions, TlsMode } from './nbd/tls.js'
+
+// Process tuning for hosts that serve I/O (the CLI calls it at start; see src/util/heap-trim.ts).
+export { keepFreedHeapMapped } from './util/heap-trim.js'

@@ -25,6 +25,7 @@ const RUNTIME_EXPORTS = [
   'TransientStore',
   'Volume',
   'isSnapError',
+  'keepFreedHeapMapped',
   'openDevice',
   'startMerge',
   'staticExports',
