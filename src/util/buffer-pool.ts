@@ -22,7 +22,7 @@ export class BufferPool {
   private readonly lent = new WeakSet<ArrayBuffer>()
 
   constructor(options: { maxFreeBytes?: number } = {}) {
-    this.maxFreeBytes = options.maxFreeBytes ?? 64 * 1024 * 1024
+    this.maxFreeBytes = options.maxFreeBytes ?? 32 * 1024 * 1024
   }
 
   /** Bytes held in free buffers, ready to be handed out again. */
