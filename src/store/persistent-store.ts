@@ -433,8 +433,8 @@ export class PersistentStore implements ExceptionStore {
   }
 
   /** Removes the last `count` entries durably (see commitMergeNow). */
-  commitMerge(count: number): Promise<void> {
-    return this.mergeExclusive(() => this.commitMergeNow(count))
+  commitMerge(count: number, options: { readonly cowFlushed?: boolean } = {}): Promise<void> {
+    return this.mergeExclusive(() => this.commitMergeNow(count, options.cowFlushed === true))
   }
 
   /**
@@ -491,7 +491,7 @@ export class PersistentStore implements ExceptionStore {
    * the batch ends on an area boundary, the empty area that terminates the table. The COW ends
    * up byte-identical to merging the same entries one area at a time.
    */
-  private async commitMergeNow(count: number): Promise<void> {
+  private async commitMergeNow(count: number, cowFlushed: boolean): Promise<void> {
     const { exceptionsPerArea, chunkBytes } = this.layout
     const total = this.mergeEntries()
     if (!Number.isSafeInteger(count) || count < 1 || count > total) throw new SnapError('SNAP_BAD_ARGUMENT', `cannot merge ${count} entries`)
@@ -504,7 +504,7 @@ export class PersistentStore implements ExceptionStore {
     const lastKeptNew = remaining === 0 ? -1 : readEntry(await this.mergeAreaImage(lastArea), kept - 1).newChunk
     const image = kept === exceptionsPerArea ? new Uint8Array(chunkBytes) : (await this.mergeAreaImage(lastArea)).slice()
     if (kept < exceptionsPerArea) clearEntries(image, kept, exceptionsPerArea)
-    await this.cow.flush()
+    if (!cowFlushed) await this.cow.flush()
     const emptied: Array<Promise<void>> = []
     for (let a = endArea + 1; a <= this.currentArea; a++) emptied.push(this.writeCow(new Uint8Array(chunkBytes), areaChunk(this.layout, a) * chunkBytes))
     await Promise.all(emptied)
