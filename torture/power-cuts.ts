@@ -43,7 +43,16 @@ async function recordTrace(seed: number, index: number): Promise<Trace> {
     const originBytes = random.pick([64, 96, 256]) * KiB + random.pick([0, 512, 1536])
     // Other persistent snapshots (the merge relocates into them); at least one.
     const others = randomSpecs(random, 1 + random.int(3), 's', 4096 * KiB).map((s) => (s.kind === 'N' ? { ...s, kind: 'P' as const } : s))
-    const m: SnapshotSpec = { name: 'm', kind: random.chance(0.3) ? 'PO' : 'P', chunkBytes: random.pick([512, 4096, 16384]), cowBytes: 4096 * KiB }
+    // Half the merged COWs grow on demand, so the merge truncates them as it goes (drawn from
+    // a stream of its own: the shapes a seed always gave stay the same).
+    const growable = new Random(streamSeed(traceSeed, 'growable')).chance(0.5)
+    const m: SnapshotSpec = {
+      name: 'm',
+      kind: random.chance(0.3) ? 'PO' : 'P',
+      chunkBytes: random.pick([512, 4096, 16384]),
+      cowBytes: growable ? 64 * KiB : 4096 * KiB,
+      ...(growable ? { growable } : {}),
+    }
     const specs = [...others]
     specs.splice(random.int(specs.length + 1), 0, m)
     const c: CrashCase = {

@@ -33,7 +33,7 @@
  * - Numbers above 2^32 are split with multiplication/division: JS shifts are 32-bit.
  */
 import { SnapError } from '../errors.js'
-import { radixSortWithIndex } from '../util/radix-sort.js'
+import { type SortedKeys, radixSortWithIndex } from '../util/radix-sort.js'
 
 /** Origin chunk numbers must be below this (group < 2^36: 4 bits of group above the hash). */
 export const MAX_ORIGIN_CHUNK = 2 ** 44
@@ -144,6 +144,22 @@ function checkNew(chunk: number): void {
   if (!Number.isInteger(chunk) || chunk < 0 || chunk >= MAX_COW_CHUNK) {
     throw new SnapError('SNAP_OUT_OF_RANGE', `COW chunk ${chunk} is not an integer in [0, 2^40)`, { details: { chunk } })
   }
+}
+
+/**
+ * radixSortWithIndex's result for bulkLoad, without sorting when the origin chunks already
+ * ascend strictly (a table written by sequential changes, the common case): then the sort would
+ * return the keys unchanged with the payload (or the positions) beside them. One pass over the
+ * keys instead of three passes of a sort that moves them all.
+ */
+function sortByOld(oldChunks: Uint32Array, count: number, payload: Uint32Array | null): SortedKeys {
+  for (let i = 1; i < count; i++) {
+    if (oldChunks[i]! <= oldChunks[i - 1]!) return radixSortWithIndex(oldChunks, count, payload)
+  }
+  if (payload !== null) return { keys: oldChunks, index: payload }
+  const index = new Uint32Array(count)
+  for (let i = 0; i < count; i++) index[i] = i
+  return { keys: oldChunks, index }
 }
 
 export class ExceptionTable {
@@ -260,7 +276,7 @@ export class ExceptionTable {
       }
     }
     // order[i]: something ordered like the table position of sorted entry i
-    const { keys, index: order } = radixSortWithIndex(oldChunks, count, byNew ? newChunks : null)
+    const { keys, index: order } = sortByOld(oldChunks, count, byNew ? newChunks : null)
     const newOf = (i: number): number => (byNew ? order[i]! : newChunks[order[i]!]!)
     // Run boundaries. One by one, chunk x joins the run of x-1 when x-1 (same group, COW chunk
     // one lower) was inserted before it, else the run of x+1 when that one was; never both. So

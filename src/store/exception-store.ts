@@ -98,8 +98,13 @@ export interface ExceptionStore {
   prepareMerge(maxEntries?: number, endIndex?: number): Promise<MergeRun[]>
   /** Entries left in the table (the index one past the last). */
   mergeEntries(): number
-  /** Removes the last `count` entries durably (count <= the entries prepareMerge returned). */
-  commitMerge(count: number): Promise<void>
+  /**
+   * Removes the last `count` entries durably (count <= the entries prepareMerge returned). The
+   * table write follows a COW flush (the kernel's PREFLUSH); `cowFlushed`: the caller flushed
+   * the COW after the batch's copies ended (a merge does it beside its origin flush), so the
+   * store does not flush it again first.
+   */
+  commitMerge(count: number, options?: { readonly cowFlushed?: boolean }): Promise<void>
   /** Invalidates the store permanently (persistent: header valid=0, flushed). */
   dropSnapshot(): Promise<void>
   usage(): StoreUsage

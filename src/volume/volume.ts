@@ -465,7 +465,8 @@ export class Volume {
       }
       store =
         record.store === 'persistent'
-          ? new PersistentStore(cow, { chunkBytes: record.chunkSizeBytes, growable })
+          ? // Only the volume's own grow-on-demand COW file may shrink as a merge frees it.
+            new PersistentStore(cow, { chunkBytes: record.chunkSizeBytes, growable, releaseMergedSpace: growable && !isExternal(record) })
           : new TransientStore(cow, { chunkBytes: record.chunkSizeBytes, growable })
       const snap = new Snapshot({ name: record.name, store, overflow: record.overflow })
       await this.origin.addSnapshot(snap)

@@ -62,6 +62,19 @@ const CASES: CrashCase[] = [
     cutStride: 1,
     maxStepChunks: 40,
   },
+  {
+    // A grow-on-demand COW (a volume's own file): every committed step truncates the COW
+    // chunks no entry left refers to, so cuts fall before, during and after each truncation.
+    seed: 35,
+    originBytes: 768 * KiB + 512,
+    specs: [
+      { name: 'm', kind: 'P', chunkBytes: 4 * KiB, cowBytes: 64 * KiB, growable: true },
+      { name: 'a', kind: 'P', chunkBytes: 16 * KiB, cowBytes: 2048 * KiB },
+    ],
+    originWrites: 150,
+    cutStride: 2,
+    maxStepChunks: 24,
+  },
 ]
 
 test('merge crash: reopening at every cut point resumes the merge to the same final origin, other snapshots intact', async () => {
@@ -73,6 +86,10 @@ test('merge crash: reopening at every cut point resumes the merge to the same fi
     // The cuts between a step's origin copies and its commitMerge must include batches of
     // several non-consecutive runs (one flush and one metadata write for all of them).
     assert.ok(trace.mostRuns > 1, `seed ${c.seed}: no step merged several runs`)
+    if (c.specs.some((s) => s.growable === true)) {
+      const shrinks = trace.recorder.events().filter((e) => e.kind === 'resize' && e.device === 'm' && e.sizeBytes !== undefined).length
+      assert.ok(shrinks >= 3, `seed ${c.seed}: the merge truncated the COW ${shrinks} times`)
+    }
     const points = mergeCuts(trace)
     for (const cut of points) {
       for (const mode of ['drop', 'random'] as const) await checkMergeCut(trace, cut, mode)

@@ -20,6 +20,11 @@ export interface SnapshotSpec {
   readonly kind: StoreKind
   readonly chunkBytes: number
   readonly cowBytes: number
+  /**
+   * A grow-on-demand COW that a merge shrinks as it frees it (a volume's own COW file);
+   * cowBytes is then only its starting size.
+   */
+  readonly growable?: boolean
 }
 
 export interface Stack {
@@ -43,7 +48,7 @@ export function makeSnapshot(spec: SnapshotSpec, cow: BlockDevice): Snapshot {
   const store =
     spec.kind === 'N'
       ? new TransientStore(cow, { chunkBytes: spec.chunkBytes })
-      : new PersistentStore(cow, { chunkBytes: spec.chunkBytes })
+      : new PersistentStore(cow, { chunkBytes: spec.chunkBytes, growable: spec.growable, releaseMergedSpace: spec.growable })
   return new Snapshot({ name: spec.name, store, overflow: spec.kind === 'PO' })
 }
 

@@ -127,6 +127,55 @@ describe('exception-table: bulkLoad against one-by-one insert', () => {
     }
   }
 
+  /**
+   * Origin chunks already ascending (what sequential changes leave) skip the sort: the table
+   * must come out as the sort would have made it, whether the COW chunks ascend too (they stand
+   * in for the positions) or not (the positions are made up instead), and an entry out of order
+   * anywhere, even the last, must still send the load through the sort.
+   */
+  function ascending(r: Random, count: number, cowOrder: 'ascending' | 'shuffled', outOfOrderAt: number | null): Pair[] {
+    const olds: number[] = []
+    for (let o = r.int(1000); olds.length < count; o += 1 + (r.int(3) === 0 ? r.int(600) : 0)) olds.push(o)
+    const news = olds.map((_, i) => 2 + i + Math.floor(i / 7))
+    if (cowOrder === 'shuffled') shuffle(r, news)
+    const entries = olds.map((o, i): Pair => [o, news[i]!])
+    if (outOfOrderAt !== null) {
+      const i = outOfOrderAt < 0 ? entries.length + outOfOrderAt : outOfOrderAt
+      ;[entries[i - 1], entries[i]] = [entries[i]!, entries[i - 1]!]
+    }
+    return entries
+  }
+
+  for (const seed of [21, 22, 23, 24]) {
+    for (const cowOrder of ['ascending', 'shuffled'] as const) {
+      for (const outOfOrderAt of [null, 1, -1, 1500]) {
+        const where = outOfOrderAt === null ? 'all in order' : outOfOrderAt === -1 ? 'the last pair swapped' : `pair ${outOfOrderAt} swapped`
+        it(`exception-table: bulkLoad of ascending origin chunks, COW ${cowOrder}, ${where}, equals one-by-one and a Map (seed ${seed})`, () => {
+          const r = new Random(seed)
+          const entries = ascending(r, 3000, cowOrder, outOfOrderAt)
+          const model = new Map(entries)
+          const want = oneByOne(entries)
+          const got = bulk(entries)
+          const probes = entries.map((e) => e[0])
+          assertSameTable(got, want, probes, `seed ${seed}`)
+          assert.equal(got.size, model.size)
+          const last = entries.reduce((m, e) => Math.max(m, e[0]), 0)
+          for (let o = 0; o <= last + 2; o++) {
+            const n = model.get(o) ?? -1
+            if (got.lookup(o) !== n) assert.fail(`seed ${seed}: lookup(${o}) ${got.lookup(o)}, the Map says ${n}`)
+          }
+        })
+      }
+    }
+  }
+
+  it('exception-table: bulkLoad of ascending origin chunks with a repeated one declines, leaving the table empty', () => {
+    const t = new ExceptionTable()
+    assert.equal(t.bulkLoad(Uint32Array.of(1, 2, 2, 3), Uint32Array.of(2, 3, 4, 5), 4), false)
+    assert.equal(t.size, 0)
+    assert.equal(t.lookup(2), -1)
+  })
+
   it('exception-table: bulkLoad of nothing leaves an empty table', () => {
     const t = new ExceptionTable()
     assert.equal(t.bulkLoad(new Uint32Array(0), new Uint32Array(0), 0), true)

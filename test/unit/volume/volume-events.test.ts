@@ -362,7 +362,8 @@ describe('merge events', () => {
         await Volume.create(dir, { sizeBytes: SIZE })
         volume = await Volume.open(dir, { writeBackBytes: 0 })
         await volume.origin.write(originPattern(), 0) // the origin is allocated: merging needs no room for it
-        await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
+        // Fixed size: a merge shrinks a grow-on-demand COW as it goes, which would make room.
+        await volume.createSnapshot('s', { chunkSizeBytes: CHUNK, cowSizeBytes: COW_CHUNKS * CHUNK })
         await overwrite(volume, 0, 20)
         await volume.createSnapshot('o', { chunkSizeBytes: CHUNK }) // grows on demand; merging s copies into it
         const events: VolumeEvent[] = []
