@@ -10,6 +10,11 @@ export const EXIT_USAGE = 2
 export const EXIT_DAMAGE = 3
 /** The volume (or a resource it needs) is busy or locked by someone else (code SNAP_BUSY). */
 export const EXIT_BUSY = 4
+/**
+ * The reader of our output went away (`blocksnap list | head -1`): the status a shell reports for
+ * a process that SIGPIPE ended, 128 + 13, as coreutils' tools end there.
+ */
+export const EXIT_BROKEN_PIPE = 141
 
 /**
  * What an error line can carry: the library's codes, plus two only the command line raises —

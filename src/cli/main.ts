@@ -8,6 +8,7 @@ import { resolve } from 'node:path'
 import { Argument, Command, Option } from 'commander'
 import { SnapError } from '../errors.js'
 import { keepFreedHeapMapped } from '../util/heap-trim.js'
+import { watchClosedOutput } from './closed-output.js'
 import type { VolumeOps } from '../control/volume-ops.js'
 import type { SnapshotInfo, VolumeInfo } from '../volume/volume.js'
 import { EXIT_DAMAGE, EXIT_OK } from './exit-codes.js'
@@ -525,5 +526,6 @@ export async function main(argv: string[]): Promise<number> {
 // Before any command allocates: glibc would otherwise hand freed socket and payload buffers back
 // to the kernel and fault them in again (util/heap-trim.ts).
 keepFreedHeapMapped()
+watchClosedOutput()
 const code = await main(process.argv.slice(2))
 if (code !== EXIT_OK || process.exitCode) process.exitCode = code

@@ -6,6 +6,7 @@
  * `--log-file` it reopens the log file instead. Under systemd it serves on the sockets passed
  * by socket activation and reports readiness (src/cli/systemd.ts).
  */
+import { keepServingWhenOutputCloses } from './closed-output.js'
 import type { Logger } from 'pino'
 import { ControlServer } from '../control/control-server.js'
 import { type DeviceUsers, refuseIfOpen } from '../control/volume-ops.js'
@@ -166,6 +167,7 @@ class StopSignals {
 }
 
 export async function serveVolumes(paths: string[], options: ServeOptions, extra: { printHelp?: boolean } = {}): Promise<void> {
+  keepServingWhenOutputCloses()
   const serveLog = openServeLog(options.logFile)
   const log = serveLog.log
   const signals = new StopSignals(log, serveLog.file === null ? STOP_SIGNALS : STOP_SIGNALS.filter((s) => s !== 'SIGHUP'))
