@@ -191,8 +191,7 @@ export class FileDevice extends BaseBlockDevice {
     // Off libuv's pool (flush-thread.ts), counted as I/O in flight so close() keeps the
     // descriptor open until the flush thread is done with it.
     this.ioInFlight++
-    const err = await new Promise<NodeJS.ErrnoException | null>((resolve) => fdatasyncOffPool(this.handle.fd, resolve))
-    if (--this.ioInFlight === 0 && this.idle) this.idle()
+    const err = await new Promise<unknown>((resolve) => fdatasyncOffPool(this.handle.fd, (e) => this.ioEnded(resolve, e)))
     if (err !== null) throw asSnapError(err, `${this.name}: flush`, { path: this.path })
   }
 
