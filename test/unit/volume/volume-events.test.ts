@@ -60,6 +60,22 @@ async function volumeWithSnapshot(options: SnapshotCreateOptions): Promise<Opene
 }
 
 /** Overwrites origin chunks [first, first+count) and waits for the fill work it caused. */
+/**
+ * A new volume at `dir`, write-through, whose origin already holds the pattern: its blocks are
+ * allocated, so on a nearly full file system only snapshot copies need room.
+ */
+async function openWrittenVolume(dir: string): Promise<Volume> {
+  await Volume.create(dir, { sizeBytes: SIZE })
+  const volume = await Volume.open(dir, { writeBackBytes: 0 })
+  try {
+    await volume.origin.write(originPattern(), 0)
+  } catch (err) {
+    await volume.close().catch(() => {})
+    throw err
+  }
+  return volume
+}
+
 async function overwrite(volume: Volume, first: number, count: number): Promise<void> {
   await volume.origin.write(new Uint8Array(count * CHUNK).fill(0xee), first * CHUNK)
   await volume.origin.flush()
@@ -300,9 +316,7 @@ describe('space events', () => {
       let volume: Volume | null = null
       try {
         const dir = join(mnt, 'v')
-        await Volume.create(dir, { sizeBytes: SIZE })
-        volume = await Volume.open(dir, { writeBackBytes: 0 })
-        await volume.origin.write(originPattern(), 0) // allocated: only the COW needs room later
+        volume = await openWrittenVolume(dir) // only the COW needs room later
         await volume.createSnapshot('s', { chunkSizeBytes: CHUNK })
         const events: VolumeEvent[] = []
         volume.onEvent((e) => events.push(e))
@@ -359,9 +373,7 @@ describe('merge events', () => {
       let volume: Volume | null = null
       try {
         const dir = join(mnt, 'v')
-        await Volume.create(dir, { sizeBytes: SIZE })
-        volume = await Volume.open(dir, { writeBackBytes: 0 })
-        await volume.origin.write(originPattern(), 0) // the origin is allocated: merging needs no room for it
+        volume = await openWrittenVolume(dir) // merging needs no room for the origin
         // Fixed size: a merge shrinks a grow-on-demand COW as it goes, which would make room.
         await volume.createSnapshot('s', { chunkSizeBytes: CHUNK, cowSizeBytes: COW_CHUNKS * CHUNK })
         await overwrite(volume, 0, 20)
