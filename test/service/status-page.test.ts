@@ -133,9 +133,12 @@ describe('status page in Chromium', { concurrency: 1, skip: chromiumMissing ?? f
         ['vol@fixed', 'vol@fixed0 clients'],
         ['vol@grow', 'vol@grow1 client'],
       ])
-      // Every bar is drawn: its fill is visible and as wide as its percentage says.
-      const bars = await page.locator('[role="progressbar"]').evaluateAll((els) =>
-        els.map((e: any) => {
+      // Every bar is drawn: its fill is visible and as wide as its percentage says. Found and
+      // measured in one page.evaluate: the page replaces its whole DOM on every poll, and a
+      // locator's evaluateAll finds the elements and runs the function in two round trips, so a
+      // redraw in between hands it detached elements, whose boxes are all 0.
+      const bars = await page.evaluate(() =>
+        [...document.querySelectorAll('[role="progressbar"]')].map((e: any) => {
           const outer = e.getBoundingClientRect()
           const inner = e.firstElementChild.getBoundingClientRect()
           return { label: e.getAttribute('aria-label'), now: Number(e.getAttribute('aria-valuenow')), outerWidth: outer.width, width: inner.width, height: inner.height }
@@ -182,7 +185,8 @@ describe('status page in Chromium', { concurrency: 1, skip: chromiumMissing ?? f
       assert.equal(await page.locator('meta[name="viewport"]').getAttribute('content'), 'width=device-width, initial-scale=1')
       const widths = await page.evaluate(() => ({ scroll: document.documentElement.scrollWidth, inner: window.innerWidth }))
       assert.ok(widths.scroll <= widths.inner, `page is ${widths.scroll}px wide in a ${widths.inner}px viewport`)
-      const cardWidth = await page.locator('[data-snapshot="vol@fixed"]').evaluate((e) => e.getBoundingClientRect().width)
+      // One page.evaluate, like the bars: a locator's evaluate can measure a card a redraw detached.
+      const cardWidth = await page.evaluate(() => document.querySelector('[data-snapshot="vol@fixed"]').getBoundingClientRect().width)
       assert.ok(cardWidth > 300, `snapshot cards use the phone's width (${cardWidth}px)`)
       const smallest = await page.evaluate(() => Math.min(...[...document.querySelectorAll('body *')].filter((e: any) => e.textContent && e.children.length === 0).map((e: any) => parseFloat(getComputedStyle(e).fontSize))))
       assert.ok(smallest >= 10, `smallest text ${smallest}px`)
