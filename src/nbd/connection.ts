@@ -7,6 +7,10 @@
  *   negotiation in negotiation.ts, request execution against the device in dispatch.ts.
  * - Bytes go into one ByteQueue shared by the option parser and the request parser, so bytes a
  *   client pipelines right after GO are not lost in the hand-over.
+ * - Where the server allows it (plain sockets), this connection picks the buffer of every socket
+ *   read (direct-receive.ts): in transmission, the rest of a WRITE payload being assembled is
+ *   read straight into its pooled buffer, and other bytes into one scratch buffer that is reused
+ *   (what is left of it after parsing is copied). Otherwise bytes arrive as 'data' events.
  * - Transmission is pipelined: requests are parsed as they arrive and dispatched at once; each
  *   runs concurrently and replies when it completes, so replies go out of order. Replies written
  *   in the same tick are batched with cork/uncork.
@@ -41,6 +45,7 @@ import type { PayloadPool } from './payload-pool.js'
 import type { PendingBytes } from './pending-bytes.js'
 import { opOfCommand, type NbdRequestObserver } from './request-observer.js'
 import { describePeer, type TlsContext, type TlsPeer } from './tls.js'
+import { adoptForDirectReceive, type DirectReader } from './direct-receive.js'
 
 export interface ConnectionLimits {
   /** Requests dispatched and not yet answered. */
@@ -73,6 +78,13 @@ export interface ConnectionOptions {
   readonly requestObserver: NbdRequestObserver | null
   /** Told about client errors (client-fault.ts); absent: they are only logged. */
   readonly onFault?: NbdFaultListener
+  /**
+   * The socket may be adopted for direct receive (direct-receive.ts): it comes from a server
+   * created with pauseOnConnect and no TLS. Otherwise it is read through 'data' events.
+   */
+  readonly directReceive?: boolean
+  /** Bytes of a direct-receive read that has no payload to land in (default DEFAULT_READ_BUFFER_BYTES). */
+  readonly readBufferBytes?: number
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -85,6 +97,12 @@ const CLOSE_LINGER_MS = 2000
 
 /** Reply bytes queued on the socket beyond which we stop taking new requests. */
 const MAX_UNSENT_BYTES = 4 * 1024 * 1024
+
+/** Size of a direct-receive read that has no payload to land in (as Node's own reads). */
+export const DEFAULT_READ_BUFFER_BYTES = 64 * 1024
+
+/** Where the read in progress lands, in direct-receive mode. */
+type ReadTarget = 'fresh' | 'scratch' | 'payload'
 
 export class NbdConnection {
   readonly id: number
@@ -124,12 +142,21 @@ export class NbdConnection {
   private resolveClosed!: () => void
   /** Errnos of failed requests already reported to onFault. */
   private reportedErrnos: Set<number> | null = null
+  /** Whether this connection picks the buffer of each socket read (direct-receive.ts). */
+  private readonly direct: boolean
+  private readTarget: ReadTarget = 'fresh'
+  /** The reused buffer of direct reads that no payload is waiting for. */
+  private scratch: Buffer | null = null
 
-  constructor(socket: Socket, options: ConnectionOptions) {
+  constructor(accepted: Socket, options: ConnectionOptions) {
+    // Before the adoption: it asks directReader for the first read buffer at once.
+    this.options = options
+    const adopted = options.directReceive === true ? adoptForDirectReceive(accepted, this.directReader, { allowHalfOpen: true }) : null
+    const socket = adopted ?? accepted
+    this.direct = adopted !== null
     this.id = options.id
     this.socket = socket
     this.rawSocket = socket
-    this.options = options
     this.log = options.logger
     this.label = `nbd conn#${options.id} ${socket.remoteAddress ?? 'unix'}${socket.remotePort ? `:${socket.remotePort}` : ''}`
     this.optionParser = new OptionParser(this.queue)
@@ -212,17 +239,61 @@ export class NbdConnection {
 
   private attach(socket: Socket): void {
     socket.setNoDelay(true)
-    socket.on('data', this.onData)
     socket.on('end', this.onEnd)
     socket.on('error', this.onError)
     socket.on('close', this.onClose)
     socket.on('drain', this.onDrain)
+    if (this.direct) return
+    socket.on('data', this.onData)
+    // A socket accepted paused (for adoption that did not happen) does not flow by itself.
+    socket.resume()
   }
 
   private readonly onData = (chunk: Buffer): void => {
     if (this.phase === 'closing' || this.phase === 'closed') return
     this.queue.push(chunk)
     this.pump()
+  }
+
+  /** Picks the buffer of each socket read, and takes in what it got (direct-receive mode). */
+  private readonly directReader: DirectReader = {
+    nextReadBuffer: () => {
+      if (this.phase === 'transmission') {
+        const tail = this.requestParser!.payloadTail()
+        if (tail !== null) {
+          this.readTarget = 'payload'
+          return tail
+        }
+      }
+      if (this.phase === 'client-flags' || this.phase === 'options') {
+        // Handshake bytes may be kept as views (option data): each read gets its own buffer.
+        this.readTarget = 'fresh'
+        return Buffer.allocUnsafe(this.options.readBufferBytes ?? DEFAULT_READ_BUFFER_BYTES)
+      }
+      this.readTarget = 'scratch'
+      this.scratch ??= Buffer.allocUnsafeSlow(this.options.readBufferBytes ?? DEFAULT_READ_BUFFER_BYTES)
+      return this.scratch
+    },
+    onRead: (bytes, buffer) => {
+      if (this.phase === 'closing' || this.phase === 'closed') return
+      if (this.readTarget === 'payload') {
+        try {
+          this.requestParser!.payloadReceived(bytes)
+        } catch (err) {
+          this.log.error(`${this.label}: internal error: ${describeError(err)}; disconnecting`)
+          this.fault('internal', describeError(err))
+          this.hardClose()
+          return
+        }
+        this.pump()
+        return
+      }
+      const transient = this.readTarget === 'scratch'
+      this.queue.push(buffer.subarray(0, bytes), transient)
+      this.pump()
+      // The scratch buffer takes the next read: keep what was not parsed yet.
+      if (transient) this.queue.ownTransient()
+    },
   }
 
   private readonly onEnd = (): void => {

@@ -18,7 +18,7 @@
 import net from 'node:net'
 import { badArgument } from '../errors.js'
 import { type Clock, systemClock } from '../util/clock.js'
-import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from './connection.js'
+import { DEFAULT_CONNECTION_LIMITS, DEFAULT_READ_BUFFER_BYTES, NbdConnection, type ConnectionLimits } from './connection.js'
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
@@ -59,6 +59,12 @@ export interface NbdServerOptions {
   readonly requestObserver?: NbdRequestObserver
   /** Told about client errors (protocol violations, failed requests, TLS refusals, …). */
   readonly onClientFault?: NbdFaultListener
+  /**
+   * Bytes of each socket read that has no WRITE payload to land in (plain sockets; TLS reads
+   * through its own layer). Default 64 KiB, as Node's own reads; tests make it small so that
+   * frames straddle many reads.
+   */
+  readonly readBufferBytes?: number
 }
 
 /**
@@ -99,6 +105,7 @@ export class NbdServer {
   private readonly clock: Clock
   private readonly requestObserver: NbdRequestObserver | null
   private readonly onClientFault: NbdFaultListener | null
+  private readonly readBufferBytes: number
   private readonly servers: net.Server[] = []
   private readonly connections = new Set<NbdConnection>()
   /** Exports a client entered transmission with, flushed on close. */
@@ -120,6 +127,10 @@ export class NbdServer {
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000
     this.clock = options.clock ?? systemClock
     this.requestObserver = options.requestObserver ?? null
+    this.readBufferBytes = options.readBufferBytes ?? DEFAULT_READ_BUFFER_BYTES
+    if (!Number.isSafeInteger(this.readBufferBytes) || this.readBufferBytes < 1) {
+      throw badArgument(`read buffer of ${this.readBufferBytes} bytes`)
+    }
     this.onClientFault = options.onClientFault ?? null
   }
 
@@ -158,8 +169,11 @@ export class NbdServer {
       this.tls = createTlsContext(await loadTlsFiles(this.tlsFiles))
       this.tlsFiles = null
     }
-    const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: false }, (socket) =>
-      this.accept(socket),
+    // Plain sockets are accepted paused, so a connection can adopt them for direct receive
+    // (direct-receive.ts) before anything is read; TLS reads through its own layer.
+    const directReceive = this.tls === null
+    const server = net.createServer({ noDelay: true, allowHalfOpen: true, pauseOnConnect: directReceive }, (socket) =>
+      this.accept(socket, directReceive),
     )
     server.on('error', (err) => this.log.error(`nbd server: ${describeError(err)}`))
     await new Promise<void>((resolve, reject) => {
@@ -196,7 +210,7 @@ export class NbdServer {
     return bound
   }
 
-  private accept(socket: net.Socket): void {
+  private accept(socket: net.Socket, directReceive: boolean): void {
     socket.setNoDelay(true)
     if (this.closing) {
       socket.destroy()
@@ -225,6 +239,8 @@ export class NbdServer {
       payloads: this.payloads,
       clock: this.clock,
       requestObserver: this.requestObserver,
+      directReceive,
+      readBufferBytes: this.readBufferBytes,
       ...(this.onClientFault === null ? {} : { onFault: this.onClientFault }),
     })
     this.connections.add(connection)

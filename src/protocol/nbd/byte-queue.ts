@@ -6,35 +6,57 @@
  * span that crosses chunk boundaries, so a header that arrives whole is parsed straight out of
  * the socket's buffer. `skip` discards without copying, which is how refused WRITE payloads are
  * drained without ever allocating them.
+ *
+ * A chunk pushed as transient lives in a buffer the caller reuses for its next read: takes that
+ * the caller keeps (`keep`) copy out of it, and ownTransient() copies whatever of it is left
+ * before the buffer is reused.
  */
 export class ByteQueue {
   private chunks: Buffer[] = []
   /** Read position inside chunks[0]. */
   private head = 0
   private total = 0
+  /** The last chunk pushed, if pushed as transient (null once owned or consumed). */
+  private transient: Buffer | null = null
 
   get length(): number {
     return this.total
   }
 
-  push(chunk: Uint8Array): void {
+  push(chunk: Uint8Array, transient = false): void {
     if (chunk.length === 0) return
+    this.ownTransient()
     const buf = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length)
     this.chunks.push(buf)
     this.total += buf.length
+    this.transient = transient ? buf : null
+  }
+
+  /** Copies what is left of the transient chunk into memory of the queue's own, so its buffer can be reused. */
+  ownTransient(): void {
+    const chunk = this.transient
+    if (chunk === null) return
+    this.transient = null
+    // Only the last chunk can be transient: push() owns the previous one first.
+    const last = this.chunks.length - 1
+    if (last < 0 || this.chunks[last] !== chunk) return
+    const from = last === 0 ? this.head : 0
+    this.chunks[last] = Buffer.from(chunk.subarray(from))
+    if (last === 0) this.head = 0
   }
 
   /**
    * Removes and returns exactly `n` bytes, or null if fewer are buffered. The result may be a
    * view into a received chunk: callers that keep it must not expect it to be private memory
    * beyond the request's lifetime (chunks are never reused by us, so views stay valid). Bytes
-   * that span chunks are copied into a buffer from `alloc`.
+   * that span chunks are copied into a buffer from `alloc`, and so are bytes of a transient
+   * chunk when the caller will `keep` them past the next read.
    */
-  take(n: number, alloc: (n: number) => Buffer = Buffer.allocUnsafe): Buffer | null {
+  take(n: number, alloc: (n: number) => Buffer = Buffer.allocUnsafe, keep = false): Buffer | null {
     if (n > this.total) return null
     if (n === 0) return Buffer.alloc(0)
     const first = this.chunks[0]!
-    if (first.length - this.head >= n) {
+    if (first.length - this.head >= n && !(keep && first === this.transient)) {
       const out = first.subarray(this.head, this.head + n)
       this.advance(n)
       return out
@@ -99,13 +121,14 @@ export class ByteQueue {
     this.chunks = []
     this.head = 0
     this.total = 0
+    this.transient = null
   }
 
   private advance(n: number): void {
     this.head += n
     this.total -= n
     if (this.head === this.chunks[0]!.length) {
-      this.chunks.shift()
+      if (this.chunks.shift() === this.transient) this.transient = null
       this.head = 0
     }
   }

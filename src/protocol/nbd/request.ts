@@ -15,6 +15,10 @@
  *   still arriving is copied into its own buffer chunk by chunk, so received chunks do not pile
  *   up for the length of a 32 MiB payload: many short-lived socket buffers at once fragment the
  *   allocator's heap, which then stays at its peak size after the clients are gone.
+ * - A caller that picks the buffer of each socket read can skip that copy: once a payload is
+ *   being assembled and nothing else is buffered, payloadTail() is where the next bytes belong.
+ *   A payload taken whole out of a transient chunk (a reused read buffer) is copied, since the
+ *   request outlives the next read.
  * - The parser never validates semantics (flags, ranges): that is the connection's job, which
  *   keeps this layer a pure framing codec.
  */
@@ -95,6 +99,26 @@ export class RequestParser {
     return this.pending !== null && this.skipRemaining === 0 ? this.pending.length : 0
   }
 
+  /**
+   * Where the next received bytes belong when they can go straight into a payload: the unfilled
+   * part of the one being assembled, once every buffered byte has been taken into it. Null
+   * otherwise (bytes then go through push()).
+   */
+  payloadTail(): Buffer | null {
+    const assembling = this.assembling
+    if (assembling === null || this.queue.length > 0) return null
+    return assembling.subarray(this.assembledBytes)
+  }
+
+  /** `n` bytes were received into payloadTail(). */
+  payloadReceived(n: number): void {
+    const assembling = this.assembling
+    if (assembling === null || this.queue.length > 0 || this.assembledBytes + n > assembling.length) {
+      throw new Error(`${n} bytes received into a payload tail that is not there`)
+    }
+    this.assembledBytes += n
+  }
+
   next(): RequestEvent | null {
     if (this.pending === null) {
       const raw = this.queue.take(REQUEST_HEADER_BYTES)
@@ -113,7 +137,7 @@ export class RequestParser {
       return { kind: 'dropped', header }
     }
     if (this.assembling === null) {
-      const whole = this.queue.take(header.length, this.alloc)
+      const whole = this.queue.take(header.length, this.alloc, true)
       if (whole !== null) {
         this.pending = null
         return { kind: 'request', header, payload: whole }
