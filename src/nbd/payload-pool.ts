@@ -1,7 +1,8 @@
 /**
- * Reusable buffers for large WRITE payloads. A 1 MiB payload assembled from socket reads into a
- * fresh buffer costs page faults and, when freed, unmapping: on this workload the server spent
- * more time in the kernel than in JavaScript. Buffers are handed back once the device write has
+ * Reusable buffers for WRITE payloads. A 1 MiB payload assembled from socket reads into a fresh
+ * buffer costs page faults and, when freed, unmapping: on this workload the server spent more
+ * time in the kernel than in JavaScript. Since plain sockets read payloads into their own buffer
+ * (direct-receive.ts), 4 KiB payloads need one each too, so they are pooled as well. Buffers are handed back once the device write has
  * settled, which the BlockDevice contract allows (a device does not keep `data` past that).
  * One pool serves every connection of a server, holds at most `maxPooledBytes` of free buffers,
  * and is trimmed when the last client leaves.
@@ -15,7 +16,7 @@ export class PayloadPool {
   private pooledBytes = 0
 
   constructor(options: { minBytes?: number; maxPooledBytes?: number } = {}) {
-    this.minBytes = options.minBytes ?? 64 * 1024
+    this.minBytes = options.minBytes ?? 4 * 1024
     this.maxPooledBytes = options.maxPooledBytes ?? 32 * 1024 * 1024
   }
 
