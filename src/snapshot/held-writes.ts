@@ -20,6 +20,9 @@ import { enginePool } from '../util/buffer-pool.js'
 
 const BUCKET_BYTES = 64 * 1024
 
+/** What overlapping() finds when nothing overlaps: one shared empty list, not a new one per request. */
+const NONE: readonly HeldWrite[] = Object.freeze([])
+
 export class HeldWrite {
   readonly offset: number
   readonly data: Uint8Array
@@ -77,6 +80,7 @@ export class HeldWrite {
 
 /** Calls `fn` once every write in `writes` has left the set (at once when none is held). */
 export function whenAllLanded(writes: readonly HeldWrite[], fn: () => void): void {
+  if (writes.length === 1) return (writes[0] as HeldWrite).whenLanded(fn)
   let left = writes.length + 1
   const one = (): void => {
     if (--left === 0) fn()
@@ -88,7 +92,8 @@ export function whenAllLanded(writes: readonly HeldWrite[], fn: () => void): voi
 export class HeldWrites {
   /** Most bytes held at once; 0 turns write-back off. */
   readonly limitBytes: number
-  private readonly buckets = new Map<number, HeldWrite[]>()
+  /** The writes overlapping each bucket: one write on its own (the usual case), several in an array. */
+  private readonly buckets = new Map<number, HeldWrite | HeldWrite[]>()
   private readonly all = new Set<HeldWrite>()
   private heldBytes = 0
   private nextSeq = 0
@@ -121,22 +126,30 @@ export class HeldWrites {
     this.heldBytes += owned.length
     for (let b = Math.floor(offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
       const list = this.buckets.get(b)
-      if (list) list.push(write)
-      else this.buckets.set(b, [write])
+      if (list === undefined) this.buckets.set(b, write)
+      else if (list instanceof HeldWrite) this.buckets.set(b, [list, write])
+      else list.push(write)
     }
     return write
   }
 
-  /** Drops `write` from the set and wakes everything waiting for it to land. */
-  release(write: HeldWrite): void {
-    if (!this.all.delete(write)) return
+  /**
+   * Drops `write` from the set and wakes everything waiting for it to land. False (and nothing
+   * done) when it had left already.
+   */
+  release(write: HeldWrite): boolean {
+    if (!this.all.delete(write)) return false
     this.heldBytes -= write.data.length
     for (let b = Math.floor(write.offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
-      const list = this.buckets.get(b) as HeldWrite[]
-      if (list.length === 1) this.buckets.delete(b)
-      else list.splice(list.indexOf(write), 1)
+      const list = this.buckets.get(b) as HeldWrite | HeldWrite[]
+      if (list === write) this.buckets.delete(b)
+      else if (Array.isArray(list)) {
+        list.splice(list.indexOf(write), 1)
+        if (list.length === 1) this.buckets.set(b, list[0] as HeldWrite)
+      }
     }
     write.markLanded()
+    return true
   }
 
   /** The byte range [start, end) of every held write, in no order (bounded by limitBytes). */
@@ -144,16 +157,24 @@ export class HeldWrites {
     return [...this.all].map((w) => [w.offset, w.end])
   }
 
-  /** The held writes overlapping [offset, offset + length), oldest first. */
-  overlapping(offset: number, length: number): HeldWrite[] {
-    if (this.all.size === 0 || length === 0) return []
+  /** The held writes overlapping [offset, offset + length), oldest first (a list not to be changed). */
+  overlapping(offset: number, length: number): readonly HeldWrite[] {
+    if (this.all.size === 0 || length === 0) return NONE
     const end = offset + length
-    const found: HeldWrite[] = []
-    for (let b = Math.floor(offset / BUCKET_BYTES), last = Math.floor((end - 1) / BUCKET_BYTES); b <= last; b++) {
+    const first = Math.floor(offset / BUCKET_BYTES)
+    const last = Math.floor((end - 1) / BUCKET_BYTES)
+    let found: HeldWrite[] | null = null
+    for (let b = first; b <= last; b++) {
       const list = this.buckets.get(b)
-      if (!list) continue
-      for (const w of list) if (w.offset < end && offset < w.end && !found.includes(w)) found.push(w)
+      if (list === undefined) continue
+      if (list instanceof HeldWrite) {
+        // A write in several buckets is met once per bucket: only a request spanning buckets can meet it twice.
+        if (list.offset < end && offset < list.end && (b === first || found === null || !found.includes(list))) (found ??= []).push(list)
+        continue
+      }
+      for (const w of list) if (w.offset < end && offset < w.end && (b === first || found === null || !found.includes(w))) (found ??= []).push(w)
     }
+    if (found === null) return NONE
     if (found.length > 1) found.sort((x, y) => x.seq - y.seq)
     return found
   }
@@ -162,7 +183,7 @@ export class HeldWrites {
    * overlapping() for a read that copies their bytes after an await: each stays readable, even
    * if it lands meanwhile, until overlayAndUnpin() or unpin().
    */
-  pinForRead(offset: number, length: number): HeldWrite[] {
+  pinForRead(offset: number, length: number): readonly HeldWrite[] {
     const found = this.overlapping(offset, length)
     for (const w of found) w.pin()
     return found

@@ -308,6 +308,8 @@ export class PersistentStore implements ExceptionStore {
     if (!this.growable) return done(null)
     const needed = this.spaceNeededBytes(e)
     this.growth.request(needed)
+    // Covered already (the usual case): no closure for whenCovers.
+    if (this.growth.covers(needed)) return done(null)
     this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
   }
 

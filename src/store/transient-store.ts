@@ -79,6 +79,8 @@ export class TransientStore implements ExceptionStore {
     if (!this.growable) return done(null)
     const needed = (e.newChunk + e.count) * this.chunkBytes
     this.growth.request(needed) // again: an earlier step for it may have failed
+    // Covered already (the usual case): no closure for whenCovers.
+    if (this.growth.covers(needed)) return done(null)
     this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
   }
 
