@@ -157,16 +157,17 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override _writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {
-    const ended = this.allocation?.writeStarted(offset, data.length)
+    const allocation = this.allocation
+    const token = allocation === null ? -1 : allocation.startWrite(offset, data.length)
     const fd = this.handle.fd
     let put = 0
     const fail = (err: unknown): void => {
-      ended?.()
+      if (allocation !== null) allocation.endWrite(token)
       this.ioEnded(done, asSnapError(err, `${this.name}: write`, { path: this.path, offset, length: data.length }))
     }
     const synced = (err: NodeJS.ErrnoException | null): void => {
       if (err) return fail(err)
-      ended?.()
+      if (allocation !== null) allocation.endWrite(token)
       this.ioEnded(done, null)
     }
     const step = (err: NodeJS.ErrnoException | null, bytesWritten: number): void => {
