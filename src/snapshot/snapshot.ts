@@ -40,6 +40,7 @@ import { SnapError, isSnapError } from '../errors.js'
 import { ExceptionList } from '../format/exception-list.js'
 import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
 import { SECTOR_BYTES } from '../units.js'
+import { type Deferred, deferred } from '../util/deferred.js'
 import type { CopyEngine, CopyFailure, CopyTarget } from './copy-engine.js'
 import { ExceptionTable } from './exception-table.js'
 import { type ChunkRun, exceptionRunsIn } from './exception-runs.js'
@@ -127,7 +128,8 @@ export class Snapshot extends BaseBlockDevice {
   private inProgress = 0
   /** Chunks copied out of the origin into this snapshot since it was opened (monotonic). */
   private copiedOut = 0
-  private throttleWaiters: Array<() => void> = []
+  /** What writes held back by COW_THRESHOLD wait for: one promise for all of them (null: none wait). */
+  private throttled: Deferred<void> | null = null
   /** Allocated bytes at which 'threshold' fires next; null: not armed. */
   private usageThresholdBytes: number | null
   private fullHandler: CowFullHandler | null = null
@@ -543,14 +545,16 @@ export class Snapshot extends BaseBlockDevice {
   /** Null when at most COW_THRESHOLD chunks are being copied, else a promise for a wake-up. */
   belowThresholdWait(): Promise<void> | null {
     if (this.inProgress <= COW_THRESHOLD) return null
-    return new Promise<void>((resolve) => this.throttleWaiters.push(resolve))
+    this.throttled ??= deferred<void>()
+    return this.throttled.promise
   }
 
   private wakeThrottled(): void {
-    if (this.inProgress > COW_THRESHOLD || this.throttleWaiters.length === 0) return
-    const waiters = this.throttleWaiters
-    this.throttleWaiters = []
-    for (const wake of waiters) wake()
+    if (this.inProgress > COW_THRESHOLD || this.throttled === null) return
+    const throttled = this.throttled
+    this.throttled = null
+    // Its waiters resume in the order they started waiting, as one promise per waiter did.
+    throttled.resolve()
   }
 
   /**
