@@ -34,6 +34,14 @@ export class HeldWrite {
   private listeners: Array<() => void> | null = null
   /** Made only when someone asks for a promise. */
   private landing: Deferred<void> | null = null
+  /**
+   * @internal HeldWrites' list of the writes it holds, oldest first (its links, changed only by
+   * HeldWrites): a list rather than a Set, whose insert and delete per write, and rehashing, were
+   * a visible part of the write-back path.
+   */
+  older: HeldWrite | null = null
+  newer: HeldWrite | null = null
+  held = false
 
   constructor(offset: number, data: Uint8Array, seq: number) {
     this.offset = offset
@@ -94,7 +102,10 @@ export class HeldWrites {
   readonly limitBytes: number
   /** The writes overlapping each bucket: one write on its own (the usual case), several in an array. */
   private readonly buckets = new Map<number, HeldWrite | HeldWrite[]>()
-  private readonly all = new Set<HeldWrite>()
+  /** Every held write, oldest first (linked through the writes). */
+  private oldest: HeldWrite | null = null
+  private newest: HeldWrite | null = null
+  private count = 0
   private heldBytes = 0
   private nextSeq = 0
 
@@ -103,7 +114,7 @@ export class HeldWrites {
   }
 
   get size(): number {
-    return this.all.size
+    return this.count
   }
 
   get bytes(): number {
@@ -122,7 +133,12 @@ export class HeldWrites {
     const owned = enginePool.acquire(data.length)
     owned.set(data)
     const write = new HeldWrite(offset, owned, this.nextSeq++)
-    this.all.add(write)
+    write.held = true
+    write.older = this.newest
+    if (this.newest === null) this.oldest = write
+    else this.newest.newer = write
+    this.newest = write
+    this.count++
     this.heldBytes += owned.length
     for (let b = Math.floor(offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
       const list = this.buckets.get(b)
@@ -138,7 +154,15 @@ export class HeldWrites {
    * done) when it had left already.
    */
   release(write: HeldWrite): boolean {
-    if (!this.all.delete(write)) return false
+    if (!write.held) return false
+    write.held = false
+    if (write.older === null) this.oldest = write.newer
+    else write.older.newer = write.newer
+    if (write.newer === null) this.newest = write.older
+    else write.newer.older = write.older
+    write.older = null
+    write.newer = null
+    this.count--
     this.heldBytes -= write.data.length
     for (let b = Math.floor(write.offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
       const list = this.buckets.get(b) as HeldWrite | HeldWrite[]
@@ -154,12 +178,12 @@ export class HeldWrites {
 
   /** The byte range [start, end) of every held write, in no order (bounded by limitBytes). */
   ranges(): Array<[number, number]> {
-    return [...this.all].map((w) => [w.offset, w.end])
+    return this.list().map((w) => [w.offset, w.end])
   }
 
   /** The held writes overlapping [offset, offset + length), oldest first (a list not to be changed). */
   overlapping(offset: number, length: number): readonly HeldWrite[] {
-    if (this.all.size === 0 || length === 0) return NONE
+    if (this.count === 0 || length === 0) return NONE
     const end = offset + length
     const first = Math.floor(offset / BUCKET_BYTES)
     const last = Math.floor((end - 1) / BUCKET_BYTES)
@@ -202,9 +226,16 @@ export class HeldWrites {
 
   /** Resolves once every write held now has landed (later ones are not waited for). */
   drain(): Promise<void> {
-    if (this.all.size === 0) return Promise.resolve()
+    if (this.count === 0) return Promise.resolve()
     // One promise for the lot, not one per held write (up to limitBytes of 4 KiB writes).
-    return new Promise((resolve) => whenAllLanded([...this.all], resolve))
+    return new Promise((resolve) => whenAllLanded(this.list(), resolve))
+  }
+
+  /** The held writes, oldest first. */
+  private list(): HeldWrite[] {
+    const all: HeldWrite[] = []
+    for (let w = this.oldest; w !== null; w = w.newer) all.push(w)
+    return all
   }
 }
 
