@@ -79,6 +79,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private readRefusal: string | null = null // why reads are refused, if they are
   private readonly unforward = new Map<Snapshot, () => void>()
   private interceptorNow: OriginInterceptor | null = null
+  private sparePass: ProtectPass | null = null
   /**
    * What happens to the attached snapshots, for whoever owns the origin (serve logs it):
    * 'invalidated' (snapshot, reason), 'no-space' (snapshot, error), 'space-restored' (snapshot);
@@ -287,14 +288,19 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private protectPass(offset: number, length: number): ProtectPass | null {
     if (this.list.length === 0) return null
     const end = offset + length
-    const pass = new ProtectPass()
+    // A pass that finds nothing (every write's second look) leaves its object for the next one.
+    const pass = this.sparePass ?? new ProtectPass()
+    this.sparePass = null
     try {
       for (const s of this.list) s.protectOrigin(offset, end, pass)
     } finally {
       // Whatever was made pending must be copied, even if a later snapshot threw.
       this.startCopies(pass)
     }
-    return pass.clear ? null : pass
+    if (!pass.clear) return pass
+    // Nothing to wait for means nothing was made pending either: the object is still empty.
+    this.sparePass = pass
+    return null
   }
 
   /**
@@ -436,23 +442,32 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       void this.landSlowly(write, earlier, pass)
       return
     }
-    pass.whenSettled((noSpace) => {
-      try {
-        // A copy without space drops the write: its bytes never land, the next flush fails.
-        if (noSpace) return this.landed(write, this.noSpaceRefusal(noSpace, write.offset, write.data.length))
-        // Once more, as protect() does: a range query that finds nothing once every snapshot holds the range.
-        this.land(write, earlier, this.protectPass(write.offset, write.data.length))
-      } catch (err) {
-        this.landed(write, err)
-      }
-    })
+    // One wait (the usual case): its outcome straight to settledFor, one closure per step.
+    const only = pass.onlyWait
+    if (only !== null) only.whenSettled((outcome) => this.settledFor(write, earlier, typeof outcome === 'boolean' ? null : outcome))
+    else pass.whenSettled((noSpace) => this.settledFor(write, earlier, noSpace))
+  }
+
+  /** land(): what the write waited for has settled (`noSpace`: a copy it needed got no space). */
+  private settledFor(write: HeldWrite, earlier: readonly HeldWrite[], noSpace: SnapError | null): void {
+    try {
+      // A copy without space drops the write: its bytes never land, the next flush fails.
+      if (noSpace) return this.landed(write, this.noSpaceRefusal(noSpace, write.offset, write.data.length))
+      // Once more, as protect() does: a range query that finds nothing once every snapshot holds the range.
+      this.land(write, earlier, this.protectPass(write.offset, write.data.length))
+    } catch (err) {
+      this.landed(write, err)
+    }
   }
 
   /** The last step of a landing: after the earlier held writes, the device write. */
   private landAfter(write: HeldWrite, earlier: readonly HeldWrite[]): void {
-    const put = (): void => this.device.writeThen(write.data, write.offset, false, (err) => this.landed(write, err))
-    if (earlier.length === 0) put()
-    else whenAllLanded(earlier, put)
+    if (earlier.length === 0) return this.put(write)
+    whenAllLanded(earlier, () => this.put(write))
+  }
+
+  private put(write: HeldWrite): void {
+    this.device.writeThen(write.data, write.offset, false, (err) => this.landed(write, err))
   }
 
   /** land() with invalidations to wait for first: the rare path, as async code. */

@@ -39,6 +39,11 @@ export class ProtectPass implements ProtectSink {
     return this.firstWait === null && this.invalidationList === null
   }
 
+  /** The one wait, when there is exactly one (the usual case); else null. */
+  get onlyWait(): OriginWait | null {
+    return this.moreWaits === null ? this.firstWait : null
+  }
+
   get hasWaits(): boolean {
     return this.firstWait !== null
   }
