@@ -400,16 +400,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private writeOrigin(data: Uint8Array, offset: number, fua: boolean, counted: boolean): Promise<void> {
     const earlier = this.held.overlapping(offset, data.length)
     const pass = this.protectPass(offset, data.length)
-    if (earlier.length === 0 && pass === null) {
-      // Nothing to wait for: straight to the device, one promise, the mutation ended by its callback.
-      return new Promise((resolve, reject) =>
-        this.device.writeThen(data, offset, fua, (err) => {
-          if (counted) this.endMutation()
-          if (err === null) resolve()
-          else reject(err)
-        }),
-      )
-    }
+    if (earlier.length === 0 && pass === null) return this.writeDirect(data, offset, fua, counted)
     if (!fua && this.held.hasRoomFor(data.length)) {
       const write = this.held.add(offset, data)
       // The landing is a mutation of its own, so hold() drains it like a write in flight; it
@@ -422,6 +413,20 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     const after = this.writeAfter(data, offset, fua, earlier)
     if (counted) after.then(this.endOneMutation, this.endOneMutation)
     return after
+  }
+
+  /**
+   * Nothing to wait for: straight to the device, one promise, the mutation ended by its callback.
+   * A method of its own, so that writeOrigin's other paths make no context for these closures.
+   */
+  private writeDirect(data: Uint8Array, offset: number, fua: boolean, counted: boolean): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.device.writeThen(data, offset, fua, (err) => {
+        if (counted) this.endMutation()
+        if (err === null) resolve()
+        else reject(err)
+      }),
+    )
   }
 
   /** Write-through: answered once the write is on the device. */
@@ -462,7 +467,11 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
 
   /** The last step of a landing: after the earlier held writes, the device write. */
   private landAfter(write: HeldWrite, earlier: readonly HeldWrite[]): void {
-    if (earlier.length === 0) return this.put(write)
+    if (earlier.length === 0) this.put(write)
+    else this.putAfter(write, earlier)
+  }
+
+  private putAfter(write: HeldWrite, earlier: readonly HeldWrite[]): void {
     whenAllLanded(earlier, () => this.put(write))
   }
 

@@ -37,7 +37,7 @@ import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
 import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth, growFixedCow, spaceOutcome } from './cow-growth.js'
+import { CowGrowth, growFixedCow, whenSpaceCovered } from './cow-growth.js'
 import { type CommitDone, type CommitKind, InOrderCommitter } from './in-order-committer.js'
 
 export interface PersistentStoreOptions {
@@ -310,7 +310,7 @@ export class PersistentStore implements ExceptionStore {
     this.growth.request(needed)
     // Covered already (the usual case): no closure for whenCovers.
     if (this.growth.covers(needed)) return done(null)
-    this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
+    whenSpaceCovered(this.growth, needed, done)
   }
 
   /** Writes zeros to the metadata areas after the current one that lie in [fromBytes, toBytes). */
