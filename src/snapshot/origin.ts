@@ -447,6 +447,11 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       void this.landSlowly(write, earlier, pass)
       return
     }
+    this.landWhenSettled(write, earlier, pass)
+  }
+
+  /** land() once `pass`'s waits have settled (a function of its own: land() runs without them too). */
+  private landWhenSettled(write: HeldWrite, earlier: readonly HeldWrite[], pass: ProtectPass): void {
     // One wait (the usual case): its outcome straight to settledFor, one closure per step.
     const only = pass.onlyWait
     if (only !== null) only.whenSettled((outcome) => this.settledFor(write, earlier, typeof outcome === 'boolean' ? null : outcome))

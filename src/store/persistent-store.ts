@@ -387,7 +387,11 @@ export class PersistentStore implements ExceptionStore {
     this.writing = true
     // Every area queued by now goes out under the same two flushes (a 1 MiB write over 4 KiB
     // chunks fills a whole area, so a QD8 stream seals several areas at once).
-    const batch = this.jobs.splice(0, this.jobs.length)
+    this.writeBatch(this.jobs.splice(0, this.jobs.length))
+  }
+
+  /** kick()'s write, in a method of its own: kick runs per commit, mostly finding nothing to do. */
+  private writeBatch(batch: readonly AreaJob[]): void {
     void this.writeJobs(batch).then((ok) => {
       this.writing = false
       for (const job of batch) for (const w of job.waiters) w(ok)
