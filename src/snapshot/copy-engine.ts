@@ -213,11 +213,15 @@ class CopyOut {
 
   /** `t` is ready for its write (err null) or failed to prepare. */
   prepared(t: CopyTarget, err: unknown): void {
-    // Reported later, never from inside copyOut.
-    if (err !== null) queueMicrotask(() => this.finish(t, new CopyFailure('prepare', err)))
+    if (err !== null) this.prepareFailed(t, err)
     else if (this.ended) this.write(t)
     else if (this.waitingFirst === null) this.waitingFirst = t
     else (this.waitingMore ??= []).push(t)
+  }
+
+  /** Reported later, never from inside copyOut (a method of its own: no closure context per prepared()). */
+  private prepareFailed(t: CopyTarget, err: unknown): void {
+    queueMicrotask(() => this.finish(t, new CopyFailure('prepare', err)))
   }
 
   private write(t: CopyTarget): void {

@@ -77,9 +77,14 @@ export class ProtectPass implements ProtectSink {
   whenSettled(fn: (noSpace: SnapError | null) => void): void {
     const first = this.firstWait
     if (first === null) return fn(null)
-    if (this.moreWaits === null) return first.whenSettled((outcome) => fn(noSpaceOf(outcome)))
+    if (this.moreWaits === null) return whenOneSettled(first, fn)
     whenAllSettled(this.waits(), fn)
   }
+}
+
+/** whenSettled's one-wait case, a function of its own so the other cases make no closure context. */
+function whenOneSettled(wait: OriginWait, fn: (noSpace: SnapError | null) => void): void {
+  wait.whenSettled((outcome) => fn(noSpaceOf(outcome)))
 }
 
 function noSpaceOf(outcome: PendingOutcome): SnapError | null {
