@@ -65,6 +65,11 @@ export interface BlockDevice {
 /** A settled promise handed out where nothing is left to do (no new promise per call). */
 export const RESOLVED: Promise<void> = Promise.resolve()
 
+/** Calls `done` with `err` from a microtask: a callback is never called synchronously. */
+function doneLater(done: IoDone, err: unknown): void {
+  queueMicrotask(() => done(err))
+}
+
 /** Calls `done` with null or the error once `p` settles. */
 function callbackOf(p: Promise<void>, done: IoDone): void {
   p.then(() => done(null), done)
@@ -140,15 +145,17 @@ export abstract class BaseBlockDevice implements BlockDevice {
     }
   }
 
+  // The callback forms make no closure on their way through (their slow paths are functions of
+  // their own): a closure over `done` here would make a context on every request.
+
   readIntoThen(target: Uint8Array, offset: number, done: IoDone): void {
     try {
       this.checkOpen()
       this.checkRange(offset, target.length)
     } catch (err) {
-      queueMicrotask(() => done(err))
-      return
+      return doneLater(done, err)
     }
-    if (target.length === 0) queueMicrotask(() => done(null))
+    if (target.length === 0) doneLater(done, null)
     else this._readIntoThen(target, offset, done)
   }
 
@@ -156,10 +163,9 @@ export abstract class BaseBlockDevice implements BlockDevice {
     try {
       this.checkWrite(offset, data.length)
     } catch (err) {
-      queueMicrotask(() => done(err))
-      return
+      return doneLater(done, err)
     }
-    if (data.length === 0) this._flush().then(() => done(null), done)
+    if (data.length === 0) callbackOf(this._flush(), done)
     else this._writeThen(data, offset, fua, done)
   }
 
@@ -211,14 +217,14 @@ export abstract class BaseBlockDevice implements BlockDevice {
     try {
       callbackOf(this._readInto(target, offset), done)
     } catch (err) {
-      queueMicrotask(() => done(err))
+      doneLater(done, err)
     }
   }
   protected _writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {
     try {
       callbackOf(this._write(data, offset, fua), done)
     } catch (err) {
-      queueMicrotask(() => done(err))
+      doneLater(done, err)
     }
   }
   protected _discard(_offset: number, _length: number): Promise<void> {

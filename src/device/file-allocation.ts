@@ -34,8 +34,13 @@ export class FileAllocation {
   private unsupported: string | null = null
   /** Writes finished since the current map's scan began (tracked only while a map exists or is being made). */
   private written: RangeList | null = null
-  private readonly inflight = new Map<number, readonly [number, number]>()
-  private nextWrite = 0
+  /**
+   * Writes in flight, by token: [start, end) in inflightRanges at 2 * token (start -1: the
+   * token is free). Reused slots rather than a Map entry, a range and a closure per write.
+   */
+  private inflightRanges = new Float64Array(64).fill(-1)
+  private freeTokens: number[] = []
+  private tokens = 0
 
   constructor(path: string, scanner: FileScanner = mapFileData) {
     this.path = path
@@ -44,13 +49,42 @@ export class FileAllocation {
 
   /** Call as a write or discard of [offset, offset + length) starts; call the result when it ends. */
   writeStarted(offset: number, length: number): () => void {
-    const id = this.nextWrite++
-    const range = [Math.floor(offset / BLOCK_BYTES) * BLOCK_BYTES, Math.ceil((offset + length) / BLOCK_BYTES) * BLOCK_BYTES] as const
-    this.inflight.set(id, range)
-    return () => {
-      this.inflight.delete(id)
-      this.noteWritten(range[0], range[1])
+    const token = this.startWrite(offset, length)
+    return () => this.endWrite(token)
+  }
+
+  /** writeStarted without a closure: returns a token for endWrite(), to be called once. */
+  startWrite(offset: number, length: number): number {
+    let token = this.freeTokens.pop()
+    if (token === undefined) {
+      token = this.tokens++
+      if (2 * token >= this.inflightRanges.length) {
+        const grown = new Float64Array(this.inflightRanges.length * 2).fill(-1)
+        grown.set(this.inflightRanges)
+        this.inflightRanges = grown
+      }
     }
+    this.inflightRanges[2 * token] = Math.floor(offset / BLOCK_BYTES) * BLOCK_BYTES
+    this.inflightRanges[2 * token + 1] = Math.ceil((offset + length) / BLOCK_BYTES) * BLOCK_BYTES
+    return token
+  }
+
+  endWrite(token: number): void {
+    const start = this.inflightRanges[2 * token] as number
+    if (start < 0) return // ended already
+    const end = this.inflightRanges[2 * token + 1] as number
+    this.inflightRanges[2 * token] = -1
+    this.freeTokens.push(token)
+    this.noteWritten(start, end)
+  }
+
+  private inflight(): Array<[number, number]> {
+    const ranges: Array<[number, number]> = []
+    for (let t = 0; t < this.tokens; t++) {
+      const start = this.inflightRanges[2 * t] as number
+      if (start >= 0) ranges.push([start, this.inflightRanges[2 * t + 1] as number])
+    }
+    return ranges
   }
 
   private noteWritten(start: number, end: number): void {
@@ -79,7 +113,7 @@ export class FileAllocation {
     if (this.unsupported === null && this.scanned === null) await this.scan(sizeBytes)
     const scanned = this.scanned
     if (this.unsupported !== null || scanned === null || this.written === null) return end > start ? [[start, end]] : []
-    return unionRanges([scanned.within(start, end), this.written.within(start, end), [...this.inflight.values()]], start, end)
+    return unionRanges([scanned.within(start, end), this.written.within(start, end), this.inflight()], start, end)
   }
 
   private scan(sizeBytes: number): Promise<void> {

@@ -157,29 +157,28 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override _writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {
-    const ended = this.allocation?.writeStarted(offset, data.length)
+    const token = this.allocation === null ? -1 : this.allocation.startWrite(offset, data.length)
     const fd = this.handle.fd
     let put = 0
-    const fail = (err: unknown): void => {
-      ended?.()
-      this.ioEnded(done, asSnapError(err, `${this.name}: write`, { path: this.path, offset, length: data.length }))
-    }
-    const synced = (err: NodeJS.ErrnoException | null): void => {
-      if (err) return fail(err)
-      ended?.()
-      this.ioEnded(done, null)
-    }
+    // One closure per write (the completion of each step); the rest are methods.
     const step = (err: NodeJS.ErrnoException | null, bytesWritten: number): void => {
-      if (err) return fail(err)
+      if (err) return this.writeEnded(done, token, err, offset, data.length)
       // A zero-byte write would loop forever; the kernel only does this on a broken device.
-      if (bytesWritten === 0) return fail(ioError(`${this.name}: write made no progress`, undefined, { offset: offset + put }))
+      if (bytesWritten === 0) return this.writeEnded(done, token, ioError(`${this.name}: write made no progress`, undefined, { offset: offset + put }), offset, data.length)
       put += bytesWritten
       if (put < data.length) writeFd(fd, data, put, data.length - put, offset + put, step)
-      else if (fua) fdatasyncOffPool(fd, synced)
-      else synced(null)
+      else if (fua) fdatasyncOffPool(fd, (syncErr) => this.writeEnded(done, token, syncErr, offset, data.length))
+      else this.writeEnded(done, token, null, offset, data.length)
     }
     this.ioInFlight++
     writeFd(fd, data, 0, data.length, offset, step)
+  }
+
+  /** A write (`token` from the allocation map) has ended: on the file (err null), or failed. */
+  private writeEnded(done: IoDone, token: number, err: unknown, offset: number, length: number): void {
+    if (this.allocation !== null) this.allocation.endWrite(token)
+    if (err === null) this.ioEnded(done, null)
+    else this.ioEnded(done, asSnapError(err, `${this.name}: write`, { path: this.path, offset, length }))
   }
 
   private ioEnded(done: IoDone, err: unknown): void {

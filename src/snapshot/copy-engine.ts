@@ -77,9 +77,9 @@ export class CopyEngine {
   /**
    * Copies the source bytes each target needs, with one read over the span of all of them (the
    * bytes in between are read but unused; callers keep the targets close together). Returns at
-   * once; every target's `done` is called when its copy ends. Driven by callbacks from the read
-   * to each target's coalesced write: a copy-out allocates no promise unless a target's
-   * `before` has to wait.
+   * once; every target's `done` is called when its copy ends. `targets` is not kept. Driven by
+   * callbacks from the read to each target's coalesced write: a copy-out allocates no promise
+   * unless a target's `before` has to wait.
    */
   copyOut(source: BlockDevice, targets: readonly CopyTarget[]): void {
     if (targets.length === 0) return
@@ -89,42 +89,12 @@ export class CopyEngine {
       if (t.from < start) start = t.from
       if (t.from + t.length > end) end = t.from + t.length
     }
-    const data = enginePool.acquire(end - start)
-    let readEnded = false
-    let readError: unknown = null
-    let ready: CopyTarget[] | null = [] // prepared targets waiting for the read
-    let targetsLeft = targets.length
-    // The buffer goes back once the read has ended and every target's write is done with it.
-    const finish = (t: CopyTarget, failure: CopyFailure | null): void => {
-      if (--targetsLeft === 0 && readEnded) enginePool.release(data)
-      this.targetDone(t, failure)
-    }
-    const write = (t: CopyTarget): void => {
-      if (readError !== null) return finish(t, new CopyFailure('read', readError))
-      this.writerFor(t.device).writeThen(data.subarray(t.from - start, t.from - start + t.length), t.to, (err) =>
-        finish(t, err === null ? null : new CopyFailure('write', err)),
-      )
-    }
-    const prepared = (t: CopyTarget): void => {
-      if (readEnded) write(t)
-      else ready?.push(t)
-    }
+    const job = new CopyOut(this, enginePool.acquire(end - start), start, targets.length)
     this.active += targets.length
-    source.readIntoThen(data, start, (err) => {
-      readEnded = true
-      readError = err
-      const waiting = ready as CopyTarget[]
-      ready = null
-      if (targetsLeft === 0) enginePool.release(data)
-      for (const t of waiting) write(t)
-    })
+    source.readIntoThen(job.data, start, (err) => job.readEnded(err))
     for (const t of targets) {
       if (t.prepare) {
-        t.prepare((err) => {
-          if (err === null) prepared(t)
-          // Reported later, never from inside copyOut.
-          else queueMicrotask(() => finish(t, new CopyFailure('prepare', err)))
-        })
+        t.prepare((err) => job.prepared(t, err))
         continue
       }
       let wait: Promise<void> | null
@@ -133,18 +103,19 @@ export class CopyEngine {
       } catch (err) {
         wait = Promise.reject(err) // reported later, like every other outcome
       }
-      if (wait === null) prepared(t)
-      else wait.then(() => prepared(t), (err: unknown) => finish(t, new CopyFailure('prepare', err)))
+      if (wait === null) job.prepared(t, null)
+      else wait.then(() => job.prepared(t, null), (err: unknown) => job.finish(t, new CopyFailure('prepare', err)))
     }
   }
 
-  private targetDone(t: CopyTarget, failure: CopyFailure | null): void {
+  /** @internal A target of a copy-out has ended (CopyOut). */
+  targetDone(t: CopyTarget, failure: CopyFailure | null): void {
     this.active--
     t.done(failure)
   }
 
-  /** The device's write combiner: copies into one COW are coalesced whoever started them. */
-  private writerFor(device: BlockDevice): WriteCombiner {
+  /** @internal The device's write combiner: copies into one COW are coalesced whoever started them. */
+  writerFor(device: BlockDevice): WriteCombiner {
     let combiner = this.combiners.get(device)
     if (!combiner) {
       combiner = new WriteCombiner(device)
@@ -202,5 +173,67 @@ export class CopyEngine {
     } catch (err) {
       throw new CopyFailure('write', err)
     }
+  }
+}
+
+/**
+ * One copy-out: the source read shared by its targets, and where each target stands. A class
+ * rather than closures over shared variables: at one copy-out per first-touch write, the
+ * closures and their contexts were a good part of the write's garbage.
+ */
+class CopyOut {
+  readonly data: Uint8Array
+  private readonly engine: CopyEngine
+  private readonly start: number
+  private ended = false
+  private readError: unknown = null
+  /** Prepared targets waiting for the read: the first one, then the rest (most copy-outs have one target). */
+  private waitingFirst: CopyTarget | null = null
+  private waitingMore: CopyTarget[] | null = null
+  private targetsLeft: number
+
+  constructor(engine: CopyEngine, data: Uint8Array, start: number, targets: number) {
+    this.engine = engine
+    this.data = data
+    this.start = start
+    this.targetsLeft = targets
+  }
+
+  readEnded(err: unknown): void {
+    this.ended = true
+    this.readError = err
+    if (this.targetsLeft === 0) enginePool.release(this.data)
+    const first = this.waitingFirst
+    const more = this.waitingMore
+    this.waitingFirst = null
+    this.waitingMore = null
+    if (first !== null) this.write(first)
+    if (more !== null) for (const t of more) this.write(t)
+  }
+
+  /** `t` is ready for its write (err null) or failed to prepare. */
+  prepared(t: CopyTarget, err: unknown): void {
+    if (err !== null) this.prepareFailed(t, err)
+    else if (this.ended) this.write(t)
+    else if (this.waitingFirst === null) this.waitingFirst = t
+    else (this.waitingMore ??= []).push(t)
+  }
+
+  /** Reported later, never from inside copyOut (a method of its own: no closure context per prepared()). */
+  private prepareFailed(t: CopyTarget, err: unknown): void {
+    queueMicrotask(() => this.finish(t, new CopyFailure('prepare', err)))
+  }
+
+  private write(t: CopyTarget): void {
+    if (this.readError !== null) return this.finish(t, new CopyFailure('read', this.readError))
+    const at = t.from - this.start
+    const piece = at === 0 && t.length === this.data.length ? this.data : this.data.subarray(at, at + t.length)
+    this.engine.writerFor(t.device).writeThen(piece, t.to, (err) => this.finish(t, err === null ? null : new CopyFailure('write', err)))
+  }
+
+  // The buffer goes back once the read has ended and every target's write is done with it.
+  finish(t: CopyTarget, failure: CopyFailure | null): void {
+    if (--this.targetsLeft === 0 && this.ended) enginePool.release(this.data)
+    this.engine.targetDone(t, failure)
   }
 }

@@ -14,6 +14,7 @@ export class ExceptionEvents {
 
   completed(): void {
     this._done++
+    if (this.waiters.length === 0) return // the usual case: no new array per completed extent
     const waiters = this.waiters
     this.waiters = []
     for (const wake of waiters) wake()

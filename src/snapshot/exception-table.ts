@@ -101,9 +101,19 @@ function homeOf(h: number, capacity: number): number {
   return Math.floor((h >>> 0) * capacity / TWO32)
 }
 
-/** Sort key of a run: (hash, group high bits, offset), exact in a double (44 bits). */
-function keyOf(h: number, m: number): number {
-  return (h >>> 0) * 4096 + (((m >>> 16) & 0xf00) | ((m >>> 8) & 0xff))
+/**
+ * A run's sort key is (hash as uint32, sub) with sub = group high bits * 256 + offset. Compared
+ * in two int32 parts rather than as one 44-bit double: a double that is not a small integer is a
+ * heap number wherever the compiler does not keep it unboxed, and seek() ran on every lookup.
+ */
+function subOf(m: number): number {
+  return ((m >>> 16) & 0xf00) | ((m >>> 8) & 0xff)
+}
+
+/** Whether the run (stored hash `sh`, meta `m`) sorts above the key (h, sub); sub may be -1. */
+function above(sh: number, m: number, h: number, sub: number): boolean {
+  // the sign flip makes the signed int32 comparison an unsigned one
+  return sh === h ? subOf(m) > sub : (sh ^ 0x80000000) > (h ^ 0x80000000)
 }
 
 /** Tail slots past the homes: a few per cent, doubled until the highest used slot fits. */
@@ -215,7 +225,7 @@ export class ExceptionTable {
     const s = this.slots
     // q: first slot past (h, gHi, off). Runs are disjoint and sorted by offset, so only the run
     // before q can hold `off` or end just below it, and only the run at q can start above it.
-    const q = this.seek(h, keyOf(h, gHi << 24 | off << 8))
+    const q = this.seek(h, (gHi << 8) | off)
     if (q > 0) {
       const p = q - 1
       const m = s[p * STRIDE + 2]!
@@ -453,7 +463,7 @@ export class ExceptionTable {
     const s = this.slots
     // first slot past every run of the group that starts below `from`; the run before it may
     // still reach `from`
-    const i = this.seek(h, keyOf(h, gHi << 24 | from << 8) - 1)
+    const i = this.seek(h, ((gHi << 8) | from) - 1)
     if (i > 0) {
       const m = s[(i - 1) * STRIDE + 2]!
       if (m !== 0 && s[(i - 1) * STRIDE] === h && (m & 0xff000000) === groupTag && ((m >>> 8) & 0xff) + (m & 0xff) >= from) {
@@ -594,7 +604,7 @@ export class ExceptionTable {
     const gHi = Math.floor(group / TWO32)
     const h = hashGroup((group - gHi * TWO32) | 0, gHi)
     // the run holding `off` is the last one whose key is <= (h, gHi, off)
-    const q = this.seek(h, keyOf(h, gHi << 24 | off << 8))
+    const q = this.seek(h, (gHi << 8) | off)
     if (q === 0) return -1
     const p = q - 1
     const s = this.slots
@@ -604,16 +614,16 @@ export class ExceptionTable {
   }
 
   /**
-   * The first slot from h's home on that is empty or holds a key above `key`. "Empty or above"
+   * The first slot from h's home on that is empty or holds a key above (h, sub). "Empty or above"
    * is monotone over those slots (runs are sorted, and past an empty slot every home, hence
    * every hash, is higher), so after a few linear steps the search gallops.
    */
-  private seek(h: number, key: number): number {
+  private seek(h: number, sub: number): number {
     const s = this.slots
     let lo = homeOf(h, this.capacity)
     for (let k = 0; k < LINEAR_PROBES; k++, lo++) {
       const m = s[lo * STRIDE + 2]!
-      if (m === 0 || keyOf(s[lo * STRIDE]!, m) > key) return lo
+      if (m === 0 || above(s[lo * STRIDE]!, m, h, sub)) return lo
     }
     // every slot before lo holds a key <= `key`; the last slot is always empty
     const last = this.slotCount - 1
@@ -621,7 +631,7 @@ export class ExceptionTable {
     let hi = Math.min(lo + step, last)
     for (;;) {
       const m = s[hi * STRIDE + 2]!
-      if (m === 0 || keyOf(s[hi * STRIDE]!, m) > key) break
+      if (m === 0 || above(s[hi * STRIDE]!, m, h, sub)) break
       lo = hi + 1
       step *= 2
       hi = Math.min(lo + step, last)
@@ -629,7 +639,7 @@ export class ExceptionTable {
     while (lo < hi) {
       const mid = (lo + hi) >>> 1
       const m = s[mid * STRIDE + 2]!
-      if (m === 0 || keyOf(s[mid * STRIDE]!, m) > key) hi = mid
+      if (m === 0 || above(s[mid * STRIDE]!, m, h, sub)) hi = mid
       else lo = mid + 1
     }
     return lo

@@ -20,6 +20,9 @@ import { enginePool } from '../util/buffer-pool.js'
 
 const BUCKET_BYTES = 64 * 1024
 
+/** What overlapping() finds when nothing overlaps: one shared empty list, not a new one per request. */
+const NONE: readonly HeldWrite[] = Object.freeze([])
+
 export class HeldWrite {
   readonly offset: number
   readonly data: Uint8Array
@@ -31,6 +34,14 @@ export class HeldWrite {
   private listeners: Array<() => void> | null = null
   /** Made only when someone asks for a promise. */
   private landing: Deferred<void> | null = null
+  /**
+   * @internal HeldWrites' list of the writes it holds, oldest first (its links, changed only by
+   * HeldWrites): a list rather than a Set, whose insert and delete per write, and rehashing, were
+   * a visible part of the write-back path.
+   */
+  older: HeldWrite | null = null
+  newer: HeldWrite | null = null
+  held = false
 
   constructor(offset: number, data: Uint8Array, seq: number) {
     this.offset = offset
@@ -77,6 +88,7 @@ export class HeldWrite {
 
 /** Calls `fn` once every write in `writes` has left the set (at once when none is held). */
 export function whenAllLanded(writes: readonly HeldWrite[], fn: () => void): void {
+  if (writes.length === 1) return (writes[0] as HeldWrite).whenLanded(fn)
   let left = writes.length + 1
   const one = (): void => {
     if (--left === 0) fn()
@@ -88,8 +100,12 @@ export function whenAllLanded(writes: readonly HeldWrite[], fn: () => void): voi
 export class HeldWrites {
   /** Most bytes held at once; 0 turns write-back off. */
   readonly limitBytes: number
-  private readonly buckets = new Map<number, HeldWrite[]>()
-  private readonly all = new Set<HeldWrite>()
+  /** The writes overlapping each bucket: one write on its own (the usual case), several in an array. */
+  private readonly buckets = new Map<number, HeldWrite | HeldWrite[]>()
+  /** Every held write, oldest first (linked through the writes). */
+  private oldest: HeldWrite | null = null
+  private newest: HeldWrite | null = null
+  private count = 0
   private heldBytes = 0
   private nextSeq = 0
 
@@ -98,7 +114,7 @@ export class HeldWrites {
   }
 
   get size(): number {
-    return this.all.size
+    return this.count
   }
 
   get bytes(): number {
@@ -117,43 +133,72 @@ export class HeldWrites {
     const owned = enginePool.acquire(data.length)
     owned.set(data)
     const write = new HeldWrite(offset, owned, this.nextSeq++)
-    this.all.add(write)
+    write.held = true
+    write.older = this.newest
+    if (this.newest === null) this.oldest = write
+    else this.newest.newer = write
+    this.newest = write
+    this.count++
     this.heldBytes += owned.length
     for (let b = Math.floor(offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
       const list = this.buckets.get(b)
-      if (list) list.push(write)
-      else this.buckets.set(b, [write])
+      if (list === undefined) this.buckets.set(b, write)
+      else if (list instanceof HeldWrite) this.buckets.set(b, [list, write])
+      else list.push(write)
     }
     return write
   }
 
-  /** Drops `write` from the set and wakes everything waiting for it to land. */
-  release(write: HeldWrite): void {
-    if (!this.all.delete(write)) return
+  /**
+   * Drops `write` from the set and wakes everything waiting for it to land. False (and nothing
+   * done) when it had left already.
+   */
+  release(write: HeldWrite): boolean {
+    if (!write.held) return false
+    write.held = false
+    if (write.older === null) this.oldest = write.newer
+    else write.older.newer = write.newer
+    if (write.newer === null) this.newest = write.older
+    else write.newer.older = write.older
+    write.older = null
+    write.newer = null
+    this.count--
     this.heldBytes -= write.data.length
     for (let b = Math.floor(write.offset / BUCKET_BYTES), last = Math.floor((write.end - 1) / BUCKET_BYTES); b <= last; b++) {
-      const list = this.buckets.get(b) as HeldWrite[]
-      if (list.length === 1) this.buckets.delete(b)
-      else list.splice(list.indexOf(write), 1)
+      const list = this.buckets.get(b) as HeldWrite | HeldWrite[]
+      if (list === write) this.buckets.delete(b)
+      else if (Array.isArray(list)) {
+        list.splice(list.indexOf(write), 1)
+        if (list.length === 1) this.buckets.set(b, list[0] as HeldWrite)
+      }
     }
     write.markLanded()
+    return true
   }
 
   /** The byte range [start, end) of every held write, in no order (bounded by limitBytes). */
   ranges(): Array<[number, number]> {
-    return [...this.all].map((w) => [w.offset, w.end])
+    return this.list().map((w) => [w.offset, w.end])
   }
 
-  /** The held writes overlapping [offset, offset + length), oldest first. */
-  overlapping(offset: number, length: number): HeldWrite[] {
-    if (this.all.size === 0 || length === 0) return []
+  /** The held writes overlapping [offset, offset + length), oldest first (a list not to be changed). */
+  overlapping(offset: number, length: number): readonly HeldWrite[] {
+    if (this.count === 0 || length === 0) return NONE
     const end = offset + length
-    const found: HeldWrite[] = []
-    for (let b = Math.floor(offset / BUCKET_BYTES), last = Math.floor((end - 1) / BUCKET_BYTES); b <= last; b++) {
+    const first = Math.floor(offset / BUCKET_BYTES)
+    const last = Math.floor((end - 1) / BUCKET_BYTES)
+    let found: HeldWrite[] | null = null
+    for (let b = first; b <= last; b++) {
       const list = this.buckets.get(b)
-      if (!list) continue
-      for (const w of list) if (w.offset < end && offset < w.end && !found.includes(w)) found.push(w)
+      if (list === undefined) continue
+      if (list instanceof HeldWrite) {
+        // A write in several buckets is met once per bucket: only a request spanning buckets can meet it twice.
+        if (list.offset < end && offset < list.end && (b === first || found === null || !found.includes(list))) (found ??= []).push(list)
+        continue
+      }
+      for (const w of list) if (w.offset < end && offset < w.end && (b === first || found === null || !found.includes(w))) (found ??= []).push(w)
     }
+    if (found === null) return NONE
     if (found.length > 1) found.sort((x, y) => x.seq - y.seq)
     return found
   }
@@ -162,7 +207,7 @@ export class HeldWrites {
    * overlapping() for a read that copies their bytes after an await: each stays readable, even
    * if it lands meanwhile, until overlayAndUnpin() or unpin().
    */
-  pinForRead(offset: number, length: number): HeldWrite[] {
+  pinForRead(offset: number, length: number): readonly HeldWrite[] {
     const found = this.overlapping(offset, length)
     for (const w of found) w.pin()
     return found
@@ -181,9 +226,16 @@ export class HeldWrites {
 
   /** Resolves once every write held now has landed (later ones are not waited for). */
   drain(): Promise<void> {
-    if (this.all.size === 0) return Promise.resolve()
+    if (this.count === 0) return Promise.resolve()
     // One promise for the lot, not one per held write (up to limitBytes of 4 KiB writes).
-    return new Promise((resolve) => whenAllLanded([...this.all], resolve))
+    return new Promise((resolve) => whenAllLanded(this.list(), resolve))
+  }
+
+  /** The held writes, oldest first. */
+  private list(): HeldWrite[] {
+    const all: HeldWrite[] = []
+    for (let w = this.oldest; w !== null; w = w.newer) all.push(w)
+    return all
   }
 }
 

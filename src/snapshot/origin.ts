@@ -28,13 +28,14 @@
  *   held write in that case is dropped: its bytes never land, and the next flush fails.
  */
 import { EventEmitter } from 'node:events'
-import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities, RESOLVED } from '../device/block-device.js'
+import { BaseBlockDevice, type BlockDevice, type DeviceCapabilities, type IoDone, RESOLVED } from '../device/block-device.js'
 import { SnapError, asSnapError } from '../errors.js'
 import { type Deferred, deferred } from '../util/deferred.js'
 import { type ExceptionEvents, defaultExceptionEvents } from './exception-events.js'
 import { type HeldWrite, HeldWrites, unpin, whenAllLanded } from './held-writes.js'
 import { CopyEngine, type CopyTarget } from './copy-engine.js'
-import { type OriginWait, type PendingException, whenAllSettled } from './pending-exception.js'
+import type { PendingException } from './pending-exception.js'
+import { ProtectPass } from './protect-pass.js'
 import type { OriginBacking, Snapshot } from './snapshot.js'
 import { settleAll } from './snapshot.js'
 
@@ -78,6 +79,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
   private readRefusal: string | null = null // why reads are refused, if they are
   private readonly unforward = new Map<Snapshot, () => void>()
   private interceptorNow: OriginInterceptor | null = null
+  private sparePass: ProtectPass | null = null
   /**
    * What happens to the attached snapshots, for whoever owns the origin (serve logs it):
    * 'invalidated' (snapshot, reason), 'no-space' (snapshot, error), 'space-restored' (snapshot);
@@ -255,6 +257,9 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     }
   }
 
+  /** endMutation as a function made once, for promise callbacks. */
+  private readonly endOneMutation = (): void => this.endMutation()
+
   private endMutation(): void {
     if (--this.mutations === 0 && this.drainWaiters.length > 0) {
       const waiters = this.drainWaiters
@@ -271,32 +276,31 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    * Returns what to wait for (empty: all saved).
    */
   triggerExceptions(offset: number, length: number): { waits: Array<PendingException['done']>; invalidations: Array<Promise<void>> } {
-    const { waits, invalidations } = this.protectPass(offset, length)
-    return { waits: waits.map((pe) => pe.done), invalidations }
+    const pass = this.protectPass(offset, length)
+    if (pass === null) return { waits: [], invalidations: [] }
+    return { waits: pass.waits().map((w) => w.done), invalidations: [...(pass.invalidations ?? [])] }
   }
 
-  /** triggerExceptions with the pending extents themselves to wait for (no promise per extent). */
-  private protectPass(offset: number, length: number): { waits: OriginWait[]; invalidations: Array<Promise<void>> } {
-    const waits: OriginWait[] = []
-    const invalidations: Array<Promise<void>> = []
-    if (this.list.length === 0) return { waits, invalidations }
+  /**
+   * triggerExceptions with the pending extents themselves to wait for (no promise per extent);
+   * null when there is nothing to wait for.
+   */
+  private protectPass(offset: number, length: number): ProtectPass | null {
+    if (this.list.length === 0) return null
     const end = offset + length
-    const targets: CopyTarget[] = []
-    const started: PendingException[] = []
+    // A pass that finds nothing (every write's second look) leaves its object for the next one.
+    const pass = this.sparePass ?? new ProtectPass()
+    this.sparePass = null
     try {
-      for (const s of this.list) {
-        try {
-          s.protectOrigin(offset, end, waits, invalidations, started)
-        } finally {
-          if (started.length > 0) for (const t of s.copyTargets(started)) targets.push(t)
-          started.length = 0
-        }
-      }
+      for (const s of this.list) s.protectOrigin(offset, end, pass)
     } finally {
       // Whatever was made pending must be copied, even if a later snapshot threw.
-      this.startCopies(targets)
+      this.startCopies(pass)
     }
-    return { waits, invalidations }
+    if (!pass.clear) return pass
+    // Nothing to wait for means nothing was made pending either: the object is still empty.
+    this.sparePass = pass
+    return null
   }
 
   /**
@@ -304,19 +308,20 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    * together on the origin share one read of their span. Bytes in between are read but unused,
    * and the bytes inside cannot change meanwhile, because writes to them wait for these copies.
    */
-  private startCopies(targets: CopyTarget[]): void {
-    if (targets.length <= 1) {
-      if (targets.length === 1) this.copies.copyOut(this.device, targets)
-      return
-    }
+  private startCopies(pass: ProtectPass): void {
+    const first = pass.copyFirst
+    if (first === null) return
+    const rest = pass.copyRest
+    if (rest === null) return this.copies.copyOut(this.device, [first])
+    const targets = [first, ...rest]
     targets.sort((a, b) => a.from - b.from)
-    let first = 0
+    let from = 0
     let spanStart = (targets[0] as CopyTarget).from
     for (let i = 1; i <= targets.length; i++) {
       const t = targets[i]
       if (t && t.from + t.length - spanStart <= SHARED_READ_BYTES) continue
-      this.copies.copyOut(this.device, first === 0 && i === targets.length ? targets : targets.slice(first, i))
-      first = i
+      this.copies.copyOut(this.device, from === 0 && i === targets.length ? targets : targets.slice(from, i))
+      from = i
       if (t) spanStart = t.from
     }
   }
@@ -327,10 +332,11 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
    */
   async protect(offset: number, length: number): Promise<void> {
     for (;;) {
-      const { waits, invalidations } = this.protectPass(offset, length)
-      if (invalidations.length > 0) await Promise.all(invalidations)
-      if (waits.length === 0) return
-      const noSpace = await new Promise<SnapError | null>((resolve) => whenAllSettled(waits, resolve))
+      const pass = this.protectPass(offset, length)
+      if (pass === null) return
+      if (pass.invalidations !== null) await Promise.all(pass.invalidations)
+      if (!pass.hasWaits) return
+      const noSpace = await new Promise<SnapError | null>((resolve) => pass.whenSettled(resolve))
       if (noSpace) throw this.noSpaceRefusal(noSpace, offset, length)
     }
   }
@@ -388,75 +394,147 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
 
   /**
    * An origin write outside a merge. Runs synchronously up to the point of answering, so writes
-   * are ordered as they arrive: a write that overlaps held bytes lands after them.
+   * are ordered as they arrive: a write that overlaps held bytes lands after them. `counted`:
+   * the write is one origin mutation, which this ends (else the caller counts it).
    */
-  private writeOrigin(data: Uint8Array, offset: number, fua: boolean, endMutation: () => void): Promise<void> {
+  private writeOrigin(data: Uint8Array, offset: number, fua: boolean, counted: boolean): Promise<void> {
     const earlier = this.held.overlapping(offset, data.length)
-    const { waits, invalidations } = this.protectPass(offset, data.length)
-    if (earlier.length === 0 && waits.length === 0 && invalidations.length === 0) {
-      // Nothing to wait for: straight to the device, one promise, the mutation ended by its callback.
-      return new Promise((resolve, reject) =>
-        this.device.writeThen(data, offset, fua, (err) => {
-          endMutation()
-          if (err === null) resolve()
-          else reject(err)
-        }),
-      )
-    }
+    const pass = this.protectPass(offset, data.length)
+    if (earlier.length === 0 && pass === null) return this.writeDirect(data, offset, fua, counted)
     if (!fua && this.held.hasRoomFor(data.length)) {
       const write = this.held.add(offset, data)
-      // The landing is a mutation of its own, so hold() drains it like a write in flight.
-      this.land(write, earlier, waits, invalidations, this.enterMutation())
-      endMutation()
+      // The landing is a mutation of its own, so hold() drains it like a write in flight; it
+      // ends when the write leaves the held set (landed()).
+      this.mutations++
+      this.land(write, earlier, pass)
+      if (counted) this.endMutation()
       return RESOLVED
     }
-    const after = this.writeAfter(data, offset, fua, earlier)
-    after.then(endMutation, endMutation)
+    const after = this.writeThrough(data, offset, fua, earlier, pass)
+    if (counted) after.then(this.endOneMutation, this.endOneMutation)
     return after
   }
 
-  /** Write-through: answered once the write is on the device. */
-  private async writeAfter(data: Uint8Array, offset: number, fua: boolean, earlier: readonly HeldWrite[]): Promise<void> {
+  /**
+   * Nothing to wait for: straight to the device, one promise, the mutation ended by its callback.
+   * A method of its own, so that writeOrigin's other paths make no context for these closures.
+   */
+  private writeDirect(data: Uint8Array, offset: number, fua: boolean, counted: boolean): Promise<void> {
+    return new Promise((resolve, reject) =>
+      this.device.writeThen(data, offset, fua, (err) => {
+        if (counted) this.endMutation()
+        if (err === null) resolve()
+        else reject(err)
+      }),
+    )
+  }
+
+  /**
+   * Write-through (FUA, or no room to hold the write): answered once the write is on the
+   * device. Driven by callbacks like a landing (`pass`: the first look's findings), with one
+   * promise for the answer rather than an async frame and a promise per step: in process, 32
+   * writers fill the write-back limit and then write through.
+   */
+  private writeThrough(data: Uint8Array, offset: number, fua: boolean, earlier: readonly HeldWrite[], pass: ProtectPass | null): Promise<void> {
+    return new Promise((resolve, reject) => this.throughStep(data, offset, fua, earlier, pass, (err) => (err === null ? resolve() : reject(err))))
+  }
+
+  /** One step of writeThrough: wait for `pass`, look again, and once a look finds nothing, write. */
+  private throughStep(data: Uint8Array, offset: number, fua: boolean, earlier: readonly HeldWrite[], pass: ProtectPass | null, done: IoDone): void {
+    if (pass === null) {
+      // Every snapshot holds the range: after the earlier held writes, the device write.
+      if (earlier.length === 0) this.device.writeThen(data, offset, fua, done)
+      else this.writeAfterEarlier(data, offset, fua, earlier, done)
+      return
+    }
+    if (pass.invalidations !== null) {
+      this.throughSlowly(data, offset, fua, earlier, pass).then(() => done(null), done)
+      return
+    }
+    this.throughWhenSettled(data, offset, fua, earlier, pass, done)
+  }
+
+  private writeAfterEarlier(data: Uint8Array, offset: number, fua: boolean, earlier: readonly HeldWrite[], done: IoDone): void {
+    whenAllLanded(earlier, () => this.device.writeThen(data, offset, fua, done))
+  }
+
+  private throughWhenSettled(data: Uint8Array, offset: number, fua: boolean, earlier: readonly HeldWrite[], pass: ProtectPass, done: IoDone): void {
+    pass.whenSettled((noSpace) => {
+      if (noSpace) return done(this.noSpaceRefusal(noSpace, offset, data.length))
+      let again: ProtectPass | null
+      try {
+        again = this.protectPass(offset, data.length)
+      } catch (err) {
+        return done(err)
+      }
+      this.throughStep(data, offset, fua, earlier, again, done)
+    })
+  }
+
+  /** writeThrough with invalidations to wait for first: the rare path, as async code. */
+  private async throughSlowly(data: Uint8Array, offset: number, fua: boolean, earlier: readonly HeldWrite[], pass: ProtectPass): Promise<void> {
+    await Promise.all(pass.invalidations ?? [])
+    const noSpace = await new Promise<SnapError | null>((resolve) => pass.whenSettled(resolve))
+    if (noSpace) throw this.noSpaceRefusal(noSpace, offset, data.length)
     for (const w of earlier) await w.landed
     await this.writeThroughCow(data, offset, fua)
   }
 
   /**
-   * Puts a held write on the device once every copy it needs is committed. Driven by callbacks
-   * (pending extents settling, earlier held writes landing, the device write completing), so a
-   * landing allocates no promise; a pass that meets an invalidation goes the async way.
+   * Puts a held write on the device once every copy it needs is committed (`pass`: the first
+   * look's findings, null if it found nothing). Driven by callbacks (pending extents settling,
+   * earlier held writes landing, the device write completing), so a landing allocates no
+   * promise; a pass that meets an invalidation goes the async way.
    */
-  private land(write: HeldWrite, earlier: readonly HeldWrite[], waits: OriginWait[], invalidations: Array<Promise<void>>, endMutation: () => void): void {
-    if (invalidations.length > 0) {
-      void this.landSlowly(write, earlier, waits, invalidations, endMutation)
+  private land(write: HeldWrite, earlier: readonly HeldWrite[], pass: ProtectPass | null): void {
+    if (pass === null) return this.landAfter(write, earlier)
+    if (pass.invalidations !== null) {
+      void this.landSlowly(write, earlier, pass)
       return
     }
-    whenAllSettled(waits, (noSpace) => {
-      try {
-        // A copy without space drops the write: its bytes never land, the next flush fails.
-        if (noSpace) return this.landed(write, endMutation, this.noSpaceRefusal(noSpace, write.offset, write.data.length))
-        // Once more, as protect() does: a range query that finds nothing once every snapshot holds the range.
-        const again = this.protectPass(write.offset, write.data.length)
-        if (again.waits.length > 0 || again.invalidations.length > 0) return this.land(write, earlier, again.waits, again.invalidations, endMutation)
-        whenAllLanded(earlier, () => this.device.writeThen(write.data, write.offset, false, (err) => this.landed(write, endMutation, err)))
-      } catch (err) {
-        this.landed(write, endMutation, err)
-      }
-    })
+    this.landWhenSettled(write, earlier, pass)
+  }
+
+  /** land() once `pass`'s waits have settled (a function of its own: land() runs without them too). */
+  private landWhenSettled(write: HeldWrite, earlier: readonly HeldWrite[], pass: ProtectPass): void {
+    // One wait (the usual case): its outcome straight to settledFor, one closure per step.
+    const only = pass.onlyWait
+    if (only !== null) only.whenSettled((outcome) => this.settledFor(write, earlier, typeof outcome === 'boolean' ? null : outcome))
+    else pass.whenSettled((noSpace) => this.settledFor(write, earlier, noSpace))
+  }
+
+  /** land(): what the write waited for has settled (`noSpace`: a copy it needed got no space). */
+  private settledFor(write: HeldWrite, earlier: readonly HeldWrite[], noSpace: SnapError | null): void {
+    try {
+      // A copy without space drops the write: its bytes never land, the next flush fails.
+      if (noSpace) return this.landed(write, this.noSpaceRefusal(noSpace, write.offset, write.data.length))
+      // Once more, as protect() does: a range query that finds nothing once every snapshot holds the range.
+      this.land(write, earlier, this.protectPass(write.offset, write.data.length))
+    } catch (err) {
+      this.landed(write, err)
+    }
+  }
+
+  /** The last step of a landing: after the earlier held writes, the device write. */
+  private landAfter(write: HeldWrite, earlier: readonly HeldWrite[]): void {
+    if (earlier.length === 0) this.put(write)
+    else this.putAfter(write, earlier)
+  }
+
+  private putAfter(write: HeldWrite, earlier: readonly HeldWrite[]): void {
+    whenAllLanded(earlier, () => this.put(write))
+  }
+
+  private put(write: HeldWrite): void {
+    this.device.writeThen(write.data, write.offset, false, (err) => this.landed(write, err))
   }
 
   /** land() with invalidations to wait for first: the rare path, as async code. */
-  private async landSlowly(
-    write: HeldWrite,
-    earlier: readonly HeldWrite[],
-    waits: OriginWait[],
-    invalidations: Array<Promise<void>>,
-    endMutation: () => void,
-  ): Promise<void> {
+  private async landSlowly(write: HeldWrite, earlier: readonly HeldWrite[], pass: ProtectPass): Promise<void> {
     let failure: unknown = null
     try {
-      await Promise.all(invalidations)
-      const noSpace = await new Promise<SnapError | null>((resolve) => whenAllSettled(waits, resolve))
+      await Promise.all(pass.invalidations ?? [])
+      const noSpace = await new Promise<SnapError | null>((resolve) => pass.whenSettled(resolve))
       if (noSpace) throw this.noSpaceRefusal(noSpace, write.offset, write.data.length)
       await this.protect(write.offset, write.data.length)
       for (const w of earlier) await w.landed
@@ -464,11 +542,11 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     } catch (err) {
       failure = err
     }
-    this.landed(write, endMutation, failure)
+    this.landed(write, failure)
   }
 
   /** A held write is done: on the device (`err` null) or dropped, its failure kept for the next flush. */
-  private landed(write: HeldWrite, endMutation: () => void, err: unknown): void {
+  private landed(write: HeldWrite, err: unknown): void {
     // Already answered: like a disk's write cache, the failure surfaces at the next flush.
     if (err !== null && this.writeBackError === null) {
       const failure = asSnapError(err, 'device write')
@@ -477,8 +555,8 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
       // Once per flush interval, like the error itself: a dying device must not flood the owner.
       this.notices.emit('write-back-failed', { offsetBytes: write.offset, lengthBytes: write.data.length, error: failure })
     }
-    this.held.release(write)
-    endMutation()
+    // Once per write, whoever calls: its landing mutation ends as it leaves the set.
+    if (this.held.release(write)) this.endMutation()
   }
 
   /** Throws (once) the first failure of a held write since the last flush. */
@@ -516,15 +594,17 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     const wait = this.throttleWait()
     if (wait !== null || this.gate !== null) return this.writeWhenAllowed(data, offset, fua, wait)
     const interceptor = this.interceptorNow
-    const endMutation = this.enterMutation()
+    // Counted without a closure per write: writeOrigin ends it exactly once (every path ends it
+    // after the last thing that can throw), the interceptor's answer here.
+    this.mutations++
     let answer: Promise<void>
     try {
-      answer = interceptor ? interceptor.write(data, offset, fua) : this.writeOrigin(data, offset, fua, endMutation)
+      answer = interceptor ? interceptor.write(data, offset, fua) : this.writeOrigin(data, offset, fua, true)
     } catch (err) {
-      endMutation()
+      this.endMutation()
       throw err
     }
-    if (interceptor) answer.then(endMutation, endMutation)
+    if (interceptor) answer.then(this.endOneMutation, this.endOneMutation)
     return answer
   }
 
@@ -534,7 +614,7 @@ export class Origin extends BaseBlockDevice implements OriginBacking {
     await this.runMutation(() => {
       const interceptor = this.interceptorNow
       if (interceptor) return interceptor.write(data, offset, fua)
-      return this.writeOrigin(data, offset, fua, () => {})
+      return this.writeOrigin(data, offset, fua, false)
     })
   }
 

@@ -18,8 +18,9 @@ export type PendingOutcome = boolean | SnapError
 export class PendingException implements OriginWait {
   readonly prepared: PreparedException
   private outcomeNow: PendingOutcome | undefined = undefined
-  /** Callbacks for the outcome; most extents have one waiter (the write that made them). */
-  private listeners: Array<(outcome: PendingOutcome) => void> | null = null
+  /** Callbacks for the outcome: most extents have one waiter (the write that made them), so no array for it. */
+  private listener: ((outcome: PendingOutcome) => void) | null = null
+  private moreListeners: Array<(outcome: PendingOutcome) => void> | null = null
   /** Made only when someone asks for a promise. */
   private settled: Deferred<PendingOutcome> | null = null
 
@@ -60,15 +61,19 @@ export class PendingException implements OriginWait {
    */
   whenSettled(fn: (outcome: PendingOutcome) => void): void {
     if (this.outcomeNow !== undefined) fn(this.outcomeNow)
-    else (this.listeners ??= []).push(fn)
+    else if (this.listener === null) this.listener = fn
+    else (this.moreListeners ??= []).push(fn)
   }
 
   settle(outcome: PendingOutcome): void {
     if (this.outcomeNow !== undefined) return
     this.outcomeNow = outcome
-    const listeners = this.listeners
-    this.listeners = null
-    if (listeners) for (const fn of listeners) fn(outcome)
+    const first = this.listener
+    const more = this.moreListeners
+    this.listener = null
+    this.moreListeners = null
+    if (first !== null) first(outcome)
+    if (more !== null) for (const fn of more) fn(outcome)
     this.settled?.resolve(outcome)
   }
 }

@@ -40,6 +40,7 @@ import { SnapError, isSnapError } from '../errors.js'
 import { ExceptionList } from '../format/exception-list.js'
 import type { ExceptionStore, StoreUsage } from '../store/exception-store.js'
 import { SECTOR_BYTES } from '../units.js'
+import { type Deferred, deferred } from '../util/deferred.js'
 import type { CopyEngine, CopyFailure, CopyTarget } from './copy-engine.js'
 import { ExceptionTable } from './exception-table.js'
 import { type ChunkRun, exceptionRunsIn } from './exception-runs.js'
@@ -84,6 +85,16 @@ export interface SnapshotOptions {
  */
 export type CowFullHandler = () => Promise<void> | null
 
+/** Where protectOrigin reports what a pass found (the origin's ProtectPass). */
+export interface ProtectSink {
+  /** Something the origin write must wait for before it looks again. */
+  wait(w: OriginWait): void
+  /** An invalidation whose header write must be durable before the origin write goes on. */
+  invalidation(durable: Promise<void>): void
+  /** The copy of an extent just made pending: the caller must start it. */
+  copy(target: CopyTarget): void
+}
+
 /** What a snapshot needs from its origin; implemented by Origin. */
 export interface OriginBacking {
   readonly device: BlockDevice
@@ -117,7 +128,8 @@ export class Snapshot extends BaseBlockDevice {
   private inProgress = 0
   /** Chunks copied out of the origin into this snapshot since it was opened (monotonic). */
   private copiedOut = 0
-  private throttleWaiters: Array<() => void> = []
+  /** What writes held back by COW_THRESHOLD wait for: one promise for all of them (null: none wait). */
+  private throttled: Deferred<void> | null = null
   /** Allocated bytes at which 'threshold' fires next; null: not armed. */
   private usageThresholdBytes: number | null
   private fullHandler: CowFullHandler | null = null
@@ -365,22 +377,16 @@ export class Snapshot extends BaseBlockDevice {
    * being saved, walking in this snapshot's chunk size with range queries: runs already saved
    * are skipped with one table query, runs being copied join their pending extent, and each run
    * of unsaved chunks becomes pending extents (one per run of consecutive COW chunks, capped at
-   * COPY_RUN_BYTES). Pushes what to wait for onto `waits` and the extents created onto
-   * `started`, whose copies the caller must start (startCopies/copyTargets). Invalidations
-   * caused by a full COW go to `invalidations`.
+   * COPY_RUN_BYTES). Tells `sink` what to wait for and hands it the copy of each extent
+   * created, which the caller must start (even if a later snapshot throws). Invalidations
+   * caused by a full COW go to `sink` too.
    */
-  protectOrigin(
-    offset: number,
-    end: number,
-    waits: OriginWait[],
-    invalidations: Array<Promise<void>>,
-    started: PendingException[],
-  ): void {
+  protectOrigin(offset: number, end: number, sink: ProtectSink): void {
     if (!this.attached || this.merging) return
     if (this.condition === 'invalid') {
       // Until the invalid header is durable a crash brings this snapshot back valid, so no
       // origin write it did not save may reach the device before then.
-      if (this.invalidation && !this.invalidationDurable) invalidations.push(this.invalidation)
+      if (this.invalidation && !this.invalidationDurable) sink.invalidation(this.invalidation)
       return
     }
     end = Math.min(end, this._sizeBytes)
@@ -392,7 +398,7 @@ export class Snapshot extends BaseBlockDevice {
     while (c < last) {
       const pe = this.pending.firstFrom(c)
       if (pe !== null && pe.firstChunk <= c) {
-        waits.push(pe)
+        sink.wait(pe)
         c = pe.firstChunk + pe.count
         continue
       }
@@ -408,12 +414,12 @@ export class Snapshot extends BaseBlockDevice {
           if (!isSnapError(err, 'SNAP_NO_SPACE')) throw err
           const extension = this.extensionForFullCow()
           // The origin write rescans once the extension settles (true: nothing to refuse).
-          if (extension !== null) waits.push(new ExtensionWait(extension))
-          else invalidations.push(this.invalidate(COW_FULL))
+          if (extension !== null) sink.wait(new ExtensionWait(extension))
+          else sink.invalidation(this.invalidate(COW_FULL))
           return
         }
-        started.push(created)
-        waits.push(created)
+        sink.copy(this.originCopy(created))
+        sink.wait(created)
         c += created.count
       }
     }
@@ -424,37 +430,28 @@ export class Snapshot extends BaseBlockDevice {
    * (or can be) needed; starts the copy itself.
    */
   protectOriginChunk(offset: number, invalidations: Array<Promise<void>>): PendingException | null {
-    const waits: OriginWait[] = []
-    const started: PendingException[] = []
-    this.protectOrigin(offset, offset + 1, waits, invalidations, started)
-    this.startCopies(started)
+    const targets: CopyTarget[] = []
+    this.protectOrigin(offset, offset + 1, { wait: () => {}, invalidation: (p) => invalidations.push(p), copy: (t) => targets.push(t) })
+    if (targets.length > 0) this.origin.copies.copyOut(this.origin.device, targets)
     return this.pending.find(Math.floor(offset / this.chunkBytes))
   }
 
-  /** Starts copying `started` (from protectOrigin) from the origin device. */
+  /** Starts copying `started` from the origin device. */
   startCopies(started: readonly PendingException[]): void {
-    if (started.length > 0) this.origin.copies.copyOut(this.origin.device, this.copyTargets(started))
+    if (started.length > 0) this.origin.copies.copyOut(this.origin.device, started.map((pe) => this.originCopy(pe)))
   }
 
-  /**
-   * The copy engine's targets for `started` (from protectOrigin): origin bytes of each extent
-   * into its COW chunks. The origin combines the targets of several snapshots into one read.
-   */
-  copyTargets(started: readonly PendingException[]): CopyTarget[] {
+  /** The copy engine's target for `pe`: origin bytes of the extent into its COW chunks. */
+  private originCopy(pe: PendingException): CopyTarget {
     const cb = this.chunkBytes
-    const originBytes = this.origin.sizeBytes
-    return started.map((pe) => {
-      const from = pe.firstChunk * cb
-      return {
-        from,
-        // The last origin chunk may be partial; the rest of its COW chunk is left as it is.
-        length: Math.min((pe.firstChunk + pe.count) * cb, originBytes) - from,
-        device: this.store.cow,
-        to: pe.newChunk * cb,
-        prepare: (ready) => this.store.whenSpaceReadyThen(pe.prepared, ready),
-        done: (failure: CopyFailure | null) => this.finishPending(pe, failure === null ? true : copyFailure(failure.cause), true),
-      }
-    })
+    const from = pe.firstChunk * cb
+    // The last origin chunk may be partial; the rest of its COW chunk is left as it is.
+    return new OriginCopy(this, pe, from, Math.min((pe.firstChunk + pe.count) * cb, this.origin.sizeBytes) - from, pe.newChunk * cb)
+  }
+
+  /** @internal The copy of `pe` out of the origin ended (OriginCopy): commit or give it up. */
+  originCopyEnded(pe: PendingException, failure: CopyFailure | null): void {
+    this.finishPending(pe, failure === null ? true : copyFailure(failure.cause), true)
   }
 
   /** A pending extent of up to `maxCount` chunks from `firstChunk` (fewer where the COW is not consecutive). */
@@ -548,14 +545,16 @@ export class Snapshot extends BaseBlockDevice {
   /** Null when at most COW_THRESHOLD chunks are being copied, else a promise for a wake-up. */
   belowThresholdWait(): Promise<void> | null {
     if (this.inProgress <= COW_THRESHOLD) return null
-    return new Promise<void>((resolve) => this.throttleWaiters.push(resolve))
+    this.throttled ??= deferred<void>()
+    return this.throttled.promise
   }
 
   private wakeThrottled(): void {
-    if (this.inProgress > COW_THRESHOLD || this.throttleWaiters.length === 0) return
-    const waiters = this.throttleWaiters
-    this.throttleWaiters = []
-    for (const wake of waiters) wake()
+    if (this.inProgress > COW_THRESHOLD || this.throttled === null) return
+    const throttled = this.throttled
+    this.throttled = null
+    // Its waiters resume in the order they started waiting, as one promise per waiter did.
+    throttled.resolve()
   }
 
   /**
@@ -820,6 +819,38 @@ export class Snapshot extends BaseBlockDevice {
   protected override async _close(): Promise<void> {
     await this.drainPending()
     await this.store.close()
+  }
+}
+
+/**
+ * The copy of one pending extent out of the origin, as the copy engine's target: a class with
+ * methods, not an object of closures, since every first-touch write makes one.
+ */
+class OriginCopy implements CopyTarget {
+  readonly from: number
+  readonly length: number
+  readonly to: number
+  private readonly snapshot: Snapshot
+  private readonly pe: PendingException
+
+  constructor(snapshot: Snapshot, pe: PendingException, from: number, length: number, to: number) {
+    this.snapshot = snapshot
+    this.pe = pe
+    this.from = from
+    this.length = length
+    this.to = to
+  }
+
+  get device(): BlockDevice {
+    return this.snapshot.store.cow
+  }
+
+  prepare(ready: (err: unknown) => void): void {
+    this.snapshot.store.whenSpaceReadyThen(this.pe.prepared, ready)
+  }
+
+  done(failure: CopyFailure | null): void {
+    this.snapshot.originCopyEnded(this.pe, failure)
   }
 }
 

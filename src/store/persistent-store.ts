@@ -37,7 +37,7 @@ import { checkVersion, decodeHeader, encodeHeader } from '../format/header.js'
 import { FIRST_DATA_CHUNK, FORMAT_VERSION, type Layout, areaChunk, isMetadataChunk, layoutFor, nextDataChunk } from '../format/layout.js'
 import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth, growFixedCow, spaceOutcome } from './cow-growth.js'
+import { CowGrowth, growFixedCow, whenSpaceCovered } from './cow-growth.js'
 import { type CommitDone, type CommitKind, InOrderCommitter } from './in-order-committer.js'
 
 export interface PersistentStoreOptions {
@@ -308,7 +308,9 @@ export class PersistentStore implements ExceptionStore {
     if (!this.growable) return done(null)
     const needed = this.spaceNeededBytes(e)
     this.growth.request(needed)
-    this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
+    // Covered already (the usual case): no closure for whenCovers.
+    if (this.growth.covers(needed)) return done(null)
+    whenSpaceCovered(this.growth, needed, done)
   }
 
   /** Writes zeros to the metadata areas after the current one that lie in [fromBytes, toBytes). */
@@ -385,7 +387,11 @@ export class PersistentStore implements ExceptionStore {
     this.writing = true
     // Every area queued by now goes out under the same two flushes (a 1 MiB write over 4 KiB
     // chunks fills a whole area, so a QD8 stream seals several areas at once).
-    const batch = this.jobs.splice(0, this.jobs.length)
+    this.writeBatch(this.jobs.splice(0, this.jobs.length))
+  }
+
+  /** kick()'s write, in a method of its own: kick runs per commit, mostly finding nothing to do. */
+  private writeBatch(batch: readonly AreaJob[]): void {
     void this.writeJobs(batch).then((ok) => {
       this.writing = false
       for (const job of batch) for (const w of job.waiters) w(ok)

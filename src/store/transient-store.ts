@@ -7,7 +7,7 @@ import type { BlockDevice } from '../device/block-device.js'
 import { SnapError, noSpace } from '../errors.js'
 import { SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
-import { CowGrowth, growFixedCow, spaceOutcome } from './cow-growth.js'
+import { CowGrowth, growFixedCow, whenSpaceCovered } from './cow-growth.js'
 import { type CommitDone, InOrderCommitter } from './in-order-committer.js'
 
 export interface TransientStoreOptions {
@@ -79,7 +79,9 @@ export class TransientStore implements ExceptionStore {
     if (!this.growable) return done(null)
     const needed = (e.newChunk + e.count) * this.chunkBytes
     this.growth.request(needed) // again: an earlier step for it may have failed
-    this.growth.whenCovers(needed, (covered, err) => done(spaceOutcome(covered, err, needed)))
+    // Covered already (the usual case): no closure for whenCovers.
+    if (this.growth.covers(needed)) return done(null)
+    whenSpaceCovered(this.growth, needed, done)
   }
 
   commitException(e: PreparedException, ok: boolean): Promise<boolean> {

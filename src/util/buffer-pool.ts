@@ -19,11 +19,22 @@ export class BufferPool {
   private readonly free: ArrayBuffer[][] = []
   private freeBytes = 0
   /**
-   * Buffers handed out and not yet released: release() of anything else is ignored. A Set, not
-   * a WeakSet: a lent buffer is alive anyway, and a WeakSet's ephemeron table showed up in the
-   * garbage collector's share of the first-touch profile.
+   * An id for every buffer of this pool, lent or free, and whether it is lent: release() of
+   * anything else, or of a buffer not lent, is ignored. Ids stay with a buffer while the pool
+   * has it, so a steady acquire/release cycle changes no Map (a Set of lent buffers, added to
+   * and deleted from per request, rehashed often enough to be a tenth of a first-touch write's
+   * garbage; a WeakSet's ephemeron table was worse).
    */
-  private readonly lent = new Set<ArrayBuffer>()
+  private readonly ids = new Map<ArrayBuffer, number>()
+  private lent = new Uint8Array(256)
+  /**
+   * By id, a view of the whole buffer, made once and handed out for every request of exactly
+   * the class size (a 4 KiB write, a 4 KiB copy): a typed array object per request was the
+   * largest single item of a first-touch write's garbage after the closures went.
+   */
+  private readonly wholeViews: Array<Uint8Array | undefined> = []
+  private freeIds: number[] = []
+  private nextId = 0
 
   constructor(options: { maxFreeBytes?: number } = {}) {
     this.maxFreeBytes = options.maxFreeBytes ?? 32 * 1024 * 1024
@@ -39,29 +50,53 @@ export class BufferPool {
     if (bytes > MAX_POOLED_BYTES) return new Uint8Array(bytes)
     const shift = classShift(bytes)
     let buffer = this.free[shift - MIN_CLASS_SHIFT]?.pop()
-    if (buffer === undefined) buffer = new ArrayBuffer(1 << shift)
-    else this.freeBytes -= buffer.byteLength
-    this.lent.add(buffer)
-    return new Uint8Array(buffer, 0, bytes)
+    let id: number
+    if (buffer === undefined) {
+      buffer = new ArrayBuffer(1 << shift)
+      id = this.freeIds.pop() ?? this.nextId++
+      if (id >= this.lent.length) {
+        const grown = new Uint8Array(this.lent.length * 2)
+        grown.set(this.lent)
+        this.lent = grown
+      }
+      this.ids.set(buffer, id)
+    } else {
+      this.freeBytes -= buffer.byteLength
+      id = this.ids.get(buffer) as number
+    }
+    this.lent[id] = 1
+    if (bytes !== buffer.byteLength) return new Uint8Array(buffer, 0, bytes)
+    return (this.wholeViews[id] ??= new Uint8Array(buffer))
   }
 
   /**
-   * Takes back a view from acquire(); nothing may use it afterwards. Views it did not hand out,
-   * and a second release of the same one, are ignored.
+   * Takes back a view from acquire(); nothing may use it afterwards (a later acquire may hand
+   * out the same view object again). Views it did not hand out, and a second release of the
+   * same one, are ignored.
    */
   release(view: Uint8Array): void {
     const buffer = view.buffer as ArrayBuffer
-    if (!this.lent.delete(buffer)) return
+    const id = this.ids.get(buffer)
+    if (id === undefined || this.lent[id] === 0) return
+    this.lent[id] = 0
     // Past the cap the buffer is left to the garbage collector.
-    if (this.freeBytes + buffer.byteLength > this.maxFreeBytes) return
+    if (this.freeBytes + buffer.byteLength > this.maxFreeBytes) return this.forget(buffer, id)
     ;(this.free[classShift(buffer.byteLength) - MIN_CLASS_SHIFT] ??= []).push(buffer)
     this.freeBytes += buffer.byteLength
   }
 
   /** Lets the garbage collector have every free buffer (e.g. when the engine goes idle). */
   trim(): void {
+    for (const list of this.free) if (list) for (const buffer of list) this.forget(buffer, this.ids.get(buffer) as number)
     this.free.length = 0
     this.freeBytes = 0
+  }
+
+  /** The pool lets go of `buffer` (not lent): its id is free for a new buffer. */
+  private forget(buffer: ArrayBuffer, id: number): void {
+    this.ids.delete(buffer)
+    this.wholeViews[id] = undefined
+    this.freeIds.push(id)
   }
 }
 

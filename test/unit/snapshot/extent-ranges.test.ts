@@ -106,6 +106,50 @@ test('ExtentList keeps disjoint extents found by search, as a per-chunk owner ma
   }
 })
 
+test('ExtentList with thousands of extents (many pages, split and emptied) agrees with a per-chunk owner map', () => {
+  for (const seed of SEEDS) {
+    const random = new Random(seed)
+    const list = new ExtentList<Extent>()
+    const owner = new Map<number, Extent>()
+    const SPACE = 12000
+    let largest = 0
+    // Mostly inserts, then mostly removals: the list grows to thousands of extents and drains again.
+    for (let op = 0; op < 16000; op++) {
+      const what = `seed ${seed} op ${op}`
+      if (random.chance(op < 8000 ? 0.8 : 0.2)) {
+        const firstChunk = random.int(SPACE)
+        const count = 1 + random.int(4)
+        const e = { firstChunk, count }
+        let free = true
+        for (let c = firstChunk; c < firstChunk + count; c++) if (owner.has(c)) free = false
+        if (free) {
+          list.insert(e)
+          for (let c = firstChunk; c < firstChunk + count; c++) owner.set(c, e)
+        } else {
+          assert.throws(() => list.insert(e), /overlaps/, `${what}: overlapping insert refused`)
+        }
+      } else if (list.size > 0) {
+        const e = list.values()[random.int(list.size)] as Extent
+        list.remove(e)
+        for (let c = e.firstChunk; c < e.firstChunk + e.count; c++) owner.delete(c)
+      }
+      largest = Math.max(largest, list.size)
+      const c = random.int(SPACE + 10)
+      assert.equal(list.find(c), owner.get(c) ?? null, `${what}: find(${c})`)
+      let next: Extent | null = null
+      for (let d = c; d < SPACE + 10 && next === null; d++) next = owner.get(d) ?? null
+      assert.equal(list.firstFrom(c), next, `${what}: firstFrom(${c})`)
+    }
+    assert.ok(largest > 1000, `seed ${seed}: the list reached ${largest} extents`)
+    const values = list.values()
+    assert.equal(values.length, list.size)
+    for (let i = 1; i < values.length; i++) {
+      const a = values[i - 1] as Extent
+      assert.ok(a.firstChunk + a.count <= (values[i] as Extent).firstChunk, `seed ${seed}: values() in order`)
+    }
+  }
+})
+
 test('ExceptionTable range operations agree with a per-chunk map and leave the runs per-chunk inserts leave', () => {
   for (const seed of SEEDS) {
     const random = new Random(seed)
