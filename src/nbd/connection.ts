@@ -83,8 +83,8 @@ export interface ConnectionOptions {
    * created with pauseOnConnect and no TLS. Otherwise it is read through 'data' events.
    */
   readonly directReceive?: boolean
-  /** Bytes of a direct-receive read that has no payload to land in (default DEFAULT_READ_BUFFER_BYTES). */
-  readonly readBufferBytes?: number
+  /** Bytes of a direct-receive read that has no payload to land in. */
+  readonly readBufferBytes: number
 }
 
 type Phase = 'client-flags' | 'options' | 'starttls' | 'transmission' | 'closing' | 'closed'
@@ -97,9 +97,6 @@ const CLOSE_LINGER_MS = 2000
 
 /** Reply bytes queued on the socket beyond which we stop taking new requests. */
 const MAX_UNSENT_BYTES = 4 * 1024 * 1024
-
-/** Size of a direct-receive read that has no payload to land in (as Node's own reads). */
-export const DEFAULT_READ_BUFFER_BYTES = 64 * 1024
 
 /** Where the read in progress lands, in direct-receive mode. */
 type ReadTarget = 'fresh' | 'scratch' | 'payload'
@@ -268,10 +265,10 @@ export class NbdConnection {
       if (this.phase === 'client-flags' || this.phase === 'options') {
         // Handshake bytes may be kept as views (option data): each read gets its own buffer.
         this.readTarget = 'fresh'
-        return Buffer.allocUnsafe(this.options.readBufferBytes ?? DEFAULT_READ_BUFFER_BYTES)
+        return Buffer.allocUnsafe(this.options.readBufferBytes)
       }
       this.readTarget = 'scratch'
-      this.scratch ??= Buffer.allocUnsafeSlow(this.options.readBufferBytes ?? DEFAULT_READ_BUFFER_BYTES)
+      this.scratch ??= Buffer.allocUnsafeSlow(this.options.readBufferBytes)
       return this.scratch
     },
     onRead: (bytes, buffer) => {
@@ -280,9 +277,7 @@ export class NbdConnection {
         try {
           this.requestParser!.payloadReceived(bytes)
         } catch (err) {
-          this.log.error(`${this.label}: internal error: ${describeError(err)}; disconnecting`)
-          this.fault('internal', describeError(err))
-          this.hardClose()
+          this.failed(err)
           return
         }
         this.pump()
@@ -336,15 +331,20 @@ export class NbdConnection {
       if (this.phase === 'client-flags' || this.phase === 'options') this.pumpHandshake()
       if (this.phase === 'transmission') this.pumpTransmission()
     } catch (err) {
-      if (isSnapError(err, 'NBD_PROTOCOL')) {
-        this.log.warn(`${this.label}: ${err.message}; disconnecting`)
-        this.fault('protocol', err.message)
-      } else {
-        this.log.error(`${this.label}: internal error: ${describeError(err)}; disconnecting`)
-        this.fault('internal', describeError(err))
-      }
-      this.hardClose()
+      this.failed(err)
     }
+  }
+
+  /** A protocol violation or a bug while taking in the client's bytes: one log line, and the socket closes. */
+  private failed(err: unknown): void {
+    if (isSnapError(err, 'NBD_PROTOCOL')) {
+      this.log.warn(`${this.label}: ${err.message}; disconnecting`)
+      this.fault('protocol', err.message)
+    } else {
+      this.log.error(`${this.label}: internal error: ${describeError(err)}; disconnecting`)
+      this.fault('internal', describeError(err))
+    }
+    this.hardClose()
   }
 
   // ---------------------------------------------------------------- handshake

@@ -2,8 +2,9 @@
  * Reusable buffers for WRITE payloads. A 1 MiB payload assembled from socket reads into a fresh
  * buffer costs page faults and, when freed, unmapping: on this workload the server spent more
  * time in the kernel than in JavaScript. Since plain sockets read payloads into their own buffer
- * (direct-receive.ts), 4 KiB payloads need one each too, so they are pooled as well. Buffers are handed back once the device write has
- * settled, which the BlockDevice contract allows (a device does not keep `data` past that).
+ * (direct-receive.ts), 4 KiB payloads need one each too, so they are pooled as well. Buffers are
+ * handed back once the device write has settled, which the BlockDevice contract allows (a device
+ * does not keep `data` past that).
  * One pool serves every connection of a server, holds at most `maxPooledBytes` of free buffers,
  * and is trimmed when the last client leaves.
  */

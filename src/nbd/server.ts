@@ -18,7 +18,7 @@
 import net from 'node:net'
 import { badArgument } from '../errors.js'
 import { type Clock, systemClock } from '../util/clock.js'
-import { DEFAULT_CONNECTION_LIMITS, DEFAULT_READ_BUFFER_BYTES, NbdConnection, type ConnectionLimits } from './connection.js'
+import { DEFAULT_CONNECTION_LIMITS, NbdConnection, type ConnectionLimits } from './connection.js'
 import { describeError } from './errno.js'
 import type { ExportProvider, NbdExport } from './export.js'
 import { silentLogger, type NbdLogger } from './logger.js'
@@ -76,6 +76,9 @@ export const DEFAULT_MAX_CONNECTIONS = 16
 
 /** Eight maximum-size (32 MiB) requests: a deep enough queue for full speed, and a known bound. */
 export const DEFAULT_MAX_PENDING_BYTES = 256 * 1024 * 1024
+
+/** Bytes of a socket read that has no WRITE payload to land in, as Node's own reads. */
+export const DEFAULT_READ_BUFFER_BYTES = 64 * 1024
 
 /**
  * A TCP address, a Unix socket path, or a socket already bound and listening that the process
