@@ -30,6 +30,7 @@
  */
 import { SnapError } from '../errors.js'
 import { RangeTracker } from '../snapshot/range-tracker.js'
+import { firstEndingAfter } from '../snapshot/extent-list.js'
 import type { Origin, OriginInterceptor } from '../snapshot/origin.js'
 import { type Snapshot, settleAll } from '../snapshot/snapshot.js'
 import { type Deferred, deferred } from '../util/deferred.js'
@@ -112,15 +113,7 @@ export class MergeView implements OriginInterceptor {
     let end = endChunk
     for (const w of this.windows) {
       const sorted = w.sorted
-      let lo = 0
-      let hi = sorted.length
-      while (lo < hi) {
-        const mid = (lo + hi) >>> 1
-        const r = sorted[mid] as ChunkRange
-        if (r.firstChunk + r.count <= chunk) lo = mid + 1
-        else hi = mid
-      }
-      const r = sorted[lo]
+      const r = sorted[firstEndingAfter(sorted, chunk)]
       if (r === undefined) continue
       if (r.firstChunk <= chunk) return { held: w.held, end: Math.min(endChunk, r.firstChunk + r.count) }
       end = Math.min(end, r.firstChunk)

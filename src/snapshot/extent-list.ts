@@ -95,7 +95,7 @@ export class ExtentList<T extends Extent> {
 }
 
 /** Index in `items` (sorted, disjoint) of the first extent whose end (first + count) is > `chunk`. */
-function firstEndingAfter<T extends Extent>(items: readonly T[], chunk: number): number {
+export function firstEndingAfter<T extends Extent>(items: readonly T[], chunk: number): number {
   let lo = 0
   let hi = items.length
   while (lo < hi) {
