@@ -70,6 +70,39 @@ test('RangeTracker.drain waits for ranges added after it started', async () => {
   assert.equal(done, true)
 })
 
+/**
+ * One seeded step on an ExtentList and its per-chunk owner map: with `insertChance`, insert an
+ * extent at a random chunk below `space` (refused, and left out of the map, when it overlaps);
+ * otherwise remove a random extent from both.
+ */
+function insertOrRemove(list: ExtentList<Extent>, owner: Map<number, Extent>, random: Random, insertChance: number, space: number, drawCount: () => number, what: string): void {
+  if (random.chance(insertChance)) {
+    const firstChunk = random.int(space)
+    const count = drawCount()
+    const e = { firstChunk, count }
+    let free = true
+    for (let c = firstChunk; c < firstChunk + count; c++) if (owner.has(c)) free = false
+    if (free) {
+      list.insert(e)
+      for (let c = firstChunk; c < firstChunk + count; c++) owner.set(c, e)
+    } else {
+      assert.throws(() => list.insert(e), /overlaps/, `${what}: overlapping insert refused`)
+    }
+  } else if (list.size > 0) {
+    const e = list.values()[random.int(list.size)] as Extent
+    list.remove(e)
+    for (let c = e.firstChunk; c < e.firstChunk + e.count; c++) owner.delete(c)
+  }
+}
+
+/** find(c) and firstFrom(c) agree with the owner map (whose chunks all lie below `limit`). */
+function checkAgainstOwner(list: ExtentList<Extent>, owner: Map<number, Extent>, c: number, limit: number, what: string): void {
+  assert.equal(list.find(c), owner.get(c) ?? null, `${what}: find(${c})`)
+  let next: Extent | null = null
+  for (let d = c; d < limit && next === null; d++) next = owner.get(d) ?? null
+  assert.equal(list.firstFrom(c), next, `${what}: firstFrom(${c})`)
+}
+
 test('ExtentList keeps disjoint extents found by search, as a per-chunk owner map', () => {
   for (const seed of SEEDS) {
     const random = new Random(seed)
@@ -78,30 +111,8 @@ test('ExtentList keeps disjoint extents found by search, as a per-chunk owner ma
     const SPACE = 2000
     for (let op = 0; op < 4000; op++) {
       const what = `seed ${seed} op ${op}`
-      if (random.chance(0.5)) {
-        const firstChunk = random.int(SPACE)
-        const count = 1 + random.int(random.chance(0.2) ? 100 : 6)
-        const e = { firstChunk, count }
-        let free = true
-        for (let c = firstChunk; c < firstChunk + count; c++) if (owner.has(c)) free = false
-        if (free) {
-          list.insert(e)
-          for (let c = firstChunk; c < firstChunk + count; c++) owner.set(c, e)
-        } else {
-          assert.throws(() => list.insert(e), /overlaps/, `${what}: overlapping insert refused`)
-        }
-      } else if (owner.size > 0) {
-        const e = list.values()[random.int(list.size)] as Extent
-        list.remove(e)
-        for (let c = e.firstChunk; c < e.firstChunk + e.count; c++) owner.delete(c)
-      }
-      for (let k = 0; k < 4; k++) {
-        const c = random.int(SPACE + 10)
-        assert.equal(list.find(c), owner.get(c) ?? null, `${what}: find(${c})`)
-        let next: Extent | null = null
-        for (let d = c; d < SPACE + 200 && next === null; d++) next = owner.get(d) ?? null
-        assert.equal(list.firstFrom(c), next, `${what}: firstFrom(${c})`)
-      }
+      insertOrRemove(list, owner, random, 0.5, SPACE, () => 1 + random.int(random.chance(0.2) ? 100 : 6), what)
+      for (let k = 0; k < 4; k++) checkAgainstOwner(list, owner, random.int(SPACE + 10), SPACE + 200, what)
     }
   }
 })
@@ -116,29 +127,9 @@ test('ExtentList with thousands of extents (many pages, split and emptied) agree
     // Mostly inserts, then mostly removals: the list grows to thousands of extents and drains again.
     for (let op = 0; op < 16000; op++) {
       const what = `seed ${seed} op ${op}`
-      if (random.chance(op < 8000 ? 0.8 : 0.2)) {
-        const firstChunk = random.int(SPACE)
-        const count = 1 + random.int(4)
-        const e = { firstChunk, count }
-        let free = true
-        for (let c = firstChunk; c < firstChunk + count; c++) if (owner.has(c)) free = false
-        if (free) {
-          list.insert(e)
-          for (let c = firstChunk; c < firstChunk + count; c++) owner.set(c, e)
-        } else {
-          assert.throws(() => list.insert(e), /overlaps/, `${what}: overlapping insert refused`)
-        }
-      } else if (list.size > 0) {
-        const e = list.values()[random.int(list.size)] as Extent
-        list.remove(e)
-        for (let c = e.firstChunk; c < e.firstChunk + e.count; c++) owner.delete(c)
-      }
+      insertOrRemove(list, owner, random, op < 8000 ? 0.8 : 0.2, SPACE, () => 1 + random.int(4), what)
       largest = Math.max(largest, list.size)
-      const c = random.int(SPACE + 10)
-      assert.equal(list.find(c), owner.get(c) ?? null, `${what}: find(${c})`)
-      let next: Extent | null = null
-      for (let d = c; d < SPACE + 10 && next === null; d++) next = owner.get(d) ?? null
-      assert.equal(list.firstFrom(c), next, `${what}: firstFrom(${c})`)
+      checkAgainstOwner(list, owner, random.int(SPACE + 10), SPACE + 10, what)
     }
     assert.ok(largest > 1000, `seed ${seed}: the list reached ${largest} extents`)
     const values = list.values()
