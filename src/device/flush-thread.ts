@@ -88,8 +88,20 @@ let worker: FlushWorker | null = null
  * The caller keeps `fd` open until then.
  */
 export function fdatasyncOffPool(fd: number, done: FlushDone): void {
+  flushWorker().flush(fd, done)
+}
+
+/**
+ * Starts the flush thread ahead of its first flush (a writable file was opened): a worker takes
+ * tens of milliseconds to start, which the first commit or merge step would otherwise wait for.
+ */
+export function startFlushThread(): void {
+  flushWorker()
+}
+
+function flushWorker(): FlushWorker {
   worker ??= new FlushWorker((dead) => {
     if (worker === dead) worker = null
   })
-  worker.flush(fd, done)
+  return worker
 }

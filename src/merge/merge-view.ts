@@ -12,8 +12,8 @@
  *   the step that later merges c waits for those writes first (§8.4 step 6).
  * - write, c inside a step's window → held; once that step has committed it goes DIRECTLY to
  *   the origin device (the other snapshots saved the chunk during the step's relocation).
- *   If the step fails, the held write rejects with SNAP_MERGE_FAILED. Two windows can be open
- *   at once (one step copying while the one before it commits); each releases its own writes.
+ *   If the step fails, the held write rejects with SNAP_MERGE_FAILED. Several windows can be
+ *   open at once (one step copying while the ones before it commit); each releases its own writes.
  * - write, c merged or never changed → origin.writeThroughCow (copy-on-write into the other
  *   snapshots, then the origin device).
  * - flush → origin device and COW.
@@ -60,7 +60,7 @@ export class MergeView implements OriginInterceptor {
   owner: unknown = null
   /** Writes held for a step / remapped to the COW since the view was installed. */
   readonly counters = { heldWrites: 0, remappedWrites: 0 }
-  /** Open windows (at most two), oldest first, each with the writes it holds. */
+  /** Open windows (one per step in flight: a few), oldest first, each with the writes it holds. */
   private windows: Array<{ window: MergeWindow; sorted: readonly ChunkRange[]; held: Array<Deferred<void>> }> = []
   private inflight = 0
   private idleWaiters: Array<() => void> = []

@@ -19,8 +19,9 @@
  *   images as K single-run steps would have, so the on-disk format is unchanged; batching only
  *   saves the per-run flush and FUA write (random 4 KiB changes are all 1-chunk runs; 4 KiB
  *   chunks put only 256 entries in an area).
- *   Steps overlap by one: step N + 1 is prepared (its batch ends where N's begins), relocated
- *   and copied while step N's flush and commit run, and it commits only after N has. Each step
+ *   Steps overlap: step N + 1 is prepared (its batch ends where N's begins), relocated and
+ *   copied while up to COMMITTING_STEPS steps before it flush and commit, and it commits only
+ *   after they have; steps whose flushes are done together commit as one (group commit). Each step
  *   runs as an origin mutation (its commit as one more, entered before the copy's ends), so
  *   live snapshot creation (which drains mutations) never sees a half-done step.
  * - Relocation samples the global pending-exception done counter before every scan, triggers
@@ -62,6 +63,16 @@ interface CopiedStep {
   readonly window: MergeWindow
   /** Table index of the step's oldest entry: where the next step's batch ends. */
   readonly firstIndex: number
+}
+
+/** A copied step in the commit queue. */
+interface CommittingStep {
+  readonly step: CopiedStep
+  readonly endMutation: () => void
+  readonly resolve: () => void
+  /** Its origin and COW flushes have settled. */
+  flushed: boolean
+  flushFailure: SnapError | null
 }
 
 export type MergeState = 'running' | 'paused' | 'stopped' | 'complete' | 'failed'
@@ -130,6 +141,13 @@ const MAX_COPY_WORKERS = 8
  * half the held-write bound.
  */
 const STEP_BYTES = 32 * 1024 * 1024
+/**
+ * Copied steps that may wait for their flushes and commit while the next step copies. The disk
+ * is the bound of a fast merge; two keep a flush going while the copies run ahead (256 MiB of
+ * sequential 4 KiB-chunk changes, bench median of three rounds vs qemu-img commit: 0.86 with
+ * one, 0.97 with two, 0.83 with three, whose bigger flushes held up the commits behind them).
+ */
+export const COMMITTING_STEPS = 2
 /** With a rate limit, a step merges at most this many seconds' worth of it (at least 1 chunk), so the rate stays smooth. */
 const RATE_STEP_SECONDS = 0.02
 
@@ -162,6 +180,9 @@ export class Merge extends EventEmitter<MergeEvents> {
   private rateBaseBytes = 0
   private stopRequested = false
   private stepFailure: SnapError | null = null
+  /** Copied steps waiting for their flushes or their turn to commit, oldest first. */
+  private readonly commitQueue: CommittingStep[] = []
+  private groupCommitting = false
   private pauseRequested = false
   private wake: (() => void) | null = null
   private resolveDone!: () => void
@@ -301,20 +322,22 @@ export class Merge extends EventEmitter<MergeEvents> {
   }
 
   /**
-   * @internal Runs the loop; called once by startMerge. Steps overlap by one: step N + 1 is
-   * prepared, relocated and copied while step N's origin flush and commit run, and commits only
-   * after step N has (the batch of N + 1 ends where N's begins, so the table shrinks from its
-   * end as before). Controls act at step boundaries: a pause, stop or rate wait first lets the
-   * committing step finish.
+   * @internal Runs the loop; called once by startMerge. Steps overlap: step N + 1 is prepared,
+   * relocated and copied while the steps before it (at most COMMITTING_STEPS) flush and commit,
+   * and commits only after they have (the batch of N + 1 ends where N's begins, so the table
+   * shrinks from its end as before). Controls act at step boundaries: a pause, stop or rate wait
+   * first lets the committing steps finish.
    */
   async run(): Promise<void> {
     this.resetRateBase()
-    let committing: Promise<void> | null = null // never rejects: failures land in stepFailure
+    let committing: Promise<void> | null = null // the newest step's commit; never rejects: failures land in stepFailure
+    const waiting: Array<Promise<void>> = [] // commits not yet awaited, oldest first
     let nextEnd: number | undefined // table index the next batch ends at (undefined: the end)
     // Lets the committing step finish; the next batch then ends at the table's end again.
     const settle = async (): Promise<void> => {
       if (committing) await committing
       committing = null
+      waiting.length = 0
       nextEnd = undefined
       this.throwStepFailure()
     }
@@ -341,13 +364,15 @@ export class Merge extends EventEmitter<MergeEvents> {
           await this.sleep(delay)
           continue // re-check controls; the rate may have changed
         }
-        const previous: Promise<void> | null = committing
         const end = nextEnd
         const copied = await this.origin.runMutation(async () => {
           const step = await this.copyStep(end)
           // Started inside the copy's mutation, and counted as one of its own, so hold() (close,
           // snapshot removal) can never slip in between the copies and their commit.
-          if (step) committing = this.commitStep(step, previous, this.origin.enterMutation())
+          if (step) {
+            committing = this.commitStep(step, this.origin.enterMutation())
+            waiting.push(committing)
+          }
           return step
         })
         if (copied === null) {
@@ -360,8 +385,8 @@ export class Merge extends EventEmitter<MergeEvents> {
           continue
         }
         nextEnd = copied.firstIndex
-        // At most one step commits while the next one copies.
-        if (previous) await previous
+        // At most COMMITTING_STEPS steps commit while the next one copies.
+        while (waiting.length > COMMITTING_STEPS) await waiting.shift()
         this.throwStepFailure()
       }
     } catch (err) {
@@ -425,50 +450,93 @@ export class Merge extends EventEmitter<MergeEvents> {
   }
 
   /**
-   * The second half: one origin flush for all runs (every copy durable before any entry leaves
-   * the table), then, once the step before has committed, ONE commitMerge(K), the chunks out of
-   * the in-memory table and the held writes released. Never rejects: a failure fails the held
-   * writes, sets Merge failed and is kept in stepFailure for the loop.
+   * The second half: the step's origin flush (every copy durable before any of its entries
+   * leaves the table), then its turn in the group commit (commitReady). Resolves once the step
+   * has committed or failed; never rejects: a failure fails the held writes, sets Merge failed
+   * and is kept in stepFailure for the loop.
    * The COW flush the table write must follow (the kernel's PREFLUSH) runs beside the origin
    * flush instead of inside commitMerge after it, where it cost 0.5-20 ms a step on the path
    * every step waits for. It still ends before the table write starts, and no COW write of the
    * step comes after it: the copies only read the COW, and the entries this commit keeps were
    * durable before (a write through the view to one of them is the writer's to flush).
    */
-  private async commitStep(step: CopiedStep, previous: Promise<void> | null, endMutation: () => void): Promise<void> {
-    const snapshot = this.snapshot
-    // Settled with its failure, if any, so a failing origin flush leaves nothing unobserved.
-    const cowFlush = snapshot.store.cow.flush().then(
-      () => null,
-      (err: unknown) => ({ err }),
-    )
+  private commitStep(step: CopiedStep, endMutation: () => void): Promise<void> {
+    const name = this.snapshot.snapshotName
+    return new Promise<void>((resolve) => {
+      const entry: CommittingStep = { step, endMutation, resolve, flushed: false, flushFailure: null }
+      this.commitQueue.push(entry)
+      const cowFlush = this.snapshot.store.cow.flush()
+      const originFlush = this.origin.device.flush()
+      void Promise.allSettled([originFlush, cowFlush]).then(([origin, cow]) => {
+        if (origin.status === 'rejected') entry.flushFailure = mergeFailedError(`${name}: flush after merge failed: shutting down merge`, origin.reason)
+        else if (cow.status === 'rejected') entry.flushFailure = mergeFailedError(`${name}: write error in exception store: shutting down merge`, cow.reason)
+        entry.flushed = true
+        void this.commitReady()
+      })
+    })
+  }
+
+  /**
+   * Group commit: the steps at the head of the queue whose flushes are done go to the table in
+   * ONE commitMerge (the sum of their entries; it leaves the area images the steps' own commits
+   * would have), then leave the in-memory table and release their held writes, in step order.
+   * A step commits only after every step before it, so the table still shrinks from its end.
+   * When the disk is the bound, the flushes of the steps copied meanwhile end together, and one
+   * table write (with its flush) and one space release serve them all: committed one by one,
+   * each step's FUA write waited for the previous step's truncation of the COW (the kernel
+   * serialises both on the inode). A failed flush fails its step and every later one; the
+   * steps before it still commit.
+   */
+  private async commitReady(): Promise<void> {
+    if (this.groupCommitting) return
+    this.groupCommitting = true
     try {
-      try {
-        await this.origin.device.flush()
-      } catch (err) {
-        throw mergeFailedError(`${snapshot.snapshotName}: flush after merge failed: shutting down merge`, err)
+      for (;;) {
+        let ready = 0
+        while (ready < this.commitQueue.length && (this.commitQueue[ready] as CommittingStep).flushed) ready++
+        if (ready === 0) return
+        const group = this.commitQueue.splice(0, ready)
+        let good = 0
+        if (this.stepFailure === null) while (good < group.length && (group[good] as CommittingStep).flushFailure === null) good++
+        let failure: unknown = null
+        if (good > 0) {
+          let count = 0
+          for (let i = 0; i < good; i++) count += (group[i] as CommittingStep).step.count
+          try {
+            await this.snapshot.store.commitMerge(count, { cowFlushed: true })
+          } catch (err) {
+            failure = mergeFailedError(`${this.snapshot.snapshotName}: write error in exception store: shutting down merge`, err)
+            good = 0
+          }
+        }
+        group.forEach((entry, i) => {
+          try {
+            if (i < good) this.stepCommitted(entry.step)
+            else {
+              const failed = this.failStep(entry.step.window, this.stepFailure ?? failure ?? entry.flushFailure)
+              this.stepFailure ??= failed
+            }
+          } catch (err) {
+            this.stepFailure ??= this.failStep(entry.step.window, err)
+          } finally {
+            entry.endMutation()
+            entry.resolve()
+          }
+        })
       }
-      if (previous) await previous
-      if (this.stepFailure) throw this.stepFailure
-      try {
-        const cowFailure = await cowFlush
-        if (cowFailure) throw cowFailure.err
-        await snapshot.store.commitMerge(step.count, { cowFlushed: true })
-      } catch (err) {
-        throw mergeFailedError(`${snapshot.snapshotName}: write error in exception store: shutting down merge`, err)
-      }
-      // Same order as merging the runs one step each: newest run first, highest chunk first.
-      for (const r of step.ranges) snapshot.dropMerged(r.firstChunk, r.count)
-      this.view.releaseWindow(step.window)
-      this.doneChunks += step.count
-      this.stats.steps++
-      this.emit('progress', this.progress())
-    } catch (err) {
-      const failure = this.failStep(step.window, err)
-      this.stepFailure ??= failure
     } finally {
-      endMutation()
+      this.groupCommitting = false
     }
+  }
+
+  /** A step's entries are durably gone from the table: the same in memory, and its held writes go. */
+  private stepCommitted(step: CopiedStep): void {
+    // Same order as merging the runs one step each: newest run first, highest chunk first.
+    for (const r of step.ranges) this.snapshot.dropMerged(r.firstChunk, r.count)
+    this.view.releaseWindow(step.window)
+    this.doneChunks += step.count
+    this.stats.steps++
+    this.emit('progress', this.progress())
   }
 
   /** A step failed: Merge failed is set and its held writes fail with the returned error. */

@@ -8,7 +8,7 @@ import { test } from 'node:test'
 import type { BlockDevice } from '../../src/device/block-device.js'
 import { MemoryDevice } from '../../src/device/memory-device.js'
 import { isSnapError } from '../../src/errors.js'
-import { type MergeProgress, type MergeWindow, startMerge } from '../../src/merge/merge.js'
+import { COMMITTING_STEPS, type MergeProgress, type MergeWindow, startMerge } from '../../src/merge/merge.js'
 import { ExceptionEvents } from '../../src/snapshot/exception-events.js'
 import { Origin } from '../../src/snapshot/origin.js'
 import type { Snapshot } from '../../src/snapshot/snapshot.js'
@@ -155,7 +155,7 @@ test('batching: one step merges scattered 1-chunk runs across metadata areas; wr
   await origin.close()
 })
 
-test('pipelining: step N + 1 copies while step N flushes and commits; it commits only after N, and N\'s held writes wait for N', async () => {
+test('pipelining: later steps copy while step N flushes and commits; they commit only after N, steps flushed together commit as one, and N\'s held writes wait for N', async () => {
   const random = new Random(21)
   const originBytes = 512 * KiB
   const originBase = MemoryDevice.fromBytes(random.bytes(originBytes))
@@ -175,6 +175,14 @@ test('pipelining: step N + 1 copies while step N flushes and commits; it commits
   await origin.flush()
   gateOpen = false
   const expected = await m.read(0, originBytes)
+  // Every table write, with the entries it removes: steps whose flushes end together share one.
+  const commits: number[] = []
+  const commitMerge = m.store.commitMerge.bind(m.store)
+  m.store.commitMerge = (count, options) => {
+    commits.push(count)
+    return commitMerge(count, options)
+  }
+  const entries = m.table.size
   const merge = await startMerge(origin, m, { maxStepChunks: 8 })
   const windows: MergeWindow[] = []
   const committedAtWindow: boolean[] = []
@@ -184,10 +192,12 @@ test('pipelining: step N + 1 copies while step N flushes and commits; it commits
     committedAtWindow.push(before ? m.table.lookup(before.ranges[0]!.firstChunk) === -1 : true)
     windows.push(w)
   })
-  for (let i = 0; i < 200 && windows.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 1))
+  const copying = COMMITTING_STEPS + 1
+  for (let i = 0; i < 200 && windows.length < copying; i++) await new Promise((resolve) => setTimeout(resolve, 1))
   for (let i = 0; i < 20; i++) await new Promise((resolve) => setImmediate(resolve))
-  assert.equal(windows.length, 2, 'with step 1 unable to commit, step 2 copies and step 3 waits')
-  assert.deepEqual(committedAtWindow, [true, false], 'step 2 was published while step 1 was still in the table')
+  assert.equal(windows.length, copying, `with step 1 unable to commit, steps 2..${copying} copy and the next one waits`)
+  assert.deepEqual(committedAtWindow, [true, ...new Array<boolean>(COMMITTING_STEPS).fill(false)], 'the later steps were published while step 1 was still in the table')
+  assert.deepEqual(commits, [], 'nothing commits before its flush')
   // A write to step 1's chunk is held until step 1 commits, then goes to the origin.
   const first = windows[0]!.ranges[0]!
   const heldData = random.bytes(100)
@@ -202,6 +212,12 @@ test('pipelining: step N + 1 copies while step N flushes and commits; it commits
   await merge.done
   assert.equal(merge.state, 'complete')
   assert.equal(merge.stats.steps, 5)
+  // The gated steps' flushes ended together: step 1 commits first, and the steps whose
+  // flushes ended while it did share the next table write.
+  assert.equal(commits[0], windows[0]!.count, 'step 1 commits first, on its own')
+  assert.equal(commits[1], windows[1]!.count + windows[2]!.count, 'steps 2 and 3, flushed while step 1 committed, share one table write')
+  assert.ok(commits.length < merge.stats.steps, `${commits.length} table writes for ${merge.stats.steps} steps`)
+  assert.equal(commits.reduce((a, b) => a + b, 0), entries, 'every entry left the table')
   assertSameBytes(await origin.read(0, originBytes), expected, 'origin after the pipelined merge')
   await origin.close()
 })
