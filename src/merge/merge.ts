@@ -377,6 +377,9 @@ export class Merge extends EventEmitter<MergeEvents> {
         })
         if (copied === null) {
           await settle()
+          // The steps still committing when the last one copied counted for no rate wait yet:
+          // a limited merge ends no sooner than its bytes at the limit.
+          if (this.rateDelay() > 0.5) continue
           // Every batch has committed: the table is empty unless something was refused.
           if ((await this.origin.runMutation(() => this.finalStep())) === 'complete') {
             await this.complete()
