@@ -6,14 +6,24 @@
  * - Allocation hands out data chunks from 2 upwards, skipping metadata areas; `nextFree` is one
  *   past the highest chunk ever referenced, so holes are never reused (as in the kernel).
  * - Commits arrive in allocation order (InOrderCommitter). Entries are appended to the in-memory
- *   image of the current area; the area is written (flush, then write with FUA) when no
- *   allocated exception is still outstanding, or when the area fills. That is the kernel's
- *   batching rule and gives group commit: one metadata write and two flushes for a whole batch.
- *   Areas that queue up while a write is in flight go out together under one pair of flushes.
- * - While an area write is in flight, later commits keep appending to the in-memory area; a
- *   single writer loop serialises the device writes, so every write carries a consistent copy.
- * - When an area fills, the next area is zeroed before the full area is written, so after a
- *   crash the reader always finds a terminator.
+ *   image of the current area; the area is queued for writing when no allocated exception is
+ *   still outstanding, or when the area fills (the kernel's batching rule: one metadata write
+ *   for a whole batch).
+ * - A single writer loop runs rounds, and each round ends with ONE flush that serves two
+ *   batches: the areas whose data the previous round's flush made durable are written, the
+ *   areas queued since then (their data already written) wait in the same flush, and after it
+ *   the first batch is committed while the second's data is durable and its areas go out in the
+ *   next round. Each entry still follows its data to disk by a flush (the kernel's
+ *   PREFLUSH + FUA order), and a batch is answered only after the flush that follows its area
+ *   write; a stream of commits pays one flush per batch instead of two. Rounds flush instead of
+ *   writing the last area with FUA: FUA makes durable only the write that carries it (NBD's and
+ *   RBD's FUA are per request), and a round writes several areas.
+ * - While a round is in flight, later commits keep appending to the in-memory area; queued jobs
+ *   carry their own image (a full area's buffer is never written to again, a partial area is
+ *   copied), so every write carries a consistent copy.
+ * - When an area fills, the next area is zeroed in the round that flushes the full area's data,
+ *   so the zeros are durable before the full area is written (next round): after a crash the
+ *   reader always finds a terminator.
  * - New COW: area 0 is zeroed first, then the header is written, then flushed (the kernel writes
  *   the header first; the reverse order cannot leave a valid header over a garbage area).
  * - Invalidation rewrites the header with valid = 0 and flushes it: a crash must not bring an
@@ -85,7 +95,10 @@ export class PersistentStore implements ExceptionStore {
   private area: Uint8Array
   private pendingCount = 0 // prepared but not yet handed to commit
   private waiters: Array<(ok: boolean) => void> = [] // committed entries not yet written
+  /** Areas queued since the last round started: their data is written, not yet flushed. */
   private readonly jobs: AreaJob[] = []
+  /** Areas whose data the last round's flush made durable: written by the next round. */
+  private durableJobs: AreaJob[] = []
   private writing = false
   private readonly growth: CowGrowth
   private readonly committer: InOrderCommitter
@@ -381,45 +394,49 @@ export class PersistentStore implements ExceptionStore {
 
   private kick(): void {
     if (this.writing) return
-    if (this.jobs.length === 0) {
-      if (this.waiters.length === 0 || this.pendingCount > 0) return
+    if (this.waiters.length > 0 && this.pendingCount === 0) {
       this.jobs.push({ area: this.currentArea, image: this.area.slice(), sealed: false, waiters: this.waiters })
       this.waiters = []
     }
+    if (this.jobs.length === 0 && this.durableJobs.length === 0) return
     this.writing = true
-    // Every area queued by now goes out under the same two flushes (a 1 MiB write over 4 KiB
-    // chunks fills a whole area, so a QD8 stream seals several areas at once).
-    this.writeBatch(this.jobs.splice(0, this.jobs.length))
+    // Every area queued by now shares the round's flush (a 1 MiB write over 4 KiB chunks fills
+    // a whole area, so a QD8 stream seals several areas at once).
+    const ready = this.durableJobs
+    this.durableJobs = []
+    this.writeRound(ready, this.jobs.splice(0, this.jobs.length))
   }
 
-  /** kick()'s write, in a method of its own: kick runs per commit, mostly finding nothing to do. */
-  private writeBatch(batch: readonly AreaJob[]): void {
-    void this.writeJobs(batch).then((ok) => {
+  /** kick()'s round, in a method of its own: kick runs per commit, mostly finding nothing to do. */
+  private writeRound(ready: readonly AreaJob[], fresh: AreaJob[]): void {
+    void this.writeJobs(ready, fresh).then((ok) => {
       this.writing = false
-      for (const job of batch) for (const w of job.waiters) w(ok)
+      for (const job of ready) for (const w of job.waiters) w(ok)
+      if (ok) this.durableJobs = fresh
+      else for (const job of fresh) for (const w of job.waiters) w(false)
       this.kick()
     })
   }
 
-  private async writeJobs(batch: readonly AreaJob[]): Promise<boolean> {
+  /**
+   * One round: the areas of `ready` (data durable) are written, the areas after the full ones of
+   * `fresh` are zeroed, then one flush makes both durable, along with `fresh`'s data.
+   */
+  private async writeJobs(ready: readonly AreaJob[], fresh: readonly AreaJob[]): Promise<boolean> {
     const { chunkBytes } = this.layout
     try {
       if (!this._valid) return false
       // Every entry's copy waited for the space it needed; a failed growth step since then
       // belongs to copies that were abandoned.
       await this.growth.ready.catch(() => {})
-      // The area after each sealed one is zeroed before the flush, even when this batch rewrites
-      // it: the batch's area writes may reach the disk in any order, and a reader that finds a
-      // full area must meet either zeros or our entries after it, never stale bytes.
-      for (const job of batch) {
+      for (const job of ready) await this.writeCow(job.image, areaChunk(this.layout, job.area) * chunkBytes)
+      // The area after each full one is zeroed before the full one is written (next round),
+      // even when a later round rewrites it: a reader that finds a full area must meet either
+      // zeros or our entries after it, never stale bytes.
+      for (const job of fresh) {
         if (job.sealed) await this.writeCow(new Uint8Array(chunkBytes), areaChunk(this.layout, job.area + 1) * chunkBytes)
       }
-      // Flush first: the copied data must be durable before the entries that point at it.
       await this.cow.flush()
-      for (let i = 0; i < batch.length; i++) {
-        const job = batch[i] as AreaJob
-        await this.writeCow(job.image, areaChunk(this.layout, job.area) * chunkBytes, i === batch.length - 1)
-      }
       return this._valid
     } catch {
       this._valid = false
