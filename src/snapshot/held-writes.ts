@@ -2,9 +2,9 @@
  * Origin writes that were acknowledged before they reached the origin device (write-back).
  *
  * A first-touch origin write may not reach the device before every snapshot's copy of the old
- * chunk is committed, which costs two device syncs per commit. Rather than keep the client
- * waiting for them, the origin can answer as soon as the copies are started and hold the new
- * bytes here until they land. Meanwhile:
+ * chunk is committed, which takes two device syncs in a row (data, then the entries). Rather
+ * than keep the client waiting for them, the origin can answer as soon as the copies are
+ * started and hold the new bytes here until they land. Meanwhile:
  * - origin reads see the held bytes on top of what the device returns (newest last);
  * - a later write or discard of the same bytes lands strictly after every earlier held write;
  * - a flush waits until everything held before it has landed.
