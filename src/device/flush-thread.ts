@@ -50,7 +50,6 @@ class FlushWorker {
     // No inherited node flags: --input-type=module would make the source an ES module, and
     // --cpu-prof or --import would load and measure things the worker has no part in.
     this.worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [] })
-    this.worker.unref()
     this.worker.on('message', (reply: Reply) => this.replied(reply))
     const die = (reason: string): void => {
       if (this.dead) return
@@ -62,6 +61,9 @@ class FlushWorker {
     }
     this.worker.on('error', (err) => die(`failed: ${err.message}`))
     this.worker.on('exit', (code) => die(`exited with code ${code}`))
+    // After the listeners: adding a 'message' listener refs the worker again, and a worker
+    // started ahead of its first flush (startFlushThread) would then hold the process open.
+    this.worker.unref()
   }
 
   flush(fd: number, done: FlushDone): void {
