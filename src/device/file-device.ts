@@ -12,7 +12,7 @@ import { BaseBlockDevice, type DeviceCapabilities, type IoDone } from './block-d
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 import { blockDeviceSizeBytes } from './block-device-size.js'
 import { FileAllocation } from './file-allocation.js'
-import { fdatasyncOffPool, startFlushThread } from './flush-thread.js'
+import { fdatasyncOffPool } from './flush-thread.js'
 
 export interface FileDeviceOptions {
   readonly readOnly?: boolean
@@ -107,7 +107,6 @@ export class FileDevice extends BaseBlockDevice {
         // A read-only handle cannot be truncated, so resize needs write access too.
         resize: options.resizable === true && !readOnly && !block,
       }
-      if (!readOnly) startFlushThread()
       return new FileDevice(handle, path, sizeBytes, capabilities, !block)
     } catch (err) {
       await handle.close().catch(() => {})

@@ -61,8 +61,8 @@ class FlushWorker {
     }
     this.worker.on('error', (err) => die(`failed: ${err.message}`))
     this.worker.on('exit', (code) => die(`exited with code ${code}`))
-    // After the listeners: adding a 'message' listener refs the worker again, and a worker
-    // started ahead of its first flush (startFlushThread) would then hold the process open.
+    // After the listeners: adding a 'message' listener refs the worker again, which would hold
+    // the process open until a flush's own ref and unref.
     this.worker.unref()
   }
 
@@ -91,14 +91,6 @@ let worker: FlushWorker | null = null
  */
 export function fdatasyncOffPool(fd: number, done: FlushDone): void {
   flushWorker().flush(fd, done)
-}
-
-/**
- * Starts the flush thread ahead of its first flush (a writable file was opened): a worker takes
- * tens of milliseconds to start, which the first commit or merge step would otherwise wait for.
- */
-export function startFlushThread(): void {
-  flushWorker()
 }
 
 function flushWorker(): FlushWorker {
