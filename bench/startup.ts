@@ -11,6 +11,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { median } from './report/format.js'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const BIN = join(ROOT, 'dist', 'cli', 'bin.cjs')
@@ -24,12 +25,6 @@ export interface StartupResult {
   /** Per-round ratios against `node -e 0`, in round order. */
   readonly versionRatios: number[]
   readonly listRatios: number[]
-}
-
-const median = (xs: readonly number[]): number => {
-  const s = [...xs].sort((a, b) => a - b)
-  const m = Math.floor(s.length / 2)
-  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2
 }
 
 /** Wall seconds of one run of `node ...argv`, which must succeed. */

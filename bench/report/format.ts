@@ -1,5 +1,5 @@
 /** Number formatting and the median the floors table uses. */
-export const median = (xs: number[]): number => {
+export const median = (xs: readonly number[]): number => {
   const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b)
   if (s.length === 0) return NaN
   const m = Math.floor(s.length / 2)

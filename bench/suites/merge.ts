@@ -11,7 +11,7 @@ import { run, sleep, timed } from '../lib/proc.js'
 import { startBlocksnap, startQemuOverlay, withServer } from '../lib/servers.js'
 import type { FloorRow, Suite } from '../lib/suite.js'
 import { KiB, MiB } from '../lib/units.js'
-import { fmt } from '../report/format.js'
+import { fmt, median } from '../report/format.js'
 
 const mergeResults = (results: Results) => results.merge as Record<string, unknown>
 
@@ -29,12 +29,6 @@ interface MergeRun {
   readonly mibps: number
   /** Merge steps (blocksnap only). */
   readonly steps?: number
-}
-
-function median(xs: readonly number[]): number {
-  const sorted = [...xs].sort((a, b) => a - b)
-  const mid = sorted.length >> 1
-  return sorted.length % 2 === 1 ? (sorted[mid] as number) : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2
 }
 
 /** One snapshot, the changes written to the origin over NBD, then the merge offline in-process. */

@@ -13,6 +13,7 @@
  * exact for the origin as it was while each candidate was read.
  */
 import { SECTOR_BYTES } from '../units.js'
+import { mapInFlight } from '../util/map-in-flight.js'
 import type { Origin } from '../snapshot/origin.js'
 import { Snapshot } from '../snapshot/snapshot.js'
 import type { Volume } from '../volume/volume.js'
@@ -89,21 +90,15 @@ export async function diffViews(a: View, b: View, sizeBytes: number): Promise<{ 
   for (const v of [a, b]) if (!(v instanceof Snapshot)) await v.flush()
   const candidates = unionRanges(candidateRanges(a, sizeBytes), candidateRanges(b, sizeBytes))
   const pieces = comparePieces(candidates)
-  const found: DiffExtent[][] = new Array(pieces.length)
-  let next = 0
-  const worker = async (): Promise<void> => {
-    while (next < pieces.length) {
-      const k = next++
-      const piece = pieces[k]!
-      const [x, y] = await Promise.all([a.read(piece.start, piece.end - piece.start), b.read(piece.start, piece.end - piece.start)])
-      const out: DiffExtent[] = []
-      for (const [start, end] of piece.ranges) {
-        differingGranules(x.subarray(start - piece.start, end - piece.start), y.subarray(start - piece.start, end - piece.start), start, granularityBytes, out)
-      }
-      found[k] = out
+  const found = await mapInFlight(pieces.length, PIECES_IN_FLIGHT, async (k) => {
+    const piece = pieces[k]!
+    const [x, y] = await Promise.all([a.read(piece.start, piece.end - piece.start), b.read(piece.start, piece.end - piece.start)])
+    const out: DiffExtent[] = []
+    for (const [start, end] of piece.ranges) {
+      differingGranules(x.subarray(start - piece.start, end - piece.start), y.subarray(start - piece.start, end - piece.start), start, granularityBytes, out)
     }
-  }
-  await Promise.all(Array.from({ length: Math.min(PIECES_IN_FLIGHT, pieces.length) }, worker))
+    return out
+  })
   const extents: DiffExtent[] = []
   for (const list of found) for (const e of list) appendExtent(extents, e.offset, e.length)
   return { granularityBytes, extents }

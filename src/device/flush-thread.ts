@@ -3,7 +3,8 @@
  *
  * Every commit of a persistent snapshot waits for the COW to be made durable twice (data before
  * the entries that point at it, then the entries; a stream of commits shares each flush between
- * two batches), and with several snapshots each COW file is flushed in turn. A flush waits for the device, for milliseconds when much is dirty. On libuv's pool
+ * two batches), and with several snapshots each COW file is flushed in turn. A flush waits for
+ * the device, for milliseconds when much is dirty. On libuv's pool
  * (one thread on a 2-core machine, because more measured slower for plain writes) every read
  * and write queued behind a flush waited with it: with eight 4 KiB-chunk snapshots, 1 MiB
  * first-touch writes ran at half the rate they reach with flushes off the pool. A flush costs a
@@ -90,12 +91,8 @@ let worker: FlushWorker | null = null
  * The caller keeps `fd` open until then.
  */
 export function fdatasyncOffPool(fd: number, done: FlushDone): void {
-  flushWorker().flush(fd, done)
-}
-
-function flushWorker(): FlushWorker {
   worker ??= new FlushWorker((dead) => {
     if (worker === dead) worker = null
   })
-  return worker
+  worker.flush(fd, done)
 }

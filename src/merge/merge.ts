@@ -330,13 +330,13 @@ export class Merge extends EventEmitter<MergeEvents> {
    */
   async run(): Promise<void> {
     this.resetRateBase()
-    let committing: Promise<void> | null = null // the newest step's commit; never rejects: failures land in stepFailure
-    const waiting: Array<Promise<void>> = [] // commits not yet awaited, oldest first
+    // Commits not yet awaited, oldest first; they settle in that order and never reject
+    // (failures land in stepFailure), so the newest settles last.
+    const waiting: Array<Promise<void>> = []
     let nextEnd: number | undefined // table index the next batch ends at (undefined: the end)
     // Lets the committing step finish; the next batch then ends at the table's end again.
     const settle = async (): Promise<void> => {
-      if (committing) await committing
-      committing = null
+      await waiting.at(-1)
       waiting.length = 0
       nextEnd = undefined
       this.throwStepFailure()
@@ -344,7 +344,7 @@ export class Merge extends EventEmitter<MergeEvents> {
     try {
       for (;;) {
         const idle = this.stopRequested || this.pauseRequested || this.rateDelay() > 0.5
-        if (idle && committing) {
+        if (idle && waiting.length > 0) {
           await settle()
           continue
         }
@@ -369,10 +369,7 @@ export class Merge extends EventEmitter<MergeEvents> {
           const step = await this.copyStep(end)
           // Started inside the copy's mutation, and counted as one of its own, so hold() (close,
           // snapshot removal) can never slip in between the copies and their commit.
-          if (step) {
-            committing = this.commitStep(step, this.origin.enterMutation())
-            waiting.push(committing)
-          }
+          if (step) waiting.push(this.commitStep(step, this.origin.enterMutation()))
           return step
         })
         if (copied === null) {
@@ -393,7 +390,7 @@ export class Merge extends EventEmitter<MergeEvents> {
         this.throwStepFailure()
       }
     } catch (err) {
-      if (committing) await committing
+      await waiting.at(-1)
       this.fail(this.stepFailure ?? err)
     }
   }

@@ -49,6 +49,7 @@ import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
 import { CowGrowth, growFixedCow, whenSpaceCovered } from './cow-growth.js'
 import { type CommitDone, type CommitKind, InOrderCommitter } from './in-order-committer.js'
+import { mapInFlight } from '../util/map-in-flight.js'
 
 export interface PersistentStoreOptions {
   /** Chunk size for a new COW; 0 or absent: take it from the header, or 16 KiB (kernel default). */
@@ -492,7 +493,9 @@ export class PersistentStore implements ExceptionStore {
     const limit = Math.min(maxEntries, total)
     const firstArea = Math.floor((total - limit) / exceptionsPerArea)
     const lastArea = Math.floor((total - 1) / exceptionsPerArea)
-    const images = await this.mergeAreaImages(firstArea, lastArea)
+    // Read MERGE_READS_IN_FLIGHT at a time: one awaited read per area put 32 reads in a row in
+    // front of every 32 MiB merge step with 4 KiB chunks.
+    const images = await mapInFlight(lastArea - firstArea + 1, MERGE_READS_IN_FLIGHT, (i) => this.mergeAreaImage(firstArea + i))
     const runs: Array<{ count: number; lastOld: number; lastNew: number }> = []
     let prevOld = -1
     let prevNew = -1
@@ -563,23 +566,6 @@ export class PersistentStore implements ExceptionStore {
       if (this.cow.closed || this.cow.sizeBytes <= keepBytes) return
       await this.cow.resize(keepBytes).catch(() => {})
     })
-  }
-
-  /**
-   * The images of areas first..last, MERGE_READS_IN_FLIGHT reads at a time: one awaited read per
-   * area put 32 reads in a row in front of every 32 MiB merge step with 4 KiB chunks.
-   */
-  private async mergeAreaImages(first: number, last: number): Promise<Uint8Array[]> {
-    const images: Uint8Array[] = new Array(last - first + 1)
-    let next = first
-    const reader = async (): Promise<void> => {
-      while (next <= last) {
-        const a = next++
-        images[a - first] = await this.mergeAreaImage(a)
-      }
-    }
-    await Promise.all(Array.from({ length: Math.min(MERGE_READS_IN_FLIGHT, last - first + 1) }, reader))
-    return images
   }
 
   /** The image of area `a` while merging: the in-memory one for the last area, else read once. */
