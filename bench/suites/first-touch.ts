@@ -2,16 +2,19 @@
 import { rmSync } from 'node:fs'
 import { join } from 'node:path'
 import type { BenchContext, Results } from '../lib/context.js'
-import { dropVolume, makeVolume } from '../lib/files.js'
+import { copy, dropVolume, makeVolume, syncAll } from '../lib/files.js'
 import { type FioResult, fio, metric, unit } from '../lib/fio.js'
 import { log } from '../lib/log.js'
 import { type Server, startBlocksnap, startNbdkitCow, startQemuOverlay, withServer } from '../lib/servers.js'
 import type { FloorRow, Suite } from '../lib/suite.js'
 import { MiB } from '../lib/units.js'
-import { k, rawPairs } from '../report/format.js'
+import { fmt, k, median, rawPairs } from '../report/format.js'
+import { type Ceiling, seqFirstTouchCeiling } from './first-touch-ceiling.js'
 
 /** Per round: config -> its jobs. */
 const rounds = (results: Results) => results.firstTouch as Array<Record<string, FioResult[]>>
+/** Per round: config -> the I/O ceiling of its ft-seq1m job (first-touch-ceiling.ts). */
+const ceilingRounds = (results: Results) => results.firstTouchCeiling as Array<Record<string, Ceiling>>
 
 /** First-touch then rewrite, on a fresh snapshot (or overlay): random 4K, sequential 1M, fsync-heavy. */
 async function firstTouchJobs(s: Server, runtimeSeconds: number): Promise<FioResult[]> {
@@ -52,6 +55,23 @@ async function firstTouchRound(ctx: BenchContext, round: number): Promise<Record
   return out
 }
 
+/** The I/O ceiling of ft-seq1m for every snapshot config that has a floor against 0 snapshots. */
+async function ceilingRound(ctx: BenchContext): Promise<Record<string, Ceiling>> {
+  const originPath = join(ctx.workDir, 'ceiling.origin')
+  const out: Record<string, Ceiling> = {}
+  for (const [cfg] of VS_RAW['ft-seq1m'] ?? []) {
+    const c = FT_CONFIGS.find((x) => x.key === cfg)
+    if (!c) continue
+    copy(ctx.baseImage, originPath)
+    syncAll()
+    const q = Math.floor(ctx.args.size / 4 / MiB) * MiB
+    out[cfg] = await seqFirstTouchCeiling({ workDir: ctx.workDir, originPath, offsetBytes: 2 * q, sizeBytes: q, snapshots: c.snaps, chunkBytes: c.chunk })
+    log(`  I/O ceiling ft-seq1m ${cfg.slice(10)}: ${fmt(out[cfg].mibps, 0)} MiB/s (windows in flight × MiB: ${out[cfg].windows}×${out[cfg].windowMiB})`)
+  }
+  rmSync(originPath, { force: true })
+  return out
+}
+
 const find = (round: Record<string, FioResult[]>, cfg: string, job: string) => round[cfg]?.find((r) => r.job === job && !r.error)
 
 /**
@@ -78,7 +98,7 @@ function floors(results: Results): FloorRow[] {
         floor: `≥ ${floor}`,
         ok: (x) => x >= floor,
         ratios: pairs.map(([a, b]) => a / b),
-        raw: rawPairs(pairs, cfg.slice(10), '0 snap', unit(job)),
+        raw: rawPairs(pairs, cfg.slice(10), '0 snap', unit(job)) + ceilingNote(results, job, cfg, pairs),
       })
     }
     for (const [cfg, floor] of VS_QCOW2[job] ?? []) {
@@ -93,6 +113,14 @@ function floors(results: Results): FloorRow[] {
     }
   }
   return rows
+}
+
+/** For a floor against 0 snapshots: the ratio that the job's own I/O allows at most (median of rounds). */
+function ceilingNote(results: Results, job: string, cfg: string, pairs: Array<[number, number]>): string {
+  const ceilings = ceilingRounds(results)
+  if (job !== 'ft-seq1m' || ceilings.length !== pairs.length || ceilings.some((r) => !r[cfg])) return ''
+  const ratios = ceilings.map((r, i) => (r[cfg]?.mibps ?? 0) / (pairs[i]?.[1] ?? 1))
+  return `; I/O ceiling ${ceilings.map((r) => k(r[cfg]?.mibps ?? 0)).join(' / ')} MiB/s, ratio ≤ ${fmt(median(ratios), 2)}`
 }
 
 function section(results: Results): string[] {
@@ -110,15 +138,31 @@ function section(results: Results): string[] {
     lines.push(`| ${cfg} | ${jobs.map((j) => firstTouch.map((r) => k(metric(find(r, cfg, j), j))).join(' / ')).join(' | ')} |`)
   }
   lines.push('')
+  const ceilings = ceilingRounds(results)
+  if (ceilings.length > 0) {
+    lines.push('**I/O ceiling of ft-seq1m** (first-touch-ceiling.ts): the job\'s own I/O, in this process with no engine — old bytes read once and written to every COW, every COW flushed, its metadata areas written and flushed, then the new bytes written to the origin — in windows holding the engine\'s write-back budget, best of several window shapes. No engine can beat it; the no-snapshot figure it is divided by comes over NBD.')
+    lines.push('')
+    lines.push('| Config | ceiling (MiB/s) | ft-seq1m (MiB/s) | ceiling / 0 snap | ft-seq1m / ceiling |')
+    lines.push('| --- | --- | --- | --- | --- |')
+    for (const cfg of Object.keys(ceilings[0] ?? {})) {
+      const ceil = ceilings.map((r) => r[cfg]?.mibps ?? 0)
+      const got = firstTouch.map((r) => metric(find(r, cfg, 'ft-seq1m'), 'ft-seq1m'))
+      const raw = firstTouch.map((r) => metric(find(r, 'blocksnap 0 snap', 'ft-seq1m'), 'ft-seq1m'))
+      const shape = ceilings.map((r) => `${r[cfg]?.windows}×${r[cfg]?.windowMiB} MiB`).join(' / ')
+      lines.push(`| ${cfg} | ${ceil.map(k).join(' / ')} (${shape}) | ${got.map(k).join(' / ')} | ${ceil.map((c, i) => fmt(c / (raw[i] ?? 1), 2)).join(' / ')} | ${ceil.map((c, i) => fmt((got[i] ?? 0) / c, 2)).join(' / ')} |`)
+    }
+    lines.push('')
+  }
   return lines
 }
 
 export const firstTouchSuite: Suite = {
   name: 'firsttouch',
   usesPeers: true,
-  initialResults: () => ({ firstTouch: [] }),
+  initialResults: () => ({ firstTouch: [], firstTouchCeiling: [] }),
   async round(ctx, round) {
     rounds(ctx.results).push(await firstTouchRound(ctx, round))
+    ceilingRounds(ctx.results).push(await ceilingRound(ctx))
   },
   floors,
   fioJobs: (results) => rounds(results).flatMap((r) => Object.values(r).flat()),
