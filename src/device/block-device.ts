@@ -55,6 +55,12 @@ export interface BlockDevice {
    * continuation per request. Same checks and semantics as the promise forms.
    */
   readIntoThen(target: Uint8Array, offset: number, done: IoDone): void
+  /**
+   * Fills `target` at once, blocking the thread, and returns true; or returns false, having read
+   * nothing, when this device has no such read (only local files do). For short bursts of reads
+   * the caller times and gives up on when they turn slow (the COW open's metadata areas).
+   */
+  readIntoNow(target: Uint8Array, offset: number): boolean
   writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void
   flush(): Promise<void>
   discard(offset: number, length: number): Promise<void>
@@ -159,6 +165,12 @@ export abstract class BaseBlockDevice implements BlockDevice {
     else this._readIntoThen(target, offset, done)
   }
 
+  readIntoNow(target: Uint8Array, offset: number): boolean {
+    this.checkOpen()
+    this.checkRange(offset, target.length)
+    return target.length === 0 || this._readIntoNow(target, offset)
+  }
+
   writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {
     try {
       this.checkWrite(offset, data.length)
@@ -210,6 +222,10 @@ export abstract class BaseBlockDevice implements BlockDevice {
   }
 
   protected abstract _readInto(target: Uint8Array, offset: number): Promise<void>
+  /** The blocking read, for devices that have one; false: none here. */
+  protected _readIntoNow(_target: Uint8Array, _offset: number): boolean {
+    return false
+  }
   protected abstract _write(data: Uint8Array, offset: number, fua: boolean): Promise<void>
   protected abstract _flush(): Promise<void>
   /** Callback forms of the hooks; devices that can do without a promise override them. */

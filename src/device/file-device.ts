@@ -6,7 +6,7 @@
  * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
  * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
-import { type BigIntStats, constants, read as readFd, write as writeFd } from 'node:fs'
+import { type BigIntStats, constants, read as readFd, readSync, write as writeFd } from 'node:fs'
 import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, type DeviceCapabilities, type IoDone } from './block-device.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
@@ -154,6 +154,24 @@ export class FileDevice extends BaseBlockDevice {
     }
     this.ioInFlight++
     readFd(fd, target, 0, target.length, offset, step)
+  }
+
+  protected override _readIntoNow(target: Uint8Array, offset: number): boolean {
+    const fd = this.handle.fd
+    try {
+      for (let got = 0; got < target.length; ) {
+        const bytesRead = readSync(fd, target, got, target.length - got, offset + got)
+        // Past EOF the device reads as zeros, as in the asynchronous read.
+        if (bytesRead === 0) {
+          target.fill(0, got)
+          break
+        }
+        got += bytesRead
+      }
+    } catch (err) {
+      throw asSnapError(err, `${this.name}: read`, { path: this.path, offset, length: target.length })
+    }
+    return true
   }
 
   protected override _writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {

@@ -49,7 +49,7 @@ import { MAX_SAFE, SECTOR_BYTES, checkChunkSizeBytes } from '../units.js'
 import type { ExceptionStore, MergeRun, PreparedException, StoreUsage } from './exception-store.js'
 import { CowGrowth, growFixedCow, whenSpaceCovered } from './cow-growth.js'
 import { type CommitDone, type CommitKind, InOrderCommitter } from './in-order-committer.js'
-import { mapInFlight } from '../util/map-in-flight.js'
+import { AreaReader } from './area-reader.js'
 
 export interface PersistentStoreOptions {
   /** Chunk size for a new COW; 0 or absent: take it from the header, or 16 KiB (kernel default). */
@@ -68,8 +68,6 @@ export interface PersistentStoreOptions {
 const KERNEL_DEFAULT_CHUNK_BYTES = 32 * SECTOR_BYTES
 /** Merged COW space is truncated away once this much is free, or an eighth of a smaller COW (see releaseMerged). */
 const RELEASE_MIN_BYTES = 1024 * 1024
-/** Area reads a merge step keeps in flight while it gathers its batch. */
-const MERGE_READS_IN_FLIGHT = 16
 
 interface AreaJob {
   readonly area: number
@@ -199,19 +197,14 @@ export class PersistentStore implements ExceptionStore {
   }
 
   /**
-   * Reads the areas into `list` (visit set: per area, then the list is emptied again). Several
-   * areas are read ahead: one awaited read per area left the open idle a quarter of the time.
-   * Areas are a chunk stride apart (1 MiB with 4 KiB chunks), so a read spanning several would
-   * mostly carry data chunks; separate reads in flight together cost less.
+   * Reads the areas into `list` (visit set: per area, then the list is emptied again), through an
+   * AreaReader (blocking reads while they are fast, else several asynchronous ones ahead).
    */
   private async readExceptions(list: ExceptionList, visit: ((oldChunk: number, newChunk: number) => void) | null): Promise<void> {
     const layout = this.layout
     const { chunkBytes, exceptionsPerArea, stride } = layout
     const cowChunks = Math.floor(this.cow.sizeBytes / chunkBytes)
-    // 16 areas in flight (at most 4 MiB for big chunks): measured no faster with 64
-    const ahead = Math.max(1, Math.min(16, Math.floor((4 * 1024 * 1024) / chunkBytes)))
-    const reads: Array<Promise<Uint8Array>> = []
-    let queued = 0 // areas whose read has been issued
+    const reader = this.areaReader()
     let nextFree = FIRST_DATA_CHUNK
     try {
       for (let k = 0; ; k++) {
@@ -219,15 +212,7 @@ export class PersistentStore implements ExceptionStore {
         if (at >= cowChunks) {
           throw corrupt(`metadata area ${k} (chunk ${at}) is beyond the end of the COW device`, { chunk: at })
         }
-        // Only areas inside the device are read ahead, so the error above is still the one a
-        // truncated table reports; reads past the terminator are simply dropped.
-        while (queued < k + ahead && areaChunk(layout, queued) < cowChunks) {
-          const read = this.readCow(areaChunk(layout, queued) * chunkBytes, chunkBytes)
-          read.catch(() => {}) // a read-ahead past the last area may fail unobserved
-          reads.push(read)
-          queued++
-        }
-        const image = await (reads.shift() as Promise<Uint8Array>)
+        const image = await reader.next(k)
         const start = list.count
         let failure: unknown = null
         let used = 0
@@ -273,7 +258,7 @@ export class PersistentStore implements ExceptionStore {
     } finally {
       // Nothing may touch the device behind the caller's back once the table is read (the
       // read-aheads past the last area are few and already in flight).
-      await Promise.allSettled(reads)
+      await reader.settle()
     }
     if (nextFree % stride === 1) nextFree++
     this.nextFree = nextFree
@@ -493,9 +478,15 @@ export class PersistentStore implements ExceptionStore {
     const limit = Math.min(maxEntries, total)
     const firstArea = Math.floor((total - limit) / exceptionsPerArea)
     const lastArea = Math.floor((total - 1) / exceptionsPerArea)
-    // Read MERGE_READS_IN_FLIGHT at a time: one awaited read per area put 32 reads in a row in
-    // front of every 32 MiB merge step with 4 KiB chunks.
-    const images = await mapInFlight(lastArea - firstArea + 1, MERGE_READS_IN_FLIGHT, (i) => this.mergeAreaImage(firstArea + i))
+    // Through an AreaReader: one awaited read per area put 32 reads in a row in front of every
+    // 32 MiB merge step with 4 KiB chunks.
+    const reader = this.areaReader(lastArea + 1)
+    const images: Uint8Array[] = []
+    try {
+      for (let a = firstArea; a <= lastArea; a++) images.push(await this.mergeAreaImage(a, reader))
+    } finally {
+      await reader.settle()
+    }
     const runs: Array<{ count: number; lastOld: number; lastNew: number }> = []
     let prevOld = -1
     let prevNew = -1
@@ -569,15 +560,28 @@ export class PersistentStore implements ExceptionStore {
   }
 
   /** The image of area `a` while merging: the in-memory one for the last area, else read once. */
-  private async mergeAreaImage(a: number): Promise<Uint8Array> {
+  private async mergeAreaImage(a: number, reader: AreaReader = this.areaReader(a + 1)): Promise<Uint8Array> {
     if (a === this.currentArea && this.currentCommitted > 0) return this.area
     let image = this.mergeAreas.get(a)
     if (!image) {
-      const { chunkBytes } = this.layout
-      image = await this.readCow(areaChunk(this.layout, a) * chunkBytes, chunkBytes)
+      image = await reader.next(a)
       this.mergeAreas.set(a, image)
     }
     return image
+  }
+
+  /** Reads metadata areas in ascending order, reading ahead to area `endArea` at most. */
+  private areaReader(endArea?: number): AreaReader {
+    const cowChunks = Math.floor(this.cow.sizeBytes / this.layout.chunkBytes)
+    const describe = (err: unknown, offset: number, length: number) => asSnapError(err, 'reading COW metadata', { offset, length })
+    return new AreaReader({
+      cow: this.cow,
+      layout: this.layout,
+      cowChunks,
+      read: (offset, length) => this.readCow(offset, length),
+      describeError: describe,
+      ...(endArea === undefined ? {} : { endArea }),
+    })
   }
 
   async dropSnapshot(): Promise<void> {

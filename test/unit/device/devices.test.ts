@@ -4,6 +4,7 @@ import { mkdtemp, rm, stat, truncate, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FileDevice } from '../../../src/device/file-device.js'
+import { isSnapError } from '../../../src/errors.js'
 import { MEMORY_PAGE_BYTES, MemoryDevice } from '../../../src/device/memory-device.js'
 import { runBlockDeviceSuite, rejectsWith } from '../../conformance/block-device.suite.js'
 import { CrashRecorder } from '../../support/crash-recorder.js'
@@ -101,6 +102,28 @@ describe('file-device', () => {
     assert.ok(read.subarray(0, 1000).every((b) => b === 3))
     assert.ok(read.subarray(1000).every((b) => b === 0))
     await device.close()
+  })
+
+  it('file-device: a blocking read returns what the asynchronous one does, zeros past a shrunk end, and checks its range', async () => {
+    const path = tempPath()
+    const device = await FileDevice.open(path, { create: 8192 })
+    const pattern = Uint8Array.from({ length: 8192 }, (_, i) => (i * 13) & 0xff)
+    await device.write(pattern, 0)
+    const now = new Uint8Array(3000)
+    assert.equal(device.readIntoNow(now, 1234), true)
+    assert.deepEqual(now, await device.read(1234, 3000))
+    await truncate(path, 5000)
+    const tail = new Uint8Array(4192).fill(9)
+    assert.equal(device.readIntoNow(tail, 4000), true)
+    assert.deepEqual(tail, await device.read(4000, 4192))
+    assert.ok(tail.subarray(1000).every((b) => b === 0))
+    assert.throws(() => device.readIntoNow(new Uint8Array(4096), 8000), (err: unknown) => isSnapError(err) && err.code === 'SNAP_OUT_OF_RANGE')
+    await device.close()
+    assert.throws(() => device.readIntoNow(new Uint8Array(1), 0), (err: unknown) => isSnapError(err) && err.code === 'SNAP_CLOSED')
+  })
+
+  it('memory-device: has no blocking read (callers fall back to the asynchronous one)', () => {
+    assert.equal(new MemoryDevice(4096).readIntoNow(new Uint8Array(512), 0), false)
   })
 
   it('file-device: a discard reaching the end keeps the file size', async () => {
