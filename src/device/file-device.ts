@@ -8,7 +8,8 @@
  */
 import { type BigIntStats, constants, read as readFd, readSync, write as writeFd } from 'node:fs'
 import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
-import { BaseBlockDevice, type DeviceCapabilities, type IoDone } from './block-device.js'
+import { BaseBlockDevice, RESOLVED, type DeviceCapabilities, type IoDone } from './block-device.js'
+import { InlineReads } from './inline-reads.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 import { blockDeviceSizeBytes } from './block-device-size.js'
 import { FileAllocation } from './file-allocation.js'
@@ -32,6 +33,8 @@ export interface FileDeviceOptions {
    * (O_EXCL without O_CREAT means nothing there).
    */
   readonly exclusive?: boolean
+  /** The policy that decides which small reads block (default: a fresh one; tests pass their own). */
+  readonly inlineReads?: InlineReads
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
@@ -49,9 +52,12 @@ export class FileDevice extends BaseBlockDevice {
   /** Reads and writes under way on the descriptor; close waits for them (FileHandle would). */
   private ioInFlight = 0
   private idle: (() => void) | null = null
+  /** When small reads skip the thread pool (inline-reads.ts). */
+  private readonly inline: InlineReads
 
-  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean) {
+  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean, inline: InlineReads) {
     super(sizeBytes, `file ${path}`)
+    this.inline = inline
     this.handle = handle
     this.path = path
     this.capabilities = capabilities
@@ -107,7 +113,7 @@ export class FileDevice extends BaseBlockDevice {
         // A read-only handle cannot be truncated, so resize needs write access too.
         resize: options.resizable === true && !readOnly && !block,
       }
-      return new FileDevice(handle, path, sizeBytes, capabilities, !block)
+      return new FileDevice(handle, path, sizeBytes, capabilities, !block, options.inlineReads ?? new InlineReads())
     } catch (err) {
       await handle.close().catch(() => {})
       // Do not leave a half-made file behind after an exclusive create we own.
@@ -134,6 +140,10 @@ export class FileDevice extends BaseBlockDevice {
   // most of the write path's JavaScript work. The promise forms wrap the callback forms.
 
   protected override _readInto(target: Uint8Array, offset: number): Promise<void> {
+    if (this.inline.mayInline(target.length)) {
+      const err = this.readInline(target, offset)
+      return err === null ? RESOLVED : Promise.reject(err)
+    }
     return new Promise((resolve, reject) => this._readIntoThen(target, offset, (err) => (err === null ? resolve() : reject(err))))
   }
 
@@ -142,6 +152,10 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override _readIntoThen(target: Uint8Array, offset: number, done: IoDone): void {
+    if (this.inline.mayInline(target.length)) {
+      process.nextTick(done, this.readInline(target, offset))
+      return
+    }
     const fd = this.handle.fd
     let got = 0
     const step = (err: NodeJS.ErrnoException | null, bytesRead: number): void => {
@@ -172,6 +186,20 @@ export class FileDevice extends BaseBlockDevice {
       throw asSnapError(err, `${this.name}: read`, { path: this.path, offset, length: target.length })
     }
     return true
+  }
+
+  /** A blocking read, timed for the inline policy: null, or the error. */
+  private readInline(target: Uint8Array, offset: number): unknown {
+    const inline = this.inline
+    const startedMs = inline.now()
+    try {
+      this._readIntoNow(target, offset)
+      return null
+    } catch (err) {
+      return err
+    } finally {
+      inline.ended(inline.now() - startedMs)
+    }
   }
 
   protected override _writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {

@@ -1,0 +1,196 @@
+/**
+ * InlineReads: small reads block while the file behaves like memory, and go to the thread pool
+ * once a read is slow or the process's block input count rises; FileDevice returns the file's
+ * bytes on either path. Time and the block count are fakes the tests advance, so no verdict
+ * depends on the machine's speed or on what is in its page cache.
+ */
+import { after, describe, it } from 'node:test'
+import assert from 'node:assert/strict'
+import { mkdtemp, rm, truncate } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import {
+  FIRST_BACKOFF_READS,
+  INLINE_MAX_BYTES,
+  InlineReads,
+  MAX_BACKOFF_READS,
+  SLOW_READ_MS,
+  WINDOW_READS,
+} from '../../../src/device/inline-reads.js'
+import { FileDevice } from '../../../src/device/file-device.js'
+import { Random } from '../../support/random.js'
+
+/** A policy on a fake clock and a fake block count, with the calls it made counted. */
+function fakePolicy(): { policy: InlineReads; disk: { blocks: number; looks: number } } {
+  const disk = { blocks: 0, looks: 0 }
+  const policy = new InlineReads({
+    now: () => 0,
+    blocksRead: () => {
+      disk.looks++
+      return disk.blocks
+    },
+  })
+  return { policy, disk }
+}
+
+/** Runs `reads` reads of 4 KiB: `costMs(inline)` is each inline read's time, `blocks(i)` the block count it adds. Returns the inline ones' indexes. */
+function drive(policy: InlineReads, disk: { blocks: number }, reads: number, costMs: number, blocksPerInline: number): number[] {
+  const inline: number[] = []
+  for (let i = 0; i < reads; i++) {
+    if (!policy.mayInline(4096)) continue
+    inline.push(i)
+    disk.blocks += blocksPerInline
+    policy.ended(costMs)
+  }
+  return inline
+}
+
+describe('inline-reads policy', () => {
+  it('inline-reads: small reads block while fast, with one look at the block count per window; big reads never block', () => {
+    const { policy, disk } = fakePolicy()
+    assert.equal(drive(policy, disk, 10_000, 0.01, 0).length, 10_000)
+    assert.equal(policy.slowSignals, 0)
+    // One look to open the first window, one at the end of each.
+    assert.equal(disk.looks, 1 + Math.floor(10_000 / WINDOW_READS))
+    assert.equal(policy.mayInline(INLINE_MAX_BYTES), true)
+    policy.ended(0)
+    assert.equal(policy.mayInline(INLINE_MAX_BYTES + 1), false)
+  })
+
+  it('inline-reads: one slow read sends the next reads to the pool, then probes inline again', () => {
+    const { policy, disk } = fakePolicy()
+    assert.equal(policy.mayInline(4096), true)
+    policy.ended(SLOW_READ_MS * 1.01)
+    assert.equal(policy.slowSignals, 1)
+    for (let i = 0; i < FIRST_BACKOFF_READS; i++) assert.equal(policy.mayInline(4096), false, `read ${i} of the backoff`)
+    assert.equal(policy.mayInline(4096), true)
+    policy.ended(SLOW_READ_MS) // at the threshold is not slow
+    assert.equal(policy.slowSignals, 1)
+    assert.equal(drive(policy, disk, 100, 0, 0).length, 100)
+  })
+
+  it('inline-reads: a block count that rose during a window sends the reads to the pool, however fast they were', () => {
+    const { policy, disk } = fakePolicy()
+    const inline = drive(policy, disk, WINDOW_READS * 3, 0, 0)
+    assert.equal(inline.length, WINDOW_READS * 3)
+    // One read of the next window goes to the disk (fast: 0 ms on the clock).
+    assert.equal(policy.mayInline(4096), true)
+    disk.blocks += 8
+    policy.ended(0)
+    for (let i = 1; i < WINDOW_READS - 1; i++) {
+      assert.equal(policy.mayInline(4096), true)
+      policy.ended(0)
+    }
+    assert.equal(policy.slowSignals, 0, 'judged only at the end of the window')
+    assert.equal(policy.mayInline(4096), true)
+    policy.ended(0)
+    assert.equal(policy.slowSignals, 1)
+    assert.equal(policy.mayInline(4096), false)
+  })
+
+  it('inline-reads: slow probes double the backoff up to its cap; a good window resets it', () => {
+    const { policy, disk } = fakePolicy()
+    const backoffs: number[] = []
+    let poolRun = 0
+    for (let i = 0; i < 4_000_000 && backoffs.length < 12; i++) {
+      if (!policy.mayInline(4096)) {
+        poolRun++
+        continue
+      }
+      if (poolRun > 0) backoffs.push(poolRun)
+      poolRun = 0
+      policy.ended(1) // every probe is slow
+    }
+    const expected = Array.from({ length: 12 }, (_, k) => Math.min(MAX_BACKOFF_READS, FIRST_BACKOFF_READS * 2 ** k))
+    assert.deepEqual(backoffs, expected)
+    // Now the file is warm: a probe window passes, and the next slow read backs off the first amount again.
+    while (!policy.mayInline(4096));
+    policy.ended(0)
+    assert.equal(drive(policy, disk, WINDOW_READS * 2, 0, 0).length, WINDOW_READS * 2)
+    assert.equal(policy.mayInline(4096), true)
+    policy.ended(1)
+    let pool = 0
+    while (!policy.mayInline(4096)) pool++
+    assert.equal(pool, FIRST_BACKOFF_READS)
+  })
+
+  it('inline-reads: on a cold file (every read goes to the disk) under one read in a thousand blocks', () => {
+    const seed = Number(process.env.TEST_SEED ?? 20261203)
+    const random = new Random(seed)
+    const { policy, disk } = fakePolicy()
+    const reads = 2_000_000
+    let inline = 0
+    for (let i = 0; i < reads; i++) {
+      if (!policy.mayInline(4096 * (1 + random.int(16)))) continue
+      inline++
+      disk.blocks += 8
+      // A fast disk: some reads under the threshold, some over (seed ${seed}).
+      policy.ended(random.int(2) === 0 ? 0.08 : 0.3)
+    }
+    assert.ok(inline > 0, `seed ${seed}: the policy never probed`)
+    assert.ok(inline / reads < 0.001, `seed ${seed}: ${inline} of ${reads} reads blocked`)
+  })
+})
+
+const dir = await mkdtemp(join(tmpdir(), 'blocksnap-inline-reads-'))
+after(() => rm(dir, { recursive: true, force: true }))
+let files = 0
+
+describe('file-device inline reads', () => {
+  it('file-device: small reads return the file bytes whether they block or go to the pool, and zeros past a shrunk end', async () => {
+    const seed = Number(process.env.TEST_SEED ?? 77)
+    const random = new Random(seed)
+    const sizeBytes = 1 << 20
+    const model = new Uint8Array(sizeBytes)
+    for (let i = 0; i < sizeBytes; i++) model[i] = (i * 31 + (i >> 12)) & 0xff
+    const path = join(dir, `f${files++}`)
+    // Every look at the block count finds it higher on even windows: the device keeps switching paths.
+    let blocks = 0
+    let looks = 0
+    const policy = new InlineReads({ now: () => 0, blocksRead: () => (++looks % 4 === 0 ? ++blocks : blocks) })
+    const device = await FileDevice.open(path, { create: sizeBytes, inlineReads: policy })
+    await device.write(model, 0)
+    for (let i = 0; i < 3000; i++) {
+      const length = 1 + random.int(2 * INLINE_MAX_BYTES)
+      const offset = random.int(sizeBytes - length + 1)
+      const form = random.int(3)
+      let got: Uint8Array
+      if (form === 0) got = await device.read(offset, length)
+      else {
+        got = new Uint8Array(length).fill(0xee)
+        if (form === 1) await device.readInto(got, offset)
+        else await new Promise<void>((resolve, reject) => device.readIntoThen(got, offset, (err) => (err === null ? resolve() : reject(err))))
+      }
+      assert.deepEqual(got, model.subarray(offset, offset + length), `seed ${seed}: read ${i} at ${offset}+${length}`)
+    }
+    assert.ok(policy.slowSignals > 0, 'the pool path ran too')
+    await truncate(path, sizeBytes / 2)
+    const tail = new Uint8Array(8192).fill(9)
+    await device.readInto(tail, sizeBytes / 2 - 4096)
+    assert.deepEqual(tail.subarray(0, 4096), model.subarray(sizeBytes / 2 - 4096, sizeBytes / 2))
+    assert.ok(tail.subarray(4096).every((b) => b === 0))
+    await device.close()
+  })
+
+  it('file-device: an inline read completes its callback later, never from inside readIntoThen', async () => {
+    const path = join(dir, `f${files++}`)
+    const policy = new InlineReads({ now: () => 0, blocksRead: () => 0 })
+    const device = await FileDevice.open(path, { create: 8192, inlineReads: policy })
+    await device.write(new Uint8Array(8192).fill(5), 0)
+    const target = new Uint8Array(4096)
+    let called = false
+    let calledInside = true
+    const err = await new Promise<unknown>((resolve) => {
+      device.readIntoThen(target, 4096, (e) => {
+        called = true
+        resolve(e)
+      })
+      calledInside = called
+    })
+    assert.equal(err, null)
+    assert.equal(calledInside, false)
+    assert.ok(target.every((b) => b === 5))
+    assert.equal(policy.slowSignals, 0)
+    await device.close()
+  })
+})
