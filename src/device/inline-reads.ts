@@ -16,6 +16,8 @@
  *   reads: some of them were served by the disk, however fast it was. The count is the
  *   process's, so the pool's own reads of cold data count too; that only keeps reads in the pool
  *   while anything here reads from the disk, which is where they belong then.
+ * A turn of the event loop reads at most INLINE_BYTES_PER_TURN inline, so a request split into
+ * many pieces (a snapshot read) keeps the pool thread busy beside the main thread.
  * After a slow signal the policy sends a run of reads to the pool, then probes inline again; the
  * run doubles (up to a cap) each time the probe is slow too, so on a cold file the blocking
  * reads are a small share. Writes always go to the pool: measured, blocking writes made
@@ -32,6 +34,14 @@ export const INLINE_MAX_BYTES = 64 * 1024
 export const SLOW_READ_MS = 0.25
 /** Inline reads between two looks at the block input count. */
 export const WINDOW_READS = 16
+/**
+ * Inline bytes per event-loop turn; the reads past it in the same turn go to the pool. A client's
+ * 1 MiB read of a snapshot becomes dozens of short reads of the COW and the origin issued in one
+ * go: blocking on each in turn made the main thread do all of them while the pool thread sat
+ * idle (snapshot 1 MiB reads 920-975 vs 1093-1538 MiB/s before inline reads). 32 requests of
+ * 4 KiB, a QD32 burst, fit.
+ */
+export const INLINE_BYTES_PER_TURN = 256 * 1024
 export const FIRST_BACKOFF_READS = 256
 export const MAX_BACKOFF_READS = 65536
 
@@ -40,6 +50,8 @@ export interface InlineReadsOptions {
   readonly now?: () => number
   /** Blocks this process has read from storage so far (getrusage ru_inblock). */
   readonly blocksRead?: () => number
+  /** Calls its argument at the end of this event-loop turn (tests pass their own). */
+  readonly atTurnEnd?: (fn: () => void) => void
 }
 
 export class InlineReads {
@@ -49,12 +61,19 @@ export class InlineReads {
   private windowLeft = 0
   private blocksAtWindowStart = 0
   private slowCount = 0
+  /** Bytes read inline in this event-loop turn. */
+  private turnBytes = 0
   readonly now: () => number
   private readonly blocksRead: () => number
+  private readonly atTurnEnd: (fn: () => void) => void
+  private readonly turnEnded = (): void => {
+    this.turnBytes = 0
+  }
 
   constructor(options: InlineReadsOptions = {}) {
     this.now = options.now ?? (() => performance.now())
     this.blocksRead = options.blocksRead ?? (() => process.resourceUsage().fsRead)
+    this.atTurnEnd = options.atTurnEnd ?? setImmediate
   }
 
   /** Times inline reads were found slow (tests, diagnostics). */
@@ -69,6 +88,9 @@ export class InlineReads {
       this.poolLeft--
       return false
     }
+    if (this.turnBytes + lengthBytes > INLINE_BYTES_PER_TURN) return false
+    if (this.turnBytes === 0) this.atTurnEnd(this.turnEnded)
+    this.turnBytes += lengthBytes
     if (this.windowLeft === 0) {
       this.windowLeft = WINDOW_READS
       this.blocksAtWindowStart = this.blocksRead()

@@ -11,6 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import {
   FIRST_BACKOFF_READS,
+  INLINE_BYTES_PER_TURN,
   INLINE_MAX_BYTES,
   InlineReads,
   MAX_BACKOFF_READS,
@@ -21,23 +22,29 @@ import { FileDevice } from '../../../src/device/file-device.js'
 import { Random } from '../../support/random.js'
 
 /** A policy on a fake clock and a fake block count, with the calls it made counted. */
-function fakePolicy(): { policy: InlineReads; disk: { blocks: number; looks: number } } {
+function fakePolicy(): { policy: InlineReads; disk: { blocks: number; looks: number }; endTurn: () => void } {
   const disk = { blocks: 0, looks: 0 }
+  const turnEnds: Array<() => void> = []
+  const endTurn = (): void => {
+    for (const fn of turnEnds.splice(0)) fn()
+  }
   const policy = new InlineReads({
     now: () => 0,
+    atTurnEnd: (fn) => turnEnds.push(fn),
     blocksRead: () => {
       disk.looks++
       return disk.blocks
     },
   })
-  return { policy, disk }
+  return { policy, disk, endTurn }
 }
 
 /** Runs `reads` reads of 4 KiB: `costMs(inline)` is each inline read's time, `blocks(i)` the block count it adds. Returns the inline ones' indexes. */
-function drive(policy: InlineReads, disk: { blocks: number }, reads: number, costMs: number, blocksPerInline: number): number[] {
+function drive(policy: InlineReads, disk: { blocks: number }, endTurn: () => void, reads: number, costMs: number, blocksPerInline: number): number[] {
   const inline: number[] = []
   for (let i = 0; i < reads; i++) {
     if (!policy.mayInline(4096)) continue
+    endTurn()
     inline.push(i)
     disk.blocks += blocksPerInline
     policy.ended(costMs)
@@ -47,8 +54,8 @@ function drive(policy: InlineReads, disk: { blocks: number }, reads: number, cos
 
 describe('inline-reads policy', () => {
   it('inline-reads: small reads block while fast, with one look at the block count per window; big reads never block', () => {
-    const { policy, disk } = fakePolicy()
-    assert.equal(drive(policy, disk, 10_000, 0.01, 0).length, 10_000)
+    const { policy, disk, endTurn } = fakePolicy()
+    assert.equal(drive(policy, disk, endTurn, 10_000, 0.01, 0).length, 10_000)
     assert.equal(policy.slowSignals, 0)
     // One look to open the first window, one at the end of each.
     assert.equal(disk.looks, 1 + Math.floor(10_000 / WINDOW_READS))
@@ -57,8 +64,30 @@ describe('inline-reads policy', () => {
     assert.equal(policy.mayInline(INLINE_MAX_BYTES + 1), false)
   })
 
+  it('inline-reads: past a budget of bytes per event-loop turn, the reads of that turn go to the pool', () => {
+    const { policy, disk, endTurn } = fakePolicy()
+    const pieceBytes = 12 * 1024
+    let inlineBytes = 0
+    let pool = 0
+    for (let i = 0; i < 100; i++) {
+      if (!policy.mayInline(pieceBytes)) {
+        pool++
+        continue
+      }
+      inlineBytes += pieceBytes
+      policy.ended(0)
+    }
+    assert.equal(inlineBytes, Math.floor(INLINE_BYTES_PER_TURN / pieceBytes) * pieceBytes)
+    assert.equal(pool, 100 - inlineBytes / pieceBytes)
+    endTurn()
+    assert.equal(policy.mayInline(pieceBytes), true, 'a new turn has the whole budget')
+    policy.ended(0)
+    assert.equal(policy.slowSignals, 0)
+    assert.equal(drive(policy, disk, endTurn, 10, 0, 0).length, 10)
+  })
+
   it('inline-reads: one slow read sends the next reads to the pool, then probes inline again', () => {
-    const { policy, disk } = fakePolicy()
+    const { policy, disk, endTurn } = fakePolicy()
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS * 1.01)
     assert.equal(policy.slowSignals, 1)
@@ -66,12 +95,12 @@ describe('inline-reads policy', () => {
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS) // at the threshold is not slow
     assert.equal(policy.slowSignals, 1)
-    assert.equal(drive(policy, disk, 100, 0, 0).length, 100)
+    assert.equal(drive(policy, disk, endTurn, 100, 0, 0).length, 100)
   })
 
   it('inline-reads: a block count that rose during a window sends the reads to the pool, however fast they were', () => {
-    const { policy, disk } = fakePolicy()
-    const inline = drive(policy, disk, WINDOW_READS * 3, 0, 0)
+    const { policy, disk, endTurn } = fakePolicy()
+    const inline = drive(policy, disk, endTurn, WINDOW_READS * 3, 0, 0)
     assert.equal(inline.length, WINDOW_READS * 3)
     // One read of the next window goes to the disk (fast: 0 ms on the clock).
     assert.equal(policy.mayInline(4096), true)
@@ -89,10 +118,11 @@ describe('inline-reads policy', () => {
   })
 
   it('inline-reads: slow probes double the backoff up to its cap; a good window resets it', () => {
-    const { policy, disk } = fakePolicy()
+    const { policy, disk, endTurn } = fakePolicy()
     const backoffs: number[] = []
     let poolRun = 0
     for (let i = 0; i < 4_000_000 && backoffs.length < 12; i++) {
+      endTurn()
       if (!policy.mayInline(4096)) {
         poolRun++
         continue
@@ -106,7 +136,7 @@ describe('inline-reads policy', () => {
     // Now the file is warm: a probe window passes, and the next slow read backs off the first amount again.
     while (!policy.mayInline(4096));
     policy.ended(0)
-    assert.equal(drive(policy, disk, WINDOW_READS * 2, 0, 0).length, WINDOW_READS * 2)
+    assert.equal(drive(policy, disk, endTurn, WINDOW_READS * 2, 0, 0).length, WINDOW_READS * 2)
     assert.equal(policy.mayInline(4096), true)
     policy.ended(1)
     let pool = 0
@@ -117,10 +147,11 @@ describe('inline-reads policy', () => {
   it('inline-reads: on a cold file (every read goes to the disk) under one read in a thousand blocks', () => {
     const seed = Number(process.env.TEST_SEED ?? 20261203)
     const random = new Random(seed)
-    const { policy, disk } = fakePolicy()
+    const { policy, disk, endTurn } = fakePolicy()
     const reads = 2_000_000
     let inline = 0
     for (let i = 0; i < reads; i++) {
+      endTurn()
       if (!policy.mayInline(4096 * (1 + random.int(16)))) continue
       inline++
       disk.blocks += 8
