@@ -144,7 +144,7 @@ export class FileDevice extends BaseBlockDevice {
       const err = this.readInline(target, offset)
       return err === null ? RESOLVED : Promise.reject(err)
     }
-    return new Promise((resolve, reject) => this._readIntoThen(target, offset, (err) => (err === null ? resolve() : reject(err))))
+    return new Promise((resolve, reject) => this.readOnPool(target, offset, (err) => (err === null ? resolve() : reject(err))))
   }
 
   protected override _write(data: Uint8Array, offset: number, fua: boolean): Promise<void> {
@@ -152,10 +152,12 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override _readIntoThen(target: Uint8Array, offset: number, done: IoDone): void {
-    if (this.inline.mayInline(target.length)) {
-      process.nextTick(done, this.readInline(target, offset))
-      return
-    }
+    if (this.inline.mayInline(target.length)) process.nextTick(done, this.readInline(target, offset))
+    else this.readOnPool(target, offset, done)
+  }
+
+  /** The asynchronous read, on libuv's pool; the inline policy has already said no. */
+  private readOnPool(target: Uint8Array, offset: number, done: IoDone): void {
     const fd = this.handle.fd
     let got = 0
     const step = (err: NodeJS.ErrnoException | null, bytesRead: number): void => {

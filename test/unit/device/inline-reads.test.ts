@@ -203,6 +203,38 @@ describe('file-device inline reads', () => {
     await device.close()
   })
 
+  it('file-device: each read asks the policy once, so a read it sends to the pool goes there (every form)', async () => {
+    const path = join(dir, `f${files++}`)
+    let asked = 0
+    let inlined = 0
+    let reads = 0
+    const policy = new (class extends InlineReads {
+      override mayInline(lengthBytes: number): boolean {
+        asked++
+        const yes = super.mayInline(lengthBytes)
+        if (yes) inlined++
+        return yes
+      }
+    })({ now: () => 0, blocksRead: () => 0 })
+    const device = await FileDevice.open(path, { create: (FIRST_BACKOFF_READS + 1) * 4096, inlineReads: policy })
+    // A slow signal: the next FIRST_BACKOFF_READS reads belong to the pool, then one probes inline.
+    assert.equal(policy.mayInline(4096), true)
+    policy.ended(SLOW_READ_MS * 2)
+    asked = 0
+    inlined = 0
+    const target = new Uint8Array(4096)
+    for (let i = 0; i <= FIRST_BACKOFF_READS; i++) {
+      const form = i % 3
+      if (form === 0) await device.readInto(target, i * 4096)
+      else if (form === 1) await device.read(i * 4096, 4096)
+      else await new Promise<void>((resolve, reject) => device.readIntoThen(target, i * 4096, (err) => (err === null ? resolve() : reject(err))))
+      reads++
+    }
+    assert.equal(asked, reads)
+    assert.equal(inlined, 1, 'only the probe after the backoff ran inline')
+    await device.close()
+  })
+
   it('file-device: an inline read completes its callback later, never from inside readIntoThen', async () => {
     const path = join(dir, `f${files++}`)
     const policy = new InlineReads({ now: () => 0, blocksRead: () => 0 })
