@@ -6,10 +6,10 @@
  * end of a regular file truncates and re-extends it, which leaves the tail sparse on every
  * filesystem. A block device has a fixed size (from the kernel, see block-device-size.ts) and no resize.
  */
-import { type BigIntStats, constants, read as readFd, readSync, write as writeFd } from 'node:fs'
+import { type BigIntStats, constants, read as readFd, readSync, write as writeFd, writeSync } from 'node:fs'
 import { open as openFile, realpath, unlink, type FileHandle } from 'node:fs/promises'
 import { BaseBlockDevice, RESOLVED, type DeviceCapabilities, type IoDone } from './block-device.js'
-import { InlineReads } from './inline-reads.js'
+import { InlineIo } from './inline-io.js'
 import { SnapError, asSnapError, badArgument, ioError, outOfRange } from '../errors.js'
 import { blockDeviceSizeBytes } from './block-device-size.js'
 import { FileAllocation } from './file-allocation.js'
@@ -33,8 +33,10 @@ export interface FileDeviceOptions {
    * (O_EXCL without O_CREAT means nothing there).
    */
   readonly exclusive?: boolean
-  /** The policy that decides which small reads block (default: a fresh one; tests pass their own). */
-  readonly inlineReads?: InlineReads
+  /** The policy that decides which reads block (default: InlineIo.reads(); tests pass their own). */
+  readonly inlineReads?: InlineIo
+  /** The policy that decides which writes block (default: InlineIo.writes(); tests pass their own). */
+  readonly inlineWrites?: InlineIo
 }
 
 const ZERO_PIECE_BYTES = 1024 * 1024
@@ -52,12 +54,14 @@ export class FileDevice extends BaseBlockDevice {
   /** Reads and writes under way on the descriptor; close waits for them (FileHandle would). */
   private ioInFlight = 0
   private idle: (() => void) | null = null
-  /** When small reads skip the thread pool (inline-reads.ts). */
-  private readonly inline: InlineReads
+  /** When reads and writes skip the thread pool (inline-io.ts). */
+  private readonly inline: InlineIo
+  private readonly inlineWrites: InlineIo
 
-  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean, inline: InlineReads) {
+  private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean, inline: { reads: InlineIo; writes: InlineIo }) {
     super(sizeBytes, `file ${path}`)
-    this.inline = inline
+    this.inline = inline.reads
+    this.inlineWrites = inline.writes
     this.handle = handle
     this.path = path
     this.capabilities = capabilities
@@ -113,7 +117,10 @@ export class FileDevice extends BaseBlockDevice {
         // A read-only handle cannot be truncated, so resize needs write access too.
         resize: options.resizable === true && !readOnly && !block,
       }
-      return new FileDevice(handle, path, sizeBytes, capabilities, !block, options.inlineReads ?? new InlineReads())
+      return new FileDevice(handle, path, sizeBytes, capabilities, !block, {
+        reads: options.inlineReads ?? InlineIo.reads(),
+        writes: options.inlineWrites ?? InlineIo.writes(),
+      })
     } catch (err) {
       await handle.close().catch(() => {})
       // Do not leave a half-made file behind after an exclusive create we own.
@@ -207,6 +214,13 @@ export class FileDevice extends BaseBlockDevice {
   protected override _writeThen(data: Uint8Array, offset: number, fua: boolean, done: IoDone): void {
     const token = this.allocation === null ? -1 : this.allocation.startWrite(offset, data.length)
     const fd = this.handle.fd
+    if (this.inlineWrites.mayInline(data.length)) {
+      const err = this.writeInline(data, offset)
+      this.ioInFlight++
+      if (err === null && fua) fdatasyncOffPool(fd, (syncErr) => this.writeEnded(done, token, syncErr, offset, data.length))
+      else process.nextTick(FileDevice.endInlineWrite, this, done, token, err, offset, data.length)
+      return
+    }
     let put = 0
     // One closure per write (the completion of each step); the rest are methods.
     const step = (err: NodeJS.ErrnoException | null, bytesWritten: number): void => {
@@ -220,6 +234,30 @@ export class FileDevice extends BaseBlockDevice {
     }
     this.ioInFlight++
     writeFd(fd, data, 0, data.length, offset, step)
+  }
+
+  /** A blocking write, timed for the inline policy: null, or the error (errno's, unmapped). */
+  private writeInline(data: Uint8Array, offset: number): unknown {
+    const inline = this.inlineWrites
+    const startedMs = inline.now()
+    try {
+      for (let put = 0; put < data.length; ) {
+        const bytesWritten = writeSync(this.handle.fd, data, put, data.length - put, offset + put)
+        // A zero-byte write would loop forever; the kernel only does this on a broken device.
+        if (bytesWritten === 0) return ioError(`${this.name}: write made no progress`, undefined, { offset: offset + put })
+        put += bytesWritten
+      }
+      return null
+    } catch (err) {
+      return err
+    } finally {
+      inline.ended(inline.now() - startedMs)
+    }
+  }
+
+  /** An inline write's completion, on the next tick: callers never see a callback from inside writeThen. */
+  private static endInlineWrite(this: void, device: FileDevice, done: IoDone, token: number, err: unknown, offset: number, length: number): void {
+    device.writeEnded(done, token, err, offset, length)
   }
 
   /** A write (`token` from the allocation map) has ended: on the file (err null), or failed. */

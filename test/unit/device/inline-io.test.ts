@@ -1,34 +1,39 @@
 /**
- * InlineReads: small reads block while the file behaves like memory, and go to the thread pool
- * once a read is slow or the process's block input count rises; FileDevice returns the file's
- * bytes on either path. Time and the block count are fakes the tests advance, so no verdict
+ * InlineIo: reads and writes block while the file behaves like memory, and go to the thread pool
+ * once one is slow or the process's block input count rises; FileDevice reads and writes the
+ * file's bytes on either path. Time and the block count are fakes the tests advance, so no verdict
  * depends on the machine's speed or on what is in its page cache.
  */
 import { after, describe, it } from 'node:test'
 import assert from 'node:assert/strict'
-import { mkdtemp, rm, truncate } from 'node:fs/promises'
+import { mkdtemp, readFile, rm, truncate } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import {
-  FIRST_BACKOFF_READS,
-  INLINE_BYTES_PER_TURN,
-  INLINE_MAX_BYTES,
-  InlineReads,
-  MAX_BACKOFF_READS,
+  FIRST_BACKOFF_OPS,
+  INLINE_READ_MAX_BYTES,
+  InlineIo,
+  MAX_BACKOFF_OPS,
+  READ_BYTES_PER_TURN,
+  READ_PROFILE,
   SLOW_READ_MS,
-  WINDOW_READS,
-} from '../../../src/device/inline-reads.js'
+  SLOW_WRITE_BYTES_PER_MS,
+  SLOW_WRITE_MS,
+  WINDOW_OPS,
+  WRITE_OPS_PER_TURN,
+  WRITE_PROFILE,
+} from '../../../src/device/inline-io.js'
 import { FileDevice } from '../../../src/device/file-device.js'
 import { Random } from '../../support/random.js'
 
 /** A policy on a fake clock and a fake block count, with the calls it made counted. */
-function fakePolicy(): { policy: InlineReads; disk: { blocks: number; looks: number }; endTurn: () => void } {
+function fakePolicy(profile = READ_PROFILE): { policy: InlineIo; disk: { blocks: number; looks: number }; endTurn: () => void } {
   const disk = { blocks: 0, looks: 0 }
   const turnEnds: Array<() => void> = []
   const endTurn = (): void => {
     for (const fn of turnEnds.splice(0)) fn()
   }
-  const policy = new InlineReads({
+  const policy = new InlineIo(profile, {
     now: () => 0,
     atTurnEnd: (fn) => turnEnds.push(fn),
     blocksRead: () => {
@@ -40,7 +45,7 @@ function fakePolicy(): { policy: InlineReads; disk: { blocks: number; looks: num
 }
 
 /** Runs `reads` reads of 4 KiB: `costMs(inline)` is each inline read's time, `blocks(i)` the block count it adds. Returns the inline ones' indexes. */
-function drive(policy: InlineReads, disk: { blocks: number }, endTurn: () => void, reads: number, costMs: number, blocksPerInline: number): number[] {
+function drive(policy: InlineIo, disk: { blocks: number }, endTurn: () => void, reads: number, costMs: number, blocksPerInline: number): number[] {
   const inline: number[] = []
   for (let i = 0; i < reads; i++) {
     if (!policy.mayInline(4096)) continue
@@ -52,16 +57,28 @@ function drive(policy: InlineReads, disk: { blocks: number }, endTurn: () => voi
   return inline
 }
 
+/** A policy that counts how often it was asked, and how often it said inline. */
+class CountingPolicy extends InlineIo {
+  asked = 0
+  inlined = 0
+  override mayInline(lengthBytes: number): boolean {
+    this.asked++
+    const yes = super.mayInline(lengthBytes)
+    if (yes) this.inlined++
+    return yes
+  }
+}
+
 describe('inline-reads policy', () => {
   it('inline-reads: small reads block while fast, with one look at the block count per window; big reads never block', () => {
     const { policy, disk, endTurn } = fakePolicy()
     assert.equal(drive(policy, disk, endTurn, 10_000, 0.01, 0).length, 10_000)
     assert.equal(policy.slowSignals, 0)
     // One look to open the first window, one at the end of each.
-    assert.equal(disk.looks, 1 + Math.floor(10_000 / WINDOW_READS))
-    assert.equal(policy.mayInline(INLINE_MAX_BYTES), true)
+    assert.equal(disk.looks, 1 + Math.floor(10_000 / WINDOW_OPS))
+    assert.equal(policy.mayInline(INLINE_READ_MAX_BYTES), true)
     policy.ended(0)
-    assert.equal(policy.mayInline(INLINE_MAX_BYTES + 1), false)
+    assert.equal(policy.mayInline(INLINE_READ_MAX_BYTES + 1), false)
   })
 
   it('inline-reads: past a budget of bytes per event-loop turn, the reads of that turn go to the pool', () => {
@@ -77,7 +94,7 @@ describe('inline-reads policy', () => {
       inlineBytes += pieceBytes
       policy.ended(0)
     }
-    assert.equal(inlineBytes, Math.floor(INLINE_BYTES_PER_TURN / pieceBytes) * pieceBytes)
+    assert.equal(inlineBytes, Math.floor(READ_BYTES_PER_TURN / pieceBytes) * pieceBytes)
     assert.equal(pool, 100 - inlineBytes / pieceBytes)
     endTurn()
     assert.equal(policy.mayInline(pieceBytes), true, 'a new turn has the whole budget')
@@ -91,7 +108,7 @@ describe('inline-reads policy', () => {
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS * 1.01)
     assert.equal(policy.slowSignals, 1)
-    for (let i = 0; i < FIRST_BACKOFF_READS; i++) assert.equal(policy.mayInline(4096), false, `read ${i} of the backoff`)
+    for (let i = 0; i < FIRST_BACKOFF_OPS; i++) assert.equal(policy.mayInline(4096), false, `read ${i} of the backoff`)
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS) // at the threshold is not slow
     assert.equal(policy.slowSignals, 1)
@@ -100,13 +117,13 @@ describe('inline-reads policy', () => {
 
   it('inline-reads: a block count that rose during a window sends the reads to the pool, however fast they were', () => {
     const { policy, disk, endTurn } = fakePolicy()
-    const inline = drive(policy, disk, endTurn, WINDOW_READS * 3, 0, 0)
-    assert.equal(inline.length, WINDOW_READS * 3)
+    const inline = drive(policy, disk, endTurn, WINDOW_OPS * 3, 0, 0)
+    assert.equal(inline.length, WINDOW_OPS * 3)
     // One read of the next window goes to the disk (fast: 0 ms on the clock).
     assert.equal(policy.mayInline(4096), true)
     disk.blocks += 8
     policy.ended(0)
-    for (let i = 1; i < WINDOW_READS - 1; i++) {
+    for (let i = 1; i < WINDOW_OPS - 1; i++) {
       assert.equal(policy.mayInline(4096), true)
       policy.ended(0)
     }
@@ -131,17 +148,17 @@ describe('inline-reads policy', () => {
       poolRun = 0
       policy.ended(1) // every probe is slow
     }
-    const expected = Array.from({ length: 12 }, (_, k) => Math.min(MAX_BACKOFF_READS, FIRST_BACKOFF_READS * 2 ** k))
+    const expected = Array.from({ length: 12 }, (_, k) => Math.min(MAX_BACKOFF_OPS, FIRST_BACKOFF_OPS * 2 ** k))
     assert.deepEqual(backoffs, expected)
     // Now the file is warm: a probe window passes, and the next slow read backs off the first amount again.
     while (!policy.mayInline(4096));
     policy.ended(0)
-    assert.equal(drive(policy, disk, endTurn, WINDOW_READS * 2, 0, 0).length, WINDOW_READS * 2)
+    assert.equal(drive(policy, disk, endTurn, WINDOW_OPS * 2, 0, 0).length, WINDOW_OPS * 2)
     assert.equal(policy.mayInline(4096), true)
     policy.ended(1)
     let pool = 0
     while (!policy.mayInline(4096)) pool++
-    assert.equal(pool, FIRST_BACKOFF_READS)
+    assert.equal(pool, FIRST_BACKOFF_OPS)
   })
 
   it('inline-reads: on a cold file (every read goes to the disk) under one read in a thousand blocks', () => {
@@ -163,6 +180,45 @@ describe('inline-reads policy', () => {
   })
 })
 
+describe('inline-writes policy', () => {
+  it('inline-writes: any size may block, at most a budget of writes per event-loop turn', () => {
+    const { policy, endTurn } = fakePolicy(WRITE_PROFILE)
+    assert.equal(policy.mayInline(32 * 1024 * 1024), true, 'the first write of a turn, whatever its size')
+    policy.ended(0)
+    for (let i = 1; i < WRITE_OPS_PER_TURN; i++) {
+      assert.equal(policy.mayInline(i % 2 === 0 ? 4096 : 1024 * 1024), true, `write ${i} of the turn`)
+      policy.ended(0)
+    }
+    assert.equal(policy.mayInline(512), false, 'past the budget: the pool')
+    assert.equal(policy.mayInline(4096), false)
+    endTurn()
+    assert.equal(policy.mayInline(1024 * 1024), true, 'a new turn has the whole budget')
+    policy.ended(0)
+    assert.equal(policy.slowSignals, 0)
+  })
+
+  it('inline-writes: the slow limit grows with the size of the write', () => {
+    const MiB = 1024 * 1024
+    const limitMs = SLOW_WRITE_MS + MiB / SLOW_WRITE_BYTES_PER_MS
+    const { policy, endTurn } = fakePolicy(WRITE_PROFILE)
+    assert.equal(policy.mayInline(MiB), true)
+    policy.ended(limitMs) // a page-cache copy of 1 MiB at the limit is not slow
+    assert.equal(policy.slowSignals, 0)
+    endTurn()
+    assert.equal(policy.mayInline(4096), true)
+    policy.ended(limitMs * 0.5) // the same time for 4 KiB is
+    assert.equal(policy.slowSignals, 1)
+    for (let i = 0; i < FIRST_BACKOFF_OPS; i++) {
+      endTurn()
+      assert.equal(policy.mayInline(MiB), false, `write ${i} of the backoff`)
+    }
+    endTurn()
+    assert.equal(policy.mayInline(MiB), true)
+    policy.ended(limitMs * 1.01) // a throttled 1 MiB write is slow too
+    assert.equal(policy.slowSignals, 2)
+  })
+})
+
 const dir = await mkdtemp(join(tmpdir(), 'blocksnap-inline-reads-'))
 after(() => rm(dir, { recursive: true, force: true }))
 let files = 0
@@ -178,11 +234,11 @@ describe('file-device inline reads', () => {
     // Every look at the block count finds it higher on even windows: the device keeps switching paths.
     let blocks = 0
     let looks = 0
-    const policy = new InlineReads({ now: () => 0, blocksRead: () => (++looks % 4 === 0 ? ++blocks : blocks) })
+    const policy = InlineIo.reads({ now: () => 0, blocksRead: () => (++looks % 4 === 0 ? ++blocks : blocks) })
     const device = await FileDevice.open(path, { create: sizeBytes, inlineReads: policy })
     await device.write(model, 0)
     for (let i = 0; i < 3000; i++) {
-      const length = 1 + random.int(2 * INLINE_MAX_BYTES)
+      const length = 1 + random.int(2 * INLINE_READ_MAX_BYTES)
       const offset = random.int(sizeBytes - length + 1)
       const form = random.int(3)
       let got: Uint8Array
@@ -205,39 +261,30 @@ describe('file-device inline reads', () => {
 
   it('file-device: each read asks the policy once, so a read it sends to the pool goes there (every form)', async () => {
     const path = join(dir, `f${files++}`)
-    let asked = 0
-    let inlined = 0
     let reads = 0
-    const policy = new (class extends InlineReads {
-      override mayInline(lengthBytes: number): boolean {
-        asked++
-        const yes = super.mayInline(lengthBytes)
-        if (yes) inlined++
-        return yes
-      }
-    })({ now: () => 0, blocksRead: () => 0 })
-    const device = await FileDevice.open(path, { create: (FIRST_BACKOFF_READS + 1) * 4096, inlineReads: policy })
-    // A slow signal: the next FIRST_BACKOFF_READS reads belong to the pool, then one probes inline.
+    const policy = new CountingPolicy(READ_PROFILE, { now: () => 0, blocksRead: () => 0 })
+    const device = await FileDevice.open(path, { create: (FIRST_BACKOFF_OPS + 1) * 4096, inlineReads: policy })
+    // A slow signal: the next FIRST_BACKOFF_OPS reads belong to the pool, then one probes inline.
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS * 2)
-    asked = 0
-    inlined = 0
+    policy.asked = 0
+    policy.inlined = 0
     const target = new Uint8Array(4096)
-    for (let i = 0; i <= FIRST_BACKOFF_READS; i++) {
+    for (let i = 0; i <= FIRST_BACKOFF_OPS; i++) {
       const form = i % 3
       if (form === 0) await device.readInto(target, i * 4096)
       else if (form === 1) await device.read(i * 4096, 4096)
       else await new Promise<void>((resolve, reject) => device.readIntoThen(target, i * 4096, (err) => (err === null ? resolve() : reject(err))))
       reads++
     }
-    assert.equal(asked, reads)
-    assert.equal(inlined, 1, 'only the probe after the backoff ran inline')
+    assert.equal(policy.asked, reads)
+    assert.equal(policy.inlined, 1, 'only the probe after the backoff ran inline')
     await device.close()
   })
 
   it('file-device: an inline read completes its callback later, never from inside readIntoThen', async () => {
     const path = join(dir, `f${files++}`)
-    const policy = new InlineReads({ now: () => 0, blocksRead: () => 0 })
+    const policy = InlineIo.reads({ now: () => 0, blocksRead: () => 0 })
     const device = await FileDevice.open(path, { create: 8192, inlineReads: policy })
     await device.write(new Uint8Array(8192).fill(5), 0)
     const target = new Uint8Array(4096)
@@ -254,6 +301,65 @@ describe('file-device inline reads', () => {
     assert.equal(calledInside, false)
     assert.ok(target.every((b) => b === 5))
     assert.equal(policy.slowSignals, 0)
+    await device.close()
+  })
+})
+
+describe('file-device inline writes', () => {
+  it('file-device: writes land the same bytes whether they block or go to the pool (every form, with and without FUA)', async () => {
+    const seed = Number(process.env.TEST_SEED ?? 4242)
+    const random = new Random(seed)
+    const sizeBytes = 4 << 20
+    const model = new Uint8Array(sizeBytes)
+    const path = join(dir, `f${files++}`)
+    // Every fourth look at the block count finds it higher: writes keep switching paths.
+    let blocks = 0
+    let looks = 0
+    const policy = new CountingPolicy(WRITE_PROFILE, { now: () => 0, blocksRead: () => (++looks % 4 === 0 ? ++blocks : blocks) })
+    const device = await FileDevice.open(path, { create: sizeBytes, inlineWrites: policy })
+    let writes = 0
+    for (let i = 0; i < 1500; i++) {
+      const length = 1 + random.int(i % 50 === 0 ? 2 << 20 : 64 * 1024)
+      const offset = random.int(sizeBytes - length + 1)
+      const data = new Uint8Array(length)
+      for (let k = 0; k < length; k += 97) data[k] = (i + k) & 0xff
+      const fua = random.int(8) === 0
+      if (random.int(2) === 0) await device.write(data, offset, { fua })
+      else await new Promise<void>((resolve, reject) => device.writeThen(data, offset, fua, (err) => (err === null ? resolve() : reject(err))))
+      model.set(data, offset)
+      writes++
+    }
+    assert.equal(policy.asked, writes, 'each write asks the policy once')
+    assert.ok(policy.inlined > 0 && policy.inlined < writes, `seed ${seed}: both paths ran (${policy.inlined} of ${writes} inline)`)
+    assert.ok(policy.slowSignals > 0)
+    await device.flush()
+    const got = await device.read(0, sizeBytes)
+    assert.ok(Buffer.from(got).equals(Buffer.from(model)), `seed ${seed}: the file holds what was written`)
+    // What the device said it wrote is what a reader of the file finds, not only what it reads back itself.
+    assert.ok((await readFile(path)).equals(Buffer.from(model)), `seed ${seed}: the file on disk`)
+    await device.close()
+  })
+
+  it('file-device: an inline write completes its callback later, never from inside writeThen (with and without FUA)', async () => {
+    const path = join(dir, `f${files++}`)
+    const policy = InlineIo.writes({ now: () => 0, blocksRead: () => 0 })
+    const device = await FileDevice.open(path, { create: 8192, inlineWrites: policy })
+    for (const fua of [false, true]) {
+      let called = false
+      let calledInside = true
+      const err = await new Promise<unknown>((resolve) => {
+        device.writeThen(new Uint8Array(4096).fill(fua ? 7 : 6), fua ? 4096 : 0, fua, (e) => {
+          called = true
+          resolve(e)
+        })
+        calledInside = called
+      })
+      assert.equal(err, null)
+      assert.equal(calledInside, false, `fua ${fua}`)
+    }
+    assert.equal(policy.slowSignals, 0)
+    const back = await readFile(path)
+    assert.ok(back.subarray(0, 4096).every((b) => b === 6) && back.subarray(4096).every((b) => b === 7))
     await device.close()
   })
 })
