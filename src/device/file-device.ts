@@ -35,7 +35,11 @@ export interface FileDeviceOptions {
   readonly exclusive?: boolean
   /** The policy that decides which reads block (default: InlineIo.reads(); tests pass their own). */
   readonly inlineReads?: InlineIo
-  /** The policy that decides which writes block (default: InlineIo.writes(); tests pass their own). */
+  /**
+   * The policy that decides which writes block (default: InlineIo.writes(); tests pass their
+   * own). A COW passes InlineIo.poolOnly(): its writes are merged by the copy engine's
+   * WriteCombiner only while one is in flight.
+   */
   readonly inlineWrites?: InlineIo
 }
 

@@ -15,6 +15,7 @@ import { basename, dirname, join, resolve } from 'node:path'
 import type { BlockDevice } from '../device/block-device.js'
 import { DeviceWindow } from '../device/device-window.js'
 import { FileDevice, type FileDeviceOptions } from '../device/file-device.js'
+import { InlineIo } from '../device/inline-io.js'
 import { type ImageFile, copyImage, identityOfAddress, statAddress, statImage } from '../device/image-file.js'
 import { checkNotUnknownUri, deviceUriIdentity, isDeviceUri, openDevice } from '../device/open-device.js'
 import { SnapError, badArgument, isSnapError } from '../errors.js'
@@ -451,7 +452,9 @@ export class Volume {
     const path = this.cowPath(record)
     // A fixed-size COW with autoextend is resized by its FillWatch.
     const resizable = growable || (record.autoextend ?? null) !== null
-    const options = create ? { create: record.cowSizeBytes ?? 0, resizable } : { resizable }
+    // The COW's writes stay on the thread pool, where the copy engine's combiner can merge them (inline-io.ts).
+    const inlineWrites = InlineIo.poolOnly()
+    const options = create ? { create: record.cowSizeBytes ?? 0, resizable, inlineWrites } : { resizable, inlineWrites }
     let cow: BlockDevice = isExternal(record) ? await openExternalCow(path, options) : await openVolumeFile(this.dir, record.cowFile, options)
     let store: ExceptionStore
     try {

@@ -181,6 +181,12 @@ describe('inline-reads policy', () => {
 })
 
 describe('inline-writes policy', () => {
+  it('inline-writes: a pool-only policy (a COW\'s) never blocks, whatever the size or the turn', () => {
+    const policy = InlineIo.poolOnly()
+    for (const bytes of [0, 1, 512, 4096, 1024 * 1024, 32 * 1024 * 1024]) assert.equal(policy.mayInline(bytes), false, `${bytes} bytes`)
+    assert.equal(policy.slowSignals, 0)
+  })
+
   it('inline-writes: any size may block, at most a budget of writes per event-loop turn', () => {
     const { policy, endTurn } = fakePolicy(WRITE_PROFILE)
     assert.equal(policy.mayInline(32 * 1024 * 1024), true, 'the first write of a turn, whatever its size')
