@@ -59,12 +59,12 @@ export class FileDevice extends BaseBlockDevice {
   private ioInFlight = 0
   private idle: (() => void) | null = null
   /** When reads and writes skip the thread pool (inline-io.ts). */
-  private readonly inline: InlineIo
+  private readonly inlineReads: InlineIo
   private readonly inlineWrites: InlineIo
 
   private constructor(handle: FileHandle, path: string, sizeBytes: number, capabilities: DeviceCapabilities, truncatable: boolean, inline: { reads: InlineIo; writes: InlineIo }) {
     super(sizeBytes, `file ${path}`)
-    this.inline = inline.reads
+    this.inlineReads = inline.reads
     this.inlineWrites = inline.writes
     this.handle = handle
     this.path = path
@@ -151,7 +151,7 @@ export class FileDevice extends BaseBlockDevice {
   // most of the write path's JavaScript work. The promise forms wrap the callback forms.
 
   protected override _readInto(target: Uint8Array, offset: number): Promise<void> {
-    if (this.inline.mayInline(target.length)) {
+    if (this.inlineReads.mayInline(target.length)) {
       const err = this.readInline(target, offset)
       return err === null ? RESOLVED : Promise.reject(err)
     }
@@ -163,7 +163,7 @@ export class FileDevice extends BaseBlockDevice {
   }
 
   protected override _readIntoThen(target: Uint8Array, offset: number, done: IoDone): void {
-    if (this.inline.mayInline(target.length)) process.nextTick(done, this.readInline(target, offset))
+    if (this.inlineReads.mayInline(target.length)) process.nextTick(done, this.readInline(target, offset))
     else this.readOnPool(target, offset, done)
   }
 
@@ -203,7 +203,7 @@ export class FileDevice extends BaseBlockDevice {
 
   /** A blocking read, timed for the inline policy: null, or the error. */
   private readInline(target: Uint8Array, offset: number): unknown {
-    const inline = this.inline
+    const inline = this.inlineReads
     const startedMs = inline.now()
     try {
       this._readIntoNow(target, offset)
