@@ -2,6 +2,7 @@
 import { type ChildProcess, spawn } from 'node:child_process'
 import { closeSync, openSync, readFileSync, rmSync } from 'node:fs'
 import { connect } from 'node:net'
+import { availableParallelism } from 'node:os'
 import { join } from 'node:path'
 import type { BenchContext } from './context.js'
 import { freePort } from './free-port.js'
@@ -38,7 +39,8 @@ async function startServer(
 ): Promise<Server> {
   const logPath = join(ctx.workDir, `${label.replace(/[^A-Za-z0-9]+/g, '_')}-${port}.log`)
   const fd = openSync(logPath, 'a')
-  const child: ChildProcess = spawn(cmd, argv, { stdio: ['ignore', fd, fd], env: env ?? process.env })
+  // From the repository root, where `node --import tsx` finds tsx; every path passed is absolute.
+  const child: ChildProcess = spawn(cmd, argv, { stdio: ['ignore', fd, fd], env: env ?? process.env, cwd: ROOT })
   closeSync(fd)
   let exited = false
   const exit = new Promise<void>((res) => child.once('exit', () => ((exited = true), res())))
@@ -145,6 +147,24 @@ export async function startBlocksnap(ctx: BenchContext, dir: string, label = 'bl
   const env: NodeJS.ProcessEnv = { ...process.env, BLOCKSNAP_LOG_LEVEL: 'warn' }
   if (profileOptions !== undefined) env.BLOCKSNAP_NODE_FLAGS = profileOptions
   return startServer(ctx, label, join(ROOT, 'bin', 'blocksnap'), ['serve', dir, '--listen', `127.0.0.1:${port}`], port, dir.split('/').pop() as string, env)
+}
+
+/**
+ * The first-touch ceiling (bench/ceiling/rand4k-server.ts) over `originPath`, written in
+ * place, with a fresh COW at `cowPath`; with the thread pool blocksnap's launcher would give it.
+ */
+export async function startFirstTouchCeiling(ctx: BenchContext, originPath: string, cowPath: string): Promise<Server> {
+  const port = await freePort()
+  const pool = String(Math.min(16, Math.max(1, availableParallelism() - 1)))
+  return startServer(
+    ctx,
+    'ceiling 1 snap 4K',
+    process.execPath,
+    ['--import', 'tsx', join(ROOT, 'bench', 'ceiling', 'rand4k-server.ts'), originPath, cowPath, String(port)],
+    port,
+    'ceiling',
+    { ...process.env, UV_THREADPOOL_SIZE: pool },
+  )
 }
 
 /** qemu-nbd serving any qemu filename (e.g. `rbd:POOL/IMAGE:conf=FILE`) raw, with its cache off, as blocksnap's gateway does. */

@@ -5,23 +5,33 @@ import type { BenchContext, Results } from '../lib/context.js'
 import { copy, dropVolume, makeVolume, syncAll } from '../lib/files.js'
 import { type FioResult, fio, metric, unit } from '../lib/fio.js'
 import { log } from '../lib/log.js'
-import { type Server, startBlocksnap, startNbdkitCow, startQemuOverlay, withServer } from '../lib/servers.js'
+import { type Server, startBlocksnap, startFirstTouchCeiling, startNbdkitCow, startQemuOverlay, withServer } from '../lib/servers.js'
 import type { FloorRow, Suite } from '../lib/suite.js'
 import { MiB } from '../lib/units.js'
 import { fmt, k, median, rawPairs } from '../report/format.js'
-import { type Ceiling, seqFirstTouchCeiling } from './first-touch-ceiling.js'
+import { type Ceiling, seqFirstTouchCeiling } from '../ceiling/seq1m.js'
 
 /** Per round: config -> its jobs. */
 const rounds = (results: Results) => results.firstTouch as Array<Record<string, FioResult[]>>
-/** Per round: config -> the I/O ceiling of its ft-seq1m job (first-touch-ceiling.ts). */
+/** Per round: config -> the I/O ceiling of its ft-seq1m job (bench/ceiling/seq1m.ts). */
 const ceilingRounds = (results: Results) => results.firstTouchCeiling as Array<Record<string, Ceiling>>
+/** Per round: the ft-rand4k job on the first-touch ceiling server (bench/ceiling), one 4K snapshot. */
+const randCeilingRounds = (results: Results) => (results.firstTouchRandCeiling ?? []) as FioResult[]
+/** The config whose ft-rand4k floors the ceiling server bounds. */
+const RAND_CEILING_CONFIG = 'blocksnap 1 snap 4K'
 
 /** First-touch then rewrite, on a fresh snapshot (or overlay): random 4K, sequential 1M, fsync-heavy. */
+/** The ft-rand4k job: random 4K QD32 over the first half of the device, stopped after the runtime. */
+function ftRand4k(s: Server, runtimeSeconds: number): Promise<FioResult> {
+  const q = Math.floor(s.sizeBytes / 4 / MiB) * MiB
+  return fio(s, { name: 'ft-rand4k', rw: 'randwrite', bs: '4k', iodepth: 32, offset: 0, size: 2 * q, runtime: runtimeSeconds })
+}
+
 async function firstTouchJobs(s: Server, runtimeSeconds: number): Promise<FioResult[]> {
   const T = runtimeSeconds
   const q = Math.floor(s.sizeBytes / 4 / MiB) * MiB
   const out: FioResult[] = []
-  const ft = await fio(s, { name: 'ft-rand4k', rw: 'randwrite', bs: '4k', iodepth: 32, offset: 0, size: 2 * q, runtime: T })
+  const ft = await ftRand4k(s, T)
   out.push(ft)
   out.push(await fio(s, { name: 'rw-rand4k', rw: 'randwrite', bs: '4k', iodepth: 32, offset: 0, size: 2 * q, ioSize: Math.max(4096, ft.ioBytes), runtime: 4 * T }))
   out.push(await fio(s, { name: 'ft-seq1m', rw: 'write', bs: '1M', iodepth: 8, offset: 2 * q, size: q, runtime: 4 * T }))
@@ -40,19 +50,37 @@ const FT_CONFIGS: Array<{ key: string; snaps: number; chunk: number }> = [
   { key: 'blocksnap 8 snap 64K', snaps: 8, chunk: 65536 },
 ]
 
-async function firstTouchRound(ctx: BenchContext, round: number): Promise<Record<string, FioResult[]>> {
+/** One round of every config, and the ceiling server's ft-rand4k right after the config it bounds. */
+async function firstTouchRound(ctx: BenchContext, round: number): Promise<{ jobs: Record<string, FioResult[]>; randCeiling: FioResult }> {
   log(`first-touch vs rewrite, round ${round}`)
   const jobs = (s: Server) => firstTouchJobs(s, ctx.args.runtime)
   const out: Record<string, FioResult[]> = {}
+  let randCeiling: FioResult | null = null
   for (const c of FT_CONFIGS) {
     const dir = await makeVolume(ctx, c.snaps, c.chunk)
     out[c.key] = await withServer(() => startBlocksnap(ctx, dir, c.key), jobs)
     dropVolume(dir)
+    if (c.key === RAND_CEILING_CONFIG) randCeiling = await randCeilingRound(ctx)
   }
   out['qemu-nbd qcow2'] = await withServer(() => startQemuOverlay(ctx, ctx.baseImage, join(ctx.workDir, 'ft.qcow2')), jobs)
   rmSync(join(ctx.workDir, 'ft.qcow2'), { force: true })
   out['nbdkit cow'] = await withServer(() => startNbdkitCow(ctx, ctx.baseImage), jobs)
-  return out
+  return { jobs: out, randCeiling: randCeiling as FioResult }
+}
+
+/** ft-rand4k on the first-touch ceiling server, over a fresh copy of the origin. */
+async function randCeilingRound(ctx: BenchContext): Promise<FioResult> {
+  const originPath = join(ctx.workDir, 'ceiling-rand.origin')
+  const cowPath = join(ctx.workDir, 'ceiling-rand.cow')
+  copy(ctx.baseImage, originPath)
+  rmSync(cowPath, { force: true })
+  syncAll()
+  try {
+    return await withServer(() => startFirstTouchCeiling(ctx, originPath, cowPath), (s) => ftRand4k(s, ctx.args.runtime))
+  } finally {
+    rmSync(originPath, { force: true })
+    rmSync(cowPath, { force: true })
+  }
 }
 
 /** The I/O ceiling of ft-seq1m for every snapshot config that has a floor against 0 snapshots. */
@@ -98,7 +126,7 @@ function floors(results: Results): FloorRow[] {
         floor: `≥ ${floor}`,
         ok: (x) => x >= floor,
         ratios: pairs.map(([a, b]) => a / b),
-        raw: rawPairs(pairs, cfg.slice(10), '0 snap', unit(job)) + ceilingNote(results, job, cfg, pairs),
+        raw: rawPairs(pairs, cfg.slice(10), '0 snap', unit(job)) + ceilingNote(results, job, cfg, pairs) + randCeilingNote(results, job, cfg, pairs),
       })
     }
     for (const [cfg, floor] of VS_QCOW2[job] ?? []) {
@@ -108,7 +136,7 @@ function floors(results: Results): FloorRow[] {
         floor: `≥ ${floor}`,
         ok: (x) => x >= floor,
         ratios: pairs.map(([a, b]) => a / b),
-        raw: rawPairs(pairs, 'blocksnap', 'qcow2', unit(job)),
+        raw: rawPairs(pairs, 'blocksnap', 'qcow2', unit(job)) + randCeilingNote(results, job, cfg, pairs),
       })
     }
   }
@@ -121,6 +149,17 @@ function ceilingNote(results: Results, job: string, cfg: string, pairs: Array<[n
   if (job !== 'ft-seq1m' || ceilings.length !== pairs.length || ceilings.some((r) => !r[cfg])) return ''
   const ratios = ceilings.map((r, i) => (r[cfg]?.mibps ?? 0) / (pairs[i]?.[1] ?? 1))
   return `; I/O ceiling ${ceilings.map((r) => k(r[cfg]?.mibps ?? 0)).join(' / ')} MiB/s, ratio ≤ ${fmt(median(ratios), 2)}`
+}
+
+/**
+ * For an ft-rand4k floor of the config the ceiling server bounds: its IOPS per round and the
+ * ratio to the floor's baseline (no snapshot, or qcow2) it allows at most (median of rounds).
+ */
+function randCeilingNote(results: Results, job: string, cfg: string, pairs: Array<[number, number]>): string {
+  const ceilings = randCeilingRounds(results)
+  if (job !== 'ft-rand4k' || cfg !== RAND_CEILING_CONFIG || ceilings.length !== pairs.length) return ''
+  const ratios = ceilings.map((r, i) => metric(r, job) / (pairs[i]?.[1] ?? 1))
+  return `; I/O ceiling ${ceilings.map((r) => k(metric(r, job))).join(' / ')} IOPS, ratio ≤ ${fmt(median(ratios), 2)} [${ratios.map((x) => fmt(x, 2)).join(', ')}]`
 }
 
 function section(results: Results): string[] {
@@ -138,9 +177,25 @@ function section(results: Results): string[] {
     lines.push(`| ${cfg} | ${jobs.map((j) => firstTouch.map((r) => k(metric(find(r, cfg, j), j))).join(' / ')).join(' | ')} |`)
   }
   lines.push('')
+  const randCeilings = randCeilingRounds(results)
+  if (randCeilings.length > 0) {
+    const got = firstTouch.map((r) => metric(find(r, RAND_CEILING_CONFIG, 'ft-rand4k'), 'ft-rand4k'))
+    const raw = firstTouch.map((r) => metric(find(r, 'blocksnap 0 snap', 'ft-rand4k'), 'ft-rand4k'))
+    const qcow2 = firstTouch.map((r) => metric(find(r, 'qemu-nbd qcow2', 'ft-rand4k'), 'ft-rand4k'))
+    const ceil = randCeilings.map((r) => metric(r, 'ft-rand4k'))
+    lines.push(
+      '**I/O ceiling of ft-rand4k, one 4K snapshot** (bench/ceiling/rand4k-device.ts): an NBD server on the same NBD code and thread pool as blocksnap whose device does only the job\'s own I/O — per chunk written first, a blocking read of the old bytes from the origin, the write held; commit rounds back to back, each writing the gathered old bytes to consecutive COW chunks and the areas of the batch the previous round made durable, one COW flush, then that batch\'s writes on the origin — with a byte per chunk for bookkeeping. Its COW is a valid persistent COW (test/bench). No engine in this runtime does the job with less.',
+    )
+    lines.push('')
+    lines.push('| ceiling (IOPS) | blocksnap 1 snap 4K (IOPS) | ceiling / 0 snap | ceiling / qcow2 | blocksnap / ceiling |')
+    lines.push('| --- | --- | --- | --- | --- |')
+    const per = (f: (c: number, i: number) => number) => ceil.map((c, i) => fmt(f(c, i), 2)).join(' / ')
+    lines.push(`| ${ceil.map(k).join(' / ')} | ${got.map(k).join(' / ')} | ${per((c, i) => c / (raw[i] ?? 1))} | ${per((c, i) => c / (qcow2[i] ?? 1))} | ${per((c, i) => (got[i] ?? 0) / c)} |`)
+    lines.push('')
+  }
   const ceilings = ceilingRounds(results)
   if (ceilings.length > 0) {
-    lines.push('**I/O ceiling of ft-seq1m** (first-touch-ceiling.ts): the job\'s own I/O, in this process with no engine — old bytes read once and written to every COW, every COW flushed, its metadata areas written and flushed, then the new bytes written to the origin — in windows holding the engine\'s write-back budget, best of several window shapes. No engine can beat it; the no-snapshot figure it is divided by comes over NBD.')
+    lines.push('**I/O ceiling of ft-seq1m** (bench/ceiling/seq1m.ts): the job\'s own I/O, in this process with no engine — old bytes read once and written to every COW, every COW flushed, its metadata areas written and flushed, then the new bytes written to the origin — in windows holding the engine\'s write-back budget, best of several window shapes. No engine can beat it; the no-snapshot figure it is divided by comes over NBD.')
     lines.push('')
     lines.push('| Config | ceiling (MiB/s) | ft-seq1m (MiB/s) | ceiling / 0 snap | ft-seq1m / ceiling |')
     lines.push('| --- | --- | --- | --- | --- |')
@@ -159,12 +214,14 @@ function section(results: Results): string[] {
 export const firstTouchSuite: Suite = {
   name: 'firsttouch',
   usesPeers: true,
-  initialResults: () => ({ firstTouch: [], firstTouchCeiling: [] }),
+  initialResults: () => ({ firstTouch: [], firstTouchCeiling: [], firstTouchRandCeiling: [] }),
   async round(ctx, round) {
-    rounds(ctx.results).push(await firstTouchRound(ctx, round))
+    const { jobs, randCeiling } = await firstTouchRound(ctx, round)
+    rounds(ctx.results).push(jobs)
+    randCeilingRounds(ctx.results).push(randCeiling)
     ceilingRounds(ctx.results).push(await ceilingRound(ctx))
   },
   floors,
-  fioJobs: (results) => rounds(results).flatMap((r) => Object.values(r).flat()),
+  fioJobs: (results) => [...rounds(results).flatMap((r) => Object.values(r).flat()), ...randCeilingRounds(results)],
   section,
 }
