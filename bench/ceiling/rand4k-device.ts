@@ -21,7 +21,7 @@ import { closeSync, fdatasync, openSync, readSync, write as writeFd, writeSync }
 import { BaseBlockDevice, type DeviceCapabilities, RESOLVED } from '../../src/device/block-device.js'
 import { writeEntry } from '../../src/format/area.js'
 import { encodeHeader } from '../../src/format/header.js'
-import { FORMAT_VERSION, areaChunk, dataChunkOfEntry, layoutFor } from '../../src/format/layout.js'
+import { FORMAT_VERSION, type Layout, areaChunk, dataChunkOfEntry, layoutFor } from '../../src/format/layout.js'
 import { DEFAULT_WRITE_BACK_BYTES } from '../../src/snapshot/origin.js'
 
 /** One origin chunk's state. */
@@ -38,7 +38,7 @@ class Batch {
   /** The old bytes of each copy, back to back (grown by doubling). */
   slab: Uint8Array
   /** Writes to land on the origin once this batch is committed, oldest first. */
-  readonly held: Array<{ data: Uint8Array; offset: number; done: (() => void) | null }> = []
+  readonly held: Array<{ data: Uint8Array; offset: number; done: ((err: unknown) => void) | null }> = []
 
   constructor(chunkBytes: number) {
     this.slab = new Uint8Array(64 * chunkBytes)
@@ -60,7 +60,7 @@ function syncFd(fd: number): Promise<void> {
 export class FirstTouchCeilingDevice extends BaseBlockDevice {
   readonly capabilities: DeviceCapabilities = { writable: true, flush: true, fua: true, discard: false, resize: false }
   private readonly chunkBytes: number
-  private readonly layout
+  private readonly layout: Layout
   private readonly originFd: number
   private readonly cowFd: number
   private readonly state: Uint8Array
@@ -134,12 +134,13 @@ export class FirstTouchCeilingDevice extends BaseBlockDevice {
       return fua ? syncFd(this.originFd) : RESOLVED
     }
     // Held behind every earlier held write (they may overlap), in the newest batch.
-    const held = { data: new Uint8Array(data), offset, done: null as (() => void) | null }
+    const held = { data: new Uint8Array(data), offset, done: null as ((err: unknown) => void) | null }
     this.current.held.push(held)
     this.heldBytes += data.length
     this.startRounds()
     if (!fua && this.heldBytes <= DEFAULT_WRITE_BACK_BYTES) return RESOLVED
-    return new Promise<void>((resolve) => (held.done = resolve)).then(() => (fua ? syncFd(this.originFd) : undefined))
+    const landed = new Promise<void>((resolve, reject) => (held.done = (err) => (err === null ? resolve() : reject(err))))
+    return fua ? landed.then(() => syncFd(this.originFd)) : landed
   }
 
   /** Reads chunk `chunk`'s old bytes into the current batch, as the next exception. */
@@ -240,7 +241,7 @@ export class FirstTouchCeilingDevice extends BaseBlockDevice {
         }
       }
       this.heldBytes -= w.data.length
-      w.done?.()
+      w.done?.(this.failure)
     }
   }
 
