@@ -10,10 +10,10 @@ import { mkdtemp, readFile, rm, truncate } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import {
-  FIRST_BACKOFF_OPS,
+  FIRST_BACKOFF_BYTES,
   INLINE_READ_MAX_BYTES,
   InlineIo,
-  MAX_BACKOFF_OPS,
+  MAX_BACKOFF_BYTES,
   READ_BYTES_PER_TURN,
   READ_PROFILE,
   SLOW_READ_MS,
@@ -25,6 +25,11 @@ import {
 } from '../../../src/device/inline-io.js'
 import { FileDevice } from '../../../src/device/file-device.js'
 import { Random } from '../../support/random.js'
+
+const MiB = 1024 * 1024
+/** The backoffs in requests of 4 KiB. */
+const FIRST_BACKOFF_4K = FIRST_BACKOFF_BYTES / 4096
+const MAX_BACKOFF_4K = MAX_BACKOFF_BYTES / 4096
 
 /** A policy on a fake clock and a fake block count, with the calls it made counted. */
 function fakePolicy(profile = READ_PROFILE): { policy: InlineIo; disk: { blocks: number; looks: number }; endTurn: () => void } {
@@ -108,7 +113,7 @@ describe('inline-reads policy', () => {
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS * 1.01)
     assert.equal(policy.slowSignals, 1)
-    for (let i = 0; i < FIRST_BACKOFF_OPS; i++) assert.equal(policy.mayInline(4096), false, `read ${i} of the backoff`)
+    for (let i = 0; i < FIRST_BACKOFF_4K; i++) assert.equal(policy.mayInline(4096), false, `read ${i} of the backoff`)
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS) // at the threshold is not slow
     assert.equal(policy.slowSignals, 1)
@@ -148,7 +153,7 @@ describe('inline-reads policy', () => {
       poolRun = 0
       policy.ended(1) // every probe is slow
     }
-    const expected = Array.from({ length: 12 }, (_, k) => Math.min(MAX_BACKOFF_OPS, FIRST_BACKOFF_OPS * 2 ** k))
+    const expected = Array.from({ length: 12 }, (_, k) => Math.min(MAX_BACKOFF_4K, FIRST_BACKOFF_4K * 2 ** k))
     assert.deepEqual(backoffs, expected)
     // Now the file is warm: a probe window passes, and the next slow read backs off the first amount again.
     while (!policy.mayInline(4096));
@@ -158,7 +163,7 @@ describe('inline-reads policy', () => {
     policy.ended(1)
     let pool = 0
     while (!policy.mayInline(4096)) pool++
-    assert.equal(pool, FIRST_BACKOFF_OPS)
+    assert.equal(pool, FIRST_BACKOFF_4K)
   })
 
   it('inline-reads: on a cold file (every read goes to the disk) under one read in a thousand blocks', () => {
@@ -204,7 +209,6 @@ describe('inline-writes policy', () => {
   })
 
   it('inline-writes: the slow limit grows with the size of the write', () => {
-    const MiB = 1024 * 1024
     const limitMs = SLOW_WRITE_MS + MiB / SLOW_WRITE_BYTES_PER_MS
     const { policy, endTurn } = fakePolicy(WRITE_PROFILE)
     assert.equal(policy.mayInline(MiB), true)
@@ -214,7 +218,7 @@ describe('inline-writes policy', () => {
     assert.equal(policy.mayInline(4096), true)
     policy.ended(limitMs * 0.5) // the same time for 4 KiB is
     assert.equal(policy.slowSignals, 1)
-    for (let i = 0; i < FIRST_BACKOFF_OPS; i++) {
+    for (let i = 0; i < FIRST_BACKOFF_BYTES / MiB; i++) {
       endTurn()
       assert.equal(policy.mayInline(MiB), false, `write ${i} of the backoff`)
     }
@@ -222,6 +226,26 @@ describe('inline-writes policy', () => {
     assert.equal(policy.mayInline(MiB), true)
     policy.ended(limitMs * 1.01) // a throttled 1 MiB write is slow too
     assert.equal(policy.slowSignals, 2)
+  })
+
+  it('inline-writes: a backoff counts bytes, so 4 KiB writes backed off to the cap hold 1 MiB writes back for as many bytes', () => {
+    const { policy, endTurn } = fakePolicy(WRITE_PROFILE)
+    // Slow 4 KiB probes until the backoff is at its cap.
+    for (let backoff = FIRST_BACKOFF_BYTES; backoff < MAX_BACKOFF_BYTES; backoff *= 2) {
+      endTurn()
+      while (!policy.mayInline(4096));
+      policy.ended(SLOW_WRITE_MS * 2)
+    }
+    endTurn()
+    while (!policy.mayInline(4096));
+    policy.ended(SLOW_WRITE_MS * 2)
+    let pool = 0
+    for (;;) {
+      endTurn()
+      if (policy.mayInline(MiB)) break
+      pool++
+    }
+    assert.equal(pool, MAX_BACKOFF_BYTES / MiB, '1 MiB writes to the pool until the bytes of the backoff have gone')
   })
 })
 
@@ -269,14 +293,14 @@ describe('file-device inline reads', () => {
     const path = join(dir, `f${files++}`)
     let reads = 0
     const policy = new CountingPolicy(READ_PROFILE, { now: () => 0, blocksRead: () => 0 })
-    const device = await FileDevice.open(path, { create: (FIRST_BACKOFF_OPS + 1) * 4096, inlineReads: policy })
-    // A slow signal: the next FIRST_BACKOFF_OPS reads belong to the pool, then one probes inline.
+    const device = await FileDevice.open(path, { create: (FIRST_BACKOFF_4K + 1) * 4096, inlineReads: policy })
+    // A slow signal: the next reads of 4 KiB belong to the pool for the first backoff, then one probes inline.
     assert.equal(policy.mayInline(4096), true)
     policy.ended(SLOW_READ_MS * 2)
     policy.asked = 0
     policy.inlined = 0
     const target = new Uint8Array(4096)
-    for (let i = 0; i <= FIRST_BACKOFF_OPS; i++) {
+    for (let i = 0; i <= FIRST_BACKOFF_4K; i++) {
       const form = i % 3
       if (form === 0) await device.readInto(target, i * 4096)
       else if (form === 1) await device.read(i * 4096, 4096)
