@@ -1,8 +1,8 @@
 /**
  * The I/O ceiling of first-touch random writes with one persistent snapshot, as a block device an
- * NBD server can serve (rand4k-server.ts): the job's own I/O with the least bookkeeping
- * that still keeps dm-snapshot's ordering, so that no engine doing the same job in this runtime
- * can be faster.
+ * NBD server can serve (rand4k-server.ts): the job's own I/O with the least bookkeeping that
+ * still keeps dm-snapshot's ordering, done in the cheapest way measured here, so that it bounds
+ * what an engine doing the same job in this runtime can reach.
  *
  * For every chunk written for the first time, the old bytes are read from the origin (a blocking
  * pread: the origin is in the page cache, and a hop to the thread pool measured slower) and
