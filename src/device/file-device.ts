@@ -229,8 +229,7 @@ export class FileDevice extends BaseBlockDevice {
     // One closure per write (the completion of each step); the rest are methods.
     const step = (err: NodeJS.ErrnoException | null, bytesWritten: number): void => {
       if (err) return this.writeEnded(done, token, err, offset, data.length)
-      // A zero-byte write would loop forever; the kernel only does this on a broken device.
-      if (bytesWritten === 0) return this.writeEnded(done, token, ioError(`${this.name}: write made no progress`, undefined, { offset: offset + put }), offset, data.length)
+      if (bytesWritten === 0) return this.writeEnded(done, token, this.noProgress(offset + put), offset, data.length)
       put += bytesWritten
       if (put < data.length) writeFd(fd, data, put, data.length - put, offset + put, step)
       else if (fua) fdatasyncOffPool(fd, (syncErr) => this.writeEnded(done, token, syncErr, offset, data.length))
@@ -247,8 +246,7 @@ export class FileDevice extends BaseBlockDevice {
     try {
       for (let put = 0; put < data.length; ) {
         const bytesWritten = writeSync(this.handle.fd, data, put, data.length - put, offset + put)
-        // A zero-byte write would loop forever; the kernel only does this on a broken device.
-        if (bytesWritten === 0) return ioError(`${this.name}: write made no progress`, undefined, { offset: offset + put })
+        if (bytesWritten === 0) return this.noProgress(offset + put)
         put += bytesWritten
       }
       return null
@@ -262,6 +260,14 @@ export class FileDevice extends BaseBlockDevice {
   /** An inline write's completion, on the next tick: callers never see a callback from inside writeThen. */
   private static endInlineWrite(this: void, device: FileDevice, done: IoDone, token: number, err: unknown, offset: number, length: number): void {
     device.writeEnded(done, token, err, offset, length)
+  }
+
+  /**
+   * The error of a write that wrote nothing at `offsetBytes`: every write loop stops on it, since
+   * retrying would loop forever (the kernel only does this on a broken device).
+   */
+  private noProgress(offsetBytes: number): SnapError {
+    return ioError(`${this.name}: write made no progress`, undefined, { offset: offsetBytes })
   }
 
   /** A write (`token` from the allocation map) has ended: on the file (err null), or failed. */
@@ -329,8 +335,7 @@ export class FileDevice extends BaseBlockDevice {
     let done = 0
     while (done < data.length) {
       const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done)
-      // A zero-byte write would loop forever; the kernel only does this on a broken device.
-      if (bytesWritten === 0) throw ioError(`${this.name}: write made no progress`, undefined, { offset: offset + done })
+      if (bytesWritten === 0) throw this.noProgress(offset + done)
       done += bytesWritten
     }
   }

@@ -249,7 +249,7 @@ describe('inline-writes policy', () => {
   })
 })
 
-const dir = await mkdtemp(join(tmpdir(), 'blocksnap-inline-reads-'))
+const dir = await mkdtemp(join(tmpdir(), 'blocksnap-inline-io-'))
 after(() => rm(dir, { recursive: true, force: true }))
 let files = 0
 
